@@ -1,0 +1,114 @@
+"""Checkpoints: a folder with safe, code-free files, so loading never executes code.
+
+Layout of a checkpoint directory::
+
+    config.yaml         the full StudyConfig that made the weights
+    model.safetensors   ConditionalUNet state dict (UNet + class embedding)
+    ema.safetensors     EMA weights (only when train.ema_decay > 0); inference prefers these
+    train_state.pt      optimizer state, epoch, RNG states, losses; torch.load(weights_only=True)
+    metadata.json       epoch, validation loss, is_best
+
+Ray Train wraps this folder as a ``ray.train.Checkpoint``; the same folder is what
+``igconda detect --checkpoint`` and the inference job load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from igconda.config import StudyConfig, load_config, save_config
+from igconda.models import ConditionalUNet, build_unet
+
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.safetensors"
+EMA_FILE = "ema.safetensors"
+STATE_FILE = "train_state.pt"
+METADATA_FILE = "metadata.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing files or does not match its config."""
+
+
+def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    module = getattr(module, "module", module)  # unwrap DDP
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model: torch.nn.Module,
+    config: StudyConfig,
+    ema_model: torch.nn.Module | None = None,
+    train_state: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder atomically (written beside it, then renamed into place)."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        save_config(config, tmp / CONFIG_FILE)
+        save_file(_state_dict(model), str(tmp / MODEL_FILE))
+        if ema_model is not None:
+            save_file(_state_dict(ema_model), str(tmp / EMA_FILE))
+        if train_state is not None:
+            torch.save(train_state, tmp / STATE_FILE)
+        (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load_checkpoint_config(directory: str | Path) -> StudyConfig:
+    """The StudyConfig stored in a checkpoint folder."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a checkpoint folder (no {CONFIG_FILE})")
+    return load_config(path)
+
+
+def load_model(
+    directory: str | Path, device: str | torch.device = "cpu", prefer_ema: bool = True
+) -> tuple[ConditionalUNet, StudyConfig]:
+    """Build the model from the stored config and load its weights (EMA if present).
+
+    Returns the model in eval mode on ``device`` and the checkpoint's StudyConfig.
+    """
+    directory = Path(directory)
+    config = load_checkpoint_config(directory)
+    weights = directory / EMA_FILE if prefer_ema and (directory / EMA_FILE).is_file() else directory / MODEL_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: no {MODEL_FILE} in checkpoint")
+    model = build_unet(config.model)
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except RuntimeError as err:
+        raise CheckpointError(f"{weights}: weights do not match the stored model config: {err}") from None
+    return model.to(device).eval(), config
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any] | None:
+    """Optimizer/epoch/RNG state for resuming, or None if the checkpoint has none."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_metadata(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}

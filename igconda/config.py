@@ -1,0 +1,320 @@
+"""Study configuration: one frozen dataclass per stage, loaded from YAML and validated.
+
+A YAML file has one optional mapping per section (``phantoms``, ``preprocess``, ``model``,
+``train``, ``infer``, ``tune``, ``tracking``); anything left out keeps the defaults below, which
+are the paper's settings (Ahamed & Rahmim 2025, see ``configs/paper.yaml`` for section
+references). Unknown keys and out-of-range values raise :class:`ConfigError` naming the file,
+the key and the problem, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the key and the problem."""
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """Synthetic whole-body PET cohorts (``igconda.data.phantoms``)."""
+
+    # cohort name -> number of patients; the external cohort is test-only.
+    cohorts: dict[str, int] = field(
+        default_factory=lambda: {
+            "lymphoma": 10,
+            "lung": 10,
+            "melanoma": 10,
+            "headneck": 10,
+            "psma": 10,
+            "sarcoma_ext": 6,
+        }
+    )
+    negative_controls: int = 4
+    shape: tuple[int, int, int] = (96, 96, 160)  # voxels (x, y, z)
+    spacing_mm: tuple[float, float, float] = (4.0, 4.0, 4.0)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Volume → slice transforms (paper §3.1) and the patient-level split."""
+
+    spacing_mm: tuple[float, float, float] = (2.0, 2.0, 3.0)
+    crop_size: tuple[int, int, int] = (192, 192, 288)
+    output_size: tuple[int, int, int] = (64, 64, 96)
+    # Fractions of each internal cohort's patients; tune is then taken from test.
+    train_fraction: float = 0.6
+    valid_fraction: float = 0.1
+    tune_per_cohort: int = 2
+    seed: int = 0
+    num_cpus_per_volume: float = 1.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """MONAI ``DiffusionModelUNet`` + class-token embedding (paper §2.2)."""
+
+    channels: tuple[int, ...] = (64, 64, 64)
+    # Variant name: one digit per level, 1 = attention; (011) is the paper's best.
+    attention: str = "011"
+    num_res_blocks: int = 1
+    num_head_channels: int = 16
+    embedding_dim: int = 64  # class token and cross-attention dimension
+    norm_num_groups: int = 32
+    use_flash_attention: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """DDPM training with classifier-free guidance (paper §2.3, §3.2)."""
+
+    epochs: int = 1000
+    batch_size: int = 64
+    lr: float = 1e-5
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 2e-2
+    cond_drop_prob: float = 0.15
+    ema_decay: float = 0.0  # 0 disables EMA (the paper uses none)
+    valid_every: int = 1  # epochs between validation passes
+    checkpoint_every: int = 1  # epochs between checkpoints
+    num_workers: int = 1
+    use_gpu: bool = False
+    amp: bool = True  # mixed precision, used only on GPU
+    max_failures: int = 2
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    """Counterfactual generation (paper §2.4) and batch inference resources."""
+
+    noise_level: int = 400  # D, in training-timestep units
+    guidance_scale: float = 3.0  # w, the reference code's form eps_u + w (eps_c - eps_u)
+    stride: int = 1  # s; the reference steps every timestep
+    batch_size: int = 32
+    concurrency: int = 1
+    num_gpus_per_actor: float = 0.0
+    num_cpus_per_actor: float = 1.0
+    use_amp: bool = True  # only on GPU
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Ray Tune search over (D, w) on the tune split (paper Fig. 5)."""
+
+    noise_levels: tuple[int, ...] = (100, 200, 300, 400, 500, 600)
+    guidance_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
+    stride: int = 10
+    max_slices: int = 0  # 0 = every unhealthy tune slice
+    search: str = "grid"  # "grid" or "optuna"-style search algorithm name
+    num_samples: int = 1
+    gpus_per_trial: float = 0.0
+    cpus_per_trial: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow destination; the default is a local file store under the output folder."""
+
+    tracking_uri: str = ""  # empty = <output>/mlruns
+    experiment: str = "igconda"
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything a study needs; saved inside every checkpoint."""
+
+    phantoms: PhantomConfig = field(default_factory=PhantomConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def replace(self, section: str, **changes: Any) -> StudyConfig:
+        """A copy with some values of one section changed (validated)."""
+        new_section = dataclasses.replace(getattr(self, section), **changes)
+        return dataclasses.replace(self, **{section: new_section})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), round-trips through :func:`from_dict`."""
+        return _plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}`` for MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming ``where``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_type = args[0]
+        if len(args) != 2 or args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, item_type, where) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(StudyConfig)}
+
+
+def from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> StudyConfig:
+    """Build a validated :class:`StudyConfig` from nested mappings (missing keys = defaults)."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    sections: dict[str, Any] = {}
+    for name, values in data.items():
+        if name not in _SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown section {name!r} (known: {', '.join(sorted(_SECTIONS))})"
+            )
+        section_type = _SECTIONS[name].default_factory  # type: ignore[misc]
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping")
+        hints = typing.get_type_hints(section_type)
+        known = {f.name for f in dataclasses.fields(section_type)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(
+                    f"{source}: unknown key {name}.{key} (known: {', '.join(sorted(known))})"
+                )
+            kwargs[key] = _coerce(value, hints[key], f"{source}: {name}.{key}")
+        sections[name] = section_type(**kwargs)
+    try:
+        return StudyConfig(**sections)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
+    """Load a YAML study config (``None`` = paper defaults), then apply nested ``overrides``."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {})
+        data[section] = {**(data[section] or {}), **values}
+    return from_dict(data, source)
+
+
+def save_config(config: StudyConfig, path: str | Path) -> None:
+    """Write ``config`` as YAML (atomically: temp file then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: StudyConfig) -> None:
+    """Cross-field checks; raises ConfigError with the offending key."""
+    p = cfg.preprocess
+    _check(all(s > 0 for s in p.spacing_mm), "preprocess.spacing_mm must be positive")
+    _check(all(c > 0 for c in p.crop_size), "preprocess.crop_size must be positive")
+    _check(all(o > 0 for o in p.output_size), "preprocess.output_size must be positive")
+    _check(0 < p.train_fraction < 1, "preprocess.train_fraction must be in (0, 1)")
+    _check(0 <= p.valid_fraction < 1, "preprocess.valid_fraction must be in [0, 1)")
+    _check(p.train_fraction + p.valid_fraction < 1, "preprocess: train + valid fractions must be < 1")
+    _check(p.tune_per_cohort >= 0, "preprocess.tune_per_cohort must be >= 0")
+    _check(p.output_size[0] == p.output_size[1], "preprocess.output_size: slices must be square")
+    m = cfg.model
+    _check(len(m.attention) == len(m.channels) and set(m.attention) <= {"0", "1"},
+           f"model.attention {m.attention!r} must have one 0/1 digit per level of channels {m.channels}")
+    _check(all(c % m.norm_num_groups == 0 for c in m.channels),
+           f"model.channels {m.channels} must be multiples of norm_num_groups {m.norm_num_groups}")
+    _check(all(c % m.num_head_channels == 0 for c in m.channels),
+           f"model.channels {m.channels} must be multiples of num_head_channels {m.num_head_channels}")
+    downsample = 2 ** (len(m.channels) - 1)
+    _check(p.output_size[0] % downsample == 0,
+           f"preprocess.output_size {p.output_size[:2]} must be divisible by {downsample} for {len(m.channels)} levels")
+    t = cfg.train
+    _check(t.epochs >= 1, "train.epochs must be >= 1")
+    _check(t.batch_size >= 1, "train.batch_size must be >= 1")
+    _check(t.lr > 0, "train.lr must be positive")
+    _check(t.num_train_timesteps >= 2, "train.num_train_timesteps must be >= 2")
+    _check(0 < t.beta_start < t.beta_end < 1, "train: need 0 < beta_start < beta_end < 1")
+    _check(0 <= t.cond_drop_prob < 1, "train.cond_drop_prob must be in [0, 1)")
+    _check(0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)")
+    _check(t.valid_every >= 1 and t.checkpoint_every >= 1, "train: valid_every and checkpoint_every must be >= 1")
+    _check(t.num_workers >= 1, "train.num_workers must be >= 1")
+    i = cfg.infer
+    _check(0 < i.noise_level < t.num_train_timesteps,
+           f"infer.noise_level D={i.noise_level} must be in (0, {t.num_train_timesteps})")
+    _check(i.stride >= 1 and i.noise_level % i.stride == 0,
+           f"infer.stride s={i.stride} must be >= 1 and divide noise_level D={i.noise_level}")
+    _check(i.guidance_scale >= 0, "infer.guidance_scale must be >= 0")
+    _check(i.batch_size >= 1 and i.concurrency >= 1, "infer: batch_size and concurrency must be >= 1")
+    u = cfg.tune
+    _check(len(u.noise_levels) > 0 and len(u.guidance_scales) > 0, "tune: empty search space")
+    for d in u.noise_levels:
+        _check(0 < d < t.num_train_timesteps and d % u.stride == 0,
+               f"tune.noise_levels: D={d} must be in (0, {t.num_train_timesteps}) and divisible by tune.stride={u.stride}")
+    _check(u.search in ("grid", "random"), f"tune.search {u.search!r} must be 'grid' or 'random'")
+    _check(u.max_slices >= 0, "tune.max_slices must be >= 0")
+    _check(cfg.phantoms.negative_controls >= 0, "phantoms.negative_controls must be >= 0")
+    _check(all(n >= 1 for n in cfg.phantoms.cohorts.values()), "phantoms.cohorts: counts must be >= 1")

@@ -1,0 +1,170 @@
+"""The one Parquet slice schema: every stage reads and writes slices through this module.
+
+One row is one axial slice of one preprocessed volume. Images are stored flattened so that the
+files stay readable by plain pyarrow and pandas without Ray or extension types:
+
+=================  ==================  ==========================================================
+column             type                meaning
+=================  ==================  ==========================================================
+patient_id         string              unique per study
+cohort             string              e.g. ``lymphoma``, ``sts``
+tracer             string              e.g. ``FDG``, ``PSMA``
+role               string              ``internal`` | ``external`` | ``negative_control``
+split              string              ``train`` | ``valid`` | ``tune`` | ``test``
+slice_index        int32               z index in the preprocessed volume (0 = inferior)
+num_slices         int32               preprocessed volume depth
+label              int8                1 healthy (no mask pixel), 2 unhealthy
+height, width      int32               slice shape H, W
+image              list<float32>       H·W values of the min–max scaled PET, row-major, in [0, 1]
+mask               list<uint8>         H·W lesion mask values in {0, 1}
+lesion_pixels      int32               number of mask pixels in this slice
+suv_max            float32             SUVmax of the whole original volume (paper's 41 % rule)
+scale_min          float32             SUV that maps to 0 (min of the resampled volume)
+scale_max          float32             SUV that maps to 1 (max of the resampled volume)
+pet_path           string              the source PET file, as given in the manifest (resolved)
+geometry           string (JSON)       see :data:`GEOMETRY_KEYS`; identical for a volume's slices
+=================  ==================  ==========================================================
+
+``image * (scale_max - scale_min) + scale_min`` recovers SUV on the preprocessed grid.
+Axis convention: a preprocessed volume is a (X, Y, Z) array in RAS+ orientation; a slice is
+``volume[:, :, slice_index]`` of shape (H=X, W=Y).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+SPLITS = ("train", "valid", "tune", "test")
+ROLES = ("internal", "external", "negative_control")
+HEALTHY, UNHEALTHY = 1, 2
+
+#: Keys of the ``geometry`` JSON: enough to map a slice back into the original scan.
+#: ``output_affine`` is the 4×4 voxel→world (RAS, mm) affine of the preprocessed (X, Y, Z)
+#: volume; ``original_affine``/``original_shape`` describe the source NIfTI grid.
+GEOMETRY_KEYS = ("original_shape", "original_affine", "output_affine", "output_shape")
+
+SLICE_SCHEMA = pa.schema(
+    [
+        ("patient_id", pa.string()),
+        ("cohort", pa.string()),
+        ("tracer", pa.string()),
+        ("role", pa.string()),
+        ("split", pa.string()),
+        ("slice_index", pa.int32()),
+        ("num_slices", pa.int32()),
+        ("label", pa.int8()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("image", pa.list_(pa.float32())),
+        ("mask", pa.list_(pa.uint8())),
+        ("lesion_pixels", pa.int32()),
+        ("suv_max", pa.float32()),
+        ("scale_min", pa.float32()),
+        ("scale_max", pa.float32()),
+        ("pet_path", pa.string()),
+        ("geometry", pa.string()),
+    ]
+)
+
+
+def encode_geometry(geometry: dict[str, Any]) -> str:
+    """JSON-encode a geometry dict (numpy arrays become nested lists)."""
+    missing = set(GEOMETRY_KEYS) - set(geometry)
+    if missing:
+        raise ValueError(f"geometry is missing keys {sorted(missing)}")
+    return json.dumps({k: np.asarray(v).tolist() for k, v in geometry.items()})
+
+
+def decode_geometry(text: str) -> dict[str, np.ndarray]:
+    """Inverse of :func:`encode_geometry`; affines come back as (4, 4) float64 arrays."""
+    raw = json.loads(text)
+    return {k: np.asarray(v, dtype=np.float64 if "affine" in k else np.int64) for k, v in raw.items()}
+
+
+def stack_images(column: Any, height: int, width: int, dtype: Any = np.float32) -> np.ndarray:
+    """A flattened list column (pyarrow array/chunked array, or a pandas/numpy sequence of
+    arrays) → (N, H, W) array."""
+    if isinstance(column, (pa.ChunkedArray, pa.Array)):
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        flat = column.flatten().to_numpy(zero_copy_only=False)
+        return flat.astype(dtype, copy=False).reshape(-1, height, width)
+    arrays = [np.asarray(v, dtype=dtype) for v in column]
+    if not arrays:
+        return np.zeros((0, height, width), dtype=dtype)
+    return np.stack(arrays).reshape(-1, height, width)
+
+
+def volume_to_rows(
+    image: np.ndarray,
+    mask: np.ndarray,
+    *,
+    patient_id: str,
+    cohort: str,
+    tracer: str,
+    role: str,
+    split: str,
+    suv_max: float,
+    scale_min: float,
+    scale_max: float,
+    pet_path: str,
+    geometry: dict[str, Any],
+) -> pa.Table:
+    """Slice a preprocessed (X, Y, Z) volume and its mask into a table of :data:`SLICE_SCHEMA`."""
+    if image.ndim != 3 or image.shape != mask.shape:
+        raise ValueError(f"image {image.shape} and mask {mask.shape} must be the same 3D shape")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}")
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}")
+    h, w, depth = image.shape
+    slices = np.ascontiguousarray(np.moveaxis(image.astype(np.float32), 2, 0)).reshape(depth, h * w)
+    masks = np.ascontiguousarray(np.moveaxis((mask > 0).astype(np.uint8), 2, 0)).reshape(depth, h * w)
+    lesion = masks.sum(axis=1).astype(np.int32)
+    geo = encode_geometry(geometry)
+    n = depth
+
+    def rep(value: Any) -> list:
+        return [value] * n
+
+    columns = {
+        "patient_id": rep(patient_id),
+        "cohort": rep(cohort),
+        "tracer": rep(tracer),
+        "role": rep(role),
+        "split": rep(split),
+        "slice_index": np.arange(n, dtype=np.int32),
+        "num_slices": np.full(n, depth, dtype=np.int32),
+        "label": np.where(lesion > 0, UNHEALTHY, HEALTHY).astype(np.int8),
+        "height": np.full(n, h, dtype=np.int32),
+        "width": np.full(n, w, dtype=np.int32),
+        "image": pa.FixedSizeListArray.from_arrays(pa.array(slices.ravel()), h * w).cast(pa.list_(pa.float32())),
+        "mask": pa.FixedSizeListArray.from_arrays(pa.array(masks.ravel()), h * w).cast(pa.list_(pa.uint8())),
+        "lesion_pixels": lesion,
+        "suv_max": np.full(n, suv_max, dtype=np.float32),
+        "scale_min": np.full(n, scale_min, dtype=np.float32),
+        "scale_max": np.full(n, scale_max, dtype=np.float32),
+        "pet_path": rep(pet_path),
+        "geometry": rep(geo),
+    }
+    return pa.table(columns, schema=SLICE_SCHEMA)
+
+
+def validate_table(table: pa.Table) -> None:
+    """Raise ValueError if ``table`` does not follow :data:`SLICE_SCHEMA` (names and types).
+
+    The ``split`` column may be absent when reading one split's partition folder."""
+    for f in SLICE_SCHEMA:
+        if f.name not in table.schema.names:
+            if f.name == "split":
+                continue
+            raise ValueError(f"slice table is missing column {f.name!r}")
+        actual = table.schema.field(f.name).type
+        if not actual.equals(f.type) and not (
+            pa.types.is_dictionary(actual) and actual.value_type.equals(f.type)
+        ):
+            raise ValueError(f"column {f.name!r} has type {actual}, expected {f.type}")

@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny test config, and one local Ray runtime per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from igconda.config import StudyConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+STS_CROPS = REPO.parent / "shared" / "data" / "sts-crops"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def test_config() -> StudyConfig:
+    """configs/test.yaml: tiny model, tiny volumes, T = 10."""
+    return load_config(REPO / "configs" / "test.yaml")
+
+
+@pytest.fixture(scope="session")
+def sts_crops() -> Path:
+    """The real FDG sarcoma crops beside the checkout (../shared/data/sts-crops)."""
+    path = Path(os.environ.get("IGCONDA_STS_CROPS", STS_CROPS))
+    if not (path / "manifest.csv").is_file():
+        pytest.fail(f"sts-crops data not found at {path}; set IGCONDA_STS_CROPS")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray runtime for every Ray-marked test (started once: it costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ray
+    ray.shutdown()
