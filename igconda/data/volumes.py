@@ -1,0 +1,143 @@
+"""Loading and validating PET / mask NIfTI volumes.
+
+Every problem with an input volume raises :class:`VolumeError`, whose ``path`` names the file and
+``problem`` says what is wrong in words a user can act on, so that a preprocessing job can list
+the rejected patients (``rejects.csv``) and carry on with the good ones.
+
+Checks (see :func:`load_pet` and :func:`load_mask`):
+
+* the file exists and nibabel can read it (a truncated ``.nii.gz`` fails while decompressing);
+* the image is 3D; a 4D image whose trailing dimension is 1 is squeezed to 3D and the squeeze is
+  reported through :attr:`LoadedVolume.notes`; 2D and true 4D images are rejected;
+* PET has no NaN/Inf and is not all zero;
+* a mask has its PET's shape and affine (within ``AFFINE_TOLERANCE_MM``) and holds only 0/1
+  (bool and 0/1 floats are accepted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+#: Largest allowed difference (mm) between a mask's and its PET's affine entries. Scanners and
+#: converters round the affine differently; 1e-3 mm is far below any voxel size.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+class VolumeError(ValueError):
+    """An input volume (or manifest entry) cannot be used.
+
+    Attributes:
+        path: the offending file (as a string).
+        problem: what is wrong with it, in plain words.
+    """
+
+    def __init__(self, path: str | Path, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # keep path/problem when pickled across Ray workers
+        return (type(self), (self.path, self.problem))
+
+
+@dataclass
+class LoadedVolume:
+    """A validated 3D volume in its file's voxel order.
+
+    Attributes:
+        data: (X, Y, Z) array (float32 for PET, uint8 for masks).
+        affine: (4, 4) float64 voxel → world (RAS+, mm) affine, as nibabel reports it.
+        path: the file it came from.
+        notes: non-fatal remarks (e.g. a squeezed singleton 4th dimension).
+    """
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read a NIfTI file into a 3D float array, or raise VolumeError."""
+    path = Path(path)
+    if not path.exists():
+        raise VolumeError(path, "file not found")
+    if not path.is_file():
+        raise VolumeError(path, "not a regular file")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error …)
+        raise VolumeError(path, f"unreadable or corrupt NIfTI file ({type(err).__name__}: {err})") from None
+    notes: list[str] = []
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+        notes.append(f"squeezed a singleton 4th dimension (shape {tuple(img.shape)})")
+    if data.ndim != 3:
+        raise VolumeError(path, f"expected a 3D image, got {data.ndim}D with shape {tuple(data.shape)}")
+    if min(data.shape) < 1:
+        raise VolumeError(path, f"empty image of shape {tuple(data.shape)}")
+    if not np.all(np.isfinite(affine)):
+        raise VolumeError(path, "the affine (voxel to world transform) contains NaN/Inf")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise VolumeError(path, "the affine (voxel to world transform) is singular")
+    return data, affine, notes
+
+
+def load_pet(path: str | Path) -> LoadedVolume:
+    """Load a PET volume (SUV) and check it is usable.
+
+    Args:
+        path: NIfTI file.
+
+    Returns:
+        LoadedVolume with ``data`` (X, Y, Z) float32.
+
+    Raises:
+        VolumeError: missing/corrupt file, not 3D, NaN/Inf values, or an all-zero scan.
+    """
+    data, affine, notes = _read(path)
+    data = np.asarray(data, dtype=np.float32)
+    finite = np.isfinite(data)
+    if not finite.all():
+        bad = int(data.size - finite.sum())
+        raise VolumeError(path, f"PET contains {bad} NaN/Inf voxel(s)")
+    if not np.any(data):
+        raise VolumeError(path, "PET is all zero (empty scan)")
+    return LoadedVolume(data=data, affine=affine, path=str(path), notes=notes)
+
+
+def load_mask(path: str | Path, pet: LoadedVolume) -> LoadedVolume:
+    """Load a lesion mask and check that it matches its PET.
+
+    Args:
+        path: NIfTI file of the mask.
+        pet: the already loaded PET the mask belongs to.
+
+    Returns:
+        LoadedVolume with ``data`` (X, Y, Z) uint8 in {0, 1}.
+
+    Raises:
+        VolumeError: missing/corrupt file, not 3D, shape or affine differing from the PET's
+            (tolerance :data:`AFFINE_TOLERANCE_MM`), or values other than 0/1.
+    """
+    data, affine, notes = _read(path)
+    if data.shape != pet.data.shape:
+        raise VolumeError(path, f"mask shape {tuple(data.shape)} does not match PET shape "
+                                f"{tuple(pet.data.shape)} ({pet.path})")
+    diff = float(np.max(np.abs(affine - pet.affine)))
+    if diff > AFFINE_TOLERANCE_MM:
+        raise VolumeError(path, f"mask affine differs from PET affine ({pet.path}) by up to "
+                                f"{diff:.4g} mm (tolerance {AFFINE_TOLERANCE_MM} mm)")
+    if data.dtype != np.bool_:
+        values = np.unique(data)
+        if not np.all(np.isin(values, (0, 1))):
+            shown = ", ".join(f"{v:g}" for v in values[:6]) + (" …" if len(values) > 6 else "")
+            raise VolumeError(path, f"mask is not binary: values {shown} (expected only 0 and 1)")
+    return LoadedVolume(data=(np.asarray(data) > 0).astype(np.uint8), affine=affine,
+                        path=str(path), notes=notes)
