@@ -1,0 +1,223 @@
+"""The whole IgCONDA-PET study in one command: cohorts → Parquet → training → (D, w) tuning →
+batch inference with baselines → report, under one MLflow parent run with a child run per stage.
+
+Run the demo study on the built-in synthetic cohorts (local Ray, local MLflow store)::
+
+    python -m ray_jobs.pipeline --config configs/demo.yaml --output runs/demo
+
+on your own cohorts (a manifest of PET/mask NIfTI files, see docs/data.md)::
+
+    python -m ray_jobs.pipeline --config configs/demo.yaml --manifest cohorts/manifest.csv \
+        --output runs/mystudy
+
+or on a Ray cluster (see docs/cluster.md)::
+
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python -m ray_jobs.pipeline --config configs/demo.yaml --output runs/demo
+
+Every stage writes into its own folder under ``--output`` and is skipped when its finished
+output is already there, so an interrupted study resumes where it stopped (``--force STAGE``
+re-runs one stage and everything after it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from igconda import tracking
+from igconda.config import ConfigError, load_config
+
+STAGES = ("cohorts", "preprocess", "train", "tune", "infer", "report")
+
+
+@dataclass(frozen=True)
+class StudyPaths:
+    """Where each stage of a study writes; one folder per stage under the study folder."""
+
+    root: Path
+
+    @property
+    def cohorts(self) -> Path:
+        return self.root / "cohorts"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def infer(self) -> Path:
+        return self.root / "infer"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.train / "best"
+
+    @property
+    def tuned(self) -> Path:
+        return self.tune / "best.json"
+
+
+def _banner(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+def _run_job(module: str, argv: list[str]) -> None:
+    """Run ``ray_jobs.<module>.main(argv)`` in this process (sharing its Ray runtime)."""
+    job = importlib.import_module(f"ray_jobs.{module}")
+    code = job.main(argv)
+    if code:
+        raise SystemExit(f"stage {module!r} failed with exit code {code}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m ray_jobs.pipeline",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", default="configs/demo.yaml", help="study config YAML")
+    parser.add_argument("--output", required=True, help="study folder (created)")
+    parser.add_argument("--manifest", help="use these cohorts instead of generating phantoms")
+    parser.add_argument("--address", help="Ray address (default: start a local Ray)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: <output>/mlruns)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment name")
+    parser.add_argument("--num-workers", type=int, default=None, help="training workers")
+    parser.add_argument("--use-gpu", action="store_true", help="train and infer on GPUs")
+    parser.add_argument("--force", choices=STAGES, help="re-run this stage and all later ones")
+    parser.add_argument("--skip-tune", action="store_true",
+                        help="use the config's infer.noise_level/guidance_scale instead of tuning")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    paths = StudyPaths(Path(args.output).resolve())
+    paths.root.mkdir(parents=True, exist_ok=True)
+    tracking_uri = tracking.resolve_tracking_uri(
+        args.tracking_uri or config.tracking.tracking_uri, paths.root
+    )
+    experiment = args.experiment or config.tracking.experiment
+    forced = STAGES.index(args.force) if args.force else len(STAGES)
+
+    def should_skip(stage: str, done: bool) -> bool:
+        if done and STAGES.index(stage) < forced:
+            print(f"    {stage}: output found, skipping (use --force {stage} to re-run)")
+            return True
+        return False
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.address, log_to_driver=True)
+    common = ["--tracking-uri", tracking_uri, "--experiment", experiment]
+    if args.address:
+        common += ["--address", args.address]
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    with tracking.start_run(tracking_uri, experiment, f"study-{paths.root.name}",
+                            tags={"igconda.stage": "pipeline"}) as parent_id:
+        tracking.log_params(config.flat())
+        tracking.log_params({"pipeline.config_file": args.config,
+                             "pipeline.manifest": args.manifest or "synthetic phantoms"})
+        child = common + ["--parent-run-id", parent_id]
+
+        def stage(name: str, done: bool, body: Callable[[], None]) -> None:
+            _banner(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}")
+            if should_skip(name, done):
+                return
+            t0 = time.perf_counter()
+            body()
+            timings[name] = time.perf_counter() - t0
+            tracking.log_metrics({f"time_s/{name}": timings[name]})
+            print(f"    {name}: done in {timings[name]:.0f} s", flush=True)
+
+        # 1. Cohorts: the user's manifest, or synthetic phantoms.
+        manifest = Path(args.manifest).resolve() if args.manifest else paths.cohorts / "manifest.csv"
+
+        def make_cohorts() -> None:
+            from igconda.data.phantoms import generate_study
+
+            generate_study(paths.cohorts, config.phantoms)
+
+        stage("cohorts", args.manifest is not None or manifest.is_file(), make_cohorts)
+
+        # 2. Preprocess to Parquet slices.
+        stage("preprocess", (paths.data / "dataset.json").is_file(), lambda: _run_job(
+            "preprocess",
+            ["--manifest", str(manifest), "--output", str(paths.data), "--config", args.config]
+            + (["--address", args.address] if args.address else []),
+        ))
+
+        # 3. Train.
+        train_argv = ["--data", str(paths.data), "--output", str(paths.train),
+                      "--config", args.config] + child
+        if args.num_workers:
+            train_argv += ["--num-workers", str(args.num_workers)]
+        if args.use_gpu:
+            train_argv.append("--use-gpu")
+        stage("train", (paths.best_checkpoint / "model.safetensors").is_file(),
+              lambda: _run_job("train", train_argv))
+
+        # 4. Tune (D, w) on the tune split.
+        def tune() -> None:
+            if args.skip_tune:
+                print("    tuning skipped: using infer.noise_level / guidance_scale from the config")
+                return
+            _run_job("tune", ["--checkpoint", str(paths.best_checkpoint), "--data", str(paths.data),
+                              "--output", str(paths.tune), "--config", args.config] + child)
+
+        stage("tune", args.skip_tune or paths.tuned.is_file(), tune)
+
+        # 5. Batch inference on every test cohort, with the baselines scored by the same code.
+        infer_argv = ["--checkpoint", str(paths.best_checkpoint), "--data", str(paths.data),
+                      "--output", str(paths.infer), "--config", args.config] + child
+        if paths.tuned.is_file() and not args.skip_tune:
+            infer_argv += ["--tuned", str(paths.tuned)]
+        stage("infer", (paths.infer / "tables" / "methods.csv").is_file(),
+              lambda: _run_job("infer", infer_argv))
+
+        # 6. Report.
+        def report() -> None:
+            from igconda.report import build_study_report
+
+            build_study_report(paths.root, paths.report)
+            tracking.log_artifact(paths.report, "report")
+
+        stage("report", False, report)
+        total = time.perf_counter() - started
+        tracking.log_metrics({"time_s/total": total})
+        (paths.root / "timings.json").write_text(json.dumps({**timings, "total": total}, indent=2))
+
+    _banner(f"study finished in {total / 60:.1f} min")
+    print(f"    report:  {paths.report}")
+    print(f"    MLflow:  mlflow ui --backend-store-uri {tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
