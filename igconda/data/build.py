@@ -1,0 +1,328 @@
+"""Build a preprocessed slice dataset from a manifest, on Ray Data (one task per volume).
+
+:func:`run_preprocessing` is the logic behind ``python -m ray_jobs.preprocess``; it writes the
+layout of ``docs/CONTRACTS.md`` (see :mod:`igconda.data.io`). :func:`process_patient` is what one
+Ray task runs, and runs the same without Ray.
+
+Atomicity: everything is built in a hidden sibling folder ``.<name>.tmp-<id>`` and renamed into
+place only at the end, after ``dataset.json`` (written last) exists. An existing dataset at the
+output path is moved aside only once the new one is complete, and deleted after the swap, so a
+failed or interrupted run never leaves a partial dataset that looks complete and never destroys
+a complete one. Workers write their Parquet files directly into that folder, so the output must
+be on a filesystem every Ray node sees (local disk for a single machine, NFS on a cluster).
+
+Bad patients (manifest rows or volumes that fail validation) are skipped, logged and listed in
+``rejects.csv``; splits are computed on the patients that survived, so a rejected file does not
+leave a cohort short of tuning patients.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import time
+import traceback
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from igconda.config import PreprocessConfig, StudyConfig
+from igconda.data.manifest import ManifestEntry, parse_manifest
+from igconda.data.preprocess import preprocess_volume
+from igconda.data.schema import HEALTHY, SPLITS, UNHEALTHY, volume_to_rows
+from igconda.data.splits import assign_splits
+from igconda.data.volumes import VolumeError
+
+log = logging.getLogger(__name__)
+
+REJECT_COLUMNS = ("row", "patient_id", "cohort", "tracer", "role", "pet_path", "mask_path", "file", "problem")
+SPLIT_COLUMNS = ("patient_id", "cohort", "tracer", "role", "split")
+
+
+class PreprocessingError(RuntimeError):
+    """The job produced no dataset (nothing survived, or ``strict`` and some patients failed)."""
+
+
+@dataclass
+class PreprocessSummary:
+    """What :func:`run_preprocessing` did.
+
+    Attributes:
+        output: the dataset folder (complete), or None if nothing was written.
+        patients: surviving patients per split.
+        slices: slices per split.
+        rejects: one dict per rejected row (keys :data:`REJECT_COLUMNS`).
+        seconds: wall time.
+    """
+
+    output: Path | None
+    patients: dict[str, int] = field(default_factory=dict)
+    slices: dict[str, int] = field(default_factory=dict)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _entry_dict(e: ManifestEntry) -> dict[str, Any]:
+    return {"row": e.row, "patient_id": e.patient_id, "cohort": e.cohort, "tracer": e.tracer,
+            "role": e.role, "pet_path": e.pet_path, "mask_path": e.mask_path or ""}
+
+
+def _slice_file(root: Path, split: str, patient_id: str) -> Path:
+    return root / "slices" / split / f"{patient_id}.parquet"
+
+
+def process_patient(item: dict[str, Any], config: PreprocessConfig, root: str | Path) -> dict[str, Any]:
+    """Preprocess one manifest row and write its slices (what one Ray task does).
+
+    Args:
+        item: a manifest row (keys ``patient_id``, ``cohort``, ``tracer``, ``role``,
+            ``pet_path``, ``mask_path`` (empty = none), ``row``) plus ``split``.
+        config: preprocessing settings.
+        root: dataset folder being built; writes ``slices/<split>/<patient_id>.parquet``.
+
+    Returns:
+        The item plus ``ok`` (bool), and either ``slices``, ``unhealthy``, ``notes`` or
+        ``file`` and ``problem`` describing why the patient was rejected. Never raises for a
+        bad volume: the job must go on with the good ones.
+    """
+    # Every result has the same keys, so Ray Data sees one schema across blocks.
+    out = dict(item, ok=False, slices=0, unhealthy=0, notes="", file="", problem="", traceback="")
+    try:
+        vol = preprocess_volume(item["pet_path"], item["mask_path"] or None, config)
+        table = volume_to_rows(
+            vol.image, vol.mask, patient_id=item["patient_id"], cohort=item["cohort"],
+            tracer=item["tracer"], role=item["role"], split=item["split"], suv_max=vol.suv_max,
+            scale_min=vol.scale_min, scale_max=vol.scale_max, pet_path=item["pet_path"],
+            geometry=vol.geometry)
+        path = _slice_file(Path(root), item["split"], item["patient_id"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+        labels = table.column("label").to_numpy()
+        out.update(ok=True, slices=int(len(labels)), unhealthy=int((labels == UNHEALTHY).sum()),
+                   notes="; ".join(vol.notes), file="", problem="")
+    except VolumeError as err:
+        out.update(ok=False, file=err.path, problem=err.problem)
+    except Exception as err:  # an unforeseen failure on one scan must not stop the cohort
+        out.update(ok=False, file=item["pet_path"],
+                   problem=f"unexpected error {type(err).__name__}: {err}",
+                   traceback=traceback.format_exc())
+    return out
+
+
+def _resplit(root: Path, patient_id: str, old: str, new: str) -> None:
+    """Move a patient's file to another split folder, rewriting its ``split`` column."""
+    src, dst = _slice_file(root, old, patient_id), _slice_file(root, new, patient_id)
+    table = pq.read_table(src)
+    idx = table.schema.get_field_index("split")
+    table = table.set_column(idx, table.schema.field(idx), pa.array([new] * table.num_rows, pa.string()))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, dst)
+    src.unlink()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("igconda", "monai", "torch", "ray", "pyarrow", "nibabel", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "unknown"
+    return out
+
+
+def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _counts(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per split, and per split and cohort: patients, slices, healthy/unhealthy slices."""
+    def block(rs: list[dict[str, Any]]) -> dict[str, int]:
+        slices = sum(r["slices"] for r in rs)
+        unhealthy = sum(r["unhealthy"] for r in rs)
+        return {"patients": len(rs), "slices": slices, f"label_{HEALTHY}": slices - unhealthy,
+                f"label_{UNHEALTHY}": unhealthy}
+
+    out: dict[str, Any] = {}
+    for split in SPLITS:
+        rs = [r for r in results if r["split"] == split]
+        cohorts = sorted({r["cohort"] for r in rs})
+        out[split] = {**block(rs), "cohorts": {c: block([r for r in rs if r["cohort"] == c]) for c in cohorts}}
+    return out
+
+
+def _commit(tmp: Path, output: Path) -> None:
+    """Swap the finished ``tmp`` folder into ``output`` without ever leaving no dataset."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+        output.rename(old)
+    try:
+        tmp.rename(output)
+    except OSError:
+        if old is not None:
+            old.rename(output)  # put the previous dataset back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_output(output: Path) -> None:
+    if output.exists() and not output.is_dir():
+        raise PreprocessingError(f"{output}: exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not (output / "dataset.json").is_file():
+        # Refuse to replace a folder that is not one of our datasets (e.g. a typo for $HOME).
+        raise PreprocessingError(f"{output}: exists, is not empty and is not an igconda dataset "
+                                 f"(no dataset.json); choose another --output or remove it")
+
+
+def run_preprocessing(manifest: str | Path, output: str | Path, config: StudyConfig | PreprocessConfig,
+                      *, strict: bool = False, num_cpus_per_volume: float | None = None,
+                      progress: bool = True) -> PreprocessSummary:
+    """Preprocess every patient of a manifest on Ray Data and write the slice dataset.
+
+    Uses the running Ray instance (``ray.init`` is called with defaults if none is running).
+
+    Args:
+        manifest: manifest CSV (see :mod:`igconda.data.manifest`).
+        output: dataset folder to create or replace (local or shared filesystem path).
+        config: the study config (its ``preprocess`` section is used) or a PreprocessConfig.
+        strict: fail (write nothing) if any patient is rejected.
+        num_cpus_per_volume: CPUs reserved per Ray task (default ``config.num_cpus_per_volume``).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        PreprocessSummary.
+
+    Raises:
+        ManifestError: the manifest file itself is unusable (missing, lacking a column).
+        PreprocessingError: nothing survived, or ``strict`` and some patient was rejected; no
+            dataset is written and an existing one is left as it was.
+    """
+    import ray
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    pcfg = config.preprocess if isinstance(config, StudyConfig) else config
+    cpus = pcfg.num_cpus_per_volume if num_cpus_per_volume is None else num_cpus_per_volume
+    if cpus <= 0:
+        raise PreprocessingError(f"num_cpus_per_volume must be positive, got {cpus}")
+    manifest, output = Path(manifest), Path(output).expanduser().absolute()
+    _check_output(output)
+
+    entries, manifest_errors = parse_manifest(manifest)
+    rejects: list[dict[str, Any]] = []
+    for err in manifest_errors:
+        rejects.append({"row": err.row, "patient_id": err.patient_id or "", "file": err.path,
+                        "problem": err.problem})
+        log.warning("rejected: %s", err)
+
+    split_args = dict(train_fraction=pcfg.train_fraction, valid_fraction=pcfg.valid_fraction,
+                      tune_per_cohort=pcfg.tune_per_cohort, seed=pcfg.seed)
+    planned = assign_splits(entries, **split_args) if entries else {}
+    items = [{**_entry_dict(e), "split": planned[e.patient_id]} for e in entries]
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        results: list[dict[str, Any]] = []
+        if items:
+            if not ray.is_initialized():
+                ray.init()
+            ctx = ray.data.DataContext.get_current()
+            ray_bars = ctx.enable_progress_bars
+            ctx.enable_progress_bars = not progress  # one progress display, not two
+            try:
+                ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+                    process_patient, fn_kwargs={"config": pcfg, "root": str(tmp)}, num_cpus=cpus)
+                bar = tqdm(total=len(items), desc="preprocess", unit="vol", disable=not progress)
+                for row in ds.iter_rows():
+                    r = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in dict(row).items()}
+                    bar.update(1)
+                    results.append(r)
+                    if not r["ok"]:
+                        log.warning("rejected %s (%s): %s", r["patient_id"], r["file"], r["problem"])
+                        if r.get("traceback"):
+                            log.debug("%s", r["traceback"])
+                    elif r["notes"]:
+                        log.info("%s: %s", r["patient_id"], r["notes"])
+                bar.close()
+            finally:
+                ctx.enable_progress_bars = ray_bars
+        good = sorted((r for r in results if r["ok"]), key=lambda r: r["patient_id"])
+        rejects += [{k: r.get(k, "") for k in REJECT_COLUMNS} for r in results if not r["ok"]]
+        rejects.sort(key=lambda r: (r.get("row") or 0))
+        if not good:
+            raise PreprocessingError(f"{manifest}: no patient survived preprocessing "
+                                     f"({len(rejects)} rejected; first: {_describe(rejects[:1])})")
+        if strict and rejects:
+            raise PreprocessingError(f"{manifest}: {len(rejects)} patient(s) rejected with --strict, "
+                                     f"no dataset written: {_describe(rejects)}")
+
+        # Re-split on the survivors so a rejected scan does not leave a cohort short of tune
+        # patients; move only the files whose split changed.
+        final = assign_splits(good, **split_args)
+        for r in good:
+            if final[r["patient_id"]] != r["split"]:
+                _resplit(tmp, r["patient_id"], r["split"], final[r["patient_id"]])
+                r["split"] = final[r["patient_id"]]
+        for split in SPLITS:
+            (tmp / "slices" / split).mkdir(parents=True, exist_ok=True)
+
+        _write_csv(tmp / "splits.csv", SPLIT_COLUMNS, good)
+        _write_csv(tmp / "rejects.csv", REJECT_COLUMNS, rejects)
+        counts = _counts(good)
+        info = {
+            "format": "igconda-slices/1",
+            "manifest": str(manifest.resolve()),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "patients": len(good),
+            "rejected": len(rejects),
+            "slice_shape": list(pcfg.output_size[:2]),
+            "num_slices_per_volume": int(pcfg.output_size[2]),
+            "splits": counts,
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(pcfg).items()},
+            "versions": _versions(),
+        }
+        # dataset.json is written last: its presence marks the folder complete.
+        (tmp / "dataset.json").write_text(json.dumps(info, indent=2))
+        _commit(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = PreprocessSummary(
+        output=output,
+        patients={s: counts[s]["patients"] for s in SPLITS},
+        slices={s: counts[s]["slices"] for s in SPLITS},
+        rejects=rejects,
+        seconds=time.perf_counter() - start,
+    )
+    log.info("wrote %s: %d patients (%s), %d rejected, in %.1f s", output, len(good),
+             ", ".join(f"{s} {n}" for s, n in summary.patients.items()), len(rejects), summary.seconds)
+    return summary
+
+
+def _describe(rejects: list[dict[str, Any]], limit: int = 5) -> str:
+    parts = [f"{r.get('patient_id') or 'line ' + str(r.get('row'))}: {r.get('file')}: {r.get('problem')}"
+             for r in rejects[:limit]]
+    more = f" (+{len(rejects) - limit} more)" if len(rejects) > limit else ""
+    return "; ".join(parts) + more
+
+
+def summary_to_dict(summary: PreprocessSummary) -> dict[str, Any]:
+    """JSON-friendly form of a summary (for logs and MLflow)."""
+    return {"output": str(summary.output) if summary.output else None, "patients": summary.patients,
+            "slices": summary.slices, "rejected": len(summary.rejects),
+            "seconds": round(float(np.round(summary.seconds, 2)), 2)}

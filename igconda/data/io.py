@@ -1,0 +1,84 @@
+"""Reading a preprocessed dataset (the layout of ``docs/CONTRACTS.md``) without Ray.
+
+::
+
+    <data>/slices/<split>/<patient_id>.parquet   rows = igconda.data.schema.SLICE_SCHEMA
+    <data>/splits.csv                            patient_id,cohort,tracer,role,split
+    <data>/rejects.csv                           rejected manifest rows, file, problem
+    <data>/dataset.json                          counts, config, versions (written last)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from igconda.data.schema import SLICE_SCHEMA, SPLITS
+
+
+class DatasetError(ValueError):
+    """A preprocessed dataset folder is missing, incomplete or does not have the split asked."""
+
+
+def split_path(data_dir: str | Path, split: str) -> str:
+    """Folder holding one split's Parquet files: ``<data_dir>/slices/<split>``.
+
+    Works for local paths and URIs (``s3://bucket/data``) alike, for ``ray.data.read_parquet``.
+
+    Raises:
+        DatasetError: for a split name other than train / valid / tune / test.
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
+    return f"{str(data_dir).rstrip('/')}/slices/{split}"
+
+
+def read_split(data_dir: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:
+    """Read every slice of one split into one table.
+
+    Args:
+        data_dir: dataset folder written by ``ray_jobs.preprocess``.
+        split: ``train``, ``valid``, ``tune`` or ``test``.
+        columns: subset of :data:`SLICE_SCHEMA` names (default: all).
+
+    Returns:
+        pyarrow.Table with :data:`SLICE_SCHEMA` (or the chosen columns), rows ordered by file
+        name (patient id) then slice index. A split with no patients gives an empty table.
+
+    Raises:
+        DatasetError: the folder is not a complete dataset, or a column name is unknown.
+    """
+    root = Path(str(data_dir))
+    if "://" not in str(data_dir) and not (root / "dataset.json").is_file():
+        raise DatasetError(f"{data_dir}: not a complete igconda dataset (no dataset.json); "
+                           f"run `python -m ray_jobs.preprocess` first")
+    if columns is not None:
+        unknown = [c for c in columns if c not in SLICE_SCHEMA.names]
+        if unknown:
+            raise DatasetError(f"unknown column(s) {', '.join(unknown)}")
+    schema = SLICE_SCHEMA if columns is None else pa.schema([SLICE_SCHEMA.field(c) for c in columns])
+    path = split_path(data_dir, split)
+    if "://" not in path and not Path(path).is_dir():
+        return schema.empty_table()
+    dataset = pads.dataset(path, format="parquet", schema=SLICE_SCHEMA)
+    files = sorted(dataset.files)
+    if not files:
+        return schema.empty_table()
+    dataset = pads.dataset(files, format="parquet", schema=SLICE_SCHEMA, filesystem=dataset.filesystem)
+    return dataset.to_table(columns=columns)
+
+
+def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
+    """The ``dataset.json`` summary of a dataset folder.
+
+    Raises:
+        DatasetError: if it is missing (the dataset is incomplete or was never written).
+    """
+    path = Path(data_dir) / "dataset.json"
+    if not path.is_file():
+        raise DatasetError(f"{data_dir}: not a complete igconda dataset (no dataset.json)")
+    return json.loads(path.read_text())
