@@ -119,8 +119,8 @@ def optimal_dice(
     maps, masks = _check_pair(maps, masks, ("maps", "masks"))
     maps, gt = _as_maps(maps), _as_binary(masks, "masks")
     taus = _as_thresholds(thresholds)
-    n = maps.shape[0]
-    flat, gt = maps.reshape(n, -1), gt.reshape(n, -1)
+    n, h, w = maps.shape
+    flat, gt = maps.reshape(n, h * w), gt.reshape(n, h * w)
     gt_sum = gt.sum(axis=1)
     dice = np.empty((taus.size, n), dtype=np.float64)
     for k, tau in enumerate(taus):
@@ -193,12 +193,12 @@ def hd95(pred: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """
     pred, masks = _check_pair(pred, masks, ("pred", "masks"))
     pred, gt = _as_binary(pred, "pred"), _as_binary(masks, "masks")
-    n = pred.shape[0]
+    n, h, w = pred.shape
     edge_p, edge_g = _boundaries(pred), _boundaries(gt)
-    to_g = _distance_to(edge_g).reshape(n, -1)
-    to_p = _distance_to(edge_p).reshape(n, -1)
-    d_pg = _row_percentile(to_g, edge_p.reshape(n, -1), 95.0)
-    d_gp = _row_percentile(to_p, edge_g.reshape(n, -1), 95.0)
+    to_g = _distance_to(edge_g).reshape(n, h * w)
+    to_p = _distance_to(edge_p).reshape(n, h * w)
+    d_pg = _row_percentile(to_g, edge_p.reshape(n, h * w), 95.0)
+    d_gp = _row_percentile(to_p, edge_g.reshape(n, h * w), 95.0)
     out = np.maximum(d_pg, d_gp)  # NaN if either direction is undefined
     return out
 
@@ -218,12 +218,12 @@ def auprc(maps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """
     maps, masks = _check_pair(maps, masks, ("maps", "masks"))
     maps, gt = _as_maps(maps), _as_binary(masks, "masks")
-    n = maps.shape[0]
+    n, h, w = maps.shape
     out = np.empty(n, dtype=np.float64)
     for start in range(0, n, _AUPRC_CHUNK):
         stop = min(start + _AUPRC_CHUNK, n)
-        out[start:stop] = _auprc_rows(maps[start:stop].reshape(stop - start, -1),
-                                      gt[start:stop].reshape(stop - start, -1))
+        out[start:stop] = _auprc_rows(maps[start:stop].reshape(stop - start, h * w),
+                                      gt[start:stop].reshape(stop - start, h * w))
     return out
 
 
@@ -281,10 +281,13 @@ def detection(pred: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
     lab_p, num_p = ndimage.label(pred, structure=_CROSS_2D)
     flat_g, flat_p = lab_g.ravel(), lab_p.ravel()
     pixels_per_slice = flat_g.size // n
-    # Slice of each lesion label: the index of its first pixel.
-    _, first = np.unique(flat_g, return_index=True)
-    lesion_slice = first[1:] // pixels_per_slice  # label 0 is background
-    n_lesions[:] = np.bincount(lesion_slice, minlength=n)
+    # Slice of each lesion, indexed by label: where its first pixel lies. (Label 0, the
+    # background, may be absent: an all-ones mask.)
+    labels, first = np.unique(flat_g, return_index=True)
+    keep = labels > 0
+    lesion_slice = np.zeros(num_g + 1, dtype=np.int64)
+    lesion_slice[labels[keep]] = first[keep] // pixels_per_slice
+    n_lesions[:] = np.bincount(lesion_slice[1:], minlength=n)
     if num_p == 0:
         return n_detected, n_lesions
     area_g = np.bincount(flat_g, minlength=num_g + 1)
@@ -305,7 +308,7 @@ def detection(pred: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarr
     best = order[first_of_p]
     hits = best[iou[best] >= 0.5]
     detected = np.unique(g_lab[hits])  # each lesion at most once
-    n_detected[:] = np.bincount(lesion_slice[detected - 1], minlength=n)
+    n_detected[:] = np.bincount(lesion_slice[detected], minlength=n)
     return n_detected, n_lesions
 
 
