@@ -80,7 +80,7 @@ UPTAKE: dict[str, dict[str, tuple[float, float]]] = {
         "blood_pool": (1.5, 2.1), "myocardium": (1.5, 12.0), "liver": (2.0, 3.0),
         "spleen": (1.6, 2.5), "kidney": (2.5, 5.0), "renal_pelvis": (5.0, 15.0),
         "bowel": (1.3, 3.5), "bladder": (10.0, 40.0), "prostate": (1.2, 2.2),
-        "brain": (3.0, 4.5), "cortex": (7.0, 13.0), "salivary": (1.5, 3.0),
+        "brain": (3.5, 5.0), "cortex": (7.0, 13.0), "salivary": (1.5, 3.0),
         "lacrimal": (0.8, 1.5), "tonsil": (2.5, 6.0),
     },
     "PSMA": {
@@ -250,7 +250,7 @@ class _Grid:
         hi = np.minimum(hi, self.shape)
         if np.any(hi <= lo):
             return None
-        return tuple(slice(a, b) for a, b in zip(lo, hi))
+        return tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
 
     def coords(self, box: tuple[slice, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Broadcastable (x, y, z) coordinate arrays of a box."""
