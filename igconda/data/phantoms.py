@@ -499,9 +499,30 @@ def _draw_body(grid: _Grid, anat: _Anatomy, tracer: str, rng: np.random.Generato
     lab[~body] = 0
     # Smooth patient-specific heterogeneity (±~10 %): a coarse random field, trilinearly upsampled.
     coarse = rng.normal(1.0, 0.07, size=(4, 4, 6)).astype(np.float32)
-    field_ = ndimage.zoom(coarse, np.asarray(grid.shape) / np.asarray(coarse.shape), order=1)
-    act *= field_[: grid.shape[0], : grid.shape[1], : grid.shape[2]]
+    act *= _upsample_linear(coarse, grid.shape)
     return act, lab, body
+
+
+def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """(n_out, n_in) weights of 1D linear interpolation from n_in nodes spanning the axis."""
+    pos = np.linspace(0, n_in - 1, n_out)
+    lo = np.minimum(np.floor(pos).astype(int), n_in - 2)
+    frac = (pos - lo).astype(np.float32)
+    w = np.zeros((n_out, n_in), np.float32)
+    w[np.arange(n_out), lo] = 1 - frac
+    w[np.arange(n_out), lo + 1] = frac
+    return w
+
+
+def _upsample_linear(coarse: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Separable trilinear upsampling of a small (a, b, c) array to ``shape`` (float32).
+
+    Three small matrix products instead of ``ndimage.zoom``, which is ~20× slower here.
+    """
+    wx, wy, wz = (_interp_matrix(n, m) for n, m in zip(shape, coarse.shape, strict=True))
+    out = np.tensordot(wx, coarse, axes=(1, 0))  # (X, b, c)
+    out = np.tensordot(out, wz, axes=(2, 1))  # (X, b, Z)
+    return np.einsum("jb,xbz->xjz", wy, out).astype(np.float32, copy=False)
 
 
 # --------------------------------------------------------------------------------------------
