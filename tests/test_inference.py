@@ -1,0 +1,167 @@
+"""igconda.inference.CounterfactualPredictor on a tiny untrained model (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from igconda.checkpoint import CheckpointError, save_checkpoint
+from igconda.config import StudyConfig
+from igconda.data.preprocess import preprocess_volume
+from igconda.data.schema import HEALTHY, UNHEALTHY, volume_to_rows
+from igconda.inference import CounterfactualPredictor, stack_column
+from igconda.models import build_unet
+
+# ---- helpers shared by the inference, job, CLI and benchmark tests ------------------------------
+
+def make_checkpoint(directory: Path, config: StudyConfig, seed: int = 0) -> Path:
+    """A checkpoint of a randomly initialised tiny model (as training would save it)."""
+    torch.manual_seed(seed)
+    return save_checkpoint(directory, model=build_unet(config.model), config=config,
+                           metadata={"epoch": 0, "is_best": True})
+
+
+def write_scan(directory: Path, pid: str, shape=(24, 22, 30), lesion=True, seed=0) -> tuple[Path, Path]:
+    """A small PET NIfTI (LPS, anisotropic) with one hot ellipsoid, and its mask."""
+    rng = np.random.default_rng(seed)
+    spacing = (10.0, 11.0, 9.0)
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = (100.0, 90.0, -120.0)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1) * np.asarray(spacing)
+    centre = np.asarray(shape) * np.asarray(spacing) * (0.4 + 0.2 * rng.random(3))
+    mask = ((((grid - centre) / np.array([40.0, 35.0, 45.0])) ** 2).sum(-1) <= 1) & lesion
+    pet = (1.0 + 0.2 * rng.random(shape) + 5.0 * mask).astype(np.float32)
+    directory.mkdir(parents=True, exist_ok=True)
+    pet_path, mask_path = directory / f"{pid}_pet.nii.gz", directory / f"{pid}_mask.nii.gz"
+    nib.save(nib.Nifti1Image(pet, affine), pet_path)
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), mask_path)
+    return pet_path, mask_path
+
+
+def make_dataset(root: Path, config: StudyConfig, patients: dict[str, tuple[str, str]],
+                 split: str = "test") -> Path:
+    """``root/slices/<split>/<pid>.parquet`` from real tiny NIfTIs (patients: pid → (cohort, role))."""
+    out = root / "slices" / split
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (pid, (cohort, role)) in enumerate(sorted(patients.items())):
+        pet_path, mask_path = write_scan(root / "nifti", pid, seed=k)
+        vol = preprocess_volume(pet_path, mask_path, config.preprocess)
+        table = volume_to_rows(vol.image, vol.mask, patient_id=pid, cohort=cohort, tracer="FDG",
+                               role=role, split=split, suv_max=vol.suv_max,
+                               scale_min=vol.scale_min, scale_max=vol.scale_max,
+                               pet_path=str(pet_path), geometry=vol.geometry)
+        pq.write_table(table, out / f"{pid}.parquet")
+    return root
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, test_config) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best", test_config)
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory, test_config) -> dict[str, np.ndarray]:
+    root = make_dataset(tmp_path_factory.mktemp("data"), test_config, {"P1": ("lung", "internal")})
+    table = pq.read_table(root / "slices" / "test" / "P1.parquet")
+    cols = table.to_pandas()
+    batch = {k: cols[k].to_numpy() for k in cols.columns}  # image/mask: object arrays of arrays
+    assert (batch["label"] == UNHEALTHY).any() and (batch["label"] == HEALTHY).any()
+    return batch
+
+
+def _predictor(checkpoint, **kwargs) -> CounterfactualPredictor:
+    defaults = {"noise_level": 4, "guidance_scale": 3.0, "stride": 2, "device": "cpu"}
+    return CounterfactualPredictor(checkpoint, **{**defaults, **kwargs})
+
+
+# ---- tests -----------------------------------------------------------------------------------
+
+def test_predictor_batch_shapes_ranges_and_metrics(checkpoint, batch):
+    predictor = _predictor(checkpoint)
+    out = predictor(batch)
+    n, hw = len(batch["image"]), 16 * 16
+    assert out["anomaly_map"].shape == (n, hw) and out["anomaly_map"].dtype == np.float32
+    assert out["counterfactual"].shape == (n, hw) and out["counterfactual"].dtype == np.float32
+    assert np.isfinite(out["counterfactual"]).all()
+    assert out["anomaly_map"].min() >= 0.0 and out["anomaly_map"].max() <= 1.0
+    for key in ("patient_id", "cohort", "role", "tracer", "slice_index", "label", "lesion_pixels"):
+        np.testing.assert_array_equal(out[key], batch[key])
+    sick = batch["label"] == UNHEALTHY
+    for key in ("dsc_max", "tau_star", "auprc", "n_lesions", "sensitivity", "dsc_max_abs", "dsc_max_hot"):
+        assert out[key].shape == (n,)
+        assert np.isnan(out[key][~sick]).all(), key  # healthy slices are not scored
+        assert np.isfinite(out[key][sick]).all(), key
+    assert ((out["dsc_max"][sick] >= 0) & (out["dsc_max"][sick] <= 1)).all()
+    np.testing.assert_array_equal(out["dsc_max"], out["dsc_max_abs"])
+    assert (out["n_lesions"][sick] >= 1).all()
+
+
+def test_anomaly_map_is_the_abs_difference_to_the_counterfactual(checkpoint, batch):
+    out = _predictor(checkpoint, score_other_map=False)(batch)
+    images = stack_column(batch["image"], 16, 16).reshape(len(batch["image"]), -1)
+    expected = np.clip(np.abs(images - out["counterfactual"]), 0, 1)
+    np.testing.assert_allclose(out["anomaly_map"], expected, atol=1e-6)
+    assert np.isnan(out["dsc_max_hot"]).all()
+
+
+def test_image_column_as_2d_array_gives_the_same_result(checkpoint, batch):
+    predictor = _predictor(checkpoint)
+    flat = dict(batch, image=np.stack(batch["image"]), mask=np.stack(batch["mask"]))
+    a, b = predictor(batch), predictor(flat)
+    np.testing.assert_allclose(a["anomaly_map"], b["anomaly_map"], atol=1e-6)
+    np.testing.assert_allclose(a["dsc_max"], b["dsc_max"], equal_nan=True)
+
+
+def test_metric_plumbing_with_an_injected_counterfactual(checkpoint, batch):
+    """A counterfactual of zeros makes the map the image itself: the metrics must be score_batch's."""
+    from igconda.metrics import score_batch
+
+    calls = []
+
+    def zeros(model, x0, schedule, **kwargs):
+        calls.append(kwargs)
+        assert not torch.is_grad_enabled()  # inference mode
+        return torch.zeros_like(x0)
+
+    out = _predictor(checkpoint, counterfactual_fn=zeros, map_kind="hot")(batch)
+    assert calls == [{"noise_level": 4, "stride": 2, "guidance_scale": 3.0, "target_label": HEALTHY,
+                     "amp": False}]
+    sick = batch["label"] == UNHEALTHY
+    images = stack_column(batch["image"], 16, 16)[sick]
+    masks = stack_column(batch["mask"], 16, 16, np.uint8)[sick]
+    expected = score_batch(images, masks)
+    np.testing.assert_allclose(out["dsc_max"][sick], expected["dsc_max"])
+    np.testing.assert_allclose(out["dsc_max_hot"][sick], expected["dsc_max"])
+    np.testing.assert_allclose(out["tau_star"][sick], expected["tau_star"])
+
+
+def test_batch_without_mask_has_no_metrics(checkpoint, batch):
+    out = _predictor(checkpoint)({"image": batch["image"][:3]})
+    assert out["anomaly_map"].shape == (3, 256)
+    assert np.isnan(out["dsc_max"]).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"noise_level": 10}, "noise level"), ({"noise_level": 0}, "noise level"),
+    ({"stride": 3}, "divide"), ({"guidance_scale": -1.0}, "guidance"), ({"map_kind": "sq"}, "map_kind"),
+])
+def test_invalid_parameters_are_clear_errors(checkpoint, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        _predictor(checkpoint, **kwargs)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        _predictor(tmp_path / "nowhere")
+
+
+def test_stack_column_rejects_wrong_sizes():
+    with pytest.raises(ValueError, match="16×16"):
+        stack_column(np.zeros((2, 100), np.float32), 16, 16)
