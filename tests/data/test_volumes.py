@@ -1,0 +1,124 @@
+"""Every bad-input case of igconda.data.volumes gives a VolumeError naming the file and problem."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from igconda.data.volumes import AFFINE_TOLERANCE_MM, VolumeError, load_mask, load_pet
+from tests.data.nifti_fixtures import LPS, pet_and_mask, write_nifti
+
+
+@pytest.fixture
+def pet_file(tmp_path):
+    pet, _ = pet_and_mask()
+    return write_nifti(tmp_path / "pet.nii.gz", pet, LPS)
+
+
+def _err(fn, *args) -> VolumeError:
+    with pytest.raises(VolumeError) as info:
+        fn(*args)
+    return info.value
+
+
+def test_good_pet_and_mask_load(pet_file, tmp_path):
+    pet = load_pet(pet_file)
+    assert pet.data.shape == (24, 24, 20) and pet.data.dtype == np.float32
+    np.testing.assert_allclose(pet.affine, LPS)
+    _, mask = pet_and_mask()
+    m = load_mask(write_nifti(tmp_path / "m.nii.gz", mask, LPS), pet)
+    assert m.data.dtype == np.uint8 and m.data.sum() == mask.sum()
+
+
+def test_missing_file(tmp_path):
+    err = _err(load_pet, tmp_path / "nope.nii.gz")
+    assert err.path == str(tmp_path / "nope.nii.gz") and "not found" in err.problem
+    assert str(tmp_path / "nope.nii.gz") in str(err)
+
+
+@pytest.mark.parametrize("content", [b"garbage, not a nifti", "truncated"])
+def test_corrupt_file(pet_file, tmp_path, content):
+    bad = tmp_path / "bad.nii.gz"
+    if content == "truncated":
+        raw = pet_file.read_bytes()
+        bad.write_bytes(raw[: len(raw) // 2])
+    else:
+        bad.write_bytes(gzip.compress(content))
+    err = _err(load_pet, bad)
+    assert err.path == str(bad) and "corrupt" in err.problem
+
+
+def test_2d_image_rejected(tmp_path):
+    f = write_nifti(tmp_path / "flat.nii.gz", np.ones((8, 8), np.float32))
+    assert "expected a 3D image, got 2D" in _err(load_pet, f).problem
+
+
+def test_4d_image_rejected(tmp_path):
+    f = write_nifti(tmp_path / "dyn.nii.gz", np.ones((8, 8, 8, 3), np.float32))
+    assert "got 4D" in _err(load_pet, f).problem
+
+
+def test_4d_singleton_is_squeezed_and_reported(tmp_path):
+    f = write_nifti(tmp_path / "s.nii.gz", np.ones((8, 8, 6, 1), np.float32))
+    pet = load_pet(f)
+    assert pet.data.shape == (8, 8, 6)
+    assert any("squeezed" in n for n in pet.notes)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_pet(tmp_path, value):
+    pet, _ = pet_and_mask()
+    pet[3, 4, 5] = value
+    f = write_nifti(tmp_path / "nan.nii.gz", pet)
+    assert "1 NaN/Inf voxel" in _err(load_pet, f).problem
+
+
+def test_all_zero_pet(tmp_path):
+    f = write_nifti(tmp_path / "zero.nii.gz", np.zeros((8, 8, 8), np.float32))
+    assert "all zero" in _err(load_pet, f).problem
+
+
+def test_mask_shape_mismatch(pet_file, tmp_path):
+    m = write_nifti(tmp_path / "m.nii.gz", np.zeros((24, 24, 19), np.uint8), LPS)
+    err = _err(load_mask, m, load_pet(pet_file))
+    assert err.path == str(m) and "shape (24, 24, 19) does not match PET shape (24, 24, 20)" in err.problem
+
+
+def test_mask_affine_mismatch(pet_file, tmp_path):
+    _, mask = pet_and_mask()
+    shifted = LPS.copy()
+    shifted[0, 3] += 10 * AFFINE_TOLERANCE_MM
+    err = _err(load_mask, write_nifti(tmp_path / "m.nii.gz", mask, shifted), load_pet(pet_file))
+    assert "affine differs" in err.problem
+
+
+def test_mask_affine_within_tolerance_is_accepted(pet_file, tmp_path):
+    _, mask = pet_and_mask()
+    nudged = LPS.copy()
+    nudged[0, 3] += 0.1 * AFFINE_TOLERANCE_MM
+    assert load_mask(write_nifti(tmp_path / "m.nii.gz", mask, nudged), load_pet(pet_file)).data.sum() > 0
+
+
+@pytest.mark.parametrize("bad_value", [2, 0.5, -1])
+def test_non_binary_mask(pet_file, tmp_path, bad_value):
+    _, mask = pet_and_mask()
+    mask = mask.astype(np.float32)
+    mask[0, 0, 0] = bad_value
+    err = _err(load_mask, write_nifti(tmp_path / "m.nii.gz", mask, LPS), load_pet(pet_file))
+    assert "not binary" in err.problem
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint8])
+def test_binary_masks_of_any_dtype_are_accepted(pet_file, tmp_path, dtype):
+    _, mask = pet_and_mask()
+    m = load_mask(write_nifti(tmp_path / "m.nii.gz", mask.astype(dtype), LPS), load_pet(pet_file))
+    np.testing.assert_array_equal(m.data, mask)
+
+
+def test_volume_error_pickles_with_fields():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(VolumeError("/x.nii.gz", "bad")))
+    assert (err.path, err.problem) == ("/x.nii.gz", "bad")
