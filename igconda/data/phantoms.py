@@ -79,7 +79,7 @@ UPTAKE: dict[str, dict[str, tuple[float, float]]] = {
         "soft_tissue": (0.5, 1.0), "fat": (0.25, 0.45), "lung": (0.3, 0.55), "bone": (1.3, 2.2),
         "blood_pool": (1.5, 2.1), "myocardium": (1.5, 12.0), "liver": (2.0, 3.0),
         "spleen": (1.6, 2.5), "kidney": (2.5, 5.0), "renal_pelvis": (5.0, 15.0),
-        "bowel": (1.3, 3.5), "bladder": (10.0, 40.0), "prostate": (1.2, 2.2),
+        "bowel": (1.3, 3.5), "bladder": (8.0, 35.0), "prostate": (1.2, 2.2),
         "brain": (3.5, 5.0), "cortex": (7.0, 13.0), "salivary": (1.5, 3.0),
         "lacrimal": (0.8, 1.5), "tonsil": (2.5, 6.0),
     },
@@ -126,7 +126,7 @@ class CohortTemplate:
 COHORTS: dict[str, CohortTemplate] = {
     # Nodal chains (neck, axilla, mediastinum, abdomen, pelvis), several per patient, often bulky.
     "lymphoma": CohortTemplate(
-        "FDG", "internal", (3, 9), (8.0, 40.0), (25.0, 60.0), (4.0, 20.0),
+        "FDG", "internal", (3, 9), (8.0, 40.0), (25.0, 60.0), (4.0, 25.0),
         (("mediastinum", 0.2), ("neck_node", 0.18), ("axilla", 0.14), ("supraclavicular", 0.08),
          ("hilar", 0.06), ("paraaortic", 0.12), ("mesenteric", 0.08), ("pelvic_node", 0.06),
          ("inguinal", 0.05), ("spleen", 0.03)),
@@ -150,7 +150,7 @@ COHORTS: dict[str, CohortTemplate] = {
     ),
     # Prostate bed (next to the bladder), pelvic nodes, bone.
     "psma": CohortTemplate(
-        "PSMA", "internal", (1, 8), (5.0, 25.0), (10.0, 35.0), (4.0, 40.0),
+        "PSMA", "internal", (1, 8), (5.0, 25.0), (10.0, 35.0), (4.0, 50.0),
         (("prostate_bed", 0.3), ("pelvic_node", 0.3), ("bone", 0.3), ("paraaortic", 0.1)),
         faint_fraction=0.2, necrosis_prob=0.0,
     ),
@@ -661,8 +661,19 @@ _SITES: dict[str, Callable[[_Anatomy, np.random.Generator], np.ndarray]] = {
     "limb_soft_tissue": _site_limb_soft_tissue,
     "trunk_wall": lambda a, r: _trunk_point(a, r, (0.3, 0.7), (0.6, 0.8), (-0.6, 0.6)),
 }
-# Sites whose centre must lie in a particular organ (else the draw is retried).
-_SITE_ORGAN = {"lung": "lung", "lung_medial": "lung", "liver": "liver", "spleen": "spleen"}
+# Tissue a site's lesion centre must lie in (else the draw is retried): keeps nodes out of the
+# liver, bone lesions in bone, lung lesions in the lung, and so on.
+_NODAL = ("soft_tissue", "fat", "blood_pool")
+_SITE_TISSUE: dict[str, tuple[str, ...]] = {
+    "neck_node": _NODAL, "supraclavicular": _NODAL, "axilla": _NODAL, "mediastinum": _NODAL,
+    "hilar": (*_NODAL, "lung"), "paraaortic": _NODAL, "mesenteric": (*_NODAL, "bowel"),
+    "pelvic_node": _NODAL, "inguinal": _NODAL, "spleen": ("spleen",), "liver": ("liver",),
+    "lung": ("lung",), "lung_medial": ("lung",), "subcutaneous": ("fat", "soft_tissue"),
+    "oropharynx": ("soft_tissue", "tonsil", "salivary"),
+    "skull_base": ("soft_tissue", "tonsil", "salivary"),
+    "prostate_bed": ("prostate", "soft_tissue", "fat"), "bone": ("bone", "soft_tissue"),
+    "limb_soft_tissue": ("soft_tissue", "fat", "bone"), "trunk_wall": ("soft_tissue", "fat"),
+}
 
 
 def _log_uniform(rng: np.random.Generator, lo: float, hi: float) -> float:
@@ -823,8 +834,10 @@ def make_patient(config: PhantomConfig, cohort: str, index: int) -> PhantomPatie
 
 
 def _place(grid, anat, lab, site, rng, tries: int = 30) -> np.ndarray | None:
-    """Draw a lesion centre for ``site`` that is inside the body and not inside a hot organ."""
-    organ = _SITE_ORGAN.get(site)
+    """Draw a lesion centre for ``site``: inside the body, not inside a hot organ, and in the
+    site's tissue when a draw achieves that within ``tries`` (coarse grids can make a small
+    organ miss every voxel centre); None if no draw even lands in the body."""
+    tissue = {LABELS[name] for name in _SITE_TISSUE.get(site, ())}
     fallback = None
     for _ in range(tries):
         c = _SITES[site](anat, rng)
@@ -834,7 +847,7 @@ def _place(grid, anat, lab, site, rng, tries: int = 30) -> np.ndarray | None:
         label = int(lab[v])
         if label in _FORBIDDEN_CENTRE:
             continue
-        if organ is not None and label != LABELS[organ]:
+        if tissue and label not in tissue:
             fallback = c if fallback is None else fallback
             continue
         return c

@@ -250,3 +250,15 @@ def test_cli_writes_the_test_config_study(repo_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "manifest" in out and "wrote 9 patients" in out
     assert len(read_manifest(tmp_path / "manifest.csv")) == 9
+
+
+def test_lesions_sit_in_their_site_tissue_and_outside_hot_organs(patients):
+    grid = phantoms._Grid(ALL_COHORTS.shape, ALL_COHORTS.spacing_mm)
+    hot = {LABELS[name] for name in ("brain", "bladder", "kidney", "myocardium", "outside")}
+    in_tissue = []
+    for p in patients:
+        for les in p.lesions:
+            label = int(p.labels[grid.voxel(np.array(les.center_mm))])
+            assert label not in hot, (p.patient_id, les.site)
+            in_tissue.append(label in {LABELS[n] for n in phantoms._SITE_TISSUE[les.site]})
+    assert np.mean(in_tissue) >= 0.8
