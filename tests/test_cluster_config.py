@@ -223,3 +223,8 @@ def test_every_command_is_valid_bash(config):
     for cmd in _commands(config):
         result = subprocess.run(["bash", "-n", "-c", cmd], capture_output=True, text=True)
         assert result.returncode == 0, f"{cmd}\n{result.stderr}"
+
+
+def test_head_installs_boto3_for_the_autoscaler_and_mlflow_s3():
+    # Ray's AWS defaults install boto3 in head_setup_commands; overriding them must keep it.
+    assert any(re.search(r"install .*\bboto3\b", c) for c in _load()["head_setup_commands"])
