@@ -1017,9 +1017,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     overrides = {"phantoms": {"seed": args.seed}} if args.seed is not None else None
-    config = load_config(args.config, overrides).phantoms
     start = time.perf_counter()
-    try:
+    try:  # ConfigError is a ValueError: a bad config or cohort name gets one line, not a trace
+        config = load_config(args.config, overrides).phantoms
         manifest = generate_study(args.output, config, progress=not args.no_progress,
                                   num_workers=args.workers)
     except ValueError as err:
