@@ -587,10 +587,11 @@ def _site_subcutaneous(anat, rng):
         t = rng.uniform(0.25, 0.75)
         a, b = anat.trunk(np.array(t))
         th = rng.uniform(0, 2 * np.pi)
-        f = rng.uniform(0.88, 0.96)
-        return np.array([f * a * np.cos(th), anat.y0 + f * b * np.sin(th), anat.z(t)])
+        depth = rng.uniform(10, 25)  # mm under the skin: in or just under the fat layer
+        return np.array([(a - depth) * np.cos(th), anat.y0 + (b - depth) * np.sin(th),
+                         anat.z(t)])
     th = rng.uniform(0, 2 * np.pi)
-    r = 78.0 * np.sqrt(anat.sx * anat.sy) * rng.uniform(0.8, 0.92)
+    r = 78.0 * np.sqrt(anat.sx * anat.sy) - rng.uniform(10, 25)
     return np.array([rng.choice([-1.0, 1.0]) * 85.0 * anat.sx + r * np.cos(th),
                      anat.y0 + r * np.sin(th), anat.z(rng.uniform(0.03, 0.2))])
 
@@ -808,12 +809,15 @@ def make_patient(config: PhantomConfig, cohort: str, index: int) -> PhantomPatie
             diameter = float(np.clip(_log_uniform(rng, *d_range), MIN_DIAMETER_MM,
                                      MAX_DIAMETER_MM))
             bg = _local_background(grid, act, centre, diameter)
-            faint = bool(rng.random() < template.faint_fraction)
+            # The primary is faint half as often (it is what brought the patient to the scan);
+            # a faint lesion is never also necrotic, which would make it invisible.
+            faint = bool(rng.random() < template.faint_fraction * (0.5 if k == 0 else 1.0))
             if faint:
                 suv = bg * rng.uniform(1.5, 2.0)
             else:
                 suv = max(_log_uniform(rng, *template.suv), 2.2 * bg)
-            necrotic = bool(diameter >= 30 and rng.random() < template.necrosis_prob)
+            necrotic = bool(not faint and diameter >= 30
+                            and rng.random() < template.necrosis_prob)
             lesion = Lesion(site, tuple(float(v) for v in centre), diameter, float(suv),
                             float(bg), faint, necrotic)
             lesion.mask_voxels = _paint_lesion(grid, act, mask, body, lesion, rng)
