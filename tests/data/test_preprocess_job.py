@@ -1,0 +1,206 @@
+"""The preprocessing job: layout, schema, rejects, splits, atomicity; on Ray Data and without."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from igconda.config import PreprocessConfig
+from igconda.data import build
+from igconda.data.build import PreprocessingError, process_patient, run_preprocessing
+from igconda.data.io import read_dataset_info, read_split, split_path
+from igconda.data.schema import SPLITS, UNHEALTHY, stack_images, validate_table
+from tests.data.nifti_fixtures import (
+    LPS,
+    pet_and_mask,
+    write_manifest_csv,
+    write_nifti,
+    write_patient,
+)
+
+CONFIG = PreprocessConfig(spacing_mm=(4.0, 4.0, 4.0), crop_size=(24, 24, 20), output_size=(16, 16, 12),
+                          train_fraction=0.5, valid_fraction=0.25, tune_per_cohort=1)
+
+# patient -> expected words in its reject problem
+BAD = {
+    "bad_missing": "file not found",
+    "bad_nan": "NaN/Inf",
+    "bad_shape": "does not match PET shape",
+    "bad_values": "not binary",
+    "bad_dup": "duplicate patient_id",
+    "bad_role": "unknown role",
+}
+
+
+def make_study(root: Path, bad: bool = True) -> Path:
+    """2 internal cohorts x 4, an external cohort of 2, 2 negative controls, plus bad rows."""
+    rows = []
+    for cohort, n, role in [("lymphoma", 4, "internal"), ("lung", 4, "internal"), ("sarcoma", 2, "external"),
+                            ("negative", 2, "negative_control")]:
+        for i in range(n):
+            pid = f"{cohort}{i}"
+            write_patient(root, pid, LPS, lesion=role != "negative_control", seed=i)
+            rows.append((pid, cohort, "FDG", f"images/{pid}.nii.gz", f"labels/{pid}.nii.gz", role))
+    if bad:
+        pet, mask = pet_and_mask()
+        rows.append(("bad_missing", "lung", "FDG", "images/nope.nii.gz", "", "internal"))
+        nan = pet.copy()
+        nan[1, 2, 3] = np.nan
+        write_nifti(root / "images/bad_nan.nii.gz", nan, LPS)
+        rows.append(("bad_nan", "lung", "FDG", "images/bad_nan.nii.gz", "", "internal"))
+        write_nifti(root / "images/bad_shape.nii.gz", pet, LPS)
+        write_nifti(root / "labels/bad_shape.nii.gz", mask[:-1], LPS)
+        rows.append(("bad_shape", "lung", "FDG", "images/bad_shape.nii.gz", "labels/bad_shape.nii.gz", "internal"))
+        write_nifti(root / "images/bad_values.nii.gz", pet, LPS)
+        write_nifti(root / "labels/bad_values.nii.gz", mask * 3, LPS)
+        rows.append(("bad_values", "lung", "FDG", "images/bad_values.nii.gz", "labels/bad_values.nii.gz", "internal"))
+        rows += [("bad_dup", "lung", "FDG", "images/lung0.nii.gz", "", "internal")] * 2
+        rows.append(("bad_role", "lung", "FDG", "images/lung0.nii.gz", "", "holdout"))
+    return write_manifest_csv(root / "manifest.csv", rows)
+
+
+def no_leftovers(output: Path) -> bool:
+    return not [p for p in output.parent.iterdir() if p.name.startswith(f".{output.name}.")]
+
+
+# ---- without Ray -------------------------------------------------------------------------------
+
+def test_process_patient_writes_one_file_or_reports_the_problem(tmp_path):
+    pet, mask = write_patient(tmp_path, "p1")
+    item = {"row": 2, "patient_id": "p1", "cohort": "c", "tracer": "FDG", "role": "internal",
+            "pet_path": str(pet), "mask_path": str(mask), "split": "valid"}
+    r = process_patient(item, CONFIG, tmp_path / "ds")
+    assert r["ok"] and r["slices"] == 12 and 0 < r["unhealthy"] < 12
+    table = pq.read_table(tmp_path / "ds/slices/valid/p1.parquet")
+    validate_table(table)
+    assert set(table.column("split").to_pylist()) == {"valid"}
+    r = process_patient({**item, "pet_path": str(tmp_path / "gone.nii.gz")}, CONFIG, tmp_path / "ds")
+    assert not r["ok"] and r["file"].endswith("gone.nii.gz") and "not found" in r["problem"]
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_dataset(tmp_path):
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "thesis.tex").write_text("precious")
+    with pytest.raises(PreprocessingError, match="not an igconda dataset"):
+        run_preprocessing(make_study(tmp_path / "s", bad=False), tmp_path / "home", CONFIG, progress=False)
+    assert (tmp_path / "home" / "thesis.tex").read_text() == "precious"
+
+
+def test_split_path_and_unknown_split(tmp_path):
+    assert split_path("s3://bucket/data/", "tune") == "s3://bucket/data/slices/tune"
+    with pytest.raises(ValueError, match="unknown split"):
+        split_path(tmp_path, "holdout")
+
+
+# ---- on Ray Data -------------------------------------------------------------------------------
+
+@pytest.mark.ray
+def test_job_on_synthetic_cohort_with_bad_patients(ray_session, tmp_path):
+    manifest = make_study(tmp_path / "study")
+    out = tmp_path / "data"
+    summary = run_preprocessing(manifest, out, CONFIG, progress=False)
+    assert no_leftovers(out)
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "rejects.csv", "slices", "splits.csv"]
+
+    # every bad patient is listed with its file and problem; the good ones all came out
+    rejects = list(csv.DictReader((out / "rejects.csv").open()))
+    for pid, problem in BAD.items():
+        hits = [r for r in rejects if r["patient_id"] == pid]
+        assert hits and all(problem in r["problem"] and r["file"] for r in hits), (pid, rejects)
+    assert len(summary.rejects) == len(rejects) == len(BAD) + 1  # the duplicate id twice
+    splits = pd.read_csv(out / "splits.csv")
+    assert len(splits) == 12 and splits.patient_id.is_unique
+    assert list(splits.columns) == ["patient_id", "cohort", "tracer", "role", "split"]
+
+    # split rules, and each file in the folder of its split
+    assert set(splits[splits.role == "external"].split) == {"test"}
+    assert set(splits[splits.role == "negative_control"].split) <= {"train", "valid"}
+    assert splits[splits.split == "tune"].groupby("cohort").size().to_dict() == {"lung": 1, "lymphoma": 1}
+    for row in splits.itertuples():
+        assert (out / "slices" / row.split / f"{row.patient_id}.parquet").is_file()
+    assert sum(len(list((out / "slices" / s).glob("*.parquet"))) for s in SPLITS) == 12
+
+    # schema: readable by plain pyarrow and pandas; labels follow the masks
+    for split in SPLITS:
+        table = pq.read_table(f"{out}/slices/{split}")
+        validate_table(table)
+        df = pd.read_parquet(f"{out}/slices/{split}")
+        assert len(df) == table.num_rows == 12 * len(splits[splits.split == split])
+        if len(df):
+            masks = stack_images(table.column("mask"), 16, 16, np.uint8)
+            images = stack_images(table.column("image"), 16, 16)
+            assert images.min() >= 0 and images.max() <= 1
+            np.testing.assert_array_equal(table.column("label").to_numpy() == UNHEALTHY,
+                                          masks.reshape(len(masks), -1).any(1))
+            assert set(df.split) == {split}
+    neg = read_split(out, "train", columns=["patient_id", "label"]).to_pandas()
+    assert set(neg[neg.patient_id.str.startswith("negative")].label) <= {1}
+
+    info = read_dataset_info(out)
+    assert info["patients"] == 12 and info["rejected"] == len(rejects)
+    assert sum(info["splits"][s]["patients"] for s in SPLITS) == 12
+    assert info["splits"]["test"]["cohorts"]["sarcoma"]["patients"] == 2
+    assert info["config"]["output_size"] == [16, 16, 12] and "monai" in info["versions"]
+    tot = info["splits"]["train"]
+    assert tot["label_1"] + tot["label_2"] == tot["slices"] == read_split(out, "train").num_rows
+
+
+@pytest.mark.ray
+def test_strict_and_nothing_survived_write_nothing_and_keep_the_old_dataset(ray_session, tmp_path):
+    manifest = make_study(tmp_path / "study")
+    out = tmp_path / "data"
+    with pytest.raises(PreprocessingError, match="rejected with --strict"):
+        run_preprocessing(manifest, out, CONFIG, strict=True, progress=False)
+    assert not out.exists() and no_leftovers(out)
+
+    good = run_preprocessing(make_study(tmp_path / "good", bad=False), out, CONFIG, progress=False)
+    before = (out / "dataset.json").read_text()
+    all_bad = write_manifest_csv(tmp_path / "bad.csv", [("x", "a", "FDG", "none.nii.gz", "", "internal")])
+    with pytest.raises(PreprocessingError, match="no patient survived"):
+        run_preprocessing(all_bad, out, CONFIG, progress=False)
+    assert (out / "dataset.json").read_text() == before and no_leftovers(out)
+    assert sum(good.patients.values()) == 12
+
+
+@pytest.mark.ray
+def test_a_crash_before_the_end_leaves_the_previous_dataset_intact(ray_session, tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    run_preprocessing(make_study(tmp_path / "a", bad=False), out, CONFIG, progress=False)
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(build, "_write_csv", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run_preprocessing(make_study(tmp_path / "b", bad=False), out, CONFIG, progress=False)
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert no_leftovers(out)
+
+
+@pytest.mark.ray
+def test_cli_on_the_sts_crops_manifest(ray_session, sts_crops, tmp_path, capsys):
+    from ray_jobs.preprocess import main
+
+    config = tmp_path / "small.yaml"
+    config.write_text("preprocess:\n  spacing_mm: [8.0, 8.0, 8.0]\n  crop_size: [32, 32, 48]\n"
+                      "  output_size: [16, 16, 24]\n")
+    out = tmp_path / "sts"
+    assert main(["--manifest", str(sts_crops / "manifest.csv"), "--output", str(out),
+                 "--config", str(config), "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["rejected"] == 0 and sum(printed["patients"].values()) == 35
+    splits = pd.read_csv(out / "splits.csv")
+    assert splits.split.value_counts().to_dict() == {"train": 21, "test": 9, "valid": 4, "tune": 2} or \
+        splits.split.value_counts().sum() == 35
+    assert (splits.split == "tune").sum() == 2
+    test = read_split(out, "test")
+    validate_table(test)
+    assert (test.column("label").to_numpy() == UNHEALTHY).any()  # the sarcomas are there
+    assert main(["--manifest", str(tmp_path / "none.csv"), "--output", str(out)]) == 2
