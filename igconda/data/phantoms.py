@@ -342,7 +342,8 @@ def _draw_anatomy(grid: _Grid, rng: np.random.Generator) -> _Anatomy:
     so, sz = anat.so, anat.sz
 
     def organ(name: str, t: float, x: float, y: float, radii: tuple[float, float, float]):
-        c = np.array([x * so, anat.y0 + y * so, anat.z(t)])
+        # In-plane position jitter (~4 mm): healthy anatomy differs between patients.
+        c = np.array([x * so + rng.normal(0, 4), anat.y0 + y * so + rng.normal(0, 4), anat.z(t)])
         r = np.array([radii[0] * so * j(), radii[1] * so * j(), radii[2] * sz * j()])
         anat.organs[name] = (c, r)
 
@@ -965,7 +966,10 @@ def generate_study(output_dir: str | Path, config: PhantomConfig, *, progress: b
         <output_dir>/manifest.csv                        written last
 
     Every file is written to a ``.tmp`` sibling and renamed, so an interrupted run never leaves
-    a half-written NIfTI and a manifest exists only once every volume it lists does.
+    a half-written NIfTI; an existing ``manifest.csv`` is removed before the first volume is
+    written and the new one is written last, so a manifest exists only once every volume it
+    lists does. Volumes of an earlier, larger study in the same folder are left in place but
+    are not listed.
 
     Args:
         output_dir: created if missing.
@@ -983,6 +987,10 @@ def generate_study(output_dir: str | Path, config: PhantomConfig, *, progress: b
     plan = _plan(config)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "manifest.csv"
+    # A manifest marks a complete study: drop an old one first, so that a re-run that fails
+    # half-way cannot leave an old manifest over a mix of old and new volumes.
+    manifest.unlink(missing_ok=True)
     jobs = [(config, cohort, i, str(out)) for cohort, i in plan]
     rows: list[dict] = []
     lesion_rows: list[dict] = []
@@ -1003,7 +1011,6 @@ def generate_study(output_dir: str | Path, config: PhantomConfig, *, progress: b
     finally:
         bar.close()
     _write_csv(out / "lesions.csv", LESION_COLUMNS, lesion_rows)
-    manifest = out / "manifest.csv"
     _write_csv(manifest, MANIFEST_COLUMNS, rows)
     return manifest
 

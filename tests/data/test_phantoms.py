@@ -189,16 +189,16 @@ def test_tracer_physiology():
 
     # A hot cortex around cooler white matter: mean well above liver, peak far above it.
     assert organ_mean(fdg, "brain") > 1.5 * organ_mean(fdg, "liver")
-    assert fdg.pet[fdg.labels == LABELS["brain"]].max() > 2.5 * organ_mean(fdg, "liver")
+    assert fdg.pet[fdg.labels == LABELS["brain"]].max() > 2 * organ_mean(fdg, "liver")
     assert 1.5 < organ_mean(fdg, "liver") < 3.5
     assert organ_mean(fdg, "bladder") > organ_mean(fdg, "liver")
     assert organ_mean(psma, "brain") < 0.5
     assert organ_mean(psma, "kidney") > 3 * organ_mean(psma, "liver")
-    # Salivary glands are small (a few voxels): compare their peaks, which PSMA makes very hot.
-    def salivary_peak(p):
-        return float(p.pet[ndimage.binary_dilation(p.labels == LABELS["salivary"])].max())
+    # Salivary glands are small (a few voxels, no eroded core): compare plain means.
+    def salivary_mean(p):
+        return float(p.pet[p.labels == LABELS["salivary"]].mean())
 
-    assert salivary_peak(psma) > 2 * salivary_peak(fdg)
+    assert salivary_mean(psma) > 2 * salivary_mean(fdg)
 
 
 @pytest.mark.parametrize(("shape", "spacing"), [((16, 16, 20), (24.0, 24.0, 24.0)),
@@ -234,6 +234,7 @@ def test_interrupted_run_leaves_no_manifest_and_no_partial_files(tmp_path, monke
 
     monkeypatch.setattr(phantoms, "make_patient", flaky)
     config = dataclasses.replace(ALL_COHORTS, cohorts={"lung": 3}, negative_controls=0)
+    (tmp_path / "manifest.csv").write_text("patient_id\nfrom_an_earlier_run\n")
     with pytest.raises(RuntimeError, match="disk full"):
         generate_study(tmp_path, config, progress=False)
     assert not (tmp_path / "manifest.csv").exists()
