@@ -801,18 +801,25 @@ def make_patient(config: PhantomConfig, cohort: str, index: int) -> PhantomPatie
         n = int(rng.integers(template.n_lesions[0], template.n_lesions[1] + 1))
         names = [s for s, _ in template.sites]
         weights = np.array([w for _, w in template.sites], dtype=np.float64)
-        for k in range(n):
-            site = names[0] if k == 0 else str(rng.choice(names, p=weights / weights.sum()))
+        # A lesion cohort's patient always has a lesion: if every draw missed the body (only
+        # conceivable on tiny grids), keep drawing, ending with a site that cannot miss.
+        k = 0
+        while k < n or (not lesions and k < n + 5):
+            if k < n:
+                site = names[0] if k == 0 else str(rng.choice(names, p=weights / weights.sum()))
+            else:
+                site = "trunk_wall"
+            k += 1
             centre = _place(grid, anat, lab, site, rng)
             if centre is None:
                 continue
-            d_range = template.primary_diameter_mm if k == 0 else template.diameter_mm
+            d_range = template.primary_diameter_mm if k == 1 else template.diameter_mm
             diameter = float(np.clip(_log_uniform(rng, *d_range), MIN_DIAMETER_MM,
                                      MAX_DIAMETER_MM))
             bg = _local_background(grid, act, centre, diameter)
             # The primary is faint half as often (it is what brought the patient to the scan);
             # a faint lesion is never also necrotic, which would make it invisible.
-            faint = bool(rng.random() < template.faint_fraction * (0.5 if k == 0 else 1.0))
+            faint = bool(rng.random() < template.faint_fraction * (0.5 if k == 1 else 1.0))
             if faint:
                 suv = bg * rng.uniform(1.5, 2.0)
             else:
