@@ -1,0 +1,663 @@
+"""Figures, tables and the one-page HTML report of a study.
+
+Figures follow the paper: :func:`qualitative_figure` (Fig. 2/3: PET, ground truth, healthy
+counterfactual, anomaly map, binarised map), :func:`lesion_size_figure` (Fig. 4/6: ⌈DSC⌉ against
+lesion size), :func:`heatmap_figure` (Fig. 5: mean ⌈DSC⌉ over D × w) and
+:func:`training_curves_figure`. :func:`write_html_report` puts tables, figures, the configuration
+and the software versions into ONE self-contained HTML file (figures embedded as base64 PNG, no
+external resources), so it can be mailed, archived as an MLflow artifact or opened offline.
+:func:`build_study_report` gathers what the pipeline's stages wrote into that page.
+
+Matplotlib runs on the Agg backend (no display needed); every function returns the ``Figure``
+and leaves closing it to the caller.
+
+Slices are drawn in the radiological convention: a preprocessed slice is (H = X, W = Y) in RAS+
+(see :mod:`igconda.data.schema`), shown with the patient's anterior at the top and the patient's
+right on the viewer's left.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import os
+import platform
+import tempfile
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: report generation runs on servers and Ray workers
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+
+#: Display names of the per-slice metric columns.
+METRIC_TITLES = {
+    "dsc_max": "⌈DSC⌉",
+    "hd95": "HD95 (px)",
+    "auprc": "AUPRC",
+    "sensitivity": "Detection sensitivity",
+}
+
+#: Methods in the order the tables show them; others follow alphabetically.
+METHOD_ORDER = ("IgCONDA", "igconda", "41% SUVmax", "threshold_41", "raw intensity", "raw_intensity")
+
+#: Packages whose versions the report records.
+VERSION_PACKAGES = ("torch", "monai", "ray", "mlflow", "numpy", "igconda")
+
+_ROW_TITLES = ("PET", "Ground truth", "Counterfactual", "Anomaly map", "Binarised map")
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def display_slice(image: np.ndarray) -> np.ndarray:
+    """(H = X, W = Y) RAS slice → array for ``imshow`` in the radiological convention.
+
+    Row 0 is the most anterior (largest Y), column 0 the patient's right (largest X).
+    """
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2D slice, got shape {image.shape}")
+    return image[::-1, ::-1].T
+
+
+def _as_stack(name: str, values: Any) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim == 4 and array.shape[1] == 1:  # (N, 1, H, W) tensors
+        array = array[:, 0]
+    if array.ndim != 3:
+        raise ValueError(f"{name} must be (N, H, W), got shape {array.shape}")
+    return array
+
+
+def qualitative_figure(
+    images: Any,
+    masks: Any,
+    counterfactuals: Any,
+    maps: Any,
+    binarised: Any,
+    titles: Sequence[str] | None = None,
+) -> Figure:
+    """The paper's Fig. 2/3: one column per example slice, one row per stage of the method.
+
+    Rows: PET, ground-truth mask, healthy counterfactual, anomaly map, binarised map (at the
+    slice's τ*). PET and counterfactual share one grey scale per column, so removed lesions show
+    as a difference; anomaly maps share one ``inferno`` scale over [0, max].
+
+    Args:
+        images: (N, H, W) PET slices in [0, 1].
+        masks: (N, H, W) ground-truth masks.
+        counterfactuals: (N, H, W) healthy counterfactuals x̂.
+        maps: (N, H, W) anomaly maps.
+        binarised: (N, H, W) thresholded maps.
+        titles: N column titles (e.g. ``"lymphoma p012 z40 ⌈DSC⌉ 0.71"``).
+
+    Returns:
+        The figure.
+    """
+    stacks = [_as_stack(n, v) for n, v in zip(
+        ("images", "masks", "counterfactuals", "maps", "binarised"),
+        (images, masks, counterfactuals, maps, binarised), strict=True)]
+    n = stacks[0].shape[0]
+    if n == 0:
+        raise ValueError("qualitative_figure needs at least one slice")
+    for name, stack in zip(("masks", "counterfactuals", "maps", "binarised"), stacks[1:], strict=True):
+        if stack.shape != stacks[0].shape:
+            raise ValueError(f"{name} has shape {stack.shape}, images {stacks[0].shape}")
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"{len(titles)} titles for {n} slices")
+    map_max = max(float(np.nanmax(stacks[3])), 1e-6)
+    fig, axes = plt.subplots(5, n, figsize=(1.7 * n + 1.0, 1.7 * 5 + 0.6), squeeze=False,
+                             layout="constrained")
+    for col in range(n):
+        vmax = max(float(stacks[0][col].max()), float(stacks[2][col].max()), 1e-6)
+        panels = [
+            (stacks[0][col], "gray_r", 0.0, vmax),
+            (stacks[1][col], "gray", 0.0, 1.0),
+            (stacks[2][col], "gray_r", 0.0, vmax),
+            (stacks[3][col], "inferno", 0.0, map_max),
+            (stacks[4][col], "gray", 0.0, 1.0),
+        ]
+        for row, (data, cmap, lo, hi) in enumerate(panels):
+            ax = axes[row, col]
+            image = ax.imshow(display_slice(data), cmap=cmap, vmin=lo, vmax=hi,
+                              interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(_ROW_TITLES[row], fontsize=9)
+            if row == 0 and titles is not None:
+                ax.set_title(titles[col], fontsize=8)
+            if row == 3 and col == n - 1:
+                fig.colorbar(image, ax=axes[3, :].tolist(), fraction=0.04, pad=0.02,
+                             label="|x − x̂|")
+    fig.suptitle("Healthy counterfactuals and anomaly maps", fontsize=11)
+    return fig
+
+
+def lesion_size_figure(
+    per_slice: pd.DataFrame,
+    *,
+    pixel_area_mm2: float | None = None,
+    num_bins: int = 6,
+) -> Figure:
+    """The paper's Fig. 4/6: ⌈DSC⌉ of each unhealthy slice against its lesion size.
+
+    One panel per cohort, one colour per method; points are slices, lines the mean ⌈DSC⌉ in
+    log-spaced size bins (shared across panels), so the small-lesion weakness of a method shows.
+
+    Args:
+        per_slice: columns ``method``, ``cohort``, ``lesion_pixels``, ``dsc_max``; rows without
+            lesion pixels or without a ⌈DSC⌉ are left out.
+        pixel_area_mm2: area of one slice pixel; when given the x axis is in mm², else pixels.
+        num_bins: size bins for the mean lines.
+
+    Returns:
+        The figure (a single "no data" panel when nothing is left to plot).
+    """
+    required = {"method", "cohort", "lesion_pixels", "dsc_max"}
+    missing = required - set(per_slice.columns)
+    if missing:
+        raise ValueError(f"per_slice lacks columns {sorted(missing)}")
+    frame = per_slice[(per_slice["lesion_pixels"] > 0) & per_slice["dsc_max"].notna()].copy()
+    scale = float(pixel_area_mm2) if pixel_area_mm2 else 1.0
+    frame["size"] = frame["lesion_pixels"].astype(float) * scale
+    unit = "mm²" if pixel_area_mm2 else "pixels"
+    cohorts = sorted(frame["cohort"].astype(str).unique())
+    if not cohorts:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.text(0.5, 0.5, "no unhealthy slices to plot", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    methods = _ordered_methods(frame["method"].astype(str).unique())
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    lo, hi = frame["size"].min(), frame["size"].max()
+    edges = np.geomspace(lo, hi * 1.0001, num_bins + 1) if hi > lo else np.array([lo, lo + 1.0])
+    ncols = min(3, len(cohorts))
+    nrows = int(np.ceil(len(cohorts) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False,
+                             sharey=True)
+    for ax, cohort in zip(axes.ravel(), cohorts, strict=False):
+        sub = frame[frame["cohort"].astype(str) == cohort]
+        for method in methods:
+            rows = sub[sub["method"].astype(str) == method]
+            if rows.empty:
+                continue
+            ax.scatter(rows["size"], rows["dsc_max"], s=10, alpha=0.35, color=colours[method],
+                       edgecolors="none")
+            which = np.clip(np.digitize(rows["size"], edges) - 1, 0, len(edges) - 2)
+            centres, means = [], []
+            for b in range(len(edges) - 1):
+                in_bin = rows["dsc_max"].to_numpy()[which == b]
+                if in_bin.size:
+                    centres.append(np.sqrt(edges[b] * edges[b + 1]))
+                    means.append(float(in_bin.mean()))
+            ax.plot(centres, means, "-o", ms=3, color=colours[method], label=method)
+        ax.set_xscale("log")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(cohort, fontsize=10)
+        ax.set_xlabel(f"lesion size per slice ({unit})")
+        ax.grid(alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("⌈DSC⌉")
+    for ax in axes.ravel()[len(cohorts):]:
+        ax.set_axis_off()
+    axes.ravel()[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("⌈DSC⌉ against lesion size (points: slices; lines: binned means)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_figure(grid: pd.DataFrame, metric: str = "mean_dsc") -> Figure:
+    """The paper's Fig. 5: mean ⌈DSC⌉ on the tuning set over noise level D × guidance scale w.
+
+    Args:
+        grid: one row per evaluated pair with columns ``noise_level``, ``guidance_scale`` and
+            ``metric``; pairs not evaluated (random search) are left blank.
+        metric: the column to show.
+
+    Returns:
+        The figure; each cell is annotated and the best cell is outlined.
+    """
+    missing = {"noise_level", "guidance_scale", metric} - set(grid.columns)
+    if missing:
+        raise ValueError(f"grid lacks columns {sorted(missing)}")
+    if grid.empty:
+        raise ValueError("grid is empty")
+    table = grid.pivot_table(index="noise_level", columns="guidance_scale", values=metric,
+                             aggfunc="first").sort_index().sort_index(axis=1)
+    values = table.to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(1.0 * values.shape[1] + 2.6, 0.7 * values.shape[0] + 1.8))
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(values.shape[1]), [f"{w:g}" for w in table.columns])
+    ax.set_yticks(range(values.shape[0]), [str(d) for d in table.index])
+    ax.set_xlabel("guidance scale w")
+    ax.set_ylabel("noise level D")
+    finite = np.isfinite(values)
+    if finite.any():
+        mid = np.nanmin(values) + 0.5 * (np.nanmax(values) - np.nanmin(values))
+        for (r, c), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(c, r, f"{v:.3f}", ha="center", va="center", fontsize=8,
+                        color="black" if v > mid else "white")
+        r, c = np.unravel_index(np.nanargmax(np.where(finite, values, -np.inf)), values.shape)
+        ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+        ax.set_title(f"mean ⌈DSC⌉ (best D={table.index[r]}, w={table.columns[c]:g}: "
+                     f"{values[r, c]:.3f})", fontsize=10)
+    fig.colorbar(image, ax=ax, label="mean ⌈DSC⌉" if metric == "mean_dsc" else metric)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves_figure(history: pd.DataFrame) -> Figure:
+    """Training and validation loss per epoch (log scale).
+
+    Args:
+        history: columns ``epoch``, ``train_loss`` and optionally ``valid_loss`` (NaN on epochs
+            without validation). The epoch of lowest validation loss is marked.
+
+    Returns:
+        The figure.
+    """
+    if "epoch" not in history.columns or "train_loss" not in history.columns:
+        raise ValueError(f"history needs epoch and train_loss columns, has {list(history.columns)}")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(history["epoch"], history["train_loss"], "-", label="train loss")
+    if "valid_loss" in history.columns and history["valid_loss"].notna().any():
+        valid = history[history["valid_loss"].notna()]
+        ax.plot(valid["epoch"], valid["valid_loss"], "-o", ms=3, label="validation loss")
+        best = valid.loc[valid["valid_loss"].idxmin()]
+        ax.axvline(best["epoch"], color="grey", ls="--", lw=1)
+        ax.annotate(f"best epoch {int(best['epoch'])}", (best["epoch"], best["valid_loss"]),
+                    textcoords="offset points", xytext=(5, 10), fontsize=8)
+    positive = history["train_loss"].dropna()
+    if len(positive) and (positive > 0).all():
+        ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("ε-MSE")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Training curves")
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def _ordered_methods(methods: Any) -> list[str]:
+    methods = [str(m) for m in methods]
+    known = [m for m in METHOD_ORDER if m in methods]
+    return known + sorted(m for m in methods if m not in known)
+
+
+def methods_table(per_slice: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
+    """Per-cohort ``mean ± std`` of the four metrics, every method side by side.
+
+    Uses :func:`igconda.metrics.summarize` per method (unhealthy slices only; rows ``internal
+    (all)`` / ``external (all)`` when a ``role`` column exists). Detection sensitivity is the
+    pooled lesion-level value (detected / lesions).
+
+    Args:
+        per_slice: one row per slice and method with ``method``, ``cohort`` and the metric
+            columns of :func:`igconda.metrics.score_batch`.
+        digits: decimals shown.
+
+    Returns:
+        A DataFrame indexed by cohort with (metric, method) column pairs of formatted strings.
+    """
+    from igconda.metrics import summarize
+
+    if "method" not in per_slice.columns:
+        raise ValueError("per_slice needs a 'method' column")
+    metrics = [m for m in ("dsc_max", "hd95", "auprc") if m in per_slice.columns]
+    pieces = {}
+    for method in _ordered_methods(per_slice["method"].unique()):
+        rows = per_slice[per_slice["method"].astype(str) == method]
+        pieces[method] = summarize(rows, by=("cohort",), metrics=metrics)
+    groups = list(dict.fromkeys(g for s in pieces.values() for g in s.index))
+    columns: dict[tuple[str, str], list[str]] = {}
+    for metric in [*metrics, "sensitivity"]:
+        for method, summary in pieces.items():
+            cells = []
+            for group in groups:
+                if group not in summary.index:
+                    cells.append("–")
+                    continue
+                row = summary.loc[group]
+                if metric == "sensitivity":
+                    value = row.get("sensitivity_pooled", np.nan)
+                    cells.append("–" if pd.isna(value) else
+                                 f"{value:.{digits}f} ({int(row['n_detected'])}/{int(row['n_lesions'])})")
+                else:
+                    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+                    cells.append("–" if pd.isna(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")
+            columns[(METRIC_TITLES.get(metric, metric), method)] = cells
+    table = pd.DataFrame(columns, index=pd.Index(groups, name="cohort"))
+    table.columns = pd.MultiIndex.from_tuples(table.columns, names=["metric", "method"])
+    first = next(iter(pieces.values()))
+    table.insert(0, ("slices", ""), [int(first.loc[g, "n_slices"]) if g in first.index else 0
+                                     for g in groups])
+    return table
+
+
+# --------------------------------------------------------------------------------------------
+# The HTML page
+# --------------------------------------------------------------------------------------------
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python and the packages the results depend on ("not installed" if absent)."""
+    versions = {"python": platform.python_version()}
+    for name in VERSION_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _figure_png(figure: Any) -> bytes:
+    if isinstance(figure, Figure):
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+        return buffer.getvalue()
+    path = Path(figure)
+    if not path.is_file():
+        raise FileNotFoundError(f"figure file not found: {path}")
+    return path.read_bytes()
+
+
+_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
+         ".gif": "image/gif"}
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
+       max-width: 1200px; color: #222; padding: 0 1em; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
+h2 { margin-top: 1.8em; border-bottom: 1px solid #bbb; }
+table { border-collapse: collapse; margin: .8em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #eef; }
+tbody tr:nth-child(even) { background: #f7f7f7; }
+pre { background: #f4f4f4; padding: .8em; overflow-x: auto; font-size: 12px; }
+img { max-width: 100%; border: 1px solid #ddd; }
+.notes { background: #fff8e1; border-left: 4px solid #f0b400; padding: .5em 1em; }
+nav ul { columns: 2; }
+figure { margin: 1em 0; }
+figcaption { font-size: 13px; color: #555; }
+"""
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "section"
+
+
+def write_html_report(
+    path: str | Path,
+    *,
+    title: str,
+    tables: Mapping[str, pd.DataFrame],
+    figures: Mapping[str, Figure | str | Path],
+    config: Mapping[str, Any],
+    versions: Mapping[str, str],
+    notes: Sequence[str] = (),
+) -> Path:
+    """Write one self-contained HTML page: notes, tables, figures, configuration, versions.
+
+    Nothing is linked: figures are embedded as base64 data URIs (matplotlib figures are
+    rendered to PNG; paths are read and embedded), tables are HTML, the configuration is YAML in
+    a ``<pre>`` block. All text is HTML-escaped. The file is written to a temporary name beside
+    ``path`` and renamed, so a reader never sees a half-written page.
+
+    Args:
+        path: the ``.html`` file to write (parent folders are created).
+        title: page title.
+        tables: section title → DataFrame (MultiIndex columns are kept).
+        figures: section title → matplotlib Figure or image file (PNG, JPEG, SVG).
+        config: the configuration to show (e.g. ``StudyConfig.to_dict()``).
+        versions: software name → version (see :func:`software_versions`).
+        notes: remarks shown at the top (missing stages, caveats).
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    esc = html.escape
+    sections: list[tuple[str, str]] = []
+    for name, frame in tables.items():
+        # A plain 0..n-1 row index says nothing; named indexes (cohorts) are kept.
+        show_index = not isinstance(frame.index, pd.RangeIndex) or frame.index.name is not None
+        body = frame.to_html(na_rep="–", escape=True, border=0, index=show_index,
+                             float_format=lambda v: f"{v:.4g}")
+        sections.append((f"Table: {name}", f'<div class="table">{body}</div>'))
+    for name, figure in figures.items():
+        suffix = ".png" if isinstance(figure, Figure) else Path(figure).suffix.lower()
+        mime = _MIME.get(suffix, "image/png")
+        data = base64.b64encode(_figure_png(figure)).decode("ascii")
+        sections.append((f"Figure: {name}", f'<figure><img alt="{esc(name)}" '
+                                            f'src="data:{mime};base64,{data}">'
+                                            f"<figcaption>{esc(name)}</figcaption></figure>"))
+    config_text = yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)), sort_keys=False)
+    sections.append(("Configuration", f"<pre>{esc(config_text)}</pre>"))
+    version_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
+                           for k, v in versions.items())
+    sections.append(("Software versions", f"<table>{version_rows}</table>"))
+
+    created = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{esc(title)}</h1>", f"<p>Generated {esc(created)} by igconda.report.</p>",
+    ]
+    if notes:
+        items = "".join(f"<li>{esc(str(n))}</li>" for n in notes)
+        parts.append(f'<div class="notes" id="notes"><strong>Notes</strong><ul>{items}</ul></div>')
+    slugs = [f"s{i}-{_slug(name)}" for i, (name, _) in enumerate(sections)]
+    toc = "".join(f'<li><a href="#{s}">{esc(name)}</a></li>' for s, (name, _) in zip(slugs, sections, strict=True))
+    parts.append(f"<nav><h2>Contents</h2><ul>{toc}</ul></nav>")
+    for slug, (name, body) in zip(slugs, sections, strict=True):
+        parts.append(f'<section id="{slug}"><h2>{esc(name)}</h2>{body}</section>')
+    parts.append("</body></html>")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write("\n".join(parts))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Gathering a study folder
+# --------------------------------------------------------------------------------------------
+
+#: Per-slice columns the report reads (maps are read only for the few qualitative examples).
+_PER_SLICE_COLUMNS = ("method", "patient_id", "cohort", "role", "slice_index", "label",
+                      "lesion_pixels", "dsc_max", "tau_star", "hd95", "auprc", "n_lesions",
+                      "n_detected", "sensitivity")
+_QUALITATIVE_COLUMNS = ("image", "mask", "counterfactual", "anomaly_map")
+
+
+def _read_parquet_columns(path: Path, wanted: Sequence[str]) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path if path.is_file() else next(path.rglob("*.parquet"))).names
+    return pq.read_table(path, columns=[c for c in wanted if c in names]).to_pandas()
+
+
+def _find_per_slice(infer_dir: Path) -> Path | None:
+    """The inference stage's per-slice Parquet: a file or a folder of files."""
+    for candidate in ("per_slice.parquet", "per_slice", "slices.parquet", "slices"):
+        path = infer_dir / candidate
+        if path.is_file() or (path.is_dir() and any(path.rglob("*.parquet"))):
+            return path
+    files = sorted(infer_dir.glob("*.parquet"))
+    return files[0] if files else None
+
+
+def _qualitative_from_per_slice(path: Path, per_slice: pd.DataFrame, count: int = 6) -> Figure | None:
+    """Fig. 2/3 from the stored maps of the best-scoring IgCONDA slices at spread-out sizes."""
+    import pyarrow.parquet as pq
+
+    from igconda.data.schema import stack_images
+
+    schema_names = pq.read_schema(path if path.is_file() else next(path.rglob("*.parquet"))).names
+    if not set(_QUALITATIVE_COLUMNS) | {"height", "width", "tau_star"} <= set(schema_names):
+        return None
+    table = pq.read_table(path, columns=[*_QUALITATIVE_COLUMNS, "height", "width", "tau_star",
+                                         "dsc_max", "cohort", "patient_id", "slice_index",
+                                         "lesion_pixels", *(["method"] if "method" in schema_names else [])])
+    frame = table.to_pandas()
+    keep = frame["lesion_pixels"] > 0
+    if "method" in frame:
+        keep &= frame["method"].astype(str).str.lower().isin(("igconda", "igconda-pet"))
+    frame = frame[keep & frame["dsc_max"].notna()]
+    if frame.empty:
+        return None
+    # Spread over lesion size so the figure shows small and large lesions alike.
+    frame = frame.sort_values("lesion_pixels").reset_index(drop=True)
+    picks = np.unique(np.linspace(0, len(frame) - 1, min(count, len(frame))).round().astype(int))
+    frame = frame.iloc[picks]
+    h, w = int(frame["height"].iloc[0]), int(frame["width"].iloc[0])
+    images = stack_images(frame["image"], h, w)
+    maps = stack_images(frame["anomaly_map"], h, w)
+    binarised = (maps >= frame["tau_star"].to_numpy()[:, None, None]).astype(np.uint8)
+    titles = [f"{r.cohort} {r.patient_id} z{r.slice_index}\n⌈DSC⌉ {r.dsc_max:.2f}"
+              for r in frame.itertuples()]
+    return qualitative_figure(images, stack_images(frame["mask"], h, w, np.uint8),
+                              stack_images(frame["counterfactual"], h, w), maps, binarised, titles)
+
+
+def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
+    """Gather a study folder's stage outputs into the HTML report.
+
+    Reads, when present (a missing part becomes a visible note, never an error):
+
+    - ``config.yaml`` (or the best checkpoint's ``train/best/config.yaml``);
+    - ``train/history.csv`` (epoch, train_loss, valid_loss) → training curves;
+    - ``tune/grid.csv`` and ``tune/best.json`` → the D × w heatmap and tables;
+    - ``infer/tables/methods.csv`` → shown as written by the inference stage;
+    - the inference stage's per-slice Parquet (``infer/per_slice[.parquet]``, ``infer/slices``)
+      → the per-cohort table of every method side by side, the lesion-size figure and, when the
+      maps are stored, the qualitative figure;
+    - PNG figures the stages saved under ``infer/figures/``.
+
+    Args:
+        study_dir: the pipeline's ``--output`` folder.
+        output_html: where to write the page.
+
+    Returns:
+        The path of the written HTML file.
+    """
+    study = Path(study_dir)
+    notes: list[str] = []
+    tables: dict[str, pd.DataFrame] = {}
+    figures: dict[str, Any] = {}
+    owned: list[Figure] = []
+
+    config: dict[str, Any] = {}
+    for candidate in (study / "config.yaml", study / "train" / "best" / "config.yaml"):
+        if candidate.is_file():
+            config = yaml.safe_load(candidate.read_text()) or {}
+            break
+    else:
+        notes.append("No configuration found (config.yaml or train/best/config.yaml).")
+
+    per_slice_path = _find_per_slice(study / "infer") if (study / "infer").is_dir() else None
+    per_slice = None
+    if per_slice_path is not None:
+        per_slice = _read_parquet_columns(per_slice_path, _PER_SLICE_COLUMNS)
+        if "method" not in per_slice.columns:
+            per_slice["method"] = "IgCONDA"
+        baselines = study / "infer" / "baselines"
+        for extra in sorted(baselines.glob("*.parquet")) if baselines.is_dir() else []:
+            more = _read_parquet_columns(extra, _PER_SLICE_COLUMNS)
+            if "method" not in more.columns:
+                more["method"] = extra.stem
+            per_slice = pd.concat([per_slice, more], ignore_index=True)
+        try:
+            tables["Per-cohort results, every method (mean ± std over unhealthy slices)"] = \
+                methods_table(per_slice)
+        except ValueError as err:
+            notes.append(f"Per-cohort table not built: {err}")
+    methods_csv = study / "infer" / "tables" / "methods.csv"
+    if methods_csv.is_file():
+        tables["Inference summary (infer/tables/methods.csv)"] = pd.read_csv(methods_csv)
+    elif per_slice is None:
+        notes.append("No inference results (infer/tables/methods.csv or per-slice Parquet): "
+                     "the per-cohort tables and lesion-size analysis are missing.")
+
+    grid_csv, best_json = study / "tune" / "grid.csv", study / "tune" / "best.json"
+    if grid_csv.is_file():
+        grid = pd.read_csv(grid_csv)
+        fig = heatmap_figure(grid)
+        owned.append(fig)
+        figures["Tuning: mean ⌈DSC⌉ over noise level D × guidance scale w (paper Fig. 5)"] = fig
+        tables["Tuning grid (tune/grid.csv)"] = grid
+    else:
+        notes.append("No tuning grid (tune/grid.csv): tuning was skipped or has not run; "
+                     "inference used the config's D and w.")
+    if best_json.is_file():
+        best = json.loads(best_json.read_text())
+        tables["Chosen (D, w) (tune/best.json)"] = pd.DataFrame(
+            [{k: v for k, v in best.items() if not isinstance(v, (dict, list))}])
+
+    history_csv = study / "train" / "history.csv"
+    if history_csv.is_file():
+        fig = training_curves_figure(pd.read_csv(history_csv))
+        owned.append(fig)
+        figures["Training curves"] = fig
+    else:
+        notes.append("No training history (train/history.csv).")
+
+    if per_slice is not None:
+        fig = lesion_size_figure(per_slice)
+        owned.append(fig)
+        figures["⌈DSC⌉ against lesion size (paper Fig. 4/6)"] = fig
+        try:
+            qualitative = _qualitative_from_per_slice(per_slice_path, per_slice)
+        except (ValueError, KeyError, OSError) as err:
+            qualitative = None
+            notes.append(f"Qualitative figure not built from the per-slice maps: {err}")
+        if qualitative is not None:
+            owned.append(qualitative)
+            figures["Qualitative examples (paper Fig. 2/3)"] = qualitative
+    figure_dir = study / "infer" / "figures"
+    if figure_dir.is_dir():
+        for png in sorted(figure_dir.glob("*.png")):
+            figures[f"{png.stem} (infer/figures)"] = png
+    if not any("Qualitative" in k or "qualitative" in k for k in figures):
+        notes.append("No qualitative figure (needs maps in the per-slice Parquet or "
+                     "infer/figures/*.png).")
+
+    try:
+        return write_html_report(
+            output_html, title=f"IgCONDA-PET study report — {study.resolve().name}",
+            tables=tables, figures=figures, config=config, versions=software_versions(),
+            notes=notes,
+        )
+    finally:
+        for fig in owned:
+            plt.close(fig)

@@ -1,0 +1,261 @@
+"""The report: figures, the side-by-side methods table, the self-contained HTML page, and that
+the page renders in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from igconda import report
+
+METHODS = ("IgCONDA", "41% SUVmax", "raw intensity")
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def _per_slice(rng: np.random.Generator, n: int = 12) -> pd.DataFrame:
+    rows = []
+    for method_index, method in enumerate(METHODS):
+        for cohort, role in (("lymphoma", "internal"), ("lung", "internal"), ("sarcoma_ext", "external")):
+            for i in range(n):
+                lesions = int(rng.integers(1, 3))
+                rows.append({
+                    "method": method, "cohort": cohort, "role": role, "patient_id": f"{cohort}{i % 3}",
+                    "slice_index": i, "lesion_pixels": int(rng.integers(2, 200)),
+                    "dsc_max": float(np.clip(0.7 - 0.25 * method_index + rng.normal(0, 0.1), 0, 1)),
+                    "tau_star": 0.3, "hd95": float(rng.uniform(1, 10)), "auprc": float(rng.uniform(0, 1)),
+                    "n_lesions": lesions, "n_detected": int(rng.integers(0, lesions + 1)),
+                })
+    return pd.DataFrame(rows)
+
+
+def _grid() -> pd.DataFrame:
+    rows = [{"noise_level": d, "guidance_scale": w, "stride": 10,
+             "mean_dsc": 0.5 - abs(d - 400) / 1000 - abs(w - 3) / 20, "mean_auprc": 0.4}
+            for d in (200, 400, 600) for w in (1.0, 3.0, 5.0)]
+    return pd.DataFrame(rows)
+
+
+def _slices(n: int = 3, size: int = 16):
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (n, size, size)).astype(np.float32)
+    masks = np.zeros((n, size, size), np.uint8)
+    masks[:, 4:8, 5:9] = 1
+    cf = images * 0.8
+    maps = np.abs(images - cf)
+    return images, masks, cf, maps, (maps > 0.1).astype(np.uint8)
+
+
+# ------------------------------------------------------------------ figures
+
+
+def test_qualitative_figure_has_five_rows_per_slice():
+    fig = report.qualitative_figure(*_slices(3), titles=["a", "b", "c"])
+    images = [ax for ax in fig.axes if ax.images]
+    assert len(images) == 15
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    assert labels == ["PET", "Ground truth", "Counterfactual", "Anomaly map", "Binarised map"]
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "c"]
+
+
+def test_qualitative_figure_rejects_mismatched_inputs():
+    images, masks, cf, maps, binarised = _slices(3)
+    with pytest.raises(ValueError, match="masks"):
+        report.qualitative_figure(images, masks[:2], cf, maps, binarised)
+    with pytest.raises(ValueError, match="titles"):
+        report.qualitative_figure(images, masks, cf, maps, binarised, titles=["x"])
+
+
+def test_display_slice_is_radiological():
+    image = np.zeros((4, 5))
+    image[3, 4] = 1  # largest X (RAS+: most to the patient's right), largest Y (most anterior)
+    shown = report.display_slice(image)
+    assert shown.shape == (5, 4)
+    assert shown[0, 0] == 1  # anterior at the top, the patient's right on the viewer's left
+
+
+def test_lesion_size_figure_one_panel_per_cohort_one_line_per_method():
+    fig = report.lesion_size_figure(_per_slice(np.random.default_rng(0)), pixel_area_mm2=4.0)
+    panels = [ax for ax in fig.axes if ax.collections]
+    assert sorted(ax.get_title() for ax in panels) == ["lung", "lymphoma", "sarcoma_ext"]
+    assert [t.get_text() for t in panels[0].get_legend().get_texts()] == list(METHODS)
+    assert "mm²" in panels[0].get_xlabel()
+
+
+def test_lesion_size_figure_requires_columns():
+    with pytest.raises(ValueError, match="lesion_pixels"):
+        report.lesion_size_figure(pd.DataFrame({"method": [], "cohort": [], "dsc_max": []}))
+
+
+def test_heatmap_marks_the_best_cell():
+    grid = _grid()
+    fig = report.heatmap_figure(grid)
+    ax = fig.axes[0]
+    (rect,) = [p for p in ax.patches if isinstance(p, Rectangle)]
+    # Best (D=400, w=3) is the middle row and column of the 3 × 3 grid.
+    assert rect.get_xy() == (0.5, 0.5)
+    assert "D=400" in ax.get_title() and "w=3" in ax.get_title()
+    assert len(ax.texts) == 9
+
+
+def test_heatmap_leaves_unevaluated_pairs_blank():
+    grid = _grid().iloc[[0, 4, 8]]  # a random search's three pairs
+    fig = report.heatmap_figure(grid)
+    assert len(fig.axes[0].texts) == 3
+
+
+def test_training_curves_mark_best_epoch():
+    history = pd.DataFrame({"epoch": [1, 2, 3, 4], "train_loss": [1.0, 0.5, 0.3, 0.2],
+                            "valid_loss": [1.1, np.nan, 0.25, 0.4]})
+    fig = report.training_curves_figure(history)
+    ax = fig.axes[0]
+    assert [line.get_label() for line in ax.get_lines()][:2] == ["train loss", "validation loss"]
+    assert any("best epoch 3" in t.get_text() for t in ax.texts)
+
+
+# ------------------------------------------------------------------ tables
+
+
+def test_methods_table_puts_every_method_side_by_side():
+    table = report.methods_table(_per_slice(np.random.default_rng(0)))
+    for metric in ("⌈DSC⌉", "HD95 (px)", "AUPRC", "Detection sensitivity"):
+        assert [m for t, m in table.columns if t == metric] == list(METHODS)
+    assert {"lymphoma", "lung", "sarcoma_ext", "internal (all)", "external (all)"} <= set(table.index)
+    cell = table.loc["lymphoma", ("⌈DSC⌉", "IgCONDA")]
+    assert re.fullmatch(r"\d\.\d{3} ± \d\.\d{3}", cell)
+    assert table.loc["lymphoma", ("slices", "")] == 12
+
+
+# ------------------------------------------------------------------ HTML
+
+
+def _write_page(path: Path) -> Path:
+    return report.write_html_report(
+        path, title="Study <test>",
+        tables={"Per-cohort": report.methods_table(_per_slice(np.random.default_rng(0))),
+                "Grid": _grid()},
+        figures={"Heatmap": report.heatmap_figure(_grid()),
+                 "Qualitative": report.qualitative_figure(*_slices(2))},
+        config={"infer": {"noise_level": 400, "guidance_scale": 3.0}},
+        versions=report.software_versions(), notes=["tuning skipped & <b>not</b> html"],
+    )
+
+
+def test_html_report_is_self_contained_with_every_section(tmp_path):
+    path = _write_page(tmp_path / "out" / "report.html")
+    text = path.read_text()
+    for section in ("Table: Per-cohort", "Table: Grid", "Figure: Heatmap", "Figure: Qualitative",
+                    "Configuration", "Software versions", "Notes"):
+        assert section in text
+    images = re.findall(r'<img [^>]*src="([^"]+)"', text)
+    assert len(images) == 2 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert base64.b64decode(images[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r'(src|href)="(https?:|file:|//)', text)  # nothing external
+    assert "noise_level: 400" in text
+    for package in ("python", "torch", "monai", "ray", "mlflow", "numpy", "igconda"):
+        assert f"<th>{package}</th>" in text
+    assert "Study &lt;test&gt;" in text and "&lt;b&gt;not&lt;/b&gt;" in text  # escaped
+    assert "41% SUVmax" in text and "raw intensity" in text
+    assert [p.name for p in path.parent.iterdir()] == ["report.html"]  # no temp files left
+
+
+def _study(tmp_path: Path, *, complete: bool) -> Path:
+    study = tmp_path / "study"
+    (study / "tune").mkdir(parents=True)
+    (study / "infer" / "tables").mkdir(parents=True)
+    (study / "train" / "best").mkdir(parents=True)
+    (study / "train" / "best" / "config.yaml").write_text("infer:\n  noise_level: 4\n")
+    per_slice = _per_slice(np.random.default_rng(0), n=4)
+    if complete:
+        _grid().to_csv(study / "tune" / "grid.csv", index=False)
+        (study / "tune" / "best.json").write_text(json.dumps({"noise_level": 400, "guidance_scale": 3.0,
+                                                              "stride": 10, "mean_dsc": 0.5}))
+        pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.5], "valid_loss": [1.0, 0.6]}).to_csv(
+            study / "train" / "history.csv", index=False)
+        # IgCONDA rows carry their maps so the qualitative figure can be drawn.
+        igc = per_slice[per_slice.method == "IgCONDA"].copy()
+        rng = np.random.default_rng(1)
+        for column in ("image", "counterfactual", "anomaly_map"):
+            igc[column] = [rng.uniform(0, 1, 256).astype(np.float32) for _ in range(len(igc))]
+        igc["mask"] = [np.zeros(256, np.uint8) for _ in range(len(igc))]
+        igc["height"], igc["width"] = 16, 16
+        pq.write_table(pa.Table.from_pandas(igc, preserve_index=False), study / "infer" / "per_slice.parquet")
+        (study / "infer" / "baselines").mkdir()
+        pq.write_table(pa.Table.from_pandas(per_slice[per_slice.method != "IgCONDA"], preserve_index=False),
+                       study / "infer" / "baselines" / "baselines.parquet")
+    pd.DataFrame({"cohort": ["lung"], "dsc_max_mean": [0.5]}).to_csv(
+        study / "infer" / "tables" / "methods.csv", index=False)
+    return study
+
+
+def test_build_study_report_gathers_every_stage(tmp_path):
+    study = _study(tmp_path, complete=True)
+    path = report.build_study_report(study, study / "report.html")
+    text = path.read_text()
+    for part in ("Per-cohort results, every method", "infer/tables/methods.csv", "Tuning grid",
+                 "Chosen (D, w)", "Training curves", "lesion size", "Qualitative examples",
+                 "paper Fig. 5"):
+        assert part in text, part
+    for method in METHODS:
+        assert method in text
+    assert 'id="notes"' not in text  # nothing missing
+
+
+def test_build_study_report_notes_missing_parts(tmp_path):
+    study = _study(tmp_path, complete=False)
+    text = report.build_study_report(study, tmp_path / "r.html").read_text()
+    assert "No tuning grid" in text and "No training history" in text
+    assert "No qualitative figure" in text
+    assert "infer/tables/methods.csv" in text  # what exists is still shown
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = report.build_study_report(empty, tmp_path / "e.html").read_text()
+    assert "No inference results" in text and "No configuration found" in text
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("IGCONDA_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is required (IGCONDA_REQUIRE_CHROMIUM=1) but not installed")
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    page = _write_page(tmp_path / "report.html")
+    shot = tmp_path / "shot.png"
+    result = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}",
+         "--window-size=1280,2000", page.resolve().as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert shot.is_file(), f"no screenshot; chromium said: {result.stderr[-2000:]}"
+    pixels = plt.imread(shot)
+    assert pixels.shape[:2] == (2000, 1280)
+    assert float(pixels[..., :3].var()) > 1e-3  # not a blank page
+    if os.environ.get("IGCONDA_SCREENSHOT_DIR"):  # keep it to look at
+        shutil.copy(shot, Path(os.environ["IGCONDA_SCREENSHOT_DIR"]) / "report_screenshot.png")
+
+
+def test_figures_are_matplotlib_figures():
+    assert isinstance(report.heatmap_figure(_grid()), Figure)
