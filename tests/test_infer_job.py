@@ -1,0 +1,154 @@
+"""ray_jobs.infer: batch inference end to end on a tiny dataset, resume, settings precedence."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from ray_jobs import infer
+from tests.test_inference import make_checkpoint, make_dataset
+
+PATIENTS = {"L1": ("lymphoma", "internal"), "N1": ("lung", "internal"), "S1": ("sts_ext", "external")}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, test_config):
+    root = tmp_path_factory.mktemp("infer")
+    checkpoint = make_checkpoint(root / "ckpt", test_config)
+    data = make_dataset(root / "data", test_config, PATIENTS)
+    return root, checkpoint, data
+
+
+def _argv(study, output: Path, *extra: str) -> list[str]:
+    root, checkpoint, data = study
+    return ["--checkpoint", str(checkpoint), "--data", str(data), "--output", str(output),
+            "--tracking-uri", str(root / "mlruns"), "--batch-size", "16", *extra]
+
+
+# ---- settings (no Ray) ------------------------------------------------------------------------
+
+def test_precedence_cli_over_tuned_over_config_over_checkpoint(study, tmp_path):
+    _, checkpoint, _ = study
+    config = tmp_path / "c.yaml"
+    config.write_text("infer: {noise_level: 8, guidance_scale: 1.0, stride: 4, batch_size: 3}\n")
+    tuned = tmp_path / "best.json"
+    tuned.write_text(json.dumps({"noise_level": 6, "guidance_scale": 2.0, "stride": 2}))
+    base = ["--checkpoint", str(checkpoint), "--data", "d", "--output", "o"]
+
+    _, s = infer.resolve_config(infer.parse_args(base))
+    assert (s.noise_level, s.guidance_scale, s.stride) == (4, 3.0, 2)  # configs/test.yaml
+    cfg, s = infer.resolve_config(infer.parse_args([*base, "--config", str(config)]))
+    assert (s.noise_level, s.guidance_scale, s.stride, cfg.infer.batch_size) == (8, 1.0, 4, 3)
+    # The tuned D=6 is not a multiple of the config's stride 4: the tuning stride is used.
+    _, s = infer.resolve_config(infer.parse_args([*base, "--config", str(config), "--tuned", str(tuned)]))
+    assert (s.noise_level, s.guidance_scale, s.stride) == (6, 2.0, 2)
+    _, s = infer.resolve_config(infer.parse_args([*base, "--config", str(config), "--tuned", str(tuned),
+                                                  "--noise-level", "4", "--guidance-scale", "5"]))
+    assert (s.noise_level, s.guidance_scale, s.stride) == (4, 5.0, 2)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--noise-level", "12"], "noise_level"), (["--stride", "3"], "stride"),
+    (["--tuned", "/nonexistent/best.json"], "best.json"),
+])
+def test_bad_settings_are_clear_errors(study, extra, message, capsys):
+    _, checkpoint, data = study
+    code = infer.main(["--checkpoint", str(checkpoint), "--data", str(data), "--output", "o", *extra])
+    assert code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_checkpoint_and_split_exit_2(study, tmp_path, capsys):
+    _, checkpoint, data = study
+    assert infer.main(["--checkpoint", str(tmp_path), "--data", str(data), "--output", "o"]) == 2
+    assert str(tmp_path) in capsys.readouterr().err
+    assert infer.main(["--checkpoint", str(checkpoint), "--data", str(data), "--output",
+                       str(tmp_path / "o"), "--split", "valid"]) == 2
+    assert "no 'valid' split" in capsys.readouterr().err
+
+
+def test_output_completeness_checks_rows_and_settings(tmp_path):
+    settings = infer.InferSettings("/ck", 4, 3.0, 2, "abs")
+    columns = {"slice_index": np.array([1, 0], np.int32), "anomaly_map": np.zeros((2, 4), np.float32),
+               "patient_id": np.array(["P", "P"], object)}
+    path = tmp_path / "P.parquet"
+    infer.write_patient(columns, path, settings)
+    assert pq.read_table(path).column("slice_index").to_pylist() == [0, 1]
+    assert infer.output_is_complete(path, 2, settings)
+    assert not infer.output_is_complete(path, 3, settings)  # missing slices
+    assert not infer.output_is_complete(path, 2, infer.InferSettings("/ck", 6, 3.0, 2, "abs"))
+    path.write_bytes(path.read_bytes()[:50])  # truncated by a crash mid-copy
+    assert not infer.output_is_complete(path, 2, settings)
+    assert [p.name for p in tmp_path.iterdir()] == ["P.parquet"]  # no temp files left
+
+
+# ---- the job on Ray ---------------------------------------------------------------------------
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
+    root, _, data = study
+    output = root / "out"
+    result = infer.run(infer.parse_args(_argv(study, output)))
+    assert sorted(result.computed) == sorted(PATIENTS) and result.skipped == []
+
+    # Per-slice files: every slice exactly once, maps for healthy slices, metrics only unhealthy.
+    for pid in PATIENTS:
+        source = pq.read_table(data / "slices" / "test" / f"{pid}.parquet").to_pandas()
+        out = pq.read_table(output / "slices" / f"{pid}.parquet").to_pandas()
+        assert out["slice_index"].tolist() == sorted(source["slice_index"].tolist())
+        assert all(len(m) == 16 * 16 for m in out["anomaly_map"])
+        sick = out["label"] == 2
+        assert sick.any() and out.loc[sick, "dsc_max"].notna().all()
+        assert out.loc[~sick, "dsc_max"].isna().all()
+
+    # Tables: Table-1 rows per cohort plus the internal/external aggregates, three methods.
+    per_cohort = pd.read_csv(output / "tables" / "per_cohort.csv", index_col=0)
+    assert {"lymphoma", "lung", "sts_ext", "internal (all)", "external (all)"} <= set(per_cohort.index)
+    assert {"dsc_max_mean", "dsc_max_std", "hd95_mean", "auprc_mean", "sensitivity_mean",
+            "dsc_max_hot_mean"} <= set(per_cohort.columns)
+    methods = pd.read_csv(output / "tables" / "methods.csv")
+    assert set(methods["method"]) == {"igconda", "threshold_41", "intensity"}
+    n_slices = methods.groupby("method")["n_slices"].max()
+    assert n_slices.nunique() == 1  # every method scored on the same unhealthy slices
+    assert "± " in (output / "tables" / "per_cohort.md").read_text()
+    assert (output / "tables" / "baselines_per_cohort.md").is_file()
+
+    # Figures (or a stated reason), 3D volumes on the original grid.
+    assert result.figure_errors == {}, result.figure_errors
+    assert {"qualitative_lymphoma.png", "qualitative_lung.png", "lesion_size.png"} <= {
+        p.name for p in (output / "figures").iterdir()}
+    for pid in PATIENTS:
+        volume = nib.load(output / "volumes" / f"{pid}_anomaly.nii.gz")
+        original = nib.load(data / "nifti" / f"{pid}_pet.nii.gz")
+        assert volume.shape == original.shape
+        np.testing.assert_allclose(volume.affine, original.affine, atol=1e-4)
+        assert np.asarray(volume.dataobj).max() > 0
+
+    # MLflow: params and per-cohort metrics of every method.
+    from mlflow.tracking import MlflowClient
+
+    from igconda.tracking import resolve_tracking_uri
+
+    run = MlflowClient(resolve_tracking_uri(str(root / "mlruns"), root)).get_run(result.run_id)
+    assert run.data.params["D"] == "4" and run.data.params["s"] == "2"
+    for key in ("igconda/lung/dsc_max_mean", "threshold_41/external_all/dsc_max_mean",
+                "intensity/lymphoma/auprc_mean"):
+        assert key in run.data.metrics, sorted(run.data.metrics)[:20]
+
+    # A crash lost one patient's output: only that patient is recomputed.
+    before = {pid: (output / "slices" / f"{pid}.parquet").stat().st_mtime_ns for pid in PATIENTS}
+    (output / "slices" / "N1.parquet").unlink()
+    capsys.readouterr()
+    again = infer.run(infer.parse_args(_argv(study, output)))
+    assert again.computed == ["N1"] and sorted(again.skipped) == ["L1", "S1"]
+    for pid in ("L1", "S1"):
+        assert (output / "slices" / f"{pid}.parquet").stat().st_mtime_ns == before[pid]
+    assert "2 already complete, 1 to run" in capsys.readouterr().out
+    assert pd.read_csv(output / "tables" / "methods.csv").shape == methods.shape
