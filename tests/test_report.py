@@ -71,7 +71,7 @@ def test_qualitative_figure_has_five_rows_per_slice():
     fig = report.qualitative_figure(*_slices(3), titles=["a", "b", "c"])
     images = [ax for ax in fig.axes if ax.images]
     assert len(images) == 15
-    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.images and ax.get_ylabel()]
     assert labels == ["PET", "Ground truth", "Counterfactual", "Anomaly map", "Binarised map"]
     assert [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "c"]
 
