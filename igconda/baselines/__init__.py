@@ -1,0 +1,9 @@
+"""The paper's baselines (§3.3), each producing (N, H, W) anomaly maps for ``igconda.metrics``.
+
+* :mod:`igconda.baselines.thresholding`: 41 % SUVmax thresholding and the raw-intensity control
+  (numpy only);
+* :mod:`igconda.baselines.classifier_cam`: ResNet-18 classifier + HiResCAM (imports torch).
+
+Import the submodules directly; this package imports nothing so that the numpy-only baselines
+stay free of torch.
+"""
