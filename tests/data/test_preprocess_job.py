@@ -204,3 +204,24 @@ def test_cli_on_the_sts_crops_manifest(ray_session, sts_crops, tmp_path, capsys)
     validate_table(test)
     assert (test.column("label").to_numpy() == UNHEALTHY).any()  # the sarcomas are there
     assert main(["--manifest", str(tmp_path / "none.csv"), "--output", str(out)]) == 2
+
+
+@pytest.mark.ray
+def test_job_on_a_generated_phantom_study(ray_session, test_config, tmp_path):
+    from igconda.data.phantoms import generate_study
+
+    manifest = generate_study(tmp_path / "study", test_config.phantoms, progress=False)
+    out = tmp_path / "data"
+    summary = run_preprocessing(manifest, out, test_config, progress=False)
+    assert summary.rejects == []
+    splits = pd.read_csv(out / "splits.csv")
+    assert splits.patient_id.is_unique and len(splits) == len(pd.read_csv(manifest))
+    assert set(splits[splits.role == "external"].split) == {"test"}
+    assert set(splits[splits.role == "negative_control"].split) <= {"train", "valid"}
+    assert (splits.split == "tune").sum() == test_config.preprocess.tune_per_cohort * splits[
+        splits.role == "internal"].cohort.nunique()
+    h, w, depth = test_config.preprocess.output_size
+    train = read_split(out, "train")
+    assert train.num_rows == depth * summary.patients["train"]
+    assert set(train.column("height").to_pylist()) == {h}
+    assert (train.column("label").to_numpy() == UNHEALTHY).any()
