@@ -550,19 +550,43 @@ def _qualitative_from_per_slice(path: Path, per_slice: pd.DataFrame, count: int 
                               stack_images(frame["counterfactual"], h, w), maps, binarised, titles)
 
 
+#: Method names as the stages write them → names shown in the report.
+METHOD_NAMES = {"igconda": "IgCONDA", "threshold_41": "41% SUVmax", "intensity": "raw intensity",
+                "raw_intensity": "raw intensity"}
+
+
+def _training_history(train_dir: Path) -> tuple[pd.DataFrame | None, str | None]:
+    """``train/history.csv``, else the history stored in the best checkpoint's train state."""
+    history_csv = train_dir / "history.csv"
+    if history_csv.is_file():
+        return pd.read_csv(history_csv), None
+    from igconda.checkpoint import load_train_state
+
+    try:
+        state = load_train_state(train_dir / "best") if (train_dir / "best").is_dir() else None
+    except (OSError, RuntimeError, ValueError) as err:
+        return None, f"Training history not readable from train/best/train_state.pt: {err}"
+    history = (state or {}).get("history")
+    if not history:
+        return None, "No training history (train/history.csv or train/best/train_state.pt)."
+    return (pd.DataFrame(history),
+            "Training curves come from the best checkpoint's state: epochs after it are not shown.")
+
+
 def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
     """Gather a study folder's stage outputs into the HTML report.
 
     Reads, when present (a missing part becomes a visible note, never an error):
 
     - ``config.yaml`` (or the best checkpoint's ``train/best/config.yaml``);
-    - ``train/history.csv`` (epoch, train_loss, valid_loss) → training curves;
+    - ``train/history.csv`` (epoch, train_loss, valid_loss), else the history stored in
+      ``train/best/train_state.pt`` → training curves;
     - ``tune/grid.csv`` and ``tune/best.json`` → the D × w heatmap and tables;
-    - ``infer/tables/methods.csv`` → shown as written by the inference stage;
-    - the inference stage's per-slice Parquet (``infer/per_slice[.parquet]``, ``infer/slices``)
-      → the per-cohort table of every method side by side, the lesion-size figure and, when the
-      maps are stored, the qualitative figure;
-    - PNG figures the stages saved under ``infer/figures/``.
+    - ``infer/tables/per_slice_metrics.csv`` (every method's per-slice metrics; else the
+      per-slice Parquet under ``infer/``) → the per-cohort table of every method side by side and
+      the lesion-size figure; ``infer/tables/methods.csv`` is shown only when no per-slice data
+      exists;
+    - PNG figures the inference stage saved under ``infer/figures/`` (the qualitative figures).
 
     Args:
         study_dir: the pipeline's ``--output`` folder.
@@ -572,6 +596,7 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
         The path of the written HTML file.
     """
     study = Path(study_dir)
+    infer = study / "infer"
     notes: list[str] = []
     tables: dict[str, pd.DataFrame] = {}
     figures: dict[str, Any] = {}
@@ -585,29 +610,32 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
     else:
         notes.append("No configuration found (config.yaml or train/best/config.yaml).")
 
-    per_slice_path = _find_per_slice(study / "infer") if (study / "infer").is_dir() else None
     per_slice = None
-    if per_slice_path is not None:
+    per_slice_path = None
+    metrics_csv = infer / "tables" / "per_slice_metrics.csv"
+    if metrics_csv.is_file():
+        per_slice = pd.read_csv(metrics_csv)
+    elif infer.is_dir() and (per_slice_path := _find_per_slice(infer)) is not None:
         per_slice = _read_parquet_columns(per_slice_path, _PER_SLICE_COLUMNS)
-        if "method" not in per_slice.columns:
-            per_slice["method"] = "IgCONDA"
-        baselines = study / "infer" / "baselines"
+        baselines = infer / "baselines"
         for extra in sorted(baselines.glob("*.parquet")) if baselines.is_dir() else []:
-            more = _read_parquet_columns(extra, _PER_SLICE_COLUMNS)
-            if "method" not in more.columns:
-                more["method"] = extra.stem
-            per_slice = pd.concat([per_slice, more], ignore_index=True)
+            per_slice = pd.concat([per_slice, _read_parquet_columns(extra, _PER_SLICE_COLUMNS)],
+                                  ignore_index=True)
+    if per_slice is not None:
+        if "method" not in per_slice.columns:
+            per_slice["method"] = "igconda"
+        per_slice["method"] = per_slice["method"].astype(str).replace(METHOD_NAMES)
         try:
             tables["Per-cohort results, every method (mean ± std over unhealthy slices)"] = \
                 methods_table(per_slice)
         except ValueError as err:
             notes.append(f"Per-cohort table not built: {err}")
-    methods_csv = study / "infer" / "tables" / "methods.csv"
-    if methods_csv.is_file():
+    methods_csv = infer / "tables" / "methods.csv"
+    if per_slice is None and methods_csv.is_file():
         tables["Inference summary (infer/tables/methods.csv)"] = pd.read_csv(methods_csv)
     elif per_slice is None:
-        notes.append("No inference results (infer/tables/methods.csv or per-slice Parquet): "
-                     "the per-cohort tables and lesion-size analysis are missing.")
+        notes.append("No inference results (infer/tables/per_slice_metrics.csv, per-slice Parquet "
+                     "or methods.csv): the per-cohort tables and lesion-size analysis are missing.")
 
     grid_csv, best_json = study / "tune" / "grid.csv", study / "tune" / "best.json"
     if grid_csv.is_file():
@@ -624,18 +652,22 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
         tables["Chosen (D, w) (tune/best.json)"] = pd.DataFrame(
             [{k: v for k, v in best.items() if not isinstance(v, (dict, list))}])
 
-    history_csv = study / "train" / "history.csv"
-    if history_csv.is_file():
-        fig = training_curves_figure(pd.read_csv(history_csv))
-        owned.append(fig)
-        figures["Training curves"] = fig
-    else:
-        notes.append("No training history (train/history.csv).")
+    history, history_note = _training_history(study / "train")
+    if history_note:
+        notes.append(history_note)
+    if history is not None:
+        try:
+            fig = training_curves_figure(history)
+            owned.append(fig)
+            figures["Training curves"] = fig
+        except ValueError as err:
+            notes.append(f"Training curves not drawn: {err}")
 
-    if per_slice is not None:
+    if per_slice is not None and {"lesion_pixels", "dsc_max", "cohort"} <= set(per_slice.columns):
         fig = lesion_size_figure(per_slice)
         owned.append(fig)
         figures["⌈DSC⌉ against lesion size (paper Fig. 4/6)"] = fig
+    if per_slice_path is not None:
         try:
             qualitative = _qualitative_from_per_slice(per_slice_path, per_slice)
         except (ValueError, KeyError, OSError) as err:
@@ -644,13 +676,18 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
         if qualitative is not None:
             owned.append(qualitative)
             figures["Qualitative examples (paper Fig. 2/3)"] = qualitative
-    figure_dir = study / "infer" / "figures"
+    figure_dir = infer / "figures"
     if figure_dir.is_dir():
         for png in sorted(figure_dir.glob("*.png")):
-            figures[f"{png.stem} (infer/figures)"] = png
-    if not any("Qualitative" in k or "qualitative" in k for k in figures):
-        notes.append("No qualitative figure (needs maps in the per-slice Parquet or "
-                     "infer/figures/*.png).")
+            if png.stem == "lesion_size" and any("lesion size" in k for k in figures):
+                continue  # drawn above from the same per-slice data, with display names
+            title = png.stem.replace("_", " ")
+            if png.stem.startswith("qualitative_"):
+                title = f"Qualitative examples, {png.stem[len('qualitative_'):]} (paper Fig. 2/3)"
+            figures[title] = png
+    if not any("Qualitative" in k for k in figures):
+        notes.append("No qualitative figure (needs infer/figures/qualitative_*.png or maps and "
+                     "images in the per-slice Parquet).")
 
     try:
         return write_html_report(

@@ -177,21 +177,34 @@ def test_html_report_is_self_contained_with_every_section(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["report.html"]  # no temp files left
 
 
-def _study(tmp_path: Path, *, complete: bool) -> Path:
+RAW_NAMES = {"IgCONDA": "igconda", "41% SUVmax": "threshold_41", "raw intensity": "intensity"}
+
+
+def _study(tmp_path: Path, *, complete: bool, layout: str = "csv") -> Path:
+    """A study folder shaped like the pipeline's (ray_jobs.infer / ray_jobs.train outputs)."""
+    import torch
+
     study = tmp_path / "study"
-    (study / "tune").mkdir(parents=True)
-    (study / "infer" / "tables").mkdir(parents=True)
-    (study / "train" / "best").mkdir(parents=True)
+    for sub in ("tune", "infer/tables", "infer/figures", "train/best"):
+        (study / sub).mkdir(parents=True)
     (study / "train" / "best" / "config.yaml").write_text("infer:\n  noise_level: 4\n")
     per_slice = _per_slice(np.random.default_rng(0), n=4)
+    per_slice["method"] = per_slice["method"].map(RAW_NAMES)  # as the inference job names them
     if complete:
         _grid().to_csv(study / "tune" / "grid.csv", index=False)
         (study / "tune" / "best.json").write_text(json.dumps({"noise_level": 400, "guidance_scale": 3.0,
                                                               "stride": 10, "mean_dsc": 0.5}))
-        pd.DataFrame({"epoch": [1, 2], "train_loss": [1.0, 0.5], "valid_loss": [1.0, 0.6]}).to_csv(
-            study / "train" / "history.csv", index=False)
-        # IgCONDA rows carry their maps so the qualitative figure can be drawn.
-        igc = per_slice[per_slice.method == "IgCONDA"].copy()
+        torch.save({"history": [{"epoch": 1.0, "train_loss": 1.0, "valid_loss": 1.0},
+                                {"epoch": 2.0, "train_loss": 0.5, "valid_loss": 0.6}]},
+                   study / "train" / "best" / "train_state.pt")
+    if complete and layout == "csv":
+        per_slice.to_csv(study / "infer" / "tables" / "per_slice_metrics.csv", index=False)
+        fig = report.qualitative_figure(*_slices(2))
+        fig.savefig(study / "infer" / "figures" / "qualitative_lung.png", dpi=40)
+        fig.savefig(study / "infer" / "figures" / "lesion_size.png", dpi=40)
+    if complete and layout == "parquet":
+        # IgCONDA rows carry their maps and images, so the qualitative figure can be drawn.
+        igc = per_slice[per_slice.method == "igconda"].copy()
         rng = np.random.default_rng(1)
         for column in ("image", "counterfactual", "anomaly_map"):
             igc[column] = [rng.uniform(0, 1, 256).astype(np.float32) for _ in range(len(igc))]
@@ -199,24 +212,28 @@ def _study(tmp_path: Path, *, complete: bool) -> Path:
         igc["height"], igc["width"] = 16, 16
         pq.write_table(pa.Table.from_pandas(igc, preserve_index=False), study / "infer" / "per_slice.parquet")
         (study / "infer" / "baselines").mkdir()
-        pq.write_table(pa.Table.from_pandas(per_slice[per_slice.method != "IgCONDA"], preserve_index=False),
+        pq.write_table(pa.Table.from_pandas(per_slice[per_slice.method != "igconda"], preserve_index=False),
                        study / "infer" / "baselines" / "baselines.parquet")
-    pd.DataFrame({"cohort": ["lung"], "dsc_max_mean": [0.5]}).to_csv(
+    pd.DataFrame({"method": ["igconda"], "group": ["lung"], "dsc_max_mean": [0.5]}).to_csv(
         study / "infer" / "tables" / "methods.csv", index=False)
     return study
 
 
-def test_build_study_report_gathers_every_stage(tmp_path):
-    study = _study(tmp_path, complete=True)
+@pytest.mark.parametrize("layout", ["csv", "parquet"])
+def test_build_study_report_gathers_every_stage(tmp_path, layout):
+    study = _study(tmp_path, complete=True, layout=layout)
     path = report.build_study_report(study, study / "report.html")
     text = path.read_text()
-    for part in ("Per-cohort results, every method", "infer/tables/methods.csv", "Tuning grid",
-                 "Chosen (D, w)", "Training curves", "lesion size", "Qualitative examples",
-                 "paper Fig. 5"):
+    for part in ("Per-cohort results, every method", "Tuning grid", "Chosen (D, w)",
+                 "Training curves", "lesion size", "Qualitative examples", "paper Fig. 5",
+                 "Configuration", "Software versions"):
         assert part in text, part
-    for method in METHODS:
-        assert method in text
-    assert 'id="notes"' not in text  # nothing missing
+    for method in METHODS:  # display names, not the stages' internal ones
+        assert f">{method}<" in text, method
+    assert "threshold_41" not in text
+    assert "infer/tables/methods.csv" not in text  # superseded by the side-by-side table
+    assert text.count("<img ") == 4  # heatmap, curves, lesion size, one qualitative
+    assert "epochs after it are not shown" in text  # history came from the checkpoint state
 
 
 def test_build_study_report_notes_missing_parts(tmp_path):
