@@ -20,9 +20,19 @@ from igconda.models import build_unet
 # ---- helpers shared by the inference, job, CLI and benchmark tests ------------------------------
 
 def make_checkpoint(directory: Path, config: StudyConfig, seed: int = 0) -> Path:
-    """A checkpoint of a randomly initialised tiny model (as training would save it)."""
+    """A checkpoint of a randomly initialised tiny model (as training would save it).
+
+    MONAI zero-initialises the UNet's output convolution, so an untrained model predicts ε = 0
+    and every counterfactual would reconstruct its input exactly (all-zero maps); the zero
+    tensors get small random values so that maps and metrics have something to show.
+    """
     torch.manual_seed(seed)
-    return save_checkpoint(directory, model=build_unet(config.model), config=config,
+    model = build_unet(config.model)
+    with torch.no_grad():
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.05)
+    return save_checkpoint(directory, model=model, config=config,
                            metadata={"epoch": 0, "is_best": True})
 
 
@@ -109,6 +119,7 @@ def test_predictor_batch_shapes_ranges_and_metrics(checkpoint, batch):
     assert out["counterfactual"].shape == (n, hw) and out["counterfactual"].dtype == np.float32
     assert np.isfinite(out["counterfactual"]).all()
     assert out["anomaly_map"].min() >= 0.0 and out["anomaly_map"].max() <= 1.0
+    assert out["anomaly_map"].max() > 1e-3  # the counterfactual is not the input itself
     for key in ("patient_id", "cohort", "role", "tracer", "slice_index", "label", "lesion_pixels"):
         np.testing.assert_array_equal(out[key], batch[key])
     sick = batch["label"] == UNHEALTHY

@@ -1,0 +1,96 @@
+"""The ``igconda`` command line: ``detect`` on a real FDG scan, errors, ``--version``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from igconda.cli import main
+from tests.test_inference import make_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning threads are far slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, test_config) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best", test_config)
+
+
+@pytest.fixture(scope="module")
+def scan(sts_crops) -> tuple[Path, Path]:
+    return sts_crops / "images" / "STS_002.nii.gz", sts_crops / "labels" / "STS_002.nii.gz"
+
+
+def test_detect_on_a_real_scan_writes_a_map_on_its_grid(checkpoint, scan, tmp_path, capsys):
+    pet, mask = scan
+    out = tmp_path / "maps" / "STS_002_anomaly.nii.gz"
+    code = main(["detect", str(pet), "--checkpoint", str(checkpoint), "-o", str(out),
+                 "--mask", str(mask), "--device", "cpu", "--batch-size", "7"])
+    assert code == 0
+    result, source = nib.load(out), nib.load(pet)
+    assert result.shape == source.shape
+    np.testing.assert_allclose(result.affine, source.affine, atol=1e-4)
+    data = np.asarray(result.dataobj)
+    assert np.isfinite(data).all() and data.min() >= 0 and data.max() <= 1 + 1e-6 and data.max() > 0
+    captured = capsys.readouterr()
+    assert "⌈DSC⌉:" in captured.out and "AUPRC:" in captured.out
+    assert "slice" in captured.err  # the progress bar and summary go to stderr
+
+
+def test_detect_options_change_the_map(checkpoint, scan, tmp_path):
+    pet, _ = scan
+    a, b = tmp_path / "abs.nii.gz", tmp_path / "hot.nii.gz"
+    base = ["detect", str(pet), "--checkpoint", str(checkpoint), "--device", "cpu", "--quiet",
+            "--noise-level", "4", "--stride", "1", "--guidance-scale", "5"]
+    assert main([*base, "-o", str(a)]) == 0
+    assert main([*base, "-o", str(b), "--map", "hot"]) == 0
+    hot, absolute = nib.load(b).get_fdata(), nib.load(a).get_fdata()
+    assert (hot <= absolute + 1e-5).all()  # max(x - x̂, 0) <= |x - x̂| (linear resampling keeps it)
+    assert np.abs(hot - absolute).max() > 0
+
+
+@pytest.mark.parametrize("case", ["missing_scan", "corrupt_scan", "missing_checkpoint",
+                                  "bad_stride", "bad_output"])
+def test_detect_errors_name_the_file_and_exit_2(case, checkpoint, scan, tmp_path, capsys):
+    pet, _ = scan
+    argv = {"scan": str(pet), "--checkpoint": str(checkpoint), "-o": str(tmp_path / "o.nii.gz")}
+    extra: list[str] = []
+    named = None
+    if case == "missing_scan":
+        argv["scan"] = named = str(tmp_path / "nope.nii.gz")
+    elif case == "corrupt_scan":
+        bad = tmp_path / "bad.nii.gz"
+        bad.write_bytes(pet.read_bytes()[:200])
+        argv["scan"] = named = str(bad)
+    elif case == "missing_checkpoint":
+        argv["--checkpoint"] = named = str(tmp_path / "no_ckpt")
+    elif case == "bad_stride":
+        extra = ["--stride", "3"]
+        named = "stride"
+    else:
+        argv["-o"] = named = str(tmp_path / "o.png")
+    code = main(["detect", argv["scan"], "--checkpoint", argv["--checkpoint"], "-o", argv["-o"],
+                 "--device", "cpu", "--quiet", *extra])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert named in err and "error" in err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_version_and_console_script():
+    done = subprocess.run([sys.executable, "-m", "igconda.cli", "--version"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("igconda ")
