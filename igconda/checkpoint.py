@@ -6,10 +6,18 @@ Layout of a checkpoint directory::
     model.safetensors   ConditionalUNet state dict (UNet + class embedding)
     ema.safetensors     EMA weights (only when train.ema_decay > 0); inference prefers these
     train_state.pt      optimizer state, epoch, RNG states, losses; torch.load(weights_only=True)
-    metadata.json       epoch, validation loss, is_best
+    metadata.json       epoch, validation loss, is_best (best so far when written), run ids
 
 Ray Train wraps this folder as a ``ray.train.Checkpoint``; the same folder is what
 ``igconda detect --checkpoint`` and the inference job load.
+
+The training job (``ray_jobs.train``) also leaves, under its ``--output`` folder::
+
+    best/                 a local copy of the checkpoint with the lowest validation loss
+    best_checkpoint.json  where that checkpoint lives in Ray's storage (local, NFS or S3 URI),
+                          its epoch and validation loss; see :func:`read_best_pointer`
+
+Later stages (tune, infer, detect) take ``<output>/best`` as their ``--checkpoint``.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ MODEL_FILE = "model.safetensors"
 EMA_FILE = "ema.safetensors"
 STATE_FILE = "train_state.pt"
 METADATA_FILE = "metadata.json"
+BEST_DIR = "best"
+BEST_POINTER = "best_checkpoint.json"
 
 
 class CheckpointError(ValueError):
@@ -110,5 +120,32 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
 
 
 def load_metadata(directory: str | Path) -> dict[str, Any]:
+    """The checkpoint's ``metadata.json`` (empty dict if absent)."""
     path = Path(directory) / METADATA_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_best_pointer(output_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``<output_dir>/best_checkpoint.json`` (atomically) describing the best checkpoint.
+
+    Args:
+        output_dir: the training job's output folder.
+        record: JSON-serialisable facts; the training job writes ``uri`` (the checkpoint in
+            Ray's storage), ``local_copy`` (``<output_dir>/best``), ``epoch``, ``valid_loss``
+            and ``mlflow_run_id``.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / BEST_POINTER
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    tmp.replace(path)
+    return path
+
+
+def read_best_pointer(output_dir: str | Path) -> dict[str, Any]:
+    """The record written by :func:`write_best_pointer`; CheckpointError if there is none."""
+    path = Path(output_dir) / BEST_POINTER
+    if not path.is_file():
+        raise CheckpointError(f"{output_dir}: no {BEST_POINTER}; has the training job finished?")
+    return json.loads(path.read_text())

@@ -1,0 +1,344 @@
+"""Train the class-conditional diffusion model with Ray Train (DDP over Ray Data shards).
+
+Run it locally (starts a local Ray)::
+
+    python -m ray_jobs.train --data runs/demo/data --output runs/demo/train --config configs/demo.yaml
+
+on two CPU workers, or GPUs (NCCL, mixed precision)::
+
+    python -m ray_jobs.train --data DATA --output OUT --num-workers 2
+    python -m ray_jobs.train --data s3://bucket/data --output OUT --storage-path s3://bucket/ray \\
+        --num-workers 8 --use-gpu --tracking-uri http://mlflow.internal:5000
+
+or submit it to a running cluster (the head's dashboard on port 8265; a head started with
+``ray start --head`` has token authentication on, so the client needs ``RAY_AUTH_MODE=token`` and
+the token in ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``)::
+
+    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python -m ray_jobs.train --data DATA --output OUT --config configs/demo.yaml
+
+Continue an interrupted run (same ``--output``/``--storage-path``/``--run-name``) from its latest
+checkpoint, including optimizer, EMA and RNG state, and the same MLflow run::
+
+    python -m ray_jobs.train --data DATA --output OUT --resume [--epochs 200]
+
+Quick check that everything is wired (one epoch on a few batches)::
+
+    python -m ray_jobs.train --data DATA --output /tmp/smoke --config configs/test.yaml --smoke-test
+
+What it writes (``--output`` must be a local or NFS folder; ``--storage-path`` may be any
+``pyarrow.fs`` URI and defaults to ``<output>/ray_results``)::
+
+    <storage-path>/<run-name>/checkpoint_epoch_NNNNNN/   Ray Train checkpoints (igconda.checkpoint
+                                                         layout), the best few by valid_loss + latest
+    <output>/best/                  local copy of the checkpoint with the lowest validation loss
+    <output>/best_checkpoint.json   its URI in the storage, epoch, valid_loss, MLflow run id
+    <output>/mlflow_run.json        the MLflow run this training logs to (reused by --resume)
+    <output>/mlflow.db, mlartifacts/   the default local MLflow store (no server needed)
+
+Exit status: 0 on success, 2 on a usage or config error, 1 if training failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from igconda import checkpoint as ckpt
+from igconda import tracking
+from igconda.config import ConfigError, StudyConfig, load_config
+from igconda.train_loop import (
+    SCORE_METRIC,
+    TRAIN_COLUMNS,
+    VALID_COLUMNS,
+    dataset_version,
+    train_func,
+)
+
+RUN_RECORD = "mlflow_run.json"
+# Ray Train's record of reported checkpoints; its presence means a run exists to resume.
+_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+class UsageError(ValueError):
+    """Bad command-line arguments or inputs; reported without a traceback."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="preprocessed dataset folder or URI (has slices/)")
+    parser.add_argument("--output", required=True, help="local/NFS folder for best/, MLflow store, records")
+    parser.add_argument("--config", default=None, help="study YAML (default: the paper's settings)")
+    parser.add_argument("--num-workers", type=int, default=None, help="DDP workers (default: train.num_workers)")
+    parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, mixed precision")
+    parser.add_argument("--cpus-per-worker", type=float, default=None,
+                        help="CPUs Ray reserves per worker (default: 1, or less on a small machine "
+                             "so that one CPU stays free for Ray Data's readers)")
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="intra-op threads per worker (default: max(1, cpus-per-worker))")
+    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--storage-path", default=None, help="Ray Train storage (local, NFS or s3://…)")
+    parser.add_argument("--run-name", default="train", help="Ray Train run name under the storage path")
+    parser.add_argument("--keep-checkpoints", type=int, default=3,
+                        help="best checkpoints to keep by valid_loss (the latest is always kept)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: <output>/mlflow.db)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment)")
+    parser.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this run")
+    parser.add_argument("--register-model", default=None, metavar="NAME",
+                        help="also register the best checkpoint as a version of this MLflow model")
+    parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    parser.add_argument("--address", default=None, help="Ray address (default: auto / start local Ray)")
+    parser.add_argument("--smoke-test", action="store_true", help="1 epoch on a few batches")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> StudyConfig:
+    """The study config with the command line's overrides applied (validated)."""
+    train: dict[str, Any] = {}
+    if args.epochs is not None:
+        train["epochs"] = args.epochs
+    if args.smoke_test:
+        train["epochs"] = 1
+    if args.num_workers is not None:
+        train["num_workers"] = args.num_workers
+    if args.use_gpu:
+        train["use_gpu"] = True
+    return load_config(args.config, overrides={"train": train} if train else None)
+
+
+def default_cpus_per_worker(num_workers: int, cluster_cpus: float) -> float:
+    """One CPU per worker, unless that would leave no CPU for Ray Data's read tasks.
+
+    Training workers hold their CPUs for the whole run; if they took every CPU, the Parquet read
+    tasks feeding them could never be scheduled and the run would wait forever.
+    """
+    if num_workers + 1 <= cluster_cpus:
+        return 1.0
+    return max(0.1, round((cluster_cpus - 1.0) / num_workers, 2)) if cluster_cpus > 1 else 0.5 / num_workers
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+def _fs_exists(uri: str, want_dir: bool = False) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (
+        pafs.LocalFileSystem(), str(Path(uri).resolve()))
+    info = fs.get_file_info(path)
+    return info.type == (pafs.FileType.Directory if want_dir else pafs.FileType.File)
+
+
+def _storage_path(args: argparse.Namespace, output: Path) -> str:
+    if args.storage_path:
+        return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+    return str(output / "ray_results")
+
+
+def build_trainer(
+    config: StudyConfig,
+    *,
+    data: str,
+    storage_path: str,
+    run_name: str,
+    mlflow: dict[str, str] | None = None,
+    cpus_per_worker: float = 1.0,
+    torch_threads: int | None = None,
+    keep_checkpoints: int = 3,
+    smoke_test: bool = False,
+    fault: dict[str, Any] | None = None,
+    data_version: str | None = None,
+) -> Any:
+    """A ``TorchTrainer`` for :func:`igconda.train_loop.train_func` over ``<data>/slices``.
+
+    Args:
+        config: study config (``train.num_workers``, ``train.use_gpu``, ``train.max_failures``).
+        data: dataset folder or URI with ``slices/train`` and ``slices/valid``.
+        storage_path: where Ray Train writes checkpoints (local, NFS or any pyarrow URI).
+        run_name: the run's folder under ``storage_path``; rerunning with the same name resumes.
+        mlflow: ``{"tracking_uri", "run_id"}`` for rank 0 to log to, or None.
+        cpus_per_worker: Ray CPU reservation per worker.
+        torch_threads: intra-op threads per worker (default ``max(1, int(cpus_per_worker))``).
+        keep_checkpoints: how many of the best checkpoints (by valid loss) to keep.
+        smoke_test: limit both splits to a few batches.
+        fault: test hook, see :func:`igconda.train_loop._maybe_inject_fault`.
+        data_version: recorded in each checkpoint's metadata.
+    """
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train_cfg = config.train
+    splits = {}
+    for split, columns in (("train", TRAIN_COLUMNS), ("valid", VALID_COLUMNS)):
+        path = _join(data, "slices", split)
+        if not _fs_exists(path, want_dir=True):
+            raise UsageError(f"{path}: no {split} split; run ray_jobs.preprocess first")
+        splits[split] = ray.data.read_parquet(path).select_columns(list(columns))
+    if smoke_test:
+        rows = 2 * train_cfg.batch_size * train_cfg.num_workers
+        splits = {k: v.limit(rows) for k, v in splits.items()}
+    # A fresh block order each epoch; rows are further mixed by each worker's local shuffle buffer.
+    splits["train"] = splits["train"].randomize_block_order()
+
+    loop_config = {
+        "study": config.to_dict(),
+        "mlflow": mlflow,
+        "torch_threads": torch_threads or max(1, int(cpus_per_worker)),
+        "data_version": data_version,
+        "fault": fault,
+    }
+    return TorchTrainer(
+        train_func,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints,
+                                               checkpoint_score_attribute=SCORE_METRIC,
+                                               checkpoint_score_order="min"),
+        ),
+        datasets=splits,
+        # Shard only train; every worker sees all of valid and scores the rows hashed to its rank
+        # (streaming_split(equal=True) would drop rows to even the shards out).
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def export_best(result: Any, output: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Copy the lowest-valid-loss checkpoint to ``<output>/best`` and write its pointer file.
+
+    Returns:
+        ``<output>/best``.
+    """
+    best = result.get_best_checkpoint(SCORE_METRIC, "min")
+    if best is None:
+        raise RuntimeError("training reported no checkpoint with a validation loss")
+    metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path), {})
+    target = output / ckpt.BEST_DIR
+    staging = output / f".{ckpt.BEST_DIR}.incoming"
+    shutil.rmtree(staging, ignore_errors=True)
+    best.to_directory(str(staging))
+    if target.exists():
+        shutil.rmtree(target)
+    staging.replace(target)
+    meta = ckpt.load_metadata(target)
+    ckpt.write_best_pointer(output, {
+        "uri": best.path if "://" in best.path else str(Path(best.path).resolve()),
+        "filesystem": type(best.filesystem).__name__,
+        "local_copy": str(target.resolve()),
+        "epoch": meta.get("epoch", metrics.get("epoch")),
+        "valid_loss": meta.get("valid_loss", metrics.get(SCORE_METRIC)),
+        **(extra or {}),
+    })
+    return target
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Train as the arguments say; returns the local copy of the best checkpoint."""
+    config = resolve_config(args)
+    output = Path(args.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    storage_path = _storage_path(args, output)
+    exists = _fs_exists(_join(storage_path, args.run_name, _SNAPSHOT))
+    if exists and not args.resume:
+        raise UsageError(f"{_join(storage_path, args.run_name)} already holds a training run; "
+                         "pass --resume to continue it, or choose another --output/--run-name")
+    if args.resume and not exists:
+        raise UsageError(f"--resume: no checkpoints found under {_join(storage_path, args.run_name)}")
+    if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
+        raise UsageError("--cpus-per-worker must be positive")
+
+    data_hash = dataset_version(args.data)
+    mlflow_cfg = None
+    tracking_uri = ""
+    if not args.no_tracking:
+        tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
+        mlflow_cfg = _open_mlflow_run(args, config, output, tracking_uri, storage_path, data_hash)
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    cpus = args.cpus_per_worker or default_cpus_per_worker(
+        config.train.num_workers, ray.cluster_resources().get("CPU", 1.0))
+    print(f"{config.train.num_workers} worker(s), {cpus:g} CPU each", flush=True)
+    trainer = build_trainer(config, data=args.data, storage_path=storage_path, run_name=args.run_name,
+                            mlflow=mlflow_cfg, cpus_per_worker=cpus,
+                            torch_threads=args.torch_threads, keep_checkpoints=args.keep_checkpoints,
+                            smoke_test=args.smoke_test, data_version=data_hash)
+    try:
+        result = trainer.fit()
+        best = export_best(result, output, {"mlflow_run_id": mlflow_cfg and mlflow_cfg["run_id"],
+                                            "tracking_uri": tracking_uri or None})
+    except BaseException:
+        if mlflow_cfg:
+            tracking.end_run(tracking_uri, mlflow_cfg["run_id"], "FAILED")
+        raise
+    if mlflow_cfg:
+        _finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
+    return best
+
+
+def _open_mlflow_run(args: argparse.Namespace, config: StudyConfig, output: Path, tracking_uri: str,
+                     storage_path: str, data_hash: str) -> dict[str, str]:
+    """Create the training's MLflow run (or reopen it on --resume) and log params and tags."""
+    record = output / RUN_RECORD
+    if args.resume and record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("tracking_uri") == tracking_uri:
+            tracking.RunLogger(tracking_uri, saved["run_id"]).set_tags({"igconda.resumed": "true"})
+            return {"tracking_uri": tracking_uri, "run_id": saved["run_id"]}
+    experiment = args.experiment or config.tracking.experiment
+    tags = {"igconda.stage": "train", "model.attention": config.model.attention,
+            "model.variant": f"({config.model.attention})", "data.version": data_hash,
+            "data.path": args.data}
+    run_id = tracking.create_run(tracking_uri, experiment, f"train-{config.model.attention}",
+                                 tags=tags, parent_run_id=args.parent_run_id)
+    logger = tracking.RunLogger(tracking_uri, run_id)
+    logger.log_params({**config.flat(), "job.data": args.data, "job.storage_path": storage_path,
+                       "job.run_name": args.run_name, "job.cpus_per_worker": args.cpus_per_worker,
+                       "job.smoke_test": args.smoke_test})
+    record.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id,
+                                  "experiment": experiment}, indent=2))
+    return {"tracking_uri": tracking_uri, "run_id": run_id}
+
+
+def _finish_mlflow_run(args: argparse.Namespace, tracking_uri: str, run_id: str, output: Path,
+                       best: Path) -> None:
+    logger = tracking.RunLogger(tracking_uri, run_id)
+    pointer = ckpt.read_best_pointer(output)
+    logger.log_artifact(best, "best_checkpoint")
+    logger.log_artifact(output / ckpt.BEST_POINTER)
+    logger.set_tags({"best_checkpoint.uri": pointer["uri"], "best_checkpoint.epoch": str(pointer["epoch"])})
+    logger.log_metrics({"best/valid_loss": float(pointer["valid_loss"])}, step=int(pointer["epoch"]))
+    if args.register_model:
+        version = logger.register_model("best_checkpoint", args.register_model)
+        logger.set_tags({"registered_model": f"{args.register_model}/{version}"})
+    tracking.end_run(tracking_uri, run_id, "FINISHED")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        best = run(args)
+    except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"best checkpoint: {best}")
+    print(f"best checkpoint record: {best.parent / ckpt.BEST_POINTER}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
