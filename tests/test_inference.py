@@ -194,3 +194,28 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 def test_stack_column_rejects_wrong_sizes():
     with pytest.raises(ValueError, match="16×16"):
         stack_column(np.zeros((2, 100), np.float32), 16, 16)
+
+
+def test_stride_benchmark_runs_on_the_tiny_model(checkpoint, tmp_path, test_config, capsys):
+    """benchmarks/bench_strides.py: one row per dividing stride, fewer evaluations as s grows."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_strides.py"
+    spec = importlib.util.spec_from_file_location("bench_strides", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = make_dataset(tmp_path / "data", test_config, {"P1": ("lung", "internal")}, split="tune")
+    out = tmp_path / "strides.csv"
+    code = bench.main(["--checkpoint", str(checkpoint), "--data", str(data), "--noise-level", "4",
+                       "--strides", "1,2,3,4", "--max-slices", "4", "--device", "cpu",
+                       "--output", str(out)])
+    assert code == 0
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    assert table["stride"].tolist() == [1, 2, 4]  # s = 3 does not divide D = 4
+    assert table["evaluations_per_slice"].tolist() == [12, 6, 3]
+    assert table["dsc_max_mean"].between(0, 1).all() and (table["slices_per_s"] > 0).all()
+    assert "largest stride within 0.01" in capsys.readouterr().out
+    best = bench.default_stride(pd.DataFrame({"stride": [1, 2, 5], "dsc_max_mean": [0.5, 0.495, 0.47]}))
+    assert best == 2

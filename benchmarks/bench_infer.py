@@ -1,0 +1,161 @@
+"""Ray Data batch inference against a plain PyTorch loop: same slices, same model, one run.
+
+Both paths run :class:`igconda.inference.CounterfactualPredictor` (counterfactual, maps and
+metrics) over the same Parquet slices:
+
+* **plain**: pyarrow reads the files, a Python loop feeds batches to one predictor in this process;
+* **ray**: ``ray.data.read_parquet`` → ``map_batches(CounterfactualPredictor, concurrency=k)``,
+  consumed with ``iter_batches`` as ``ray_jobs.infer`` does.
+
+The ratio ray / plain at concurrency 1 measures Ray Data's overhead (goal: close to 1); at
+concurrency 2 it shows what a second actor buys on this machine. Torch threads are pinned to
+``--threads`` in both paths (a Ray actor with ``num_cpus=t`` gets ``OMP_NUM_THREADS=t``), so that
+the comparison is not a threading difference. The model has random weights (its output layer
+made non-zero): speed does not depend on training. Ray's own start-up is excluded; the actors'
+model loading is included (it is part of what a job pays).
+
+Run::
+
+    python benchmarks/bench_infer.py --config configs/demo.yaml --slices 128 --noise-level 400 \\
+        --stride 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from igconda.checkpoint import save_checkpoint
+from igconda.config import load_config
+from igconda.data.schema import SLICE_SCHEMA, encode_geometry, volume_to_rows
+from igconda.inference import CounterfactualPredictor
+from igconda.models import build_unet
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_inputs(root: Path, config_path: Path, slices: int, patients: int, seed: int = 0) -> tuple[Path, Path]:
+    """A random-weight checkpoint and ``slices`` synthetic slices split over ``patients`` files."""
+    config = load_config(config_path)
+    torch.manual_seed(seed)
+    model = build_unet(config.model)
+    with torch.no_grad():  # MONAI zero-initialises the output layer: ε = 0 would be a no-op
+        for param in model.parameters():
+            if not param.any():
+                param.normal_(0.0, 0.05)
+    checkpoint = save_checkpoint(root / "ckpt", model=model, config=config)
+    h, w, _ = config.preprocess.output_size
+    rng = np.random.default_rng(seed)
+    folder = root / "data" / "slices" / "test"
+    folder.mkdir(parents=True)
+    per_patient = int(np.ceil(slices / patients))
+    geometry = encode_geometry({"original_shape": [h, w, per_patient], "original_affine": np.eye(4),
+                                "output_affine": np.eye(4), "output_shape": [h, w, per_patient]})
+    for p in range(patients):
+        depth = min(per_patient, slices - p * per_patient)
+        if depth <= 0:
+            break
+        image = rng.random((h, w, depth), dtype=np.float32) * 0.3
+        mask = np.zeros((h, w, depth), np.uint8)
+        mask[h // 3: h // 2, w // 3: w // 2, :] = 1  # every slice unhealthy: metrics run too
+        image[mask > 0] += 0.6
+        table = volume_to_rows(image, mask, patient_id=f"P{p:03d}", cohort="bench", tracer="FDG",
+                               role="internal", split="test", suv_max=10.0, scale_min=0.0,
+                               scale_max=10.0, pet_path="-", geometry=json.loads(geometry))
+        pq.write_table(table.cast(SLICE_SCHEMA), folder / f"P{p:03d}.parquet")
+    return checkpoint, folder
+
+
+def plain_loop(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int) -> tuple[int, float]:
+    started = time.perf_counter()
+    predictor = CounterfactualPredictor(checkpoint, **kwargs)
+    n = 0
+    for file in sorted(folder.glob("*.parquet")):
+        table = pq.read_table(file, columns=["patient_id", "slice_index", "label", "height",
+                                             "width", "image", "mask"])
+        for batch in table.to_batches(max_chunksize=batch_size):
+            columns = {name: _numpy(batch.column(name)) for name in batch.schema.names}
+            n += len(predictor(columns)["anomaly_map"])
+    return n, time.perf_counter() - started
+
+
+def _numpy(array: pa.Array) -> np.ndarray:
+    if pa.types.is_list(array.type):
+        width = len(array[0].values) if len(array) else 0
+        return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), width)
+    return array.to_numpy(zero_copy_only=False)
+
+
+def ray_data(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int, concurrency: int,
+             threads: int) -> tuple[int, float]:
+    import ray
+
+    started = time.perf_counter()
+    ds = ray.data.read_parquet(str(folder), columns=["patient_id", "slice_index", "label", "height",
+                                                     "width", "image", "mask"])
+    ds = ds.map_batches(CounterfactualPredictor, fn_constructor_kwargs={"checkpoint": str(checkpoint), **kwargs},
+                        batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
+                        num_cpus=threads)
+    n = sum(len(b["anomaly_map"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+    return n, time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
+    p.add_argument("--slices", type=int, default=128)
+    p.add_argument("--patients", type=int, default=4)
+    p.add_argument("--noise-level", type=int, default=400)
+    p.add_argument("--stride", type=int, default=40)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per predictor")
+    p.add_argument("--concurrency", default="1,2", help="Ray actor counts to measure")
+    p.add_argument("--output", type=Path, help="write the results as JSON here")
+    args = p.parse_args(argv)
+
+    import ray
+
+    torch.set_num_threads(args.threads)
+    kwargs = {"noise_level": args.noise_level, "guidance_scale": args.guidance_scale,
+              "stride": args.stride, "device": "cpu"}
+    results: dict[str, object] = {"config": str(args.config), "slices": args.slices,
+                                  "noise_level": args.noise_level, "stride": args.stride,
+                                  "evaluations_per_slice": 3 * args.noise_level // args.stride,
+                                  "batch_size": args.batch_size, "threads": args.threads}
+    with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
+        checkpoint, folder = make_inputs(Path(tmp), args.config, args.slices, args.patients)
+        n, seconds = plain_loop(checkpoint, folder, kwargs, args.batch_size)
+        results["plain_slices_per_s"] = n / seconds
+        print(f"plain loop: {n} slices in {seconds:.1f} s = {n / seconds:.2f} slices/s", flush=True)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+        try:
+            for k in (int(c) for c in args.concurrency.split(",")):
+                n_ray, seconds = ray_data(checkpoint, folder, kwargs, args.batch_size, k, args.threads)
+                if n_ray != n:
+                    raise SystemExit(f"Ray Data produced {n_ray} slices, expected {n}")
+                rate = n_ray / seconds
+                results[f"ray_c{k}_slices_per_s"] = rate
+                results[f"ratio_c{k}"] = rate / results["plain_slices_per_s"]
+                print(f"ray data, concurrency {k}: {n_ray} slices in {seconds:.1f} s = {rate:.2f} "
+                      f"slices/s (ratio to plain {rate / results['plain_slices_per_s']:.2f})", flush=True)
+        finally:
+            ray.shutdown()
+    print(json.dumps(results, indent=2))
+    if args.output:
+        args.output.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
