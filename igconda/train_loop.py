@@ -448,6 +448,7 @@ def train_func(config: dict[str, Any]) -> None:
     study = from_dict(config["study"], "train_loop_config")
     train_cfg = study.train
     threads = int(config.get("torch_threads") or 0)
+    default_threads = torch.get_num_threads()
     if threads > 0:
         # Ray sets OMP_NUM_THREADS to the worker's CPU reservation (1 by default), which caps
         # torch's intra-op pool; make the thread count an explicit choice instead.
@@ -481,7 +482,8 @@ def train_func(config: dict[str, Any]) -> None:
         seconds = _all_reduce_max(stats.seconds, device)
         metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(samples, 1.0),
                                    "samples_per_s": samples / max(seconds, 1e-9),
-                                   "epoch_seconds": seconds}
+                                   "epoch_seconds": seconds, "torch_threads": torch.get_num_threads(),
+                                   "torch_default_threads": default_threads}
         last = epoch == train_cfg.epochs
         do_checkpoint = epoch % train_cfg.checkpoint_every == 0 or last
         if epoch % train_cfg.valid_every == 0 or do_checkpoint:

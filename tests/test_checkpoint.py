@@ -1,0 +1,91 @@
+"""Checkpoint folders: round trip of weights, EMA, optimizer, config; safe loading; pointers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from igconda import checkpoint as ckpt
+from igconda.train_loop import TrainingSession
+
+
+@pytest.fixture()
+def trained(test_config):
+    """A session after one optimiser step with EMA on (so optimizer and EMA state are non-trivial)."""
+    session = TrainingSession.create(test_config.replace("train", ema_decay=0.9))
+    x0 = torch.rand(4, 1, 16, 16)
+    labels = torch.tensor([1, 2, 1, 2])
+    session.train_epoch([{"image": x0, "label": labels}], epoch=1)
+    return session
+
+
+def test_round_trip_weights_optimizer_config(trained, tmp_path):
+    folder = trained.save(tmp_path / "epoch1", metadata={"valid_loss": 0.25, "is_best": True})
+    names = {p.name for p in folder.iterdir()}
+    assert names == {ckpt.CONFIG_FILE, ckpt.MODEL_FILE, ckpt.EMA_FILE, ckpt.STATE_FILE, ckpt.METADATA_FILE}
+
+    model, config = ckpt.load_model(folder, prefer_ema=False)
+    assert config == trained.config
+    for key, value in trained.module.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value)
+    # The class embedding is part of the weights, its padding row (unconditional) still zero.
+    assert "class_embedding.weight" in load_file(str(folder / ckpt.MODEL_FILE))
+    assert torch.count_nonzero(model.class_embedding.weight[0]) == 0
+
+    ema_model, _ = ckpt.load_model(folder)  # inference prefers EMA weights
+    for key, value in trained.ema.module.state_dict().items():
+        torch.testing.assert_close(ema_model.state_dict()[key], value)
+    assert not all(torch.equal(ema_model.state_dict()[k], model.state_dict()[k]) for k in model.state_dict())
+
+    state = ckpt.load_train_state(folder)  # torch.load(weights_only=True) inside
+    assert state["epoch"] == 1
+    saved_opt, live_opt = state["optimizer"], trained.optimizer.state_dict()
+    assert saved_opt["param_groups"] == live_opt["param_groups"]
+    for idx, entry in live_opt["state"].items():
+        torch.testing.assert_close(saved_opt["state"][idx]["exp_avg"], entry["exp_avg"])
+    assert int(state["ema_n_averaged"]) == 1
+    meta = ckpt.load_metadata(folder)
+    assert meta["valid_loss"] == 0.25 and meta["is_best"] is True and meta["epoch"] == 1
+
+
+def test_train_state_holds_no_pickled_code(trained, tmp_path):
+    folder = trained.save(tmp_path / "c")
+    torch.load(folder / ckpt.STATE_FILE, weights_only=True)  # raises if anything needs unpickling code
+
+
+def test_save_replaces_an_existing_folder_atomically(trained, tmp_path):
+    target = tmp_path / "best"
+    trained.save(target, metadata={"epoch_tag": 1})
+    trained.save(target, metadata={"epoch_tag": 2})
+    assert ckpt.load_metadata(target)["epoch_tag"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]  # no temp folders left behind
+
+
+def test_load_errors_name_the_problem(trained, tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="not a checkpoint folder"):
+        ckpt.load_model(tmp_path)
+    folder = trained.save(tmp_path / "c")
+    (folder / ckpt.MODEL_FILE).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="no model.safetensors"):
+        ckpt.load_model(folder, prefer_ema=False)
+    assert ckpt.load_train_state(tmp_path) is None
+
+
+def test_weights_that_do_not_match_the_config_are_refused(trained, tmp_path):
+    folder = trained.save(tmp_path / "c")
+    text = (folder / ckpt.CONFIG_FILE).read_text().replace("attention: '01'", "attention: '11'")
+    (folder / ckpt.CONFIG_FILE).write_text(text)
+    with pytest.raises(ckpt.CheckpointError, match="do not match"):
+        ckpt.load_model(folder, prefer_ema=False)
+
+
+def test_best_pointer_round_trip(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="best_checkpoint.json"):
+        ckpt.read_best_pointer(tmp_path)
+    record = {"uri": "s3://bucket/run/checkpoint_epoch_000003", "epoch": 3, "valid_loss": 0.1}
+    path = ckpt.write_best_pointer(tmp_path / "out", record)
+    assert json.loads(path.read_text()) == record
+    assert ckpt.read_best_pointer(tmp_path / "out") == record

@@ -1,0 +1,126 @@
+"""igconda.tracking against a local SQLite store and a real ``mlflow server``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from igconda import tracking
+
+
+def test_resolve_tracking_uri(tmp_path):
+    assert tracking.resolve_tracking_uri("", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking.resolve_tracking_uri(str(tmp_path / "store"), "ignored").endswith("/store/mlflow.db")
+    for uri in ("http://127.0.0.1:5000", "sqlite:///x.db", "file:///tmp/mlruns", "databricks"):
+        assert tracking.resolve_tracking_uri(uri, tmp_path) == uri
+
+
+@pytest.fixture(scope="module")
+def local_store(tmp_path_factory) -> str:
+    # One SQLite store per module: creating its tables costs seconds.
+    return tracking.resolve_tracking_uri("", tmp_path_factory.mktemp("mlflow"))
+
+
+def test_run_logger_records_params_metrics_tags_and_artifacts(local_store, tmp_path):
+    parent = tracking.create_run(local_store, "exp", "parent")
+    run_id = tracking.create_run(local_store, "exp", "child", tags={"model.attention": "011"},
+                                 parent_run_id=parent)
+    logger = tracking.RunLogger(local_store, run_id)
+    logger.log_params({f"section.key{i}": i for i in range(150)})  # > one log_batch of params
+    logger.log_params({"long": "x" * 7000})
+    for epoch in (1, 2, 3):
+        logger.log_metrics({"train_loss": 1.0 / epoch}, step=epoch)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"0123")
+    logger.log_artifact(tmp_path / "ckpt", "best_checkpoint")
+    tracking.end_run(local_store, run_id)
+
+    run = tracking.get_run(local_store, run_id)
+    assert run["status"] == "FINISHED"
+    assert len([k for k in run["params"] if k.startswith("section.")]) == 150
+    assert len(run["params"]["long"]) == 6000
+    assert run["tags"]["model.attention"] == "011"
+    assert run["tags"]["mlflow.parentRunId"] == parent
+    assert tracking.get_metric_history(local_store, run_id, "train_loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert tracking.list_artifacts(local_store, run_id, "best_checkpoint") == [
+        "best_checkpoint/model.safetensors"]
+    # Artifacts of the default store live beside the database, not in the current directory.
+    artifact_root = Path(local_store[len("sqlite:///"):]).parent / tracking.LOCAL_ARTIFACTS
+    assert list(artifact_root.rglob("model.safetensors"))
+    version = logger.register_model("best_checkpoint", "igconda-test")
+    assert version == "1"
+
+
+def test_start_run_nests_under_a_parent(local_store):
+    with tracking.start_run(local_store, "exp2", "pipeline") as parent:
+        tracking.log_metrics({"time_s/total": 3.0})
+        with tracking.start_run(local_store, "exp2", "stage") as child:
+            tracking.log_params({"a": 1})
+    runs = {r["run_id"]: r for r in tracking.find_runs(local_store, "exp2")}
+    assert runs[child]["tags"]["mlflow.parentRunId"] == parent
+    assert runs[parent]["metrics"]["time_s/total"] == 3.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on a free local port, with SQLite and a local artifact root."""
+    if shutil.which("mlflow", path=str(Path(sys.executable).parent)) is None:
+        pytest.fail("the mlflow CLI is not installed beside this Python")
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_HOST": "127.0.0.1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.mark.mlflow_server
+def test_logging_to_a_real_server(mlflow_server, tmp_path):
+    run_id = tracking.create_run(mlflow_server, "server-exp", "train", tags={"data.version": "v1"})
+    logger = tracking.RunLogger(mlflow_server, run_id)
+    logger.log_params({"train.lr": 0.001})
+    logger.log_metrics({"valid_loss": 0.5}, step=1)
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "config.yaml").write_text("model: {}\n")
+    logger.log_artifact(tmp_path / "best", "best_checkpoint")
+    tracking.end_run(mlflow_server, run_id)
+    run = tracking.get_run(mlflow_server, run_id)
+    assert run["params"]["train.lr"] == "0.001"
+    assert run["metrics"]["valid_loss"] == 0.5
+    assert run["tags"]["data.version"] == "v1"
+    assert tracking.list_artifacts(mlflow_server, run_id, "best_checkpoint") == ["best_checkpoint/config.yaml"]

@@ -1,0 +1,163 @@
+"""The Ray Train job end to end: DDP on two CPU workers, checkpoints, the best pointer, MLflow,
+--resume, recovery from a killed worker, and ``ray job submit`` against a ``ray start`` head."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from igconda import checkpoint as ckpt
+from igconda import tracking
+from tests.test_train_loop import make_slice_dataset
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_slice_dataset(tmp_path_factory.mktemp("data"), {"train": 4, "valid": 2})
+
+
+def _job_args(data: Path, output: Path, *extra: str) -> list[str]:
+    # 0.5 CPU per worker: ray_session has 2 CPUs and Ray Data's readers need one.
+    return ["--data", str(data), "--output", str(output), "--config", "configs/test.yaml",
+            "--num-workers", "2", "--cpus-per-worker", "0.5", "--torch-threads", "1", *extra]
+
+
+@pytest.mark.e2e
+def test_two_workers_train_checkpoint_log_and_resume(ray_session, dataset, tmp_path, repo_root,
+                                                     monkeypatch):
+    from ray_jobs import train as job
+
+    monkeypatch.chdir(repo_root)
+    output = tmp_path / "out"
+    assert job.main(_job_args(dataset, output)) == 0
+
+    pointer = ckpt.read_best_pointer(output)
+    record = json.loads((output / job.RUN_RECORD).read_text())
+    uri, run_id = record["tracking_uri"], record["run_id"]
+    history = tracking.get_metric_history(uri, run_id, "valid_loss")
+    assert [step for step, _ in history] == [1, 2]
+    best_epoch, best_loss = min(history, key=lambda sv: sv[1])
+    assert pointer["epoch"] == best_epoch and pointer["valid_loss"] == pytest.approx(best_loss)
+    model, config = ckpt.load_model(output / ckpt.BEST_DIR)
+    assert config.model.attention == "01" and config.train.num_workers == 2
+    assert ckpt.load_metadata(output / ckpt.BEST_DIR)["world_size"] == 2
+    # Both DDP replicas held identical weights at every checkpoint (checked across workers).
+    assert [v for _, v in tracking.get_metric_history(uri, run_id, "replica_checksum_spread")] == [0.0, 0.0]
+
+    run = tracking.get_run(uri, run_id)
+    assert run["status"] == "FINISHED"
+    assert set(config.flat()) <= set(run["params"])
+    assert run["tags"]["model.attention"] == "01"
+    assert run["tags"]["data.version"].startswith("files:")
+    assert "best_checkpoint/model.safetensors" in tracking.list_artifacts(uri, run_id, "best_checkpoint")
+    assert run["metrics"]["samples_per_s"] > 0
+
+    # A second run into the same folder must be explicit.
+    assert job.main(_job_args(dataset, output)) == 2
+
+    # --resume continues after epoch 2, in the same MLflow run.
+    assert job.main(_job_args(dataset, output, "--resume", "--epochs", "3")) == 0
+    assert [s for s, _ in tracking.get_metric_history(uri, run_id, "train_loss")] == [1, 2, 3]
+    latest = Path(output / "ray_results" / "train" / "checkpoint_epoch_000003")
+    state = ckpt.load_train_state(latest)
+    assert state["epoch"] == 3 and state["resumed_at"] == [2]
+    assert [h["epoch"] for h in state["history"]] == [1.0, 2.0, 3.0]
+
+
+def test_a_killed_worker_is_recovered_from_the_last_checkpoint(ray_session, dataset, tmp_path):
+    from igconda.config import load_config
+    from ray_jobs.train import build_trainer
+
+    config = load_config(Path(__file__).parents[1] / "configs" / "test.yaml",
+                         overrides={"train": {"epochs": 2, "num_workers": 2, "max_failures": 1}})
+    marker = tmp_path / "killed"
+    trainer = build_trainer(config, data=str(dataset), storage_path=str(tmp_path / "storage"),
+                            run_name="faulty", cpus_per_worker=0.5, torch_threads=1,
+                            fault={"epoch": 2, "rank": 1, "marker": str(marker)})
+    result = trainer.fit()
+    assert marker.is_file()  # rank 1 really died at the start of epoch 2
+    assert result.error is None
+    with result.checkpoint.as_directory() as folder:
+        state = ckpt.load_train_state(folder)
+    assert state["epoch"] == 2
+    assert state["resumed_at"] == [1]  # the restarted group continued from epoch 1's checkpoint
+    assert [h["epoch"] for h in state["history"]] == [1.0, 2.0]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_own_head(temp_dir: Path, grace_s: float = 30.0) -> None:
+    """Stop the Ray head this test started, and only it: ``ray stop`` would kill every Ray
+    process on the machine, including other users'. Its processes are the ones whose command
+    line names its private temp folder."""
+    def own_pids() -> list[int]:
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(temp_dir) in cmdline:
+                pids.append(int(proc.name))
+        return pids
+
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in own_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + wait
+        while own_pids() and time.time() < deadline:
+            time.sleep(0.5)
+
+
+@pytest.mark.e2e
+def test_ray_job_submit_against_a_local_head(dataset, tmp_path, repo_root):
+    """``ray start --head`` (token auth on) + ``ray job submit --working-dir .`` runs the job."""
+    bin_dir = Path(sys.executable).parent
+    ports = {name: _free_port() for name in ("gcs", "dashboard", "client", "agent", "metrics")}
+    # A private, short session folder (Unix socket paths are limited to ~107 bytes) that also
+    # identifies this head's processes for _stop_own_head.
+    temp_dir = Path(tempfile.mkdtemp(prefix="igray-", dir="/tmp"))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    start = [str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
+             "--dashboard-host=127.0.0.1", f"--port={ports['gcs']}",
+             f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}",
+             f"--dashboard-agent-listen-port={ports['agent']}", f"--metrics-export-port={ports['metrics']}",
+             "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    try:
+        subprocess.run(start, check=True, env=env, timeout=300, capture_output=True)
+        address = f"http://127.0.0.1:{ports['dashboard']}"
+        output = tmp_path / "out"
+        submit = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
+                  "--", sys.executable, "-m", "ray_jobs.train",
+                  *_job_args(dataset, output, "--epochs", "1")]
+        done = subprocess.run(submit, cwd=repo_root, env=env, timeout=600, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "SUCCEEDED" in done.stdout + done.stderr
+        assert (output / ckpt.BEST_DIR / ckpt.MODEL_FILE).is_file()
+        record = json.loads((output / "mlflow_run.json").read_text())
+        run = tracking.get_run(record["tracking_uri"], record["run_id"])
+        assert run["status"] == "FINISHED" and "valid_loss" in run["metrics"]
+    finally:
+        _stop_own_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
