@@ -3,6 +3,34 @@
 Pure PyTorch: nothing here imports Ray or MLflow.
 """
 
+from igconda.diffusion.ddim import (
+    anomaly_map,
+    counterfactual,
+    ddim_decode,
+    ddim_encode,
+    network_evaluations,
+    timestep_grid,
+)
 from igconda.diffusion.schedule import NoiseSchedule
+from igconda.diffusion.training import (
+    amp_settings,
+    diffusion_loss,
+    fixed_validation_draw,
+    make_ema,
+    train_step,
+)
 
-__all__ = ["NoiseSchedule"]
+__all__ = [
+    "NoiseSchedule",
+    "amp_settings",
+    "anomaly_map",
+    "counterfactual",
+    "ddim_decode",
+    "ddim_encode",
+    "diffusion_loss",
+    "fixed_validation_draw",
+    "make_ema",
+    "network_evaluations",
+    "timestep_grid",
+    "train_step",
+]
