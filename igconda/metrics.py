@@ -155,7 +155,8 @@ def _distance_to(edges: np.ndarray) -> np.ndarray:
     out = np.full(edges.shape, np.inf)
     # A 2D EDT per slice: measured 5× faster than one 3D EDT over the stack with a large slice
     # spacing (the 3D transform still does full passes along the batch axis).
-    for i in np.flatnonzero(edges.reshape(edges.shape[0], -1).any(axis=1)):
+    has_edges = edges.any(axis=(1, 2))
+    for i in np.flatnonzero(has_edges):
         out[i] = ndimage.distance_transform_edt(~edges[i])
     return out
 
