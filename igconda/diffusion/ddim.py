@@ -37,6 +37,7 @@ values near the clip range no longer maps back to itself), which shows up as fal
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -50,9 +51,10 @@ AnomalyKind = str  # "abs" | "hot"
 
 
 def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # numbers.Integral admits NumPy integers (from Tune search spaces or DataFrames), not floats.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    return value
+    return int(value)
 
 
 def _check_grid(noise_level: int, stride: int, num_train_timesteps: int | None = None) -> int:
@@ -78,7 +80,7 @@ def _check_grid(noise_level: int, stride: int, num_train_timesteps: int | None =
 
 
 def _check_guidance(guidance_scale: float, target_label: int) -> None:
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
             or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale w must be a finite number >= 0, got {guidance_scale!r}")
     target_label = _check_int("target_label", target_label)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler
@@ -72,6 +73,7 @@ class Affine(torch.nn.Module):
 
 def test_timestep_grid_and_evaluations():
     assert timestep_grid(400, 20).tolist() == list(range(0, 401, 20))
+    assert timestep_grid(np.int64(40), np.int32(20)).tolist() == [0, 20, 40]  # e.g. from Tune
     assert timestep_grid(4, 1).tolist() == [0, 1, 2, 3, 4]
     assert timestep_grid(6, 6).tolist() == [0, 6]
     assert network_evaluations(400, 1) == 1200  # the reference's 3 · D
