@@ -75,17 +75,26 @@ def make_inputs(root: Path, config_path: Path, slices: int, patients: int, seed:
     return checkpoint, folder
 
 
-def plain_loop(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int) -> tuple[int, float]:
+def plain_loop(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int) -> dict[str, float]:
+    """Slices, total seconds, and seconds until the first batch came back (model load + 1 batch)."""
     started = time.perf_counter()
     predictor = CounterfactualPredictor(checkpoint, **kwargs)
-    n = 0
+    n, first = 0, None
     for file in sorted(folder.glob("*.parquet")):
         table = pq.read_table(file, columns=["patient_id", "slice_index", "label", "height",
                                              "width", "image", "mask"])
         for batch in table.to_batches(max_chunksize=batch_size):
             columns = {name: _numpy(batch.column(name)) for name in batch.schema.names}
             n += len(predictor(columns)["anomaly_map"])
-    return n, time.perf_counter() - started
+            first = first or (time.perf_counter() - started, n)
+    return _timing(n, time.perf_counter() - started, first)
+
+
+def _timing(n: int, seconds: float, first: tuple[float, int]) -> dict[str, float]:
+    """Overall slices/s and steady-state slices/s (after the first batch: start-up excluded)."""
+    steady = (n - first[1]) / (seconds - first[0]) if n > first[1] else float("nan")
+    return {"slices": n, "seconds": seconds, "first_batch_s": first[0],
+            "slices_per_s": n / seconds, "steady_slices_per_s": steady}
 
 
 def _numpy(array: pa.Array) -> np.ndarray:
@@ -96,17 +105,21 @@ def _numpy(array: pa.Array) -> np.ndarray:
 
 
 def ray_data(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int, concurrency: int,
-             threads: int) -> tuple[int, float]:
+             threads: int) -> dict[str, float]:
     import ray
 
     started = time.perf_counter()
-    ds = ray.data.read_parquet(str(folder), columns=["patient_id", "slice_index", "label", "height",
-                                                     "width", "image", "mask"])
+    ds = ray.data.read_parquet(str(folder)).select_columns(
+        ["patient_id", "slice_index", "label", "height", "width", "image", "mask"])
     ds = ds.map_batches(CounterfactualPredictor, fn_constructor_kwargs={"checkpoint": str(checkpoint), **kwargs},
-                        batch_size=batch_size, batch_format="numpy", concurrency=concurrency,
+                        batch_size=batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=concurrency),
                         num_cpus=threads)
-    n = sum(len(b["anomaly_map"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
-    return n, time.perf_counter() - started
+    n, first = 0, None
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        n += len(batch["anomaly_map"])
+        first = first or (time.perf_counter() - started, n)
+    return _timing(n, time.perf_counter() - started, first)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,21 +147,25 @@ def main(argv: list[str] | None = None) -> int:
                                   "batch_size": args.batch_size, "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         checkpoint, folder = make_inputs(Path(tmp), args.config, args.slices, args.patients)
-        n, seconds = plain_loop(checkpoint, folder, kwargs, args.batch_size)
-        results["plain_slices_per_s"] = n / seconds
-        print(f"plain loop: {n} slices in {seconds:.1f} s = {n / seconds:.2f} slices/s", flush=True)
+        plain = plain_loop(checkpoint, folder, kwargs, args.batch_size)
+        results["plain"] = plain
+        print(f"plain loop: {plain['slices']} slices in {plain['seconds']:.1f} s = "
+              f"{plain['slices_per_s']:.2f} slices/s (steady {plain['steady_slices_per_s']:.2f}; "
+              f"first batch after {plain['first_batch_s']:.1f} s)", flush=True)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
         try:
             for k in (int(c) for c in args.concurrency.split(",")):
-                n_ray, seconds = ray_data(checkpoint, folder, kwargs, args.batch_size, k, args.threads)
-                if n_ray != n:
-                    raise SystemExit(f"Ray Data produced {n_ray} slices, expected {n}")
-                rate = n_ray / seconds
-                results[f"ray_c{k}_slices_per_s"] = rate
-                results[f"ratio_c{k}"] = rate / results["plain_slices_per_s"]
-                print(f"ray data, concurrency {k}: {n_ray} slices in {seconds:.1f} s = {rate:.2f} "
-                      f"slices/s (ratio to plain {rate / results['plain_slices_per_s']:.2f})", flush=True)
+                timing = ray_data(checkpoint, folder, kwargs, args.batch_size, k, args.threads)
+                if timing["slices"] != plain["slices"]:
+                    raise SystemExit(f"Ray Data produced {timing['slices']} slices, expected {plain['slices']}")
+                timing["ratio"] = timing["slices_per_s"] / plain["slices_per_s"]
+                timing["steady_ratio"] = timing["steady_slices_per_s"] / plain["steady_slices_per_s"]
+                results[f"ray_concurrency_{k}"] = timing
+                print(f"ray data, concurrency {k}: {timing['slices_per_s']:.2f} slices/s "
+                      f"(ratio {timing['ratio']:.2f}); steady {timing['steady_slices_per_s']:.2f} "
+                      f"slices/s (ratio {timing['steady_ratio']:.2f}); first batch after "
+                      f"{timing['first_batch_s']:.1f} s", flush=True)
         finally:
             ray.shutdown()
     print(json.dumps(results, indent=2))

@@ -177,7 +177,8 @@ class CounterfactualPredictor:
             raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
         if len(images) == 0:
             return np.zeros_like(images, dtype=np.float32)
-        x0 = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1).to(self.device)
+        # np.require copies only when needed: Ray hands over read-only arrays, which torch rejects.
+        x0 = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).unsqueeze(1).to(self.device)
         with torch.inference_mode():
             # amp: ddim autocasts only the network (bf16, or fp16 on V100s); the DDIM trajectory
             # itself stays float32.
@@ -199,8 +200,8 @@ class CounterfactualPredictor:
 
         if kind not in MAP_KINDS:
             raise ValueError(f"map kind must be one of {MAP_KINDS}, got {kind!r}")
-        x0 = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
-        x_hat = torch.from_numpy(np.ascontiguousarray(counterfactuals, dtype=np.float32)).unsqueeze(1)
+        x0 = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).unsqueeze(1)
+        x_hat = torch.from_numpy(np.require(counterfactuals, np.float32, ["C", "W"])).unsqueeze(1)
         return anomaly_map(x0, x_hat, kind).squeeze(1).numpy()
 
     # -- one batch ----------------------------------------------------------------------------

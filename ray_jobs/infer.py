@@ -278,14 +278,15 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
     from igconda.inference import CounterfactualPredictor
 
     i = config.infer
-    ds = ray.data.read_parquet([str(f) for f in files.values()], columns=list(PREDICTOR_INPUT))
+    ds = ray.data.read_parquet([str(f) for f in files.values()]).select_columns(list(PREDICTOR_INPUT))
     ds = ds.map_batches(
         CounterfactualPredictor,
         fn_constructor_kwargs={"checkpoint": settings.checkpoint, "noise_level": settings.noise_level,
                                "guidance_scale": settings.guidance_scale, "stride": settings.stride,
                                "map_kind": settings.map_kind, "device": device, "amp": i.use_amp,
                                "keep_inputs": True},
-        batch_size=i.batch_size, batch_format="numpy", concurrency=i.concurrency,
+        batch_size=i.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=i.concurrency),
         num_gpus=i.num_gpus_per_actor, num_cpus=i.num_cpus_per_actor,
     )
     pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
