@@ -123,7 +123,9 @@ def optimal_dice(
     flat, gt = maps.reshape(n, h * w), gt.reshape(n, h * w)
     gt_sum = gt.sum(axis=1)
     dice = np.empty((taus.size, n), dtype=np.float64)
-    for k, tau in enumerate(taus):
+    # τ is compared in the map's own precision, so that a float32 map value written as 0.7 is
+    # ≥ τ = 0.7 (in float64, float32(0.7) < 0.7).
+    for k, tau in enumerate(taus.astype(flat.dtype)):
         pred = flat >= tau
         inter = np.count_nonzero(pred & gt, axis=1)
         denom = np.count_nonzero(pred, axis=1) + gt_sum
@@ -337,7 +339,7 @@ def score_batch(
     dsc_max, tau_star = optimal_dice(maps, gt, thresholds)
     # NaN τ* (empty mask) compares False: an empty prediction, whose metrics are NaN anyway.
     with np.errstate(invalid="ignore"):
-        pred = maps >= tau_star[:, None, None]
+        pred = maps >= tau_star.astype(maps.dtype)[:, None, None]  # same precision as optimal_dice
     n_detected, n_lesions = detection(pred, gt)
     with np.errstate(invalid="ignore", divide="ignore"):
         sensitivity = np.where(n_lesions > 0, n_detected / np.maximum(n_lesions, 1), np.nan)

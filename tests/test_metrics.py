@@ -70,6 +70,17 @@ def test_dice_threshold_is_inclusive():
     assert dsc[0] == 1.0 and tau[0] == 0.5
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_threshold_is_inclusive_in_the_maps_precision(dtype):
+    # float32(0.7) < 0.7 in float64: the comparison must happen in the map's dtype.
+    maps = np.array([[[0.7, 0.69]]], dtype=dtype)
+    masks = _one([[1, 0]])
+    dsc, tau = M.optimal_dice(maps, masks)
+    assert dsc[0] == 1.0 and tau[0] == pytest.approx(0.7)
+    out = M.score_batch(maps, masks)  # HD95 and detection use the same foreground
+    assert out["hd95"][0] == 0.0 and out["n_detected"][0] == 1
+
+
 def test_dice_threshold_order_does_not_matter():
     maps, masks = _random_batch(3)
     a = M.optimal_dice(maps, masks, thresholds=M.THRESHOLDS)
