@@ -128,7 +128,8 @@ def _closed_form(x, eps, a_from, a_to):
 def test_strided_steps_equal_closed_form(schedule, D, s):
     """Strided grids, including ones reaching T - 1 where MONAI's reversed_step would index past T."""
     net, a = Affine(), schedule.alphas_cumprod.tolist()
-    x0 = _slices(seed=4).double()
+    # Values up to 2.5: a clipped predicted x_0 (MONAI's default clip_sample) would break this.
+    x0 = 2.5 * _slices(seed=4).double()
     w, c = 2.5, 1
     expected = x0.clone()
     for t in range(0, D, s):
@@ -141,6 +142,17 @@ def test_strided_steps_equal_closed_form(schedule, D, s):
         x = _closed_form(x, eps_u + w * (eps_c - eps_u), a[t], a[t - s])
     decoded = ddim_decode(net, encoded, schedule, noise_level=D, stride=s, guidance_scale=w)
     torch.testing.assert_close(decoded.double(), x, rtol=1e-5, atol=1e-5)
+
+
+def test_monai_reversed_step_cannot_stride_to_the_top(schedule):
+    """Why ddim.py has its own loop: MONAI's reversed_step indexes past T once t + s >= T."""
+    scheduler = DDIMScheduler(num_train_timesteps=T, schedule="linear_beta", clip_sample=False)
+    scheduler.set_timesteps(T // 10)  # step size 10
+    x = _slices()
+    with pytest.raises(IndexError):
+        scheduler.reversed_step(torch.zeros_like(x), T - 5, x)
+    # Ours encodes to the highest level the grid allows without touching ᾱ beyond T - 1.
+    assert ddim_encode(Affine(), x, schedule, noise_level=T - 1, stride=7).isfinite().all()
 
 
 def test_inversion_reconstructs_input_at_w0(model, schedule):
