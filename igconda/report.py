@@ -482,6 +482,7 @@ def write_html_report(
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write("\n".join(parts))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -649,8 +650,11 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
                      "inference used the config's D and w.")
     if best_json.is_file():
         best = json.loads(best_json.read_text())
-        tables["Chosen (D, w) (tune/best.json)"] = pd.DataFrame(
-            [{k: v for k, v in best.items() if not isinstance(v, (dict, list))}])
+        # One value per key: shown as a key/value column, which stays narrow.
+        chosen = pd.DataFrame({"value": [f"{v:.4g}" if isinstance(v, float) else str(v)
+                                         for v in best.values()]},
+                              index=pd.Index(list(best), name="key"))
+        tables["Chosen (D, w) (tune/best.json)"] = chosen
 
     history, history_note = _training_history(study / "train")
     if history_note:

@@ -307,6 +307,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are read by other users and jobs
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -318,6 +319,7 @@ def _atomic_save_figure(figure: Any, path: Path) -> None:
     os.close(fd)
     try:
         figure.savefig(tmp, dpi=120)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -353,7 +355,10 @@ def select_best(grid: pd.DataFrame) -> dict[str, Any]:
     best = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
     best["noise_level"] = int(best["noise_level"])
     best["guidance_scale"] = float(best["guidance_scale"])
-    best["stride"] = int(best["stride"])
+    # A row Series upcasts ints to float; restore the integer columns.
+    for key in ("stride", "num_slices", "evaluations_per_slice"):
+        if key in best and best[key] is not None and not pd.isna(best[key]):
+            best[key] = int(best[key])
     return best
 
 
