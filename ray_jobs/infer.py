@@ -8,6 +8,9 @@ loses at most the patients in flight: re-running the same command skips every pa
 output is complete *and* was made with the same checkpoint, D, w, s and map kind, and computes
 only the rest. Every slice is then in exactly one output row.
 
+Stale results are recognised by the settings stamped into each file (including a digest of the
+checkpoint's weights), so changing D or retraining into the same folder recomputes everything.
+
 Run (local Ray, local MLflow store under ``OUT/mlruns``)::
 
     python -m ray_jobs.infer --checkpoint runs/train/best --data runs/data --output runs/infer \\
@@ -39,6 +42,7 @@ tables, figures and volumes as artifacts).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -88,11 +92,26 @@ class InferSettings:
     guidance_scale: float
     stride: int
     map_kind: str
+    weights: str = ""  # digest of the weight files: a checkpoint overwritten in place is stale
 
     def as_dict(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "noise_level": self.noise_level,
                 "guidance_scale": self.guidance_scale, "stride": self.stride,
-                "map_kind": self.map_kind}
+                "map_kind": self.map_kind, "weights": self.weights}
+
+
+def weights_digest(checkpoint: Path) -> str:
+    """SHA-256 (first 16 hex digits) of the checkpoint's weight files."""
+    from igconda.checkpoint import EMA_FILE, MODEL_FILE
+
+    digest = hashlib.sha256()
+    for name in (MODEL_FILE, EMA_FILE):
+        path = checkpoint / name
+        if path.is_file():
+            with path.open("rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -195,7 +214,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[StudyConfig, InferSettings
     except ValueError as err:
         raise InferError(str(err)) from None
     settings = InferSettings(str(checkpoint.resolve()), i.noise_level, float(i.guidance_scale),
-                             i.stride, args.map_kind)
+                             i.stride, args.map_kind, weights_digest(checkpoint))
     return config, settings
 
 

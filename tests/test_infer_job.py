@@ -83,6 +83,7 @@ def test_output_completeness_checks_rows_and_settings(tmp_path):
     assert infer.output_is_complete(path, 2, settings)
     assert not infer.output_is_complete(path, 3, settings)  # missing slices
     assert not infer.output_is_complete(path, 2, infer.InferSettings("/ck", 6, 3.0, 2, "abs"))
+    assert not infer.output_is_complete(path, 2, infer.InferSettings("/ck", 4, 3.0, 2, "abs", "retrained"))
     path.write_bytes(path.read_bytes()[:50])  # truncated by a crash mid-copy
     assert not infer.output_is_complete(path, 2, settings)
     assert [p.name for p in tmp_path.iterdir()] == ["P.parquet"]  # no temp files left
