@@ -105,10 +105,10 @@ def ray_loop(config: StudyConfig, data: Path, threads: int, storage: Path) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--slices", type=int, default=384, help="train slices for the Ray comparison")
+    parser.add_argument("--slices", type=int, default=192, help="train slices for the Ray comparison")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per side (the first is warm-up)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads, both sides")
-    parser.add_argument("--model-batches", type=int, default=4, help="timed batches per model size")
+    parser.add_argument("--model-batches", type=int, default=3, help="timed batches per model size")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     out: dict[str, object] = {"cpu_count": os.cpu_count(), "threads": args.threads,

@@ -390,12 +390,17 @@ def weights_checksum(module: nn.Module) -> float:
 
 def _maybe_inject_fault(fault: dict[str, Any] | None, epoch: int, rank: int) -> None:
     """Test hook: kill this worker process once, at the start of ``fault["epoch"]`` on
-    ``fault["rank"]``; the marker file makes the restarted worker carry on."""
+    ``fault["rank"]``; the marker file makes the restarted worker carry on.
+
+    ``fault["delay_s"]`` waits first, so that Ray's controller has registered the previous
+    epoch's checkpoint (a crash right after a report may otherwise win the race, and the run
+    restarts from the checkpoint before it, which is correct but not what a test wants)."""
     if not fault or epoch != int(fault["epoch"]) or rank != int(fault.get("rank", 0)):
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
+    time.sleep(float(fault.get("delay_s", 0.0)))
     marker.write_text(f"worker rank {rank} killed at the start of epoch {epoch}\n")
     os._exit(1)
 

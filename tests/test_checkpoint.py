@@ -14,11 +14,12 @@ from igconda.train_loop import TrainingSession
 
 @pytest.fixture()
 def trained(test_config):
-    """A session after one optimiser step with EMA on (so optimizer and EMA state are non-trivial)."""
+    """A session after two optimiser steps with EMA on (the first EMA update only copies the
+    weights, the second makes the average differ from them)."""
     session = TrainingSession.create(test_config.replace("train", ema_decay=0.9))
     x0 = torch.rand(4, 1, 16, 16)
     labels = torch.tensor([1, 2, 1, 2])
-    session.train_epoch([{"image": x0, "label": labels}], epoch=1)
+    session.train_epoch([{"image": x0, "label": labels}] * 2, epoch=1)
     return session
 
 
@@ -46,7 +47,7 @@ def test_round_trip_weights_optimizer_config(trained, tmp_path):
     assert saved_opt["param_groups"] == live_opt["param_groups"]
     for idx, entry in live_opt["state"].items():
         torch.testing.assert_close(saved_opt["state"][idx]["exp_avg"], entry["exp_avg"])
-    assert int(state["ema_n_averaged"]) == 1
+    assert int(state["ema_n_averaged"]) == 2
     meta = ckpt.load_metadata(folder)
     assert meta["valid_loss"] == 0.25 and meta["is_best"] is True and meta["epoch"] == 1
 

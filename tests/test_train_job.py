@@ -86,7 +86,7 @@ def test_a_killed_worker_is_recovered_from_the_last_checkpoint(ray_session, data
     marker = tmp_path / "killed"
     trainer = build_trainer(config, data=str(dataset), storage_path=str(tmp_path / "storage"),
                             run_name="faulty", cpus_per_worker=0.5, torch_threads=1,
-                            fault={"epoch": 2, "rank": 1, "marker": str(marker)})
+                            fault={"epoch": 2, "rank": 1, "marker": str(marker), "delay_s": 20})
     result = trainer.fit()
     assert marker.is_file()  # rank 1 really died at the start of epoch 2
     assert result.error is None
