@@ -118,7 +118,7 @@ class CounterfactualPredictor:
         device: ``None``/``"auto"`` picks CUDA when available; else e.g. ``"cpu"``, ``"cuda:1"``.
         amp: autocast the network on CUDA (ignored on CPU, where it would be slower).
         score_other_map: also compute ⌈DSC⌉ of the other map kind (``dsc_max_abs`` /
-            ``dsc_max_hot``); costs one more metric pass, no network evaluation.
+            ``dsc_max_hot``); costs one ⌈DSC⌉ pass, no network evaluation.
         counterfactual_fn: replaces :func:`igconda.diffusion.ddim.counterfactual` (tests).
         score_fn: replaces :func:`igconda.metrics.score_batch` (tests).
         keep_inputs: also return the input ``image`` and ``mask`` (flattened), so that the
@@ -164,9 +164,15 @@ class CounterfactualPredictor:
         if counterfactual_fn is None:
             from igconda.diffusion.ddim import counterfactual as counterfactual_fn
         if score_fn is None:
-            from igconda.metrics import score_batch as score_fn
+            from igconda.metrics import optimal_dice, score_batch
+
+            self._score = score_batch
+            # The other map needs only ⌈DSC⌉: skip HD95, AUPRC and detection for it.
+            self._dice = lambda maps, masks: optimal_dice(maps, masks)[0]
+        else:
+            self._score = score_fn
+            self._dice = lambda maps, masks: score_fn(maps, masks)["dsc_max"]
         self._counterfactual = counterfactual_fn
-        self._score = score_fn
         side = self.config.preprocess.output_size[0]
         self._default_shape = (side, self.config.preprocess.output_size[1])
 
@@ -264,8 +270,8 @@ class CounterfactualPredictor:
         result[f"dsc_max_{self.map_kind}"] = result["dsc_max"].copy()
         if self.score_other_map:
             other = "hot" if self.map_kind == "abs" else "abs"
-            other_scores = self._score(maps[other][unhealthy], masks[unhealthy])
-            result[f"dsc_max_{other}"][unhealthy] = np.asarray(other_scores["dsc_max"], dtype=np.float64)
+            result[f"dsc_max_{other}"][unhealthy] = np.asarray(
+                self._dice(maps[other][unhealthy], masks[unhealthy]), dtype=np.float64)
         return result
 
 
