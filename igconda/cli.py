@@ -105,6 +105,8 @@ def detect(args: argparse.Namespace) -> dict[str, float]:
         raise _UsageError(f"checkpoint {checkpoint}: {err}") from None
     except ValueError as err:
         raise _UsageError(str(err)) from None
+    except (RuntimeError, AssertionError) as err:  # unknown device, or CUDA absent from this torch
+        raise _UsageError(f"--device {args.device}: {err}") from None
 
     x, y, z = volume.image.shape
     images = np.moveaxis(volume.image, 2, 0).reshape(z, x * y)  # slice k = volume[:, :, k]

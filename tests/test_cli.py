@@ -63,7 +63,7 @@ def test_detect_options_change_the_map(checkpoint, scan, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_scan", "corrupt_scan", "missing_checkpoint",
-                                  "bad_stride", "bad_output"])
+                                  "bad_stride", "bad_output", "bad_device"])
 def test_detect_errors_name_the_file_and_exit_2(case, checkpoint, scan, tmp_path, capsys):
     pet, _ = scan
     argv = {"scan": str(pet), "--checkpoint": str(checkpoint), "-o": str(tmp_path / "o.nii.gz")}
@@ -80,10 +80,13 @@ def test_detect_errors_name_the_file_and_exit_2(case, checkpoint, scan, tmp_path
     elif case == "bad_stride":
         extra = ["--stride", "3"]
         named = "stride"
+    elif case == "bad_device":
+        extra = ["--device", "tpu9"]
+        named = "tpu9"
     else:
         argv["-o"] = named = str(tmp_path / "o.png")
     code = main(["detect", argv["scan"], "--checkpoint", argv["--checkpoint"], "-o", argv["-o"],
-                 "--device", "cpu", "--quiet", *extra])
+                 "--quiet", *(extra or ["--device", "cpu"])])
     assert code == 2
     err = capsys.readouterr().err
     assert named in err and "error" in err
