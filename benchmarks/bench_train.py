@@ -120,12 +120,14 @@ def main() -> None:
         data32 = write_slices(root / "d32", 32, args.slices)
         t0 = time.perf_counter()
         out["plain_samples_per_s"] = plain_loop(demo, data32, args.epochs)
+        print(json.dumps(out), flush=True)  # partial results survive a timeout
         ray_stats = ray_loop(demo, data32, args.threads, root / "ray")
         out["ray_samples_per_s"] = ray_stats["samples_per_s"]
         out["ray_worker_torch_threads"] = ray_stats["worker_torch_threads"]
         out["ray_worker_default_threads"] = ray_stats["worker_default_threads"]
         out["ray_over_plain"] = out["ray_samples_per_s"] / out["plain_samples_per_s"]
         out["comparison_s"] = time.perf_counter() - t0
+        print(json.dumps(out), flush=True)
 
         # Model sizes (plain loop; 2 epochs of a few batches, the first is warm-up).
         out["demo_model_samples_per_s"] = plain_loop(demo.replace("train", epochs=2), data32, 2,
