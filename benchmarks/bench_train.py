@@ -11,7 +11,7 @@ is warm-up and is not timed). Then the plain loop's samples/s for the demo-size 
     python benchmarks/bench_train.py                # about 2-3 minutes on 2 CPU cores
     python benchmarks/bench_train.py --slices 512 --epochs 3 --threads 2
 
-Prints a JSON summary; record it in benchmarks/RESULTS_train.md.
+Prints a JSON summary; record it in benchmarks/RESULTS.md (training section).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from igconda import tracking
 from igconda.config import ConfigError, load_config
 
 STAGES = ("cohorts", "preprocess", "train", "tune", "infer", "report")
+SELF_LOGGING_STAGES = ("train", "tune", "infer")
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="study folder (created)")
     parser.add_argument("--manifest", help="use these cohorts instead of generating phantoms")
     parser.add_argument("--address", help="Ray address (default: start a local Ray)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: <output>/mlruns)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///<output>/mlflow.db)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment name")
     parser.add_argument("--num-workers", type=int, default=None, help="training workers")
     parser.add_argument("--use-gpu", action="store_true", help="train and infer on GPUs")
@@ -130,9 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         return False
 
     import ray
+    import ray.data
 
+    # Ray Data's progress bars print a block every few seconds on a non-interactive terminal,
+    # burying the stage messages; the stages print their own progress.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if not ray.is_initialized():
         ray.init(address=args.address, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     common = ["--tracking-uri", tracking_uri, "--experiment", experiment]
     if args.address:
         common += ["--address", args.address]
@@ -151,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
             if should_skip(name, done):
                 return
             t0 = time.perf_counter()
-            body()
+            if name in SELF_LOGGING_STAGES:
+                body()  # the job opens its own child run under --parent-run-id
+            else:
+                with tracking.start_run(tracking_uri, experiment, name, parent_run_id=parent_id,
+                                        tags={"igconda.stage": name}):
+                    body()
             timings[name] = time.perf_counter() - t0
             tracking.log_metrics({f"time_s/{name}": timings[name]})
             print(f"    {name}: done in {timings[name]:.0f} s", flush=True)
@@ -176,8 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         # 3. Train.
         train_argv = ["--data", str(paths.data), "--output", str(paths.train),
                       "--config", args.config] + child
-        if args.num_workers:
-            train_argv += ["--num-workers", str(args.num_workers)]
+        num_workers = args.num_workers or config.train.num_workers
+        train_argv += ["--num-workers", str(num_workers)]
+        if not args.address and not args.use_gpu:
+            # On a local CPU machine give the workers every core as intra-op threads: Ray would
+            # otherwise cap torch at the worker's CPU reservation (below one CPU on 2 cores).
+            threads = max(1, (os.cpu_count() or 1) // num_workers)
+            train_argv += ["--torch-threads", str(threads)]
         if args.use_gpu:
             train_argv.append("--use-gpu")
         stage("train", (paths.best_checkpoint / "model.safetensors").is_file(),

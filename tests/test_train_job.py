@@ -3,22 +3,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from igconda import checkpoint as ckpt
 from igconda import tracking
+from tests.ray_head import local_head
 from tests.test_train_loop import make_slice_dataset
 
 pytestmark = pytest.mark.ray
@@ -97,56 +91,11 @@ def test_a_killed_worker_is_recovered_from_the_last_checkpoint(ray_session, data
     assert [h["epoch"] for h in state["history"]] == [1.0, 2.0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop_own_head(temp_dir: Path, grace_s: float = 30.0) -> None:
-    """Stop the Ray head this test started, and only it: ``ray stop`` would kill every Ray
-    process on the machine, including other users'. Its processes are the ones whose command
-    line names its private temp folder."""
-    def own_pids() -> list[int]:
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid():
-                continue
-            try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(temp_dir) in cmdline:
-                pids.append(int(proc.name))
-        return pids
-
-    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        for pid in own_pids():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.time() + wait
-        while own_pids() and time.time() < deadline:
-            time.sleep(0.5)
-
-
 @pytest.mark.e2e
 def test_ray_job_submit_against_a_local_head(dataset, tmp_path, repo_root):
     """``ray start --head`` (token auth on) + ``ray job submit --working-dir .`` runs the job."""
     bin_dir = Path(sys.executable).parent
-    ports = {name: _free_port() for name in ("gcs", "dashboard", "client", "agent", "metrics")}
-    # A private, short session folder (Unix socket paths are limited to ~107 bytes) that also
-    # identifies this head's processes for _stop_own_head.
-    temp_dir = Path(tempfile.mkdtemp(prefix="igray-", dir="/tmp"))
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
-    env.pop("RAY_ADDRESS", None)
-    start = [str(bin_dir / "ray"), "start", "--head", "--node-ip-address=127.0.0.1",
-             "--dashboard-host=127.0.0.1", f"--port={ports['gcs']}",
-             f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client']}",
-             f"--dashboard-agent-listen-port={ports['agent']}", f"--metrics-export-port={ports['metrics']}",
-             "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
-    try:
-        subprocess.run(start, check=True, env=env, timeout=300, capture_output=True)
-        address = f"http://127.0.0.1:{ports['dashboard']}"
+    with local_head() as (address, env):
         output = tmp_path / "out"
         submit = [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".",
                   "--", sys.executable, "-m", "ray_jobs.train",
@@ -158,6 +107,3 @@ def test_ray_job_submit_against_a_local_head(dataset, tmp_path, repo_root):
         record = json.loads((output / "mlflow_run.json").read_text())
         run = tracking.get_run(record["tracking_uri"], record["run_id"])
         assert run["status"] == "FINISHED" and "valid_loss" in run["metrics"]
-    finally:
-        _stop_own_head(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)

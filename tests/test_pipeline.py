@@ -1,0 +1,66 @@
+"""The study pipeline: argument errors fast, and the tiny study end to end through ``ray job
+submit`` against a local head (MLflow parent + one child run per stage, and the report)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from igconda import tracking
+from ray_jobs import pipeline
+from tests.ray_head import local_head
+
+
+def test_bad_config_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  chanels: [8]\n")
+    assert pipeline.main(["--config", str(bad), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and "model.chanels" in err
+
+
+def test_study_paths_follow_the_stage_layout(tmp_path):
+    paths = pipeline.StudyPaths(tmp_path)
+    assert paths.best_checkpoint == tmp_path / "train" / "best"
+    assert paths.tuned == tmp_path / "tune" / "best.json"
+    assert paths.report.name == "report.html"
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_tiny_study_through_ray_job_submit(tmp_path, repo_root):
+    output = tmp_path / "study"
+    with local_head() as (address, env):
+        submit = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
+                  "--working-dir", ".", "--", sys.executable, "-m", "ray_jobs.pipeline",
+                  "--config", "configs/test.yaml", "--output", str(output)]
+        done = subprocess.run(submit, cwd=repo_root, env=env, timeout=1500, capture_output=True,
+                              text=True)
+    log = done.stdout[-4000:] + done.stderr[-4000:]
+    assert done.returncode == 0, log
+    assert "succeeded" in log.lower()
+    assert "report:" in done.stdout
+
+    # Every stage left its output.
+    assert (output / "cohorts" / "manifest.csv").is_file()
+    assert (output / "data" / "dataset.json").is_file()
+    assert (output / "train" / "best" / "model.safetensors").is_file()
+    best = json.loads((output / "tune" / "best.json").read_text())
+    assert {"noise_level", "guidance_scale"} <= set(best)
+    assert (output / "infer" / "tables" / "methods.csv").is_file()
+    html = (output / "report.html").read_text()
+    assert "41" in html and "<img" in html
+
+    # One MLflow parent run, and a child run for each stage under it.
+    uri = tracking.resolve_tracking_uri("", output)
+    runs = tracking.find_runs(uri, "igconda")
+    parents = [r for r in runs if r["tags"].get("igconda.stage") == "pipeline"]
+    assert len(parents) == 1
+    children = [r for r in runs if r["tags"].get("mlflow.parentRunId") == parents[0]["run_id"]]
+    assert len(children) >= len(pipeline.STAGES)
+    timings = json.loads((output / "timings.json").read_text())
+    assert set(pipeline.STAGES) <= set(timings)
