@@ -14,8 +14,6 @@ Maps are interpolated linearly, masks with nearest neighbour.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ import numpy as np
 from nibabel.processing import resample_from_to
 
 from igconda.data.schema import GEOMETRY_KEYS, decode_geometry
+from igconda.io_utils import atomic_write
 
 
 def assemble_volume(slices: np.ndarray | Sequence[np.ndarray], slice_index: Sequence[int] | None = None,
@@ -123,17 +122,9 @@ def write_nifti_atomic(image: nib.Nifti1Image, path: str | Path) -> Path:
     """Save a NIfTI image so that ``path`` is either absent or complete (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # nibabel picks compression from the extension, so the temp name keeps the real suffix.
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # nibabel picks compression from the extension; atomic_write's temp name keeps ".nii.gz".
+    # Mode 0600 as before (it came from tempfile.mkstemp).
+    return atomic_write(path, lambda tmp: nib.save(image, tmp), mode=0o600)
 
 
 def export_volume(slices: np.ndarray | Sequence[np.ndarray], geometry: Mapping[str, Any] | str,

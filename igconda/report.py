@@ -23,9 +23,7 @@ import datetime as _dt
 import html
 import io
 import json
-import os
 import platform
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -41,6 +39,8 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
+
+from igconda.io_utils import atomic_write
 
 #: Display names of the per-slice metric columns.
 METRIC_TITLES = {
@@ -478,16 +478,9 @@ def write_html_report(
     parts.append("</body></html>")
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(parts))
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    page = "\n".join(parts)
+    # 0644 whatever the umask: a report is meant to be shared.
+    return atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"), mode=0o644)
 
 
 # --------------------------------------------------------------------------------------------

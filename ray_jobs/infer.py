@@ -46,10 +46,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -67,6 +65,7 @@ from igconda.checkpoint import CheckpointError, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import SPLITS, UNHEALTHY, stack_images
 from igconda.inference import METRIC_COLUMNS, check_counterfactual_params
+from igconda.io_utils import atomic_write
 
 logger = logging.getLogger("ray_jobs.infer")
 
@@ -260,14 +259,9 @@ def write_patient(columns: dict[str, np.ndarray], path: Path, settings: InferSet
             arrays[name] = pa.array(values)
     table = pa.table(arrays).replace_schema_metadata({SETTINGS_KEY: json.dumps(settings.as_dict())})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # A ".tmp" suffix keeps a half-written file out of "*.parquet" globs (resume, the report);
+    # mode 0600 as before (it came from tempfile.mkstemp).
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp), mode=0o600, suffix=".tmp")
 
 
 def _slice_rows(batch: dict[str, np.ndarray], index: np.ndarray) -> dict[str, Any]:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ import torch
 
 from igconda.config import ConfigError, StudyConfig, TuneConfig
 from igconda.data.schema import UNHEALTHY, stack_images
+from igconda.io_utils import atomic_write
 from tuning.space import build_param_space, grid_size, trial_pairs, validate_space
 
 #: The objective Tune maximises.
@@ -303,27 +302,13 @@ def tune_trial(
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are read by other users and jobs
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # 0644 whatever the umask: results are read by other users and jobs.
+    atomic_write(path, lambda tmp: tmp.write_text(text), mode=0o644)
 
 
 def _atomic_save_figure(figure: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=120)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # The temp name keeps the suffix (matplotlib picks the format from it); 0644 as above.
+    atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120), mode=0o644)
 
 
 def collect_grid(reports: Sequence[dict[str, Any]]) -> pd.DataFrame:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import csv
 import gzip
-import os
 import sys
 import time
 import zlib
@@ -53,6 +52,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from igconda.config import PhantomConfig, load_config
+from igconda.io_utils import atomic_write
 
 MANIFEST_COLUMNS = ("patient_id", "cohort", "tracer", "pet_path", "mask_path", "role")
 LESION_COLUMNS = (
@@ -904,12 +904,7 @@ def _acquire(act: np.ndarray, grid: _Grid, fwhm_mm: float, noise_k: float,
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), fsync=True, suffix=".tmp")
 
 
 def _nifti_bytes(array: np.ndarray, affine: np.ndarray, description: str) -> bytes:
@@ -953,12 +948,13 @@ def _write_patient(job: tuple[PhantomConfig, str, int, str]) -> tuple[dict, list
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write, suffix=".tmp")
 
 
 def generate_study(output_dir: str | Path, config: PhantomConfig, *, progress: bool = True,
