@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from igconda.config import StudyConfig, load_config, save_config
+from igconda.io_utils import atomic_write
 from igconda.models import ConditionalUNet, build_unet
 
 CONFIG_FILE = "config.yaml"
@@ -136,11 +137,8 @@ def write_best_pointer(output_dir: str | Path, record: dict[str, Any]) -> Path:
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / BEST_POINTER
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(path)
-    return path
+    text = json.dumps(record, indent=2, sort_keys=True)
+    return atomic_write(output_dir / BEST_POINTER, lambda tmp: tmp.write_text(text), suffix=".tmp")
 
 
 def read_best_pointer(output_dir: str | Path) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from igconda.io_utils import atomic_write
+
 
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the key and the problem."""
@@ -260,10 +262,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 def save_config(config: StudyConfig, path: str | Path) -> None:
     """Write ``config`` as YAML (atomically: temp file then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    atomic_write(path, lambda tmp: tmp.write_text(text), suffix=".tmp")
 
 
 def _check(ok: bool, message: str) -> None:

@@ -375,9 +375,7 @@ def _metric_name(*parts: str) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: tmp.write_text(text), suffix=".tmp")
 
 
 def write_tables(per_slice: pd.DataFrame, tables: Path) -> tuple[pd.DataFrame, dict[str, float]]:

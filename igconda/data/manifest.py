@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from igconda.data.schema import ROLES
+from igconda.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -185,14 +186,15 @@ def write_manifest(entries: list[ManifestEntry], path: str | Path) -> Path:
         except ValueError:
             return str(Path(p).resolve())
 
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(REQUIRED_COLUMNS)
-        for e in entries:
-            writer.writerow([e.patient_id, e.cohort, e.tracer, rel(e.pet_path), rel(e.mask_path), e.role])
-    tmp.replace(path)
-    return path
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(REQUIRED_COLUMNS)
+            for e in entries:
+                writer.writerow([e.patient_id, e.cohort, e.tracer, rel(e.pet_path), rel(e.mask_path),
+                                 e.role])
+
+    return atomic_write(path, write, suffix=".tmp")
 
 
 def _is_empty_mask(path: str) -> bool:
