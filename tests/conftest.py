@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny test config, and one local Ray runtime per test session."""
+"""Shared fixtures: the tiny test config, a tiny checkpoint, one local Ray runtime per session."""
 
 from __future__ import annotations
 
@@ -22,6 +22,14 @@ def repo_root() -> Path:
 def test_config() -> StudyConfig:
     """configs/test.yaml: tiny model, tiny volumes, T = 10."""
     return load_config(REPO / "configs" / "test.yaml")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, test_config) -> Path:
+    """A random-weight tiny-model checkpoint (tests.helpers.make_checkpoint), one per module."""
+    from tests.helpers import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best", test_config)
 
 
 @pytest.fixture(scope="session")

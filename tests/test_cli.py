@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from igconda.cli import main
-from tests.test_inference import make_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -22,11 +21,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, test_config) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "best", test_config)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_jobs import infer
-from tests.test_inference import make_checkpoint, make_dataset
+from tests.helpers import make_checkpoint, make_dataset
 
 PATIENTS = {"L1": ("lymphoma", "internal"), "N1": ("lung", "internal"), "S1": ("sts_ext", "external")}
 
