@@ -96,6 +96,25 @@ def _check_images(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
+def _validate(
+    x: torch.Tensor,
+    name: str,
+    schedule: NoiseSchedule,
+    noise_level: int,
+    stride: int,
+    guidance: tuple[float, int] | None = None,
+) -> int:
+    """The argument checks of encode / decode / counterfactual; returns the step count D / s.
+
+    ``guidance``: (w, target_label) for the guided calls, None for encoding.
+    """
+    _check_images(x, name)
+    steps = _check_grid(noise_level, stride, schedule.num_train_timesteps)
+    if guidance is not None:
+        _check_guidance(*guidance)
+    return steps
+
+
 def timestep_grid(
     noise_level: int, stride: int, *, num_train_timesteps: int | None = None
 ) -> torch.Tensor:
@@ -188,8 +207,7 @@ def ddim_encode(
     Returns:
         (B, 1, H, W) float32 x_D.
     """
-    _check_images(x0, "x0")
-    steps = _check_grid(noise_level, stride, schedule.num_train_timesteps)
+    steps = _validate(x0, "x0", schedule, noise_level, stride)
     abar = schedule.alphas_cumprod.tolist()
     x = x0.float()
     labels = torch.full((x.shape[0],), UNCONDITIONAL, dtype=torch.long, device=x.device)
@@ -241,9 +259,7 @@ def ddim_decode(
     Returns:
         (B, 1, H, W) float32 x̂_0 (not clipped).
     """
-    _check_images(x_t, "x_t")
-    steps = _check_grid(noise_level, stride, schedule.num_train_timesteps)
-    _check_guidance(guidance_scale, target_label)
+    steps = _validate(x_t, "x_t", schedule, noise_level, stride, (guidance_scale, target_label))
     abar = schedule.alphas_cumprod.tolist()
     x = x_t.float()
     batch = x.shape[0]
@@ -289,10 +305,8 @@ def counterfactual(
     Returns:
         (B, 1, H, W) counterfactual x̂_0, in ``x0``'s dtype.
     """
-    # Validate everything before the (long) encode, so a bad w fails in milliseconds.
-    _check_images(x0, "x0")
-    _check_grid(noise_level, stride, schedule.num_train_timesteps)
-    _check_guidance(guidance_scale, target_label)
+    # Validate everything, w included, before the (long) encode: a bad w fails in milliseconds.
+    _validate(x0, "x0", schedule, noise_level, stride, (guidance_scale, target_label))
     x_t = ddim_encode(model, x0, schedule, noise_level=noise_level, stride=stride, amp=amp)
     x_hat = ddim_decode(
         model, x_t, schedule, noise_level=noise_level, stride=stride,
