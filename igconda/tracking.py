@@ -80,6 +80,18 @@ def get_or_create_experiment(tracking_uri: str, experiment: str) -> str:
         return found.experiment_id
 
 
+def _experiment_and_tags(
+    tracking_uri: str, experiment: str, tags: dict[str, str] | None, parent_run_id: str | None
+) -> tuple[str, dict[str, str]]:
+    """The run's experiment id (created if missing) and its tags, with ``mlflow.parentRunId``
+    added when ``parent_run_id`` is given (that tag makes it a nested child run)."""
+    experiment_id = get_or_create_experiment(tracking_uri, experiment)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    return experiment_id, all_tags
+
+
 @contextlib.contextmanager
 def start_run(
     tracking_uri: str,
@@ -95,10 +107,7 @@ def start_run(
     ``parent_run_id`` makes it a nested child run (pipeline stages, Tune trials).
     """
     mlflow.set_tracking_uri(tracking_uri)
-    experiment_id = get_or_create_experiment(tracking_uri, experiment)
-    all_tags = dict(tags or {})
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
+    experiment_id, all_tags = _experiment_and_tags(tracking_uri, experiment, tags, parent_run_id)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                           run_name=None if run_id else run_name, tags=all_tags or None,
                           nested=mlflow.active_run() is not None) as run:
@@ -117,12 +126,8 @@ def create_run(
 
     End it with :func:`end_run`.
     """
-    all_tags = dict(tags or {})
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    client = MlflowClient(tracking_uri)
-    run = client.create_run(get_or_create_experiment(tracking_uri, experiment), run_name=run_name,
-                            tags=all_tags)
+    experiment_id, all_tags = _experiment_and_tags(tracking_uri, experiment, tags, parent_run_id)
+    run = MlflowClient(tracking_uri).create_run(experiment_id, run_name=run_name, tags=all_tags)
     return run.info.run_id
 
 
