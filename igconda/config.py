@@ -94,6 +94,9 @@ class TrainConfig:
     amp: bool = True  # mixed precision, used only on GPU
     max_failures: int = 2
     seed: int = 0
+    # Splits whose Parquet files total at most this many MiB are read once into Ray's object
+    # store (Dataset.materialize) instead of re-read from storage every epoch; 0 = always stream.
+    materialize_max_mb: int = 2048
 
 
 @dataclass(frozen=True)
@@ -126,9 +129,9 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow destination; the default is a local file store under the output folder."""
+    """MLflow destination; the default is a SQLite store ``<output>/mlflow.db``."""
 
-    tracking_uri: str = ""  # empty = <output>/mlruns
+    tracking_uri: str = ""  # empty = sqlite:///<output>/mlflow.db
     experiment: str = "igconda"
 
 
@@ -302,6 +305,7 @@ def validate(cfg: StudyConfig) -> None:
     _check(0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)")
     _check(t.valid_every >= 1 and t.checkpoint_every >= 1, "train: valid_every and checkpoint_every must be >= 1")
     _check(t.num_workers >= 1, "train.num_workers must be >= 1")
+    _check(t.materialize_max_mb >= 0, "train.materialize_max_mb must be >= 0 (0 = always stream)")
     i = cfg.infer
     _check(0 < i.noise_level < t.num_train_timesteps,
            f"infer.noise_level D={i.noise_level} must be in (0, {t.num_train_timesteps})")

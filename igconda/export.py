@@ -123,8 +123,8 @@ def write_nifti_atomic(image: nib.Nifti1Image, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # nibabel picks compression from the extension; atomic_write's temp name keeps ".nii.gz".
-    # Mode 0600 as before (it came from tempfile.mkstemp).
-    return atomic_write(path, lambda tmp: nib.save(image, tmp), mode=0o600)
+    # The umask's mode, like any file the user writes: the map is meant to be opened by others.
+    return atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
 def export_volume(slices: np.ndarray | Sequence[np.ndarray], geometry: Mapping[str, Any] | str,

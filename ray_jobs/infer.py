@@ -261,7 +261,7 @@ def write_patient(columns: dict[str, np.ndarray], path: Path, settings: InferSet
     path.parent.mkdir(parents=True, exist_ok=True)
     # A ".tmp" suffix keeps a half-written file out of "*.parquet" globs (resume, the report);
     # mode 0600 as before (it came from tempfile.mkstemp).
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp), mode=0o600, suffix=".tmp")
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
 
 
 def _slice_rows(batch: dict[str, np.ndarray], index: np.ndarray) -> dict[str, Any]:

@@ -71,12 +71,32 @@ def test_two_workers_train_checkpoint_log_and_resume(ray_session, dataset, tmp_p
     assert [h["epoch"] for h in state["history"]] == [1.0, 2.0, 3.0]
 
 
+def test_small_splits_are_materialized_large_ones_streamed(ray_session, dataset, tmp_path):
+    from ray.data.dataset import MaterializedDataset
+
+    from igconda.config import load_config
+    from ray_jobs.train import _tree_bytes, build_trainer
+
+    parquet = sum(p.stat().st_size for p in (Path(dataset) / "slices").rglob("*.parquet"))
+    assert _tree_bytes(str(Path(dataset) / "slices")) >= parquet > 0
+    config = load_config(Path(__file__).parents[1] / "configs" / "test.yaml")
+    for max_mb, materialized in ((config.train.materialize_max_mb, True), (0, False)):
+        trainer = build_trainer(config.replace("train", materialize_max_mb=max_mb), data=str(dataset),
+                                storage_path=str(tmp_path / "storage"), run_name=f"m{max_mb}")
+        kinds = {name: isinstance(ds, MaterializedDataset) for name, ds in trainer.datasets.items()}
+        # train's block order is re-randomized each epoch (a lazy op on the materialized blocks).
+        assert kinds["valid"] is materialized, kinds
+
+
 def test_a_killed_worker_is_recovered_from_the_last_checkpoint(ray_session, dataset, tmp_path):
     from igconda.config import load_config
     from ray_jobs.train import build_trainer
 
+    # Streamed splits here (materialize_max_mb 0), so that path trains too; the other tests
+    # train on splits materialized in the object store (the default for small data).
     config = load_config(Path(__file__).parents[1] / "configs" / "test.yaml",
-                         overrides={"train": {"epochs": 2, "num_workers": 2, "max_failures": 1}})
+                         overrides={"train": {"epochs": 2, "num_workers": 2, "max_failures": 1,
+                                              "materialize_max_mb": 0}})
     marker = tmp_path / "killed"
     trainer = build_trainer(config, data=str(dataset), storage_path=str(tmp_path / "storage"),
                             run_name="faulty", cpus_per_worker=0.5, torch_threads=1,
