@@ -148,7 +148,7 @@ def test_stride_benchmark_runs_on_the_tiny_model(checkpoint, tmp_path, test_conf
     out = tmp_path / "strides.csv"
     code = bench.main(["--checkpoint", str(checkpoint), "--data", str(data), "--noise-level", "4",
                        "--strides", "1,2,3,4", "--max-slices", "4", "--device", "cpu",
-                       "--output", str(out)])
+                       "--control", "--output", str(out)])
     assert code == 0
     import pandas as pd
 
@@ -156,6 +156,9 @@ def test_stride_benchmark_runs_on_the_tiny_model(checkpoint, tmp_path, test_conf
     assert table["stride"].tolist() == [1, 2, 4]  # s = 3 does not divide D = 4
     assert table["evaluations_per_slice"].tolist() == [12, 6, 3]
     assert table["dsc_max_mean"].between(0, 1).all() and (table["slices_per_s"] > 0).all()
+    # --control: the unguided (w = 0) score and what guidance adds on top of it.
+    assert table["dsc_max_w0_mean"].between(0, 1).all()
+    assert np.allclose(table["guidance_gain"], table["dsc_max_mean"] - table["dsc_max_w0_mean"])
     assert "largest stride within 0.01" in capsys.readouterr().out
     best = bench.default_stride(pd.DataFrame({"stride": [1, 2, 5], "dsc_max_mean": [0.5, 0.495, 0.47]}))
     assert best == 2
