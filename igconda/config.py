@@ -97,6 +97,9 @@ class TrainConfig:
     # Splits whose Parquet files total at most this many MiB are read once into Ray's object
     # store (Dataset.materialize) instead of re-read from storage every epoch; 0 = always stream.
     materialize_max_mb: int = 2048
+    # Show each unhealthy slice round(n_healthy / n_unhealthy) times per epoch (they are ~10 % of
+    # a whole-body scan's slices); the paper trains on the slices as they come.
+    balance_classes: bool = False
 
 
 @dataclass(frozen=True)

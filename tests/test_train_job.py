@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from igconda import checkpoint as ckpt
@@ -86,6 +88,26 @@ def test_small_splits_are_materialized_large_ones_streamed(ray_session, dataset,
         kinds = {name: isinstance(ds, MaterializedDataset) for name, ds in trainer.datasets.items()}
         # train's block order is re-randomized each epoch (a lazy op on the materialized blocks).
         assert kinds["valid"] is materialized, kinds
+
+
+def test_unhealthy_slices_are_oversampled_to_balance_the_classes(ray_session, dataset):
+    import ray.data
+
+    from ray_jobs.train import _label_counts, oversample_unhealthy
+
+    path = str(Path(dataset) / "slices" / "train")
+    counts = _label_counts(path)
+    labels = pq.read_table(path, columns=["label"])["label"].to_numpy()
+    assert counts == {int(k): int((labels == k).sum()) for k in np.unique(labels)}
+    healthy, unhealthy = counts[1], counts[2]
+    train = ray.data.read_parquet(path).select_columns(["label", "patient_id"])
+    balanced, repeats = oversample_unhealthy(train, counts)
+    assert repeats == max(1, round(healthy / unhealthy))
+    seen = balanced.to_pandas()["label"].value_counts().to_dict()
+    assert seen == {1: healthy, 2: unhealthy * repeats}
+    # Already balanced, or nothing to balance: the dataset comes back unchanged.
+    assert oversample_unhealthy(train, {1: 5, 2: 5}) == (train, 1)
+    assert oversample_unhealthy(train, {1: 5}) == (train, 1)
 
 
 def test_a_killed_worker_is_recovered_from_the_last_checkpoint(ray_session, dataset, tmp_path):
