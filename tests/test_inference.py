@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from igconda.checkpoint import CheckpointError
+from igconda.config import save_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.inference import CounterfactualPredictor, stack_column
 from tests.helpers import make_dataset
@@ -162,3 +163,26 @@ def test_stride_benchmark_runs_on_the_tiny_model(checkpoint, tmp_path, test_conf
     assert "largest stride within 0.01" in capsys.readouterr().out
     best = bench.default_stride(pd.DataFrame({"stride": [1, 2, 5], "dsc_max_mean": [0.5, 0.495, 0.47]}))
     assert best == 2
+
+
+def test_balance_benchmark_trains_both_samplings_and_scores_them(tmp_path, test_config, capsys):
+    """benchmarks/bench_balance.py on the tiny config: two checkpoints, one score row per (s, w)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_balance.py"
+    spec = importlib.util.spec_from_file_location("bench_balance", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    data = tmp_path / "data"
+    make_dataset(data, test_config, {"P1": ("lung", "internal"), "P2": ("lung", "internal")}, split="train")
+    make_dataset(data, test_config, {"P3": ("lung", "internal")}, split="test")
+    config = tmp_path / "test.yaml"
+    save_config(test_config, config)
+    code = bench.main(["--data", str(data), "--config", str(config), "--output", str(tmp_path / "out"),
+                       "--steps", "2", "--noise-level", "4", "--strides", "2,4",
+                       "--guidance-scales", "0,3", "--max-slices", "4", "--threads", "1"])
+    assert code == 0
+    for name in ("natural", "balanced"):
+        assert (tmp_path / "out" / name / "config.yaml").is_file()
+    lines = [line for line in capsys.readouterr().out.splitlines() if "⌈DSC⌉" in line]
+    assert len(lines) == 2 * 2 * 2  # two samplings × two strides × two w
