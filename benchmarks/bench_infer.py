@@ -108,13 +108,16 @@ def ray_data(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int, conc
              threads: int) -> dict[str, float]:
     import ray
 
+    # Actors that reserve every CPU leave none for the Parquet readers and the run never starts
+    # (two 1-CPU actors on this 2-CPU VM hung for 8 minutes): keep half a CPU free for them.
+    cpus = min(float(threads), (ray.cluster_resources()["CPU"] - 0.5) / concurrency)
     started = time.perf_counter()
     ds = ray.data.read_parquet(str(folder)).select_columns(
         ["patient_id", "slice_index", "label", "height", "width", "image", "mask"])
     ds = ds.map_batches(CounterfactualPredictor, fn_constructor_kwargs={"checkpoint": str(checkpoint), **kwargs},
                         batch_size=batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=concurrency),
-                        num_cpus=threads)
+                        num_cpus=cpus)
     n, first = 0, None
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         n += len(batch["anomaly_map"])

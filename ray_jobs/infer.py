@@ -279,6 +279,22 @@ def _concat(parts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return out
 
 
+def actor_cpu_warning(concurrency: int, cpus_per_actor: float, cluster_cpus: float) -> str | None:
+    """Why the predictor actors may starve the Parquet readers of CPUs, or None if they cannot.
+
+    Ray Data starts the actor pool first; if the actors reserve every CPU, the read tasks that
+    feed them are never scheduled and the job waits forever (seen on a 2-CPU machine with two
+    1-CPU actors). Only a warning: an autoscaling cluster may add the CPUs once asked.
+    """
+    reserved = concurrency * cpus_per_actor
+    if cluster_cpus - reserved >= 0.5:
+        return None
+    return (f"{concurrency} predictor actor(s) x {cpus_per_actor:g} CPU reserve {reserved:g} of the "
+            f"cluster's {cluster_cpus:g} CPUs, leaving none for Ray Data's Parquet readers: unless "
+            f"the cluster adds CPUs the job will wait forever. Lower infer.concurrency or "
+            f"infer.num_cpus_per_actor (fractions such as 0.75 are fine)")
+
+
 def predict_patients(files: dict[str, Path], expected: dict[str, int], config: StudyConfig,
                      settings: InferSettings, out_dir: Path, device: str | None) -> list[str]:
     """Run the predictor over the given patients with Ray Data; write each patient when complete.
@@ -291,6 +307,11 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
     from igconda.inference import CounterfactualPredictor
 
     i = config.infer
+    problem = actor_cpu_warning(i.concurrency, i.num_cpus_per_actor,
+                                float(ray.cluster_resources().get("CPU", 0.0)))
+    if problem:
+        logger.warning(problem)
+        print(f"    warning: {problem}", flush=True)
     ds = ray.data.read_parquet([str(f) for f in files.values()]).select_columns(list(PREDICTOR_INPUT))
     ds = ds.map_batches(
         CounterfactualPredictor,

@@ -73,6 +73,19 @@ def test_missing_checkpoint_and_split_exit_2(study, tmp_path, capsys):
     assert "no 'valid' split" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("concurrency, cpus, cluster, starves", [
+    (2, 1.0, 2.0, True),    # two 1-CPU actors on 2 CPUs: the readers never run (seen hanging)
+    (1, 1.0, 2.0, False),   # the demo's setting
+    (2, 0.75, 2.0, False),  # fractional actors leave half a CPU for the readers
+    (4, 2.0, 8.0, True),
+])
+def test_actors_that_reserve_every_cpu_are_warned_about(concurrency, cpus, cluster, starves):
+    problem = infer.actor_cpu_warning(concurrency, cpus, cluster)
+    assert (problem is not None) is starves
+    if starves:
+        assert "infer.concurrency" in problem and f"{cluster:g} CPUs" in problem
+
+
 def test_output_completeness_checks_rows_and_settings(tmp_path):
     settings = infer.InferSettings("/ck", 4, 3.0, 2, "abs")
     columns = {"slice_index": np.array([1, 0], np.int32), "anomaly_map": np.zeros((2, 4), np.float32),
