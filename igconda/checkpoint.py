@@ -23,7 +23,6 @@ Later stages (tune, infer, detect) take ``<output>/best`` as their ``--checkpoin
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from igconda.config import StudyConfig, load_config, save_config
-from igconda.io_utils import atomic_write
+from igconda.io_utils import atomic_write, replace_dir
 from igconda.models import ConditionalUNet, build_unet
 
 CONFIG_FILE = "config.yaml"
@@ -75,9 +74,8 @@ def save_checkpoint(
         if train_state is not None:
             torch.save(train_state, tmp / STATE_FILE)
         (tmp / METADATA_FILE).write_text(json.dumps(metadata or {}, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+        # Old checkpoint aside, new one in, old one deleted: a crash never leaves none.
+        replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

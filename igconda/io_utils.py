@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -84,3 +86,29 @@ def atomic_write(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def replace_dir(new: str | Path, target: str | Path) -> Path:
+    """Swap a finished folder ``new`` into ``target`` without ever leaving no ``target``.
+
+    An existing ``target`` is first renamed aside (``.<name>.old-<random>``), ``new`` is renamed
+    into place, and only then is the old folder deleted; if the second rename fails the old
+    folder is put back. ``new`` must be on the same filesystem (write it beside ``target``).
+
+    Returns:
+        ``target`` as a Path.
+    """
+    new, target = Path(new), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        target.rename(old)
+    try:
+        new.rename(target)
+    except BaseException:
+        if old is not None:
+            old.rename(target)  # put the previous folder back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return target

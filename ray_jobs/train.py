@@ -52,6 +52,7 @@ from igconda import checkpoint as ckpt
 from igconda import tracking
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.io_utils import replace_dir
 from igconda.train_loop import (
     SCORE_METRIC,
     TRAIN_COLUMNS,
@@ -289,9 +290,7 @@ def export_best(result: Any, output: Path, extra: dict[str, Any] | None = None) 
     staging = output / f".{ckpt.BEST_DIR}.incoming"
     shutil.rmtree(staging, ignore_errors=True)
     best.to_directory(str(staging))
-    if target.exists():
-        shutil.rmtree(target)
-    staging.replace(target)
+    replace_dir(staging, target)  # the previous best stays until the new one is in place
     meta = ckpt.load_metadata(target)
     ckpt.write_best_pointer(output, {
         "uri": best.path if "://" in best.path else str(Path(best.path).resolve()),

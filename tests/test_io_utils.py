@@ -104,3 +104,32 @@ def test_missing_folder_raises_and_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         atomic_write(tmp_path / "no" / "out.txt", lambda tmp: tmp.write_text("x"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_replace_dir_swaps_a_folder_in_and_removes_the_old_one(tmp_path):
+    from igconda.io_utils import replace_dir
+
+    target, new = tmp_path / "best", tmp_path / ".best.incoming"
+    target.mkdir()
+    (target / "model").write_text("old")
+    new.mkdir()
+    (new / "model").write_text("new")
+    assert replace_dir(new, target) == target
+    assert (target / "model").read_text() == "new" and not new.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no .old-* left behind
+    # Into a place where nothing was yet.
+    fresh = tmp_path / ".other.incoming"
+    fresh.mkdir()
+    assert replace_dir(fresh, tmp_path / "other").is_dir()
+
+
+def test_replace_dir_puts_the_old_folder_back_when_the_new_one_cannot_move_in(tmp_path):
+    from igconda.io_utils import replace_dir
+
+    target = tmp_path / "best"
+    target.mkdir()
+    (target / "model").write_text("old")
+    with pytest.raises(FileNotFoundError):
+        replace_dir(tmp_path / "missing", target)
+    assert (target / "model").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]

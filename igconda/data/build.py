@@ -39,6 +39,7 @@ from igconda.data.preprocess import preprocess_volume
 from igconda.data.schema import HEALTHY, SPLITS, UNHEALTHY, volume_to_rows
 from igconda.data.splits import assign_splits
 from igconda.data.volumes import VolumeError
+from igconda.io_utils import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -164,18 +165,7 @@ def _counts(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _commit(tmp: Path, output: Path) -> None:
     """Swap the finished ``tmp`` folder into ``output`` without ever leaving no dataset."""
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
-        output.rename(old)
-    try:
-        tmp.rename(output)
-    except OSError:
-        if old is not None:
-            old.rename(output)  # put the previous dataset back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, output)
 
 
 def _check_output(output: Path) -> None:
