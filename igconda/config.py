@@ -59,6 +59,9 @@ class PreprocessConfig:
     tune_per_cohort: int = 2
     seed: int = 0
     num_cpus_per_volume: float = 1.0
+    # Multi-label masks (e.g. HECKTOR: 1 primary tumour, 2 lymph nodes): count every positive
+    # integer label as lesion. Off by default, so an unexpected label is an error, not a lesion.
+    binarize_mask: bool = False
 
 
 @dataclass(frozen=True)

@@ -175,7 +175,7 @@ def preprocess_volume(pet_path: str | Path, mask_path: str | Path | None,
         pet_path: NIfTI PET in SUV.
         mask_path: NIfTI binary lesion mask on the PET's grid, or None (negative control, or a
             scan to run inference on): the output mask is then all zero.
-        config: ``spacing_mm``, ``crop_size`` and ``output_size`` are used.
+        config: ``spacing_mm``, ``crop_size``, ``output_size`` and ``binarize_mask`` are used.
 
     Returns:
         PreprocessedVolume: ``image`` (X, Y, Z) float32 in [0, 1] and ``mask`` (X, Y, Z) uint8,
@@ -185,7 +185,7 @@ def preprocess_volume(pet_path: str | Path, mask_path: str | Path | None,
         VolumeError: naming the file and the problem (see :mod:`igconda.data.volumes`).
     """
     pet = load_pet(pet_path)
-    mask = load_mask(mask_path, pet) if mask_path is not None else None
+    mask = load_mask(mask_path, pet, binarize=config.binarize_mask) if mask_path is not None else None
     result = preprocess_arrays(pet.data, pet.affine, None if mask is None else mask.data, config,
                                source=str(pet_path))
     result.notes = pet.notes + ([] if mask is None else mask.notes) + result.notes

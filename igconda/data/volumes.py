@@ -112,12 +112,14 @@ def load_pet(path: str | Path) -> LoadedVolume:
     return LoadedVolume(data=data, affine=affine, path=str(path), notes=notes)
 
 
-def load_mask(path: str | Path, pet: LoadedVolume) -> LoadedVolume:
+def load_mask(path: str | Path, pet: LoadedVolume, binarize: bool = False) -> LoadedVolume:
     """Load a lesion mask and check that it matches its PET.
 
     Args:
         path: NIfTI file of the mask.
         pet: the already loaded PET the mask belongs to.
+        binarize: accept multi-label masks (non-negative integer labels), every positive label
+            a lesion; otherwise only 0 and 1 are accepted.
 
     Returns:
         LoadedVolume with ``data`` (X, Y, Z) uint8 in {0, 1}.
@@ -136,8 +138,13 @@ def load_mask(path: str | Path, pet: LoadedVolume) -> LoadedVolume:
                                 f"{diff:.4g} mm (tolerance {AFFINE_TOLERANCE_MM} mm)")
     if data.dtype != np.bool_:
         values = np.unique(data)
-        if not np.all(np.isin(values, (0, 1))):
-            shown = ", ".join(f"{v:g}" for v in values[:6]) + (" …" if len(values) > 6 else "")
-            raise VolumeError(path, f"mask is not binary: values {shown} (expected only 0 and 1)")
+        shown = ", ".join(f"{v:g}" for v in values[:6]) + (" …" if len(values) > 6 else "")
+        if binarize:
+            if not (np.all(values >= 0) and np.all(values == np.round(values))):
+                raise VolumeError(path, f"mask labels must be non-negative integers: values {shown}")
+        elif not np.all(np.isin(values, (0, 1))):
+            raise VolumeError(path, f"mask is not binary: values {shown} (expected only 0 and 1; "
+                                    "set preprocess.binarize_mask to count every positive label "
+                                    "as lesion)")
     return LoadedVolume(data=(np.asarray(data) > 0).astype(np.uint8), affine=affine,
                         path=str(path), notes=notes)

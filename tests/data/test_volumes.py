@@ -110,6 +110,27 @@ def test_non_binary_mask(pet_file, tmp_path, bad_value):
     assert "not binary" in err.problem
 
 
+def test_multi_label_mask_is_binarized_only_when_asked(pet_file, tmp_path):
+    _, mask = pet_and_mask()
+    labels = mask.astype(np.int16)
+    labels[labels > 0] = 2  # HECKTOR-style: 1 primary tumour, 2 lymph nodes
+    labels[0, 0, 0] = 1
+    path = write_nifti(tmp_path / "m.nii.gz", labels, LPS)
+    assert "binarize_mask" in _err(load_mask, path, load_pet(pet_file)).problem
+    loaded = load_mask(path, load_pet(pet_file), binarize=True)
+    assert loaded.data.dtype == np.uint8 and set(np.unique(loaded.data)) == {0, 1}
+    assert int(loaded.data.sum()) == int((labels > 0).sum())
+
+
+@pytest.mark.parametrize("bad_value", [0.5, -1])
+def test_binarize_still_rejects_non_integer_or_negative_labels(pet_file, tmp_path, bad_value):
+    _, mask = pet_and_mask()
+    mask = mask.astype(np.float32)
+    mask[0, 0, 0] = bad_value
+    err = _err(load_mask, write_nifti(tmp_path / "m.nii.gz", mask, LPS), load_pet(pet_file), True)
+    assert "non-negative integers" in err.problem
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16, np.uint8])
 def test_binary_masks_of_any_dtype_are_accepted(pet_file, tmp_path, dtype):
     _, mask = pet_and_mask()
