@@ -108,9 +108,10 @@ def ray_data(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int, conc
              threads: int) -> dict[str, float]:
     import ray
 
-    # Actors that reserve every CPU leave none for the Parquet readers and the run never starts
-    # (two 1-CPU actors on this 2-CPU VM hung for 8 minutes): keep half a CPU free for them.
-    cpus = min(float(threads), (ray.cluster_resources()["CPU"] - 0.5) / concurrency)
+    # Actors that reserve every CPU leave none for the Parquet readers, which ask for one whole
+    # CPU each, and the run never starts (two 1-CPU actors, and two 0.75-CPU actors, on this
+    # 2-CPU VM both hung): keep one CPU free for them.
+    cpus = min(float(threads), (ray.cluster_resources()["CPU"] - 1.0) / concurrency)
     started = time.perf_counter()
     ds = ray.data.read_parquet(str(folder)).select_columns(
         ["patient_id", "slice_index", "label", "height", "width", "image", "mask"])

@@ -287,12 +287,12 @@ def actor_cpu_warning(concurrency: int, cpus_per_actor: float, cluster_cpus: flo
     1-CPU actors). Only a warning: an autoscaling cluster may add the CPUs once asked.
     """
     reserved = concurrency * cpus_per_actor
-    if cluster_cpus - reserved >= 0.5:
+    if cluster_cpus - reserved >= 1.0:  # a Ray Data read task asks for one whole CPU
         return None
     return (f"{concurrency} predictor actor(s) x {cpus_per_actor:g} CPU reserve {reserved:g} of the "
             f"cluster's {cluster_cpus:g} CPUs, leaving none for Ray Data's Parquet readers: unless "
             f"the cluster adds CPUs the job will wait forever. Lower infer.concurrency or "
-            f"infer.num_cpus_per_actor (fractions such as 0.75 are fine)")
+            f"infer.num_cpus_per_actor (fractions such as 0.5 are fine) so one CPU stays free")
 
 
 def predict_patients(files: dict[str, Path], expected: dict[str, int], config: StudyConfig,

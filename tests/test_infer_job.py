@@ -76,7 +76,8 @@ def test_missing_checkpoint_and_split_exit_2(study, tmp_path, capsys):
 @pytest.mark.parametrize("concurrency, cpus, cluster, starves", [
     (2, 1.0, 2.0, True),    # two 1-CPU actors on 2 CPUs: the readers never run (seen hanging)
     (1, 1.0, 2.0, False),   # the demo's setting
-    (2, 0.75, 2.0, False),  # fractional actors leave half a CPU for the readers
+    (2, 0.5, 2.0, False),   # fractional actors leave one CPU for the readers
+    (2, 0.75, 2.0, True),   # half a CPU is not enough: a read task asks for a whole one (hung)
     (4, 2.0, 8.0, True),
 ])
 def test_actors_that_reserve_every_cpu_are_warned_about(concurrency, cpus, cluster, starves):
