@@ -25,6 +25,18 @@ def test_config() -> StudyConfig:
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tiny models (``pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")``): on a shared 2-core machine two spinning threads are far slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, test_config) -> Path:
     """A random-weight tiny-model checkpoint (tests.helpers.make_checkpoint), one per module."""
     from tests.helpers import make_checkpoint

@@ -19,13 +19,7 @@ GEOMETRY = {"original_shape": [16, 16, 6], "original_affine": np.eye(4),
             "output_affine": np.eye(4), "output_shape": [16, 16, 6]}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; more oversubscribe a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ space

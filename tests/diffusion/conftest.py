@@ -4,12 +4,8 @@ machine extra threads only spin against other jobs."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _single_thread(one_torch_thread):
+    """Every diffusion test runs its tiny models on one torch thread (tests/conftest.py)."""
