@@ -259,8 +259,7 @@ def write_patient(columns: dict[str, np.ndarray], path: Path, settings: InferSet
             arrays[name] = pa.array(values)
     table = pa.table(arrays).replace_schema_metadata({SETTINGS_KEY: json.dumps(settings.as_dict())})
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A ".tmp" suffix keeps a half-written file out of "*.parquet" globs (resume, the report);
-    # mode 0600 as before (it came from tempfile.mkstemp).
+    # A ".tmp" suffix keeps a half-written file out of "*.parquet" globs (resume, the report).
     atomic_write(path, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
 
 

@@ -129,11 +129,19 @@ def _join(root: str, *parts: str) -> str:
     return "/".join([root.rstrip("/"), *parts])
 
 
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) for a local path or a pyarrow-filesystem URI (e.g. s3://)."""
+    import pyarrow.fs as pafs
+
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
 def _fs_exists(uri: str, want_dir: bool = False) -> bool:
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (
-        pafs.LocalFileSystem(), str(Path(uri).resolve()))
+    fs, path = _filesystem(uri)
     info = fs.get_file_info(path)
     return info.type == (pafs.FileType.Directory if want_dir else pafs.FileType.File)
 
@@ -142,8 +150,7 @@ def _tree_bytes(uri: str) -> int:
     """Total size of the files under a local folder or a pyarrow-filesystem URI (e.g. s3://)."""
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (
-        pafs.LocalFileSystem(), str(Path(uri).resolve()))
+    fs, path = _filesystem(uri)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
 
@@ -152,10 +159,8 @@ def _label_counts(uri: str) -> dict[int, int]:
     """Slices per label in a Parquet split, from the ``label`` column alone (cheap at any size)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
-    import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (
-        pafs.LocalFileSystem(), str(Path(uri).resolve()))
+    fs, path = _filesystem(uri)
     labels = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["label"])["label"]
     return {int(row["values"]): int(row["counts"]) for row in pc.value_counts(labels).to_pylist()}
 

@@ -163,11 +163,6 @@ def _counts(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _commit(tmp: Path, output: Path) -> None:
-    """Swap the finished ``tmp`` folder into ``output`` without ever leaving no dataset."""
-    replace_dir(tmp, output)
-
-
 def _check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise PreprocessingError(f"{output}: exists and is not a folder")
@@ -288,7 +283,7 @@ def run_preprocessing(manifest: str | Path, output: str | Path, config: StudyCon
         }
         # dataset.json is written last: its presence marks the folder complete.
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2))
-        _commit(tmp, output)
+        replace_dir(tmp, output)  # never leaves no dataset, even on a crash
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
