@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--mask", help="lesion mask NIfTI on the scan's grid: also print metrics")
     detect.add_argument("--batch-size", type=int, help="slices per batch (default: the checkpoint's)")
     detect.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: auto)")
-    detect.add_argument("--no-amp", action="store_true", help="full precision on GPU")
+    detect.add_argument("--no-amp", action="store_true", help="full float32 precision (by default the network autocasts to bf16/fp16 on GPUs and on CPUs with bf16 units)")
     detect.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 

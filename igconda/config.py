@@ -94,7 +94,7 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints
     num_workers: int = 1
     use_gpu: bool = False
-    amp: bool = True  # mixed precision, used only on GPU
+    amp: bool = True  # autocast where it pays: GPUs, CPUs with bf16 units (igconda.precision)
     max_failures: int = 2
     seed: int = 0
     # Splits whose Parquet files total at most this many MiB are read once into Ray's object
@@ -116,7 +116,7 @@ class InferConfig:
     concurrency: int = 1
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
-    use_amp: bool = True  # only on GPU
+    use_amp: bool = True  # as train.amp (igconda.precision)
 
 
 @dataclass(frozen=True)

@@ -116,7 +116,8 @@ class CounterfactualPredictor:
         map_kind: ``"abs"`` |x − x̂| (the paper's) or ``"hot"`` max(x − x̂, 0); it decides the
             ``anomaly_map`` column and the metric columns.
         device: ``None``/``"auto"`` picks CUDA when available; else e.g. ``"cpu"``, ``"cuda:1"``.
-        amp: autocast the network on CUDA (ignored on CPU, where it would be slower).
+        amp: autocast the network where the hardware has fast low-precision units
+            (:mod:`igconda.precision`: GPUs, CPUs with bf16 units).
         score_other_map: also compute ⌈DSC⌉ of the other map kind (``dsc_max_abs`` /
             ``dsc_max_hot``); costs one ⌈DSC⌉ pass, no network evaluation.
         counterfactual_fn: replaces :func:`igconda.diffusion.ddim.counterfactual` (tests).
@@ -158,7 +159,7 @@ class CounterfactualPredictor:
         self.guidance_scale = float(guidance_scale)
         self.stride = int(stride)
         self.map_kind = map_kind
-        self.amp = bool(amp) and self.device.type == "cuda"
+        self.amp = bool(amp)
         self.score_other_map = score_other_map
         self.keep_inputs = keep_inputs
         if counterfactual_fn is None:

@@ -289,7 +289,7 @@ def tune_trial(
     rows = evaluate_noise_level(
         model, schedule, slices.images, slices.masks, noise_level=noise_level,
         guidance_scales=scales, stride=stride, batch_size=batch_size, device=device,
-        share_encoding=share_encoding, amp=amp and device == "cuda",
+        share_encoding=share_encoding, amp=amp,
     )
     for row in rows:
         tune.report(row)

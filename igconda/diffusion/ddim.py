@@ -39,13 +39,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.models.unet import HEALTHY, UNCONDITIONAL
+from igconda.precision import autocast, autocast_dtype
 
 AnomalyKind = str  # "abs" | "hot"
 
@@ -163,16 +163,9 @@ def ddim_step(
     return x * coef_x + eps.to(x.dtype) * coef_eps
 
 
-def _autocast(x: torch.Tensor, amp: bool):
-    if not amp or x.device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
 def _predict(model: nn.Module, x: torch.Tensor, t: int, labels: torch.Tensor, amp: bool) -> torch.Tensor:
     timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    with _autocast(x, amp):
+    with autocast(x.device, autocast_dtype(x.device, amp)):
         eps = model(x, timesteps, labels)
     # The trajectory stays in float32 even when the network runs in half precision.
     return eps.float()
@@ -200,8 +193,9 @@ def ddim_encode(
         schedule: the noise schedule the model was trained with.
         noise_level: D in training-timestep units, 0 < D < T, a multiple of ``stride``.
         stride: s >= 1.
-        amp: run the network under CUDA autocast (bf16 where supported, else fp16); the
-            trajectory stays float32. Ignored on the CPU.
+        amp: run the network under autocast where it pays (bf16 on GPUs that support it and
+            on CPUs with bf16 units, fp16 on older GPUs; :mod:`igconda.precision`); the
+            trajectory stays float32.
         callback: optional ``callback(t_reached, x)`` after each step (progress, debugging).
 
     Returns:
@@ -253,7 +247,7 @@ def ddim_decode(
         stride: s, the same as for encoding.
         guidance_scale: w >= 0.
         target_label: c, 1 = healthy (the counterfactual), 2 = unhealthy.
-        amp: CUDA autocast for the network (see :func:`ddim_encode`).
+        amp: autocast for the network where it pays (see :func:`ddim_encode`).
         callback: optional ``callback(t_reached, x)`` after each step.
 
     Returns:
@@ -300,7 +294,7 @@ def counterfactual(
         stride: s >= 1 (1 reproduces the reference).
         guidance_scale: w >= 0, in the reference code's form (see :func:`ddim_decode`).
         target_label: 1 = healthy counterfactual (default), 2 = unhealthy.
-        amp: CUDA autocast for the network.
+        amp: autocast for the network where it pays.
 
     Returns:
         (B, 1, H, W) counterfactual x̂_0, in ``x0``'s dtype.

@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from igconda.diffusion.schedule import NoiseSchedule
+from igconda.precision import autocast, autocast_dtype
 from igconda.models.unet import UNCONDITIONAL
 
 
@@ -145,19 +146,18 @@ def amp_settings(
 ) -> tuple[torch.dtype | None, torch.amp.GradScaler | None]:
     """The mixed-precision settings for :func:`train_step` on ``device``.
 
-    bf16 autocast where the GPU supports it (no scaler needed: bf16 has float32's range), else
-    fp16 with a ``GradScaler`` (fp16 gradients underflow without one); plain fp32 on the CPU or
+    The dtype follows :func:`igconda.precision.autocast_dtype`: bf16 on GPUs that support it and
+    on CPUs with bf16 matrix units (no scaler needed: bf16 has float32's range), fp16 with a
+    ``GradScaler`` on older GPUs (fp16 gradients underflow without one), plain fp32 elsewhere or
     when ``enabled`` is False.
 
     Returns:
         (amp_dtype, scaler): pass both to :func:`train_step`.
     """
-    device = torch.device(device)
-    if not enabled or device.type != "cuda":
-        return None, None
-    if torch.cuda.is_bf16_supported():
-        return torch.bfloat16, None
-    return torch.float16, torch.amp.GradScaler("cuda")
+    dtype = autocast_dtype(device, enabled)
+    if dtype == torch.float16:
+        return dtype, torch.amp.GradScaler("cuda")
+    return dtype, None
 
 
 def train_step(
@@ -183,20 +183,19 @@ def train_step(
         labels: (B,) class tokens.
         cond_drop_prob: probability of training a sample unconditionally.
         scaler: a ``torch.amp.GradScaler``; required with ``amp_dtype=torch.float16``.
-        amp_dtype: autocast dtype on CUDA (``torch.bfloat16`` or ``torch.float16``); None = fp32.
-            See :func:`amp_settings`. Ignored off CUDA.
+        amp_dtype: autocast dtype of the network (``torch.bfloat16`` or ``torch.float16``);
+            None = fp32. See :func:`amp_settings`. The loss is reduced in float32.
         generator: optional RNG for timesteps, noise and condition dropping.
         ema: optional :func:`make_ema` average, updated after the optimizer step.
 
     Returns:
         The batch loss as a Python float.
     """
-    use_amp = amp_dtype is not None and x0.device.type == "cuda"
-    if use_amp and amp_dtype == torch.float16 and scaler is None:
+    if amp_dtype == torch.float16 and scaler is None:
         raise ValueError("fp16 autocast needs a torch.amp.GradScaler (see amp_settings)")
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(device_type=x0.device.type, dtype=amp_dtype, enabled=use_amp):
+    with autocast(x0.device, amp_dtype):
         loss = diffusion_loss(
             model, schedule, x0, labels, cond_drop_prob=cond_drop_prob, generator=generator
         )

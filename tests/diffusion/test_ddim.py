@@ -273,3 +273,13 @@ def test_amp_on_gpu_close_to_fp32(schedule):
     full = counterfactual(net, x0, schedule, noise_level=8, stride=2, guidance_scale=3.0)
     half = counterfactual(net, x0, schedule, noise_level=8, stride=2, guidance_scale=3.0, amp=True)
     assert (full - half).abs().max().item() < 0.05
+
+
+def test_cpu_bf16_counterfactual_close_to_fp32(model, schedule, monkeypatch):
+    """bf16 autocast of the network only: the counterfactual stays float32 and within 0.05."""
+    x0 = _slices()
+    full = counterfactual(model, x0, schedule, noise_level=8, stride=2, guidance_scale=3.0)
+    monkeypatch.setenv("IGCONDA_CPU_BF16", "1")
+    half = counterfactual(model, x0, schedule, noise_level=8, stride=2, guidance_scale=3.0, amp=True)
+    assert half.dtype == torch.float32
+    assert 0 < (full - half).abs().max().item() < 0.05
