@@ -21,6 +21,10 @@ import yaml
 from igconda.io_utils import atomic_write
 
 
+#: Values of ``model.conditioning`` (see :class:`ModelConfig`).
+CONDITIONINGS = ("cross_attention", "class_embedding", "both")
+
+
 class ConfigError(ValueError):
     """A configuration file or value is invalid; the message names the key and the problem."""
 
@@ -76,6 +80,11 @@ class ModelConfig:
     embedding_dim: int = 64  # class token and cross-attention dimension
     norm_num_groups: int = 32
     use_flash_attention: bool = False
+    # How the class token reaches the network: "cross_attention" (the paper's: one token attended
+    # to by the attention levels and MONAI's mid block), "class_embedding" (MONAI's
+    # num_class_embeds: a learned vector added to the timestep embedding, so every residual block
+    # sees the class; the unconditional token 0 is then a learned null vector), or "both".
+    conditioning: str = "cross_attention"
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,10 @@ class TrainConfig:
     # Show each unhealthy slice round(n_healthy / n_unhealthy) times per epoch (they are ~10 % of
     # a whole-body scan's slices); the paper trains on the slices as they come.
     balance_classes: bool = False
+    # Draw training timesteps from {0, ..., max_timestep - 1} instead of {0, ..., T - 1}; 0 = all T.
+    # Counterfactuals only ever evaluate t <= D (the largest noise level tuned or inferred), so
+    # steps spent on t > D teach the network nothing inference uses. Every D must be < this.
+    max_timestep: int = 0
 
 
 @dataclass(frozen=True)
@@ -298,6 +311,8 @@ def validate(cfg: StudyConfig) -> None:
            f"model.channels {m.channels} must be multiples of norm_num_groups {m.norm_num_groups}")
     _check(all(c % m.num_head_channels == 0 for c in m.channels),
            f"model.channels {m.channels} must be multiples of num_head_channels {m.num_head_channels}")
+    _check(m.conditioning in CONDITIONINGS,
+           f"model.conditioning {m.conditioning!r} must be one of {', '.join(CONDITIONINGS)}")
     downsample = 2 ** (len(m.channels) - 1)
     _check(p.output_size[0] % downsample == 0,
            f"preprocess.output_size {p.output_size[:2]} must be divisible by {downsample} for {len(m.channels)} levels")
@@ -312,9 +327,13 @@ def validate(cfg: StudyConfig) -> None:
     _check(t.valid_every >= 1 and t.checkpoint_every >= 1, "train: valid_every and checkpoint_every must be >= 1")
     _check(t.num_workers >= 1, "train.num_workers must be >= 1")
     _check(t.materialize_max_mb >= 0, "train.materialize_max_mb must be >= 0 (0 = always stream)")
+    _check(t.max_timestep == 0 or 2 <= t.max_timestep <= t.num_train_timesteps,
+           f"train.max_timestep {t.max_timestep} must be 0 (all) or in [2, {t.num_train_timesteps}]")
+    trained = t.max_timestep or t.num_train_timesteps
     i = cfg.infer
-    _check(0 < i.noise_level < t.num_train_timesteps,
-           f"infer.noise_level D={i.noise_level} must be in (0, {t.num_train_timesteps})")
+    _check(0 < i.noise_level < trained,
+           f"infer.noise_level D={i.noise_level} must be in (0, {trained}): the model is trained on "
+           f"t < {trained} (train.max_timestep / num_train_timesteps)")
     _check(i.stride >= 1 and i.noise_level % i.stride == 0,
            f"infer.stride s={i.stride} must be >= 1 and divide noise_level D={i.noise_level}")
     _check(i.guidance_scale >= 0, "infer.guidance_scale must be >= 0")
@@ -322,8 +341,9 @@ def validate(cfg: StudyConfig) -> None:
     u = cfg.tune
     _check(len(u.noise_levels) > 0 and len(u.guidance_scales) > 0, "tune: empty search space")
     for d in u.noise_levels:
-        _check(0 < d < t.num_train_timesteps and d % u.stride == 0,
-               f"tune.noise_levels: D={d} must be in (0, {t.num_train_timesteps}) and divisible by tune.stride={u.stride}")
+        _check(0 < d < trained and d % u.stride == 0,
+               f"tune.noise_levels: D={d} must be in (0, {trained}) (trained timesteps) and divisible "
+               f"by tune.stride={u.stride}")
     _check(u.search in ("grid", "random"), f"tune.search {u.search!r} must be 'grid' or 'random'")
     _check(u.max_slices >= 0, "tune.max_slices must be >= 0")
     _check(cfg.phantoms.negative_controls >= 0, "phantoms.negative_controls must be >= 0")

@@ -253,7 +253,8 @@ class TrainingSession:
             labels = batch["label"].to(self.device, non_blocking=True)
             loss = train_step(self.model, self.optimizer, self.schedule, x0, labels,
                               cond_drop_prob=self.config.train.cond_drop_prob, scaler=self.scaler,
-                              amp_dtype=self.amp_dtype, generator=generator, ema=self.ema)
+                              amp_dtype=self.amp_dtype, generator=generator, ema=self.ema,
+                              max_timestep=self.config.train.max_timestep or None)
             stats.loss_sum += loss * x0.shape[0]
             stats.samples += x0.shape[0]
         stats.seconds = time.perf_counter() - start
@@ -276,7 +277,8 @@ class TrainingSession:
         was_training = module.training
         module.eval()
         total, count = 0.0, 0
-        t_count = self.config.train.num_train_timesteps
+        # Validate on the timesteps the model is trained on (train.max_timestep when set).
+        t_count = self.config.train.max_timestep or self.config.train.num_train_timesteps
         for batch in batches:
             keys = batch["row_key"].cpu()
             mine = keys % world_size == rank

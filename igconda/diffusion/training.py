@@ -70,6 +70,7 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
     timesteps: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
+    max_timestep: int | None = None,
 ) -> torch.Tensor:
     """Epsilon-prediction MSE of one batch, with condition dropout.
 
@@ -88,6 +89,8 @@ def diffusion_loss(
         generator: optional RNG for the draws.
         timesteps: optional (B,) integer timesteps in [0, T).
         noise: optional (B, 1, H, W) ε.
+        max_timestep: draw timesteps from [0, max_timestep) instead of [0, T) (``train.max_timestep``:
+            inference never evaluates t above its largest noise level D); None = T.
 
     Returns:
         Scalar float32 loss (computed in float32 even under autocast).
@@ -96,9 +99,10 @@ def diffusion_loss(
     batch, device = x0.shape[0], x0.device
     draw_on = _draw_device(generator, device)
     if timesteps is None:
-        timesteps = torch.randint(
-            0, schedule.num_train_timesteps, (batch,), generator=generator, device=draw_on
-        )
+        upper = schedule.num_train_timesteps if max_timestep is None else int(max_timestep)
+        if not 1 <= upper <= schedule.num_train_timesteps:
+            raise ValueError(f"max_timestep must be in [1, {schedule.num_train_timesteps}], got {max_timestep}")
+        timesteps = torch.randint(0, upper, (batch,), generator=generator, device=draw_on)
     elif timesteps.shape != (batch,):
         raise ValueError(f"timesteps must have shape ({batch},), got {tuple(timesteps.shape)}")
     timesteps = timesteps.to(device).long()
@@ -172,6 +176,7 @@ def train_step(
     amp_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
     ema: AveragedModel | None = None,
+    max_timestep: int | None = None,
 ) -> float:
     """One optimisation step on one batch: forward, backward, optimizer step (and EMA update).
 
@@ -187,6 +192,7 @@ def train_step(
             None = fp32. See :func:`amp_settings`. The loss is reduced in float32.
         generator: optional RNG for timesteps, noise and condition dropping.
         ema: optional :func:`make_ema` average, updated after the optimizer step.
+        max_timestep: train on t < max_timestep only (see :func:`diffusion_loss`); None = all T.
 
     Returns:
         The batch loss as a Python float.
@@ -197,7 +203,8 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     with autocast(x0.device, amp_dtype):
         loss = diffusion_loss(
-            model, schedule, x0, labels, cond_drop_prob=cond_drop_prob, generator=generator
+            model, schedule, x0, labels, cond_drop_prob=cond_drop_prob, generator=generator,
+            max_timestep=max_timestep,
         )
     if scaler is not None:
         scaler.scale(loss).backward()
