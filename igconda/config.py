@@ -51,8 +51,16 @@ class PreprocessConfig:
     """Volume → slice transforms (paper §3.1) and the patient-level split."""
 
     spacing_mm: tuple[float, float, float] = (2.0, 2.0, 3.0)
+    # Field of view in voxels of spacing_mm. In-plane always; along z only for axial_extent
+    # "crop", while "whole" uses crop_size[2] / output_size[2] as the output slice spacing.
     crop_size: tuple[int, int, int] = (192, 192, 288)
     output_size: tuple[int, int, int] = (64, 64, 96)
+    # "whole": keep every axial slice (a per-patient number of slices of crop_size[2] *
+    # spacing_mm[2] / output_size[2] mm); "crop": the paper's fixed centre crop of crop_size[2].
+    axial_extent: str = "whole"
+    # In-plane FOV centre: "body" (bounding box of the body in the axial projection) or "array"
+    # (the array centre, as the paper's centre crop).
+    fov_centre: str = "body"
     # Fractions of each internal cohort's patients; tune is then taken from test.
     train_fraction: float = 0.6
     valid_fraction: float = 0.1
@@ -291,6 +299,10 @@ def validate(cfg: StudyConfig) -> None:
     _check(p.train_fraction + p.valid_fraction < 1, "preprocess: train + valid fractions must be < 1")
     _check(p.tune_per_cohort >= 0, "preprocess.tune_per_cohort must be >= 0")
     _check(p.output_size[0] == p.output_size[1], "preprocess.output_size: slices must be square")
+    _check(p.axial_extent in ("whole", "crop"),
+           f"preprocess.axial_extent {p.axial_extent!r} must be 'whole' or 'crop'")
+    _check(p.fov_centre in ("body", "array"),
+           f"preprocess.fov_centre {p.fov_centre!r} must be 'body' or 'array'")
     m = cfg.model
     _check(len(m.attention) == len(m.channels) and set(m.attention) <= {"0", "1"},
            f"model.attention {m.attention!r} must have one 0/1 digit per level of channels {m.channels}")
