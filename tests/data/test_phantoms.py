@@ -232,7 +232,7 @@ def test_interrupted_run_leaves_no_manifest_and_no_partial_files(tmp_path, monke
             raise RuntimeError("disk full")
         return real(config, cohort, index)
 
-    monkeypatch.setattr(phantoms, "make_patient", flaky)
+    monkeypatch.setattr(phantoms.writing, "make_patient", flaky)  # where generate_study looks it up
     config = dataclasses.replace(ALL_COHORTS, cohorts={"lung": 3}, negative_controls=0)
     (tmp_path / "manifest.csv").write_text("patient_id\nfrom_an_earlier_run\n")
     with pytest.raises(RuntimeError, match="disk full"):
