@@ -41,9 +41,13 @@ class PhantomConfig:
         }
     )
     negative_controls: int = 4
-    shape: tuple[int, int, int] = (96, 96, 160)  # voxels (x, y, z)
+    shape: tuple[int, int, int] = (96, 96, 160)  # voxels (x, y, z); z only for scan_length "fixed"
     spacing_mm: tuple[float, float, float] = (4.0, 4.0, 4.0)
     seed: int = 0
+    # "anatomical": each patient's scan is as long as their body (vertex to mid-thigh, or to the
+    # feet for cohorts whose disease reaches the legs; 0.8-2 m), so the number of slices varies;
+    # "fixed": shape[2] slices with the body squeezed into them (0.6 m in older demos).
+    scan_length: str = "anatomical"
 
 
 @dataclass(frozen=True)
@@ -339,4 +343,6 @@ def validate(cfg: StudyConfig) -> None:
     _check(u.search in ("grid", "random"), f"tune.search {u.search!r} must be 'grid' or 'random'")
     _check(u.max_slices >= 0, "tune.max_slices must be >= 0")
     _check(cfg.phantoms.negative_controls >= 0, "phantoms.negative_controls must be >= 0")
+    _check(cfg.phantoms.scan_length in ("anatomical", "fixed"),
+           f"phantoms.scan_length {cfg.phantoms.scan_length!r} must be 'anatomical' or 'fixed'")
     _check(all(n >= 1 for n in cfg.phantoms.cohorts.values()), "phantoms.cohorts: counts must be >= 1")

@@ -1,8 +1,11 @@
 """Anatomy: body outline, organs and physiological uptake of one lesion-free patient.
 
 Positions along the body are fractions ``t`` of the length from mid-thigh (t = 0) to the vertex
-(t = 1); in-plane sizes scale with the patient's habitus. :func:`_draw_anatomy` draws where
-things are, :func:`_draw_body` paints the activity (SUV) and the organ label volumes.
+(t = 1); in-plane sizes scale with the patient's habitus. Below mid-thigh the legs go on to the
+knees (t ≈ -0.39), ankles (t ≈ -0.87) and soles (t ≈ -0.95), for scans that include the feet.
+:func:`draw_scan_length` draws a patient's height and scan range (vertex to mid-thigh, or to
+the feet), :func:`_draw_anatomy` where things are, :func:`_draw_body` the activity (SUV) and
+organ label volumes.
 """
 
 from __future__ import annotations
@@ -81,12 +84,40 @@ class _Anatomy:
         return -0.62
 
 
-def _draw_anatomy(grid: _Grid, rng: np.random.Generator) -> _Anatomy:
+#: Vertex to mid-thigh (t = 0 → 1) as a fraction of standing height, and the leg landmarks in t.
+TRUNK_FRACTION = 0.514
+T_KNEE, T_ANKLE, T_SOLE = -0.39, -0.87, -0.945
+
+
+def draw_scan_length(rng: np.random.Generator, feet_fraction: float) -> tuple[float, float, float]:
+    """A patient's height and the axial range of their scan (all mm).
+
+    Whole-body PET runs from above the vertex to mid-thigh, or on to the feet when the disease
+    may sit in the legs (sarcoma, melanoma): with probability ``feet_fraction``.
+
+    Returns:
+        (scan length, body length vertex → mid-thigh, top margin above the vertex).
+    """
+    height = rng.uniform(1550.0, 1900.0)
+    body = TRUNK_FRACTION * height
+    margin = rng.uniform(10.0, 40.0)
+    if rng.random() < feet_fraction:
+        below = -T_SOLE * body + rng.uniform(10.0, 30.0)  # the soles and a little air
+    else:
+        below = rng.uniform(0.0, 0.12) * body  # mid-thigh, give or take
+    return float(margin + body + below), float(body), float(margin)
+
+
+def _draw_anatomy(grid: _Grid, rng: np.random.Generator, length_mm: float | None = None,
+                  margin_mm: float | None = None) -> _Anatomy:
     fov = grid.fov
-    # Body length vertex → mid-thigh of a nominal adult is ~900 mm; squeeze it into the scan
-    # (with a random top margin and the thighs cut at a random height).
-    margin = rng.uniform(0.01, 0.04) * fov[2]
-    length = fov[2] * rng.uniform(0.95, 1.06)
+    if length_mm is None:
+        # Fixed scan length: the vertex → mid-thigh body (~900 mm for a nominal adult) squeezed
+        # into the grid, with a random top margin and the thighs cut at a random height.
+        margin = rng.uniform(0.01, 0.04) * fov[2]
+        length = fov[2] * rng.uniform(0.95, 1.06)
+    else:  # the patient's own size, the grid sized to the scan (draw_scan_length)
+        margin, length = margin_mm, length_mm
     z_top = grid.origin[2] + (grid.shape[2] - 0.5) * grid.spacing[2] - margin
     z_bottom = z_top - length
     arms_up = bool(rng.random() < 0.6)
@@ -95,7 +126,9 @@ def _draw_anatomy(grid: _Grid, rng: np.random.Generator) -> _Anatomy:
     # Widest point: shoulders, or the arms beside the trunk.
     half_width = 172.0 * s_w + (0.0 if arms_up else 2 * 38.0 * s_w)
     half_depth = 105.0 * s_d
-    fit = min(1.0, 0.46 * fov[0] / half_width, 0.44 * fov[1] / half_depth)
+    # Leave room in-plane for the off-axis offset (make_patient: up to 6 % of the FOV).
+    room = (0.46, 0.44) if length_mm is None else (0.42, 0.40)
+    fit = min(1.0, room[0] * fov[0] / half_width, room[1] * fov[1] / half_depth)
     anat = _Anatomy(
         z_bottom=float(z_bottom), length=float(length), sz=float(length / 900.0),
         sx=float(s_w * fit), sy=float(s_d * fit), so=float(fit * np.sqrt(s_w * s_d) ** 0.5),
@@ -166,9 +199,16 @@ def _draw_body(grid: _Grid, anat: _Anatomy, tracer: str, rng: np.random.Generato
             + ((Z[None, None, :] - head_c[2]) / head_r[2]) ** 2) <= 1.0
     thigh_x = 85.0 * anat.sx
     thigh_r = 78.0 * np.sqrt(anat.sx * anat.sy)
+    # Legs below mid-thigh: narrowing to the knee, calf, ankle; the legs converge a little.
+    leg_r = np.interp(t, [T_ANKLE, -0.6, T_KNEE, -0.25, 0.0], [32, 50, 44, 60, 78]) / 78 * thigh_r
+    leg_x = np.interp(t, [T_ANKLE, 0.0], [0.8, 1.0]) * thigh_x
     legs = np.zeros(grid.shape, bool)
     for sgn in (1.0, -1.0):
-        legs |= (((X - sgn * thigh_x) ** 2 + (Y - anat.y0) ** 2) <= thigh_r**2) & (t < 0.235)
+        legs |= (((X - sgn * leg_x) ** 2 + (Y - anat.y0) ** 2) <= leg_r**2) & (t < 0.235) & (t >= T_ANKLE)
+        # the foot: pointing anteriorly from the ankle to the sole
+        foot = ((((X - sgn * 0.8 * thigh_x) / (38 * anat.so)) ** 2
+                 + ((Y - anat.y0 - 45 * anat.so) / (95 * anat.so)) ** 2) <= 1.0)
+        legs |= foot & (t < T_ANKLE) & (t >= T_SOLE)
     arms = np.zeros(grid.shape, bool)
     arm_r = 38.0 * anat.sx
     for sgn in (1.0, -1.0):
@@ -195,7 +235,9 @@ def _draw_body(grid: _Grid, anat: _Anatomy, tracer: str, rng: np.random.Generato
         box, ins = _ellipsoid(grid, [sgn * 95 * anat.sx, anat.y0 - 25 * so, anat.z(0.31)],
                               [35 * so, 18 * so, 45 * sz])
         paint(ins, box, "bone", suv["bone"])
-        femur = (((X - sgn * thigh_x) ** 2 + (Y - anat.y0) ** 2) <= (14 * so) ** 2) & (t < 0.25)
+        # femur down to the knee, then the thinner tibia down to the ankle
+        bone_r = np.where(t > T_KNEE, 14.0, 10.0) * so
+        femur = (((X - sgn * leg_x) ** 2 + (Y - anat.y0) ** 2) <= bone_r ** 2) & (t < 0.25) & (t > T_ANKLE)
         act[femur] = suv["bone"] * 0.8
         lab[femur] = LABELS["bone"]
 

@@ -8,13 +8,18 @@ import numpy as np
 
 
 class _Grid:
-    """Voxel-centre coordinates (mm) of the output volume, RAS, x/y centred, z from 0."""
+    """Voxel-centre coordinates (mm) of the output volume, RAS, x/y centred (plus an offset),
+    z from 0."""
 
-    def __init__(self, shape: Sequence[int], spacing: Sequence[float]):
+    def __init__(self, shape: Sequence[int], spacing: Sequence[float],
+                 offset_mm: Sequence[float] = (0.0, 0.0)):
         self.shape = tuple(int(s) for s in shape)
         self.spacing = np.asarray(spacing, dtype=np.float64)
+        # offset_mm moves the array against the body (the patient lies off the scanner's axis),
+        # so the body is off the array's centre; world x = y = 0 stays the body's axis.
         self.origin = np.array(
-            [-(self.shape[0] - 1) / 2 * spacing[0], -(self.shape[1] - 1) / 2 * spacing[1], 0.0]
+            [-(self.shape[0] - 1) / 2 * spacing[0] - offset_mm[0],
+             -(self.shape[1] - 1) / 2 * spacing[1] - offset_mm[1], 0.0]
         )
         self.axes = [
             (self.origin[i] + np.arange(self.shape[i]) * self.spacing[i]).astype(np.float32)

@@ -9,13 +9,14 @@ import numpy as np
 from scipy import ndimage
 
 from igconda.config import PhantomConfig
-from igconda.data.phantoms.anatomy import _draw_anatomy, _draw_body
+from igconda.data.phantoms.anatomy import _draw_anatomy, _draw_body, draw_scan_length
 from igconda.data.phantoms.grid import _Grid
 from igconda.data.phantoms.lesions import (
     COHORTS,
     MAX_DIAMETER_MM,
     MIN_DIAMETER_MM,
     NEGATIVE_CONTROL,
+    NEGATIVE_CONTROL_FEET_FRACTION,
     CohortTemplate,
     Lesion,
     _local_background,
@@ -87,12 +88,16 @@ def make_patient(config: PhantomConfig, cohort: str, index: int) -> PhantomPatie
     """Generate one synthetic patient (no I/O).
 
     Args:
-        config: geometry (``shape``, ``spacing_mm``) and ``seed``.
+        config: geometry (``shape``, ``spacing_mm``, ``scan_length``) and ``seed``. With
+            ``scan_length: anatomical`` the grid is ``shape[0] × shape[1]`` in-plane and as many
+            slices as the patient's scan needs (vertex to mid-thigh or to the feet, 0.8–2 m),
+            with the body up to 6 % of the field of view off the array's centre; with
+            ``fixed`` it is ``shape``, the body squeezed into it.
         cohort: a key of :data:`COHORTS`, or :data:`NEGATIVE_CONTROL` (FDG, no lesions).
         index: the patient's index within its cohort.
 
     Returns:
-        The patient: ``pet`` (X, Y, Z) float32 SUV ≥ 0, ``mask`` (X, Y, Z) uint8, the affine and
+        The patient: ``pet`` (X, Y, Z) float32 SUV ≥ 0 (Z per ``scan_length``), ``mask`` (X, Y, Z) uint8, the affine and
         the drawn lesions.
 
     Raises:
@@ -110,8 +115,16 @@ def make_patient(config: PhantomConfig, cohort: str, index: int) -> PhantomPatie
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"phantoms.spacing_mm must be 3 positive values, got {spacing}")
     rng = np.random.default_rng(patient_seed(config.seed, cohort, index))
-    grid = _Grid(shape, spacing)
-    anat = _draw_anatomy(grid, rng)
+    if config.scan_length == "anatomical":
+        feet = NEGATIVE_CONTROL_FEET_FRACTION if template is None else template.feet_fraction
+        length, body, margin = draw_scan_length(rng, feet)
+        # The patient lies up to 6 % of the field of view off the scanner's axis.
+        offset = rng.uniform(-0.06, 0.06, size=2) * np.asarray(shape[:2]) * np.asarray(spacing[:2])
+        grid = _Grid((shape[0], shape[1], int(np.ceil(length / spacing[2]))), spacing, offset)
+        anat = _draw_anatomy(grid, rng, body, margin)
+    else:
+        grid = _Grid(shape, spacing)
+        anat = _draw_anatomy(grid, rng)
     act, lab, body = _draw_body(grid, anat, tracer, rng)
     mask = np.zeros(grid.shape, np.uint8)
     lesions: list[Lesion] = []

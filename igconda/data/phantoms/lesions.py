@@ -7,10 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from igconda.data.phantoms.anatomy import _FORBIDDEN_CENTRE, LABELS, _Anatomy
+from igconda.data.phantoms.anatomy import _FORBIDDEN_CENTRE, LABELS, T_ANKLE, T_KNEE, _Anatomy
 from igconda.data.phantoms.grid import _Grid
 
 NEGATIVE_CONTROL = "negative_control"
+#: Scans of negative controls that run to the feet.
+NEGATIVE_CONTROL_FEET_FRACTION = 0.1
 MIN_DIAMETER_MM, MAX_DIAMETER_MM = 5.0, 60.0
 
 
@@ -30,6 +32,8 @@ class CohortTemplate:
             first site.
         faint_fraction: probability that a lesion is faint (1.5–2× its local background).
         necrosis_prob: probability that a lesion ≥ 30 mm has a cold necrotic core.
+        feet_fraction: probability that the scan runs on to the feet instead of stopping at
+            mid-thigh (``PhantomConfig.scan_length: anatomical``).
     """
 
     tracer: str
@@ -41,6 +45,7 @@ class CohortTemplate:
     sites: tuple[tuple[str, float], ...]
     faint_fraction: float = 0.25
     necrosis_prob: float = 0.2
+    feet_fraction: float = 0.0
 
 
 COHORTS: dict[str, CohortTemplate] = {
@@ -50,6 +55,7 @@ COHORTS: dict[str, CohortTemplate] = {
         (("mediastinum", 0.2), ("neck_node", 0.18), ("axilla", 0.14), ("supraclavicular", 0.08),
          ("hilar", 0.06), ("paraaortic", 0.12), ("mesenteric", 0.08), ("pelvic_node", 0.06),
          ("inguinal", 0.05), ("spleen", 0.03)),
+        feet_fraction=0.1,
     ),
     # Primary in the lung (often next to the mediastinum or heart), hilar/mediastinal nodes.
     "lung": CohortTemplate(
@@ -61,6 +67,7 @@ COHORTS: dict[str, CohortTemplate] = {
         "FDG", "internal", (2, 8), (5.0, 30.0), (10.0, 40.0), (3.0, 15.0),
         (("subcutaneous", 0.35), ("liver", 0.2), ("lung", 0.15), ("axilla", 0.1),
          ("inguinal", 0.1), ("neck_node", 0.1)),
+        feet_fraction=0.5,  # primaries of the legs and feet are common: scanned to the feet
     ),
     # Primary in the oropharynx/skull base next to Waldeyer's ring, salivary glands and brain.
     "headneck": CohortTemplate(
@@ -78,7 +85,7 @@ COHORTS: dict[str, CohortTemplate] = {
     "sarcoma_ext": CohortTemplate(
         "FDG", "external", (1, 3), (6.0, 20.0), (30.0, 60.0), (3.0, 15.0),
         (("limb_soft_tissue", 0.6), ("trunk_wall", 0.25), ("lung", 0.15)),
-        necrosis_prob=0.6,
+        necrosis_prob=0.6, feet_fraction=0.8,  # extremity sarcoma: the whole limb is scanned
     ),
 }
 
@@ -200,11 +207,15 @@ def _site_bone(anat, rng):
 
 def _site_limb_soft_tissue(anat, rng):
     if anat.arms_up or rng.random() < 0.75:
-        r = 78.0 * np.sqrt(anat.sx * anat.sy)
+        # Thigh, knee or calf (a draw below the scan's end is retried by _place); the leg's
+        # radius and axis follow the outline of anatomy._draw_body.
+        t = rng.uniform(T_ANKLE + 0.1, 0.2)
+        r = np.interp(t, [T_ANKLE, -0.6, T_KNEE, -0.25, 0.0], [32, 50, 44, 60, 78]) * np.sqrt(anat.sx * anat.sy)
+        x = np.interp(t, [T_ANKLE, 0.0], [0.8, 1.0]) * 85.0 * anat.sx
         th = rng.uniform(0, 2 * np.pi)
         f = rng.uniform(0.3, 0.6)
-        return np.array([rng.choice([-1.0, 1.0]) * 85.0 * anat.sx + f * r * np.cos(th),
-                         anat.y0 + f * r * np.sin(th), anat.z(rng.uniform(0.04, 0.2))])
+        return np.array([rng.choice([-1.0, 1.0]) * x + f * r * np.cos(th),
+                         anat.y0 + f * r * np.sin(th), anat.z(t)])
     ax = np.interp(0.7, anat._T, anat._A) * anat.sx + 38 * anat.sx
     return np.array([rng.choice([-1.0, 1.0]) * ax, anat.y0, anat.z(rng.uniform(0.35, 0.7))])
 
