@@ -45,9 +45,13 @@ class PhantomConfig:
         }
     )
     negative_controls: int = 4
-    shape: tuple[int, int, int] = (96, 96, 160)  # voxels (x, y, z)
+    shape: tuple[int, int, int] = (96, 96, 160)  # voxels (x, y, z); z only for scan_length "fixed"
     spacing_mm: tuple[float, float, float] = (4.0, 4.0, 4.0)
     seed: int = 0
+    # "anatomical": each patient's scan is as long as their body (vertex to mid-thigh, or to the
+    # feet for cohorts whose disease reaches the legs; 0.8-2 m), so the number of slices varies;
+    # "fixed": shape[2] slices with the body squeezed into them (0.6 m in older demos).
+    scan_length: str = "anatomical"
 
 
 @dataclass(frozen=True)
@@ -55,8 +59,16 @@ class PreprocessConfig:
     """Volume → slice transforms (paper §3.1) and the patient-level split."""
 
     spacing_mm: tuple[float, float, float] = (2.0, 2.0, 3.0)
+    # Field of view in voxels of spacing_mm. In-plane always; along z only for axial_extent
+    # "crop", while "whole" uses crop_size[2] / output_size[2] as the output slice spacing.
     crop_size: tuple[int, int, int] = (192, 192, 288)
     output_size: tuple[int, int, int] = (64, 64, 96)
+    # "whole": keep every axial slice (a per-patient number of slices of crop_size[2] *
+    # spacing_mm[2] / output_size[2] mm); "crop": the paper's fixed centre crop of crop_size[2].
+    axial_extent: str = "whole"
+    # In-plane FOV centre: "body" (bounding box of the body in the axial projection) or "array"
+    # (the array centre, as the paper's centre crop).
+    fov_centre: str = "body"
     # Fractions of each internal cohort's patients; tune is then taken from test.
     train_fraction: float = 0.6
     valid_fraction: float = 0.1
@@ -304,6 +316,10 @@ def validate(cfg: StudyConfig) -> None:
     _check(p.train_fraction + p.valid_fraction < 1, "preprocess: train + valid fractions must be < 1")
     _check(p.tune_per_cohort >= 0, "preprocess.tune_per_cohort must be >= 0")
     _check(p.output_size[0] == p.output_size[1], "preprocess.output_size: slices must be square")
+    _check(p.axial_extent in ("whole", "crop"),
+           f"preprocess.axial_extent {p.axial_extent!r} must be 'whole' or 'crop'")
+    _check(p.fov_centre in ("body", "array"),
+           f"preprocess.fov_centre {p.fov_centre!r} must be 'body' or 'array'")
     m = cfg.model
     _check(len(m.attention) == len(m.channels) and set(m.attention) <= {"0", "1"},
            f"model.attention {m.attention!r} must have one 0/1 digit per level of channels {m.channels}")
@@ -347,4 +363,6 @@ def validate(cfg: StudyConfig) -> None:
     _check(u.search in ("grid", "random"), f"tune.search {u.search!r} must be 'grid' or 'random'")
     _check(u.max_slices >= 0, "tune.max_slices must be >= 0")
     _check(cfg.phantoms.negative_controls >= 0, "phantoms.negative_controls must be >= 0")
+    _check(cfg.phantoms.scan_length in ("anatomical", "fixed"),
+           f"phantoms.scan_length {cfg.phantoms.scan_length!r} must be 'anatomical' or 'fixed'")
     _check(all(n >= 1 for n in cfg.phantoms.cohorts.values()), "phantoms.cohorts: counts must be >= 1")

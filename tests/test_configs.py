@@ -61,6 +61,8 @@ PAPER_SETTINGS = [
     ("preprocess", "spacing_mm", (2.0, 2.0, 3.0)),  # §3.1
     ("preprocess", "crop_size", (192, 192, 288)),  # §3.1
     ("preprocess", "output_size", (64, 64, 96)),  # §3.1
+    ("preprocess", "axial_extent", "crop"),  # §3.1: fixed centre crop (igconda's default: whole)
+    ("preprocess", "fov_centre", "array"),  # reference: centred on the array (default: body)
     ("preprocess", "tune_per_cohort", 2),  # 10-patient tuning set over 5 internal cohorts
     ("model", "channels", (64, 64, 64)),  # §2.2
     ("model", "attention", "011"),  # §2.2, best variant
@@ -131,6 +133,8 @@ def test_code_defaults_agree_with_paper_on_the_method():
     for section, key, _ in PAPER_SETTINGS:
         if (section, key) in {("train", "use_gpu"), ("tune", "stride")}:
             continue  # defaults are CPU-sized on purpose
+        if (section, key) in {("preprocess", "axial_extent"), ("preprocess", "fov_centre")}:
+            continue  # defaults keep the whole scan, on the body; the paper crops the array centre
         assert getattr(getattr(defaults, section), key) == getattr(getattr(paper_cfg, section), key), (
             f"{section}.{key}"
         )
@@ -174,6 +178,10 @@ BAD_CONFIGS = [
     ("betas reversed", _with("train", "beta_start", 0.5), r"beta_start < beta_end"),
     ("p_uncond of 1", _with("train", "cond_drop_prob", 1.0), r"train\.cond_drop_prob must be in \[0, 1\)"),
     ("fractions over 1", _with("preprocess", "valid_fraction", 0.5), r"train \+ valid fractions must be < 1"),
+    ("unknown axial extent", _with("preprocess", "axial_extent", "full"),
+     r"preprocess\.axial_extent 'full' must be 'whole' or 'crop'"),
+    ("unknown fov centre", _with("preprocess", "fov_centre", "centre"),
+     r"preprocess\.fov_centre 'centre' must be 'body' or 'array'"),
     ("channels vs heads", _with("model", "num_head_channels", 24), r"multiples of num_head_channels 24"),
     ("unknown search", _with("tune", "search", "bayes"), r"tune\.search 'bayes'"),
     ("section not a mapping", {"train": [1, 2]}, r"section 'train' must be a mapping"),

@@ -14,6 +14,12 @@ be on a filesystem every Ray node sees (local disk for a single machine, NFS on 
 Bad patients (manifest rows or volumes that fail validation) are skipped, logged and listed in
 ``rejects.csv``; splits are computed on the patients that survived, so a rejected file does not
 leave a cohort short of tuning patients.
+
+Coverage: ``dataset.json`` records, per patient and per cohort, the lesion voxels that fall
+outside the preprocessed field of view (a crop that silently drops a cohort's lesions would
+otherwise only show as a poor score), the number of unhealthy slices per split and cohort, and a
+warning for every lesion cohort left without an unhealthy slice in a split it belongs to; both
+are logged too.
 """
 
 from __future__ import annotations
@@ -44,7 +50,10 @@ from igconda.io_utils import replace_dir
 log = logging.getLogger(__name__)
 
 REJECT_COLUMNS = ("row", "patient_id", "cohort", "tracer", "role", "pet_path", "mask_path", "file", "problem")
-SPLIT_COLUMNS = ("patient_id", "cohort", "tracer", "role", "split")
+SPLIT_COLUMNS = ("patient_id", "subject_id", "cohort", "tracer", "role", "split")
+#: The splits in which a cohort of each role should have unhealthy slices (negative controls
+#: have none by definition).
+LESION_SPLITS = {"internal": ("train", "valid", "tune", "test"), "external": ("test",)}
 
 
 class PreprocessingError(RuntimeError):
@@ -61,6 +70,8 @@ class PreprocessSummary:
         slices: slices per split.
         rejects: one dict per rejected row (keys :data:`REJECT_COLUMNS`).
         seconds: wall time.
+        coverage: per cohort, lesion voxels and those outside the field of view.
+        warnings: cohorts without an unhealthy slice in a split (also in dataset.json).
     """
 
     output: Path | None
@@ -68,11 +79,13 @@ class PreprocessSummary:
     slices: dict[str, int] = field(default_factory=dict)
     rejects: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    coverage: dict[str, dict[str, Any]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _entry_dict(e: ManifestEntry) -> dict[str, Any]:
-    return {"row": e.row, "patient_id": e.patient_id, "cohort": e.cohort, "tracer": e.tracer,
-            "role": e.role, "pet_path": e.pet_path, "mask_path": e.mask_path or ""}
+    return {"row": e.row, "patient_id": e.patient_id, "subject_id": e.subject, "cohort": e.cohort,
+            "tracer": e.tracer, "role": e.role, "pet_path": e.pet_path, "mask_path": e.mask_path or ""}
 
 
 def _slice_file(root: Path, split: str, patient_id: str) -> Path:
@@ -89,12 +102,14 @@ def process_patient(item: dict[str, Any], config: PreprocessConfig, root: str | 
         root: dataset folder being built; writes ``slices/<split>/<patient_id>.parquet``.
 
     Returns:
-        The item plus ``ok`` (bool), and either ``slices``, ``unhealthy``, ``notes`` or
-        ``file`` and ``problem`` describing why the patient was rejected. Never raises for a
-        bad volume: the job must go on with the good ones.
+        The item plus ``ok`` (bool), and either ``slices``, ``unhealthy``, ``input_slices`` (the
+        source's axial slices), ``lesion_voxels``, ``lesion_voxels_outside`` (source mask voxels
+        outside the field of view), ``notes`` or ``file`` and ``problem`` describing why the
+        patient was rejected. Never raises for a bad volume: the job must go on with the good ones.
     """
     # Every result has the same keys, so Ray Data sees one schema across blocks.
-    out = dict(item, ok=False, slices=0, unhealthy=0, notes="", file="", problem="", traceback="")
+    out = dict(item, ok=False, slices=0, unhealthy=0, input_slices=0, lesion_voxels=0,
+               lesion_voxels_outside=0, notes="", file="", problem="", traceback="")
     try:
         vol = preprocess_volume(item["pet_path"], item["mask_path"] or None, config)
         table = volume_to_rows(
@@ -107,6 +122,9 @@ def process_patient(item: dict[str, Any], config: PreprocessConfig, root: str | 
         pq.write_table(table, path)
         labels = table.column("label").to_numpy()
         out.update(ok=True, slices=int(len(labels)), unhealthy=int((labels == UNHEALTHY).sum()),
+                   input_slices=int(vol.geometry["original_shape"][2]),
+                   lesion_voxels=int(vol.coverage["lesion_voxels"]),
+                   lesion_voxels_outside=int(vol.coverage["lesion_voxels_outside"]),
                    notes="; ".join(vol.notes), file="", problem="")
     except VolumeError as err:
         out.update(ok=False, file=err.path, problem=err.problem)
@@ -161,6 +179,47 @@ def _counts(results: list[dict[str, Any]]) -> dict[str, Any]:
         cohorts = sorted({r["cohort"] for r in rs})
         out[split] = {**block(rs), "cohorts": {c: block([r for r in rs if r["cohort"] == c]) for c in cohorts}}
     return out
+
+
+def _coverage(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Lesion voxels outside the field of view, per patient and per cohort (source voxels)."""
+    def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
+        total = sum(r["lesion_voxels"] for r in rs)
+        outside = sum(r["lesion_voxels_outside"] for r in rs)
+        return {"lesion_voxels": total, "lesion_voxels_outside": outside,
+                "fraction_outside": round(outside / total, 6) if total else 0.0}
+
+    patients = {r["patient_id"]: {**block([r]), "input_slices": r["input_slices"], "slices": r["slices"]}
+                for r in results}
+    cohorts = {c: {**block([r for r in results if r["cohort"] == c]),
+                   "patients_with_lesions_outside": sum(1 for r in results
+                                                        if r["cohort"] == c and r["lesion_voxels_outside"])}
+               for c in sorted({r["cohort"] for r in results})}
+    return {"cohorts": cohorts, "patients": patients}
+
+
+def _unhealthy_table(results: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Unhealthy slices per split and cohort (every cohort listed in every split, 0 included)."""
+    cohorts = sorted({r["cohort"] for r in results})
+    return {split: {c: sum(r["unhealthy"] for r in results if r["split"] == split and r["cohort"] == c)
+                    for c in cohorts} for split in SPLITS}
+
+
+def _lesion_warnings(results: list[dict[str, Any]]) -> list[str]:
+    """One line per lesion cohort without an unhealthy slice in a split it belongs to."""
+    warnings = []
+    for cohort in sorted({r["cohort"] for r in results}):
+        rows = [r for r in results if r["cohort"] == cohort]
+        for role in sorted({r["role"] for r in rows} & set(LESION_SPLITS)):
+            for split in LESION_SPLITS[role]:
+                rs = [r for r in rows if r["role"] == role and r["split"] == split]
+                if sum(r["unhealthy"] for r in rs) == 0:
+                    outside = sum(r["lesion_voxels_outside"] for r in rs)
+                    why = (f"{len(rs)} patient(s), none with a lesion slice"
+                           + (f"; {outside} lesion voxels lie outside the field of view" if outside else "")
+                           if rs else "no patient")
+                    warnings.append(f"cohort {cohort!r} ({role}) has no unhealthy slice in {split} ({why})")
+    return warnings
 
 
 def _check_output(output: Path) -> None:
@@ -269,6 +328,18 @@ def run_preprocessing(manifest: str | Path, output: str | Path, config: StudyCon
         _write_csv(tmp / "splits.csv", SPLIT_COLUMNS, good)
         _write_csv(tmp / "rejects.csv", REJECT_COLUMNS, rejects)
         counts = _counts(good)
+        coverage = _coverage(good)
+        warnings = _lesion_warnings(good)
+        for cohort, c in coverage["cohorts"].items():
+            if c["lesion_voxels_outside"]:
+                log.warning("cohort %s: %d of %d lesion voxels (%.1f %%) lie outside the field of view, "
+                            "in %d patient(s)", cohort, c["lesion_voxels_outside"], c["lesion_voxels"],
+                            100 * c["fraction_outside"], c["patients_with_lesions_outside"])
+            else:
+                log.info("cohort %s: all %d lesion voxels inside the field of view", cohort, c["lesion_voxels"])
+        for line in warnings:
+            log.warning("%s", line)
+        depths = [r["slices"] for r in good]
         info = {
             "format": "igconda-slices/1",
             "manifest": str(manifest.resolve()),
@@ -276,8 +347,14 @@ def run_preprocessing(manifest: str | Path, output: str | Path, config: StudyCon
             "patients": len(good),
             "rejected": len(rejects),
             "slice_shape": list(pcfg.output_size[:2]),
-            "num_slices_per_volume": int(pcfg.output_size[2]),
+            # A number for the fixed crop; null for the whole axial extent (see slices_per_volume).
+            "num_slices_per_volume": int(pcfg.output_size[2]) if pcfg.axial_extent == "crop" else None,
+            "slices_per_volume": {"min": min(depths), "max": max(depths),
+                                  "mean": round(float(np.mean(depths)), 2)},
             "splits": counts,
+            "unhealthy_slices": _unhealthy_table(good),
+            "coverage": coverage,
+            "warnings": warnings,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(pcfg).items()},
             "versions": _versions(),
         }
@@ -293,6 +370,8 @@ def run_preprocessing(manifest: str | Path, output: str | Path, config: StudyCon
         slices={s: counts[s]["slices"] for s in SPLITS},
         rejects=rejects,
         seconds=time.perf_counter() - start,
+        coverage=coverage["cohorts"],
+        warnings=warnings,
     )
     log.info("wrote %s: %d patients (%s), %d rejected, in %.1f s", output, len(good),
              ", ".join(f"{s} {n}" for s, n in summary.patients.items()), len(rejects), summary.seconds)
@@ -310,4 +389,6 @@ def summary_to_dict(summary: PreprocessSummary) -> dict[str, Any]:
     """JSON-friendly form of a summary (for logs and MLflow)."""
     return {"output": str(summary.output) if summary.output else None, "patients": summary.patients,
             "slices": summary.slices, "rejected": len(summary.rejects),
+            "lesion_voxels_outside": {c: v["lesion_voxels_outside"] for c, v in summary.coverage.items()},
+            "warnings": summary.warnings,
             "seconds": round(float(np.round(summary.seconds, 2)), 2)}

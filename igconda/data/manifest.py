@@ -9,7 +9,11 @@ Format (header required, extra columns are kept in :attr:`ManifestEntry.extra` a
   may be empty (no lesion mask: the mask is taken as all zero, e.g. for negative controls).
 * ``role``: ``internal`` (train/valid/test/tune), ``external`` (test only) or
   ``negative_control`` (train/valid only); see :mod:`igconda.data.splits`.
-* ``patient_id``: unique, and usable as a file name (it names ``<patient_id>.parquet``).
+* ``patient_id``: unique, and usable as a file name (it names ``<patient_id>.parquet``). One row
+  is one STUDY: a person scanned twice has two rows.
+* ``subject_id`` (optional column): the person a study belongs to; the studies of one subject
+  always land in the same split (:mod:`igconda.data.splits`). Empty or absent: the study is its
+  own subject.
 
 :func:`read_manifest` raises :class:`ManifestError` on the first problem; :func:`parse_manifest`
 returns the good rows plus one error per bad row, for a job that skips bad patients. Problems
@@ -17,7 +21,9 @@ with the file as a whole (missing, unreadable, a required column missing) always
 
 Builders write a manifest for the folder layouts used by the reference code:
 :func:`build_autopet_manifest` (nnU-Net style ``<case>_0001.nii.gz`` PET, ``<case>.nii.gz`` mask)
-and :func:`build_hecktor_manifest` (``<case>__PT.nii.gz`` PET, ``<case>.nii.gz`` mask).
+and :func:`build_hecktor_manifest` (``<case>__PT.nii.gz`` PET, ``<case>.nii.gz`` mask). Both key
+splits by person: AutoPET case names are ``<tracer>_<patient hash>_<study date>``, so the
+subject is ``<tracer>_<patient hash>``; a HECKTOR case is one patient.
 """
 
 from __future__ import annotations
@@ -35,6 +41,13 @@ from igconda.io_utils import atomic_write
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("patient_id", "cohort", "tracer", "pet_path", "mask_path", "role")
+#: Optional column: the person a study belongs to (splits keep a subject's studies together).
+SUBJECT_COLUMN = "subject_id"
+#: AutoPET (nnU-Net layout) case names: ``fdg_0011f3deaf_03-23-2003``,
+#: ``psma_95b833d46f153cd2_2017-11-18``: tracer, anonymised patient hash, study date.
+AUTOPET_SUBJECT = r"^(?P<subject>[A-Za-z]+_[0-9A-Fa-f]+)_.+$"
+#: Tracer names for AutoPET's case-name prefixes.
+AUTOPET_TRACERS = {"fdg": "FDG", "psma": "PSMA"}
 # A patient id names a file; keep it to characters every filesystem and URI accepts.
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -74,6 +87,12 @@ class ManifestEntry:
     role: str
     row: int  # 1-based line number in the manifest
     extra: dict[str, str] = field(default_factory=dict, compare=False)
+    subject_id: str = ""  # the person; empty = the study is its own subject
+
+    @property
+    def subject(self) -> str:
+        """The split key: ``subject_id``, or ``patient_id`` when none is given."""
+        return self.subject_id or self.patient_id
 
 
 def _resolve(base: Path, value: str) -> str:
@@ -140,7 +159,8 @@ def parse_manifest(path: str | Path) -> tuple[list[ManifestEntry], list[Manifest
             mask_path=_resolve(base, values["mask_path"]) if values["mask_path"] else None,
             role=values["role"],
             row=line,
-            extra={k: v for k, v in values.items() if k not in REQUIRED_COLUMNS},
+            extra={k: v for k, v in values.items() if k not in (*REQUIRED_COLUMNS, SUBJECT_COLUMN)},
+            subject_id=values.get(SUBJECT_COLUMN, ""),
         ))
     counts = Counter(e.patient_id for e in entries)
     duplicated = {pid for pid, n in counts.items() if n > 1}
@@ -189,10 +209,10 @@ def write_manifest(entries: list[ManifestEntry], path: str | Path) -> Path:
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(REQUIRED_COLUMNS)
+            writer.writerow((*REQUIRED_COLUMNS, SUBJECT_COLUMN))
             for e in entries:
                 writer.writerow([e.patient_id, e.cohort, e.tracer, rel(e.pet_path), rel(e.mask_path),
-                                 e.role])
+                                 e.role, e.subject_id])
 
     return atomic_write(path, write, suffix=".tmp")
 
@@ -204,8 +224,9 @@ def _is_empty_mask(path: str) -> bool:
     return not np.any(np.asanyarray(nib.load(path).dataobj))
 
 
-def _build(root: Path, pet_suffix: str, output: str | Path | None, *, cohort: str, tracer: str,
-           role: str, labels_dir: str | Path | None, empty_mask_role: str | None) -> Path:
+def _build(root: Path, pet_suffix: str, output: str | Path | None, *, cohort: str, tracer: str | None,
+           role: str, labels_dir: str | Path | None, empty_mask_role: str | None,
+           subject_pattern: str | None, tracers: dict[str, str] | None = None) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(root, None, "dataset folder not found")
@@ -216,6 +237,7 @@ def _build(root: Path, pet_suffix: str, output: str | Path | None, *, cohort: st
         raise ManifestError(root, None, f"no PET files matching *{pet_suffix} under this folder")
     # Masks are <case>.nii.gz, in labels_dir if given, else anywhere under root.
     search = Path(labels_dir) if labels_dir is not None else root
+    pattern = re.compile(subject_pattern) if subject_pattern else None
     masks: dict[str, list[Path]] = {}
     for p in search.rglob("*.nii.gz"):
         masks.setdefault(p.name[: -len(".nii.gz")], []).append(p)
@@ -232,7 +254,17 @@ def _build(root: Path, pet_suffix: str, output: str | Path | None, *, cohort: st
         case_role = role
         if empty_mask_role is not None and (mask is None or _is_empty_mask(mask)):
             case_role = empty_mask_role
-        entries.append(ManifestEntry(case, cohort, tracer, str(pet), mask, case_role, row=0))
+        match = pattern.match(case) if pattern else None
+        subject = match.group("subject") if match else case
+        case_tracer = tracer
+        if case_tracer is None:
+            case_tracer = (tracers or {}).get(case.split("_", 1)[0].lower())
+            if case_tracer is None:
+                raise ManifestError(root, None, f"case {case!r}: cannot tell its tracer from the name "
+                                                f"(known prefixes: {', '.join(sorted(tracers or {}))}); "
+                                                f"pass tracer=")
+        entries.append(ManifestEntry(case, cohort, case_tracer, str(pet), mask, case_role, row=0,
+                                     subject_id=subject))
     ids = Counter(e.patient_id for e in entries)
     dup = sorted(pid for pid, n in ids.items() if n > 1)
     if dup:
@@ -241,9 +273,10 @@ def _build(root: Path, pet_suffix: str, output: str | Path | None, *, cohort: st
 
 
 def build_autopet_manifest(root: str | Path, output: str | Path | None = None, *,
-                           cohort: str = "autopet", tracer: str = "FDG", role: str = "internal",
+                           cohort: str = "autopet", tracer: str | None = None, role: str = "internal",
                            labels_dir: str | Path | None = None,
-                           empty_mask_role: str | None = None) -> Path:
+                           empty_mask_role: str | None = "negative_control",
+                           subject_pattern: str | None = AUTOPET_SUBJECT) -> Path:
     """Manifest for an AutoPET folder in nnU-Net layout.
 
     ``imagesTr/<case>_0000.nii.gz`` is CT (ignored), ``imagesTr/<case>_0001.nii.gz`` the SUV PET
@@ -253,19 +286,28 @@ def build_autopet_manifest(root: str | Path, output: str | Path | None = None, *
     Args:
         root: dataset folder.
         output: manifest path (default ``root/manifest.csv``).
-        cohort, tracer, role: written for every case.
+        cohort, role: written for every case.
+        tracer: written for every case; None (default) reads it from the case name's prefix
+            (``fdg_`` → FDG, ``psma_`` → PSMA), so a merged FDG + PSMA folder is labelled right.
         labels_dir: where masks live (default: anywhere under ``root``).
-        empty_mask_role: if set (e.g. ``"negative_control"``), cases whose mask is missing or
-            all zero get this role; this reads every mask once.
+        empty_mask_role: cases whose mask is missing or all zero get this role: by default
+            ``negative_control``, AutoPET's lesion-free ("NEGATIVE") studies, which splits then
+            keep out of test and tune. None leaves them ``role``. This reads every mask once.
+        subject_pattern: regular expression with a ``subject`` group applied to each case name;
+            the match is the case's ``subject_id`` (default: ``<tracer>_<patient hash>`` of
+            AutoPET's ``<tracer>_<hash>_<date>``), so one patient's studies share a split.
+            A name that does not match is its own subject; None: every case is.
 
     Returns:
         The manifest path.
 
     Raises:
-        ManifestError: no PET found, ambiguous masks, or duplicate case ids.
+        ManifestError: no PET found, ambiguous masks, duplicate case ids, or (``tracer=None``)
+            a case name without a known tracer prefix.
     """
     return _build(Path(root), "_0001.nii.gz", output, cohort=cohort, tracer=tracer, role=role,
-                  labels_dir=labels_dir, empty_mask_role=empty_mask_role)
+                  labels_dir=labels_dir, empty_mask_role=empty_mask_role,
+                  subject_pattern=subject_pattern, tracers=AUTOPET_TRACERS)
 
 
 def build_hecktor_manifest(root: str | Path, output: str | Path | None = None, *,
@@ -275,9 +317,11 @@ def build_hecktor_manifest(root: str | Path, output: str | Path | None = None, *
     """Manifest for a HECKTOR folder: ``<case>__PT.nii.gz`` PET, ``<case>__CT.nii.gz`` CT
     (ignored) and ``<case>.nii.gz`` masks (e.g. ``imagesTr/`` and ``labelsTr/``).
 
-    Arguments and errors as :func:`build_autopet_manifest`. HECKTOR masks label primary tumour
-    (1) and lymph nodes (2); such a mask is not binary and is rejected at preprocessing, so
-    binarise the masks first if both should count as lesion.
+    Arguments and errors as :func:`build_autopet_manifest`, except that each case (``CHUM-001``)
+    is one patient, hence its own subject, and that empty masks keep ``role`` unless
+    ``empty_mask_role`` is given: every HECKTOR patient has a tumour, so a lesion-free case is
+    a labelling gap, not a negative control. HECKTOR masks label primary tumour (1) and lymph
+    nodes (2): set ``preprocess.binarize_mask: true`` to count both as lesion.
     """
     return _build(Path(root), "__PT.nii.gz", output, cohort=cohort, tracer=tracer, role=role,
-                  labels_dir=labels_dir, empty_mask_role=empty_mask_role)
+                  labels_dir=labels_dir, empty_mask_role=empty_mask_role, subject_pattern=None)

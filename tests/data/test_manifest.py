@@ -14,6 +14,7 @@ from igconda.data.manifest import (
     parse_manifest,
     read_manifest,
 )
+from igconda.data.splits import assign_splits
 from tests.data.nifti_fixtures import write_manifest_csv, write_nifti
 
 ROW = ("P1", "lymphoma", "FDG", "images/P1.nii.gz", "labels/P1.nii.gz", "internal")
@@ -98,13 +99,33 @@ def test_autopet_builder(tmp_path):
         write_nifti(root / "imagesTr" / f"{name}_0000.nii.gz", np.ones((4, 4, 4), np.float32))  # CT
         write_nifti(root / "imagesTr" / f"{name}_0001.nii.gz", np.ones((4, 4, 4), np.float32))  # PET
         _case(root, name, lesion)
-    manifest = build_autopet_manifest(root, tmp_path / "m.csv", empty_mask_role="negative_control")
+    manifest = build_autopet_manifest(root, tmp_path / "m.csv")
     entries = read_manifest(manifest)
     assert [e.patient_id for e in entries] == ["fdg_a", "psma_b"]
     assert entries[0].pet_path.endswith("imagesTr/fdg_a_0001.nii.gz")
     assert entries[0].mask_path.endswith("labelsTr/fdg_a.nii.gz")
+    # lesion-free studies are negative controls by default; the tracer comes from the name
     assert [e.role for e in entries] == ["internal", "negative_control"]
+    assert [e.tracer for e in entries] == ["FDG", "PSMA"]
     assert "imagesTr/fdg_a_0001.nii.gz" in manifest.read_text()  # written relative when possible
+    kept = read_manifest(build_autopet_manifest(root, tmp_path / "k.csv", empty_mask_role=None, tracer="X"))
+    assert [(e.role, e.tracer) for e in kept] == [("internal", "X"), ("internal", "X")]
+
+
+def test_autopet_builder_keys_subjects_by_patient_not_study(tmp_path):
+    # AutoPET names: <tracer>_<patient hash>_<study date>. Two studies of one patient.
+    root = tmp_path / "autopet"
+    names = ["fdg_0b57b247b6_05-02-2002", "fdg_0b57b247b6_11-30-2002", "psma_95b833d46f153cd2_2017-11-18"]
+    for name in names:
+        write_nifti(root / "imagesTr" / f"{name}_0001.nii.gz", np.ones((4, 4, 4), np.float32))
+        _case(root, name)
+    entries = read_manifest(build_autopet_manifest(root))
+    assert [e.subject for e in entries] == ["fdg_0b57b247b6", "fdg_0b57b247b6", "psma_95b833d46f153cd2"]
+    assert len({e.patient_id for e in entries}) == 3  # still one file per study
+    # and the split keeps them together, whatever the seed
+    for seed in range(20):
+        split = assign_splits(entries, train_fraction=0.34, valid_fraction=0.0, tune_per_cohort=0, seed=seed)
+        assert split[names[0]] == split[names[1]]
 
 
 def test_hecktor_builder(tmp_path):
@@ -115,6 +136,7 @@ def test_hecktor_builder(tmp_path):
         _case(root, name)
     entries = read_manifest(build_hecktor_manifest(root, cohort="headneck"))
     assert [(e.patient_id, e.cohort) for e in entries] == [("CHUM-001", "headneck"), ("MDA-002", "headneck")]
+    assert [e.subject for e in entries] == ["CHUM-001", "MDA-002"]
     assert all(e.mask_path.endswith(f"{e.patient_id}.nii.gz") for e in entries)
 
 

@@ -70,7 +70,8 @@ def test_volumes_load_with_matching_grid_and_valid_values(study: Path):
     for r in read_manifest(study):
         pet = nib.load(study.parent / r["pet_path"])
         mask = nib.load(study.parent / r["mask_path"])
-        assert pet.shape == mask.shape == ALL_COHORTS.shape
+        assert pet.shape == mask.shape and pet.shape[:2] == ALL_COHORTS.shape[:2]
+        assert 800 <= pet.shape[2] * ALL_COHORTS.spacing_mm[2] <= 2000  # a whole body, not a crop
         np.testing.assert_allclose(pet.affine, mask.affine)
         np.testing.assert_allclose(np.diag(pet.affine)[:3], ALL_COHORTS.spacing_mm)
         assert nib.aff2axcodes(pet.affine) == ("R", "A", "S")
@@ -204,7 +205,7 @@ def test_tracer_physiology():
 @pytest.mark.parametrize(("shape", "spacing"), [((16, 16, 20), (24.0, 24.0, 24.0)),
                                                 ((40, 32, 56), (10.0, 12.0, 10.0))])
 def test_body_fits_any_grid_with_head_at_the_top(shape, spacing):
-    config = dataclasses.replace(ALL_COHORTS, shape=shape, spacing_mm=spacing)
+    config = dataclasses.replace(ALL_COHORTS, shape=shape, spacing_mm=spacing, scan_length="fixed")
     p = make_patient(config, "headneck", 0)
     assert p.pet.shape == shape and p.mask.any()
     z = np.arange(shape[2])
@@ -232,7 +233,7 @@ def test_interrupted_run_leaves_no_manifest_and_no_partial_files(tmp_path, monke
             raise RuntimeError("disk full")
         return real(config, cohort, index)
 
-    monkeypatch.setattr(phantoms, "make_patient", flaky)
+    monkeypatch.setattr(phantoms.writing, "make_patient", flaky)  # where generate_study looks it up
     config = dataclasses.replace(ALL_COHORTS, cohorts={"lung": 3}, negative_controls=0)
     (tmp_path / "manifest.csv").write_text("patient_id\nfrom_an_earlier_run\n")
     with pytest.raises(RuntimeError, match="disk full"):
@@ -252,13 +253,16 @@ def test_cli_writes_the_test_config_study(repo_root, tmp_path, capsys):
     assert len(read_manifest(tmp_path / "manifest.csv")) == 9
 
 
+def voxel(p: phantoms.PhantomPatient, point_mm) -> tuple[int, ...]:
+    return tuple(np.round(np.linalg.solve(p.affine, np.r_[point_mm, 1.0])[:3]).astype(int))
+
+
 def test_lesions_sit_in_their_site_tissue_and_outside_hot_organs(patients):
-    grid = phantoms._Grid(ALL_COHORTS.shape, ALL_COHORTS.spacing_mm)
     hot = {LABELS[name] for name in ("brain", "bladder", "kidney", "myocardium", "outside")}
     in_tissue = []
     for p in patients:
         for les in p.lesions:
-            label = int(p.labels[grid.voxel(np.array(les.center_mm))])
+            label = int(p.labels[voxel(p, les.center_mm)])
             assert label not in hot, (p.patient_id, les.site)
             in_tissue.append(label in {LABELS[n] for n in phantoms._SITE_TISSUE[les.site]})
     assert np.mean(in_tissue) >= 0.8
@@ -272,3 +276,52 @@ def test_cli_reports_a_bad_cohort_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "glioma" in err and "psma" in err
     assert not (tmp_path / "out" / "manifest.csv").exists()
+
+
+# --- whole-body scan lengths --------------------------------------------------------------------
+
+WHOLE_BODY = dataclasses.replace(ALL_COHORTS, cohorts={"headneck": 8, "sarcoma_ext": 8, "lung": 8})
+
+
+@pytest.fixture(scope="module")
+def bodies() -> dict[str, list[phantoms.PhantomPatient]]:
+    return {c: [make_patient(WHOLE_BODY, c, i) for i in range(8)] for c in WHOLE_BODY.cohorts}
+
+
+def z_of(p: phantoms.PhantomPatient, label: str) -> float:
+    """Mean z (mm) of an organ's voxels."""
+    k = np.nonzero((p.labels == LABELS[label]).any(axis=(0, 1)))[0]
+    return float(p.affine[2, 2] * k.mean() + p.affine[2, 3])
+
+
+def test_scans_are_as_long_as_the_body_head_to_thighs_or_feet(bodies):
+    lengths = {c: [p.pet.shape[2] * WHOLE_BODY.spacing_mm[2] for p in ps] for c, ps in bodies.items()}
+    for p in (p for ps in bodies.values() for p in ps):
+        length = p.pet.shape[2] * WHOLE_BODY.spacing_mm[2]
+        assert 800 <= length <= 2000
+        assert length - z_of(p, "brain") < 250  # the head is at the top of every scan
+        if length > 1400:  # scanned to the feet: the soles within 5 cm of the scan's end
+            assert (p.labels[:, :, : int(np.ceil(50 / WHOLE_BODY.spacing_mm[2]))] > 0).any()
+    # head-and-neck and lung patients are scanned to mid-thigh, extremity sarcoma mostly to the feet
+    assert max(lengths["headneck"] + lengths["lung"]) < 1300
+    assert sum(v > 1400 for v in lengths["sarcoma_ext"]) >= 4
+
+
+def test_lesions_are_where_the_cohort_has_them(bodies):
+    for p in bodies["headneck"]:
+        for les in p.lesions:  # neck and skull base: between the lungs' apex and the brain
+            assert z_of(p, "lung") < les.center_mm[2] < z_of(p, "brain"), (p.patient_id, les.site)
+    limb = [(p, les) for p in bodies["sarcoma_ext"] for les in p.lesions if les.site == "limb_soft_tissue"]
+    assert limb
+    below_pelvis = [les.center_mm[2] < z_of(p, "bladder") for p, les in limb]
+    assert np.mean(below_pelvis) >= 0.6  # legs (the rest: arms hanging beside the trunk)
+
+
+def test_the_body_lies_off_the_array_centre_but_inside_it(bodies):
+    offsets = []
+    for p in (p for ps in bodies.values() for p in ps):
+        body = p.labels > 0
+        assert not body[[0, -1]].any() and not body[:, [0, -1]].any()
+        xy = np.argwhere(body.any(axis=2))
+        offsets.append(np.abs((xy.min(0) + xy.max(0)) / 2 - (np.asarray(body.shape[:2]) - 1) / 2).max())
+    assert max(offsets) >= 1.0  # at least one body a voxel or more off the centre

@@ -14,9 +14,10 @@ from igconda.data.volumes import VolumeError
 from tests.data.nifti_fixtures import pet_and_mask, write_nifti
 
 
-def cfg(spacing, crop, out=None) -> PreprocessConfig:
+def cfg(spacing, crop, out=None, extent="crop", centre="array") -> PreprocessConfig:
+    """The paper's fixed centre crop unless told otherwise (most tests here check that chain)."""
     return PreprocessConfig(spacing_mm=tuple(map(float, spacing)), crop_size=tuple(crop),
-                            output_size=tuple(out or crop))
+                            output_size=tuple(out or crop), axial_extent=extent, fov_centre=centre)
 
 
 def minmax(a: np.ndarray) -> np.ndarray:
@@ -123,6 +124,17 @@ def test_tiny_lesion_is_kept_by_the_mask_resize():
     assert out.mask[2, 2, 2] == 1  # the output voxel holding input voxel 7 (7 // 3 = 2)
     assert out.mask[0:2, 0:2, 0:2].all() and out.mask.sum() == 8 + 1  # big lesion not dilated
     assert any("kept 1 lesion" in n for n in out.notes)
+
+
+def test_mask_resize_uses_the_pet_blocks_not_their_first_voxel():
+    # A lesion filling input planes 1-2 of the block 0-2 (and nothing else): nearest would read
+    # plane 0 and call the slice healthy; the block holds 2/3 lesion, so it is lesion.
+    pet = np.ones((6, 6, 6), np.float32)
+    pet[0, 0, 0] = 2.0
+    mask = np.zeros((6, 6, 6), np.uint8)
+    mask[:, :, 1:3] = 1
+    out = preprocess_arrays(pet, np.eye(4), mask, cfg((1, 1, 1), (6, 6, 6), (2, 2, 2)))
+    assert out.mask[:, :, 0].all() and not out.mask[:, :, 1].any()
 
 
 def test_no_mask_gives_zeros_and_constant_volume_is_rejected():

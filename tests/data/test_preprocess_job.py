@@ -77,11 +77,38 @@ def test_process_patient_writes_one_file_or_reports_the_problem(tmp_path):
             "pet_path": str(pet), "mask_path": str(mask), "split": "valid"}
     r = process_patient(item, CONFIG, tmp_path / "ds")
     assert r["ok"] and r["slices"] == 12 and 0 < r["unhealthy"] < 12
+    assert r["input_slices"] == 20 and r["lesion_voxels"] == 33 and r["lesion_voxels_outside"] == 0
     table = pq.read_table(tmp_path / "ds/slices/valid/p1.parquet")
     validate_table(table)
     assert set(table.column("split").to_pylist()) == {"valid"}
     r = process_patient({**item, "pet_path": str(tmp_path / "gone.nii.gz")}, CONFIG, tmp_path / "ds")
     assert not r["ok"] and r["file"].endswith("gone.nii.gz") and "not found" in r["problem"]
+
+
+def _result(pid, cohort, role, split, unhealthy, voxels=10, outside=0):
+    return {"patient_id": pid, "cohort": cohort, "role": role, "split": split, "unhealthy": unhealthy,
+            "slices": 20, "input_slices": 40, "lesion_voxels": voxels, "lesion_voxels_outside": outside}
+
+
+def test_coverage_and_warnings_name_the_cohort_and_the_split():
+    results = [_result("a1", "hn", "internal", "train", 3), _result("a2", "hn", "internal", "test", 0, 10, 10),
+               _result("a3", "hn", "internal", "valid", 1), _result("a4", "hn", "internal", "tune", 2),
+               _result("s1", "sarc", "external", "test", 0, 40, 30), _result("n1", "neg", "negative_control",
+                                                                               "train", 0, 0, 0)]
+    cov = build._coverage(results)
+    assert cov["cohorts"]["sarc"] == {"lesion_voxels": 40, "lesion_voxels_outside": 30, "fraction_outside": 0.75,
+                                      "patients_with_lesions_outside": 1}
+    assert cov["cohorts"]["hn"]["lesion_voxels_outside"] == 10 and cov["patients"]["a2"]["fraction_outside"] == 1.0
+    warnings = build._lesion_warnings(results)
+    assert warnings == ["cohort 'hn' (internal) has no unhealthy slice in test (1 patient(s), none with a "
+                        "lesion slice; 10 lesion voxels lie outside the field of view)",
+                        "cohort 'sarc' (external) has no unhealthy slice in test (1 patient(s), none with a "
+                        "lesion slice; 30 lesion voxels lie outside the field of view)"]
+    table = build._unhealthy_table(results)
+    assert table["test"] == {"hn": 0, "neg": 0, "sarc": 0} and table["train"]["hn"] == 3
+    # a cohort with no patient at all in a split it belongs to is reported too
+    assert build._lesion_warnings(results[:1]) == [
+        f"cohort 'hn' (internal) has no unhealthy slice in {s} (no patient)" for s in ("valid", "tune", "test")]
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_dataset(tmp_path):
@@ -116,7 +143,7 @@ def test_job_on_synthetic_cohort_with_bad_patients(ray_session, tmp_path):
     assert len(summary.rejects) == len(rejects) == len(BAD) + 1  # the duplicate id twice
     splits = pd.read_csv(out / "splits.csv")
     assert len(splits) == 12 and splits.patient_id.is_unique
-    assert list(splits.columns) == ["patient_id", "cohort", "tracer", "role", "split"]
+    assert list(splits.columns) == ["patient_id", "subject_id", "cohort", "tracer", "role", "split"]
 
     # split rules, and each file in the folder of its split
     assert set(splits[splits.role == "external"].split) == {"test"}
@@ -149,6 +176,12 @@ def test_job_on_synthetic_cohort_with_bad_patients(ray_session, tmp_path):
     assert info["config"]["output_size"] == [16, 16, 12] and "monai" in info["versions"]
     tot = info["splits"]["train"]
     assert tot["label_1"] + tot["label_2"] == tot["slices"] == read_split(out, "train").num_rows
+    # coverage: every lesion voxel kept; unhealthy slices per split and cohort as in the counts
+    assert info["coverage"]["cohorts"]["sarcoma"]["lesion_voxels_outside"] == 0
+    assert info["coverage"]["patients"]["lung0"]["input_slices"] == 20
+    assert info["unhealthy_slices"]["test"]["sarcoma"] == info["splits"]["test"]["cohorts"]["sarcoma"]["label_2"] > 0
+    assert info["num_slices_per_volume"] is None and info["slices_per_volume"]["max"] == 12
+    assert summary.coverage["lung"]["lesion_voxels_outside"] == 0
 
 
 @pytest.mark.ray
@@ -220,8 +253,12 @@ def test_job_on_a_generated_phantom_study(ray_session, test_config, tmp_path):
     assert set(splits[splits.role == "negative_control"].split) <= {"train", "valid"}
     assert (splits.split == "tune").sum() == test_config.preprocess.tune_per_cohort * splits[
         splits.role == "internal"].cohort.nunique()
-    h, w, depth = test_config.preprocess.output_size
+    h, w, _ = test_config.preprocess.output_size
     train = read_split(out, "train")
-    assert train.num_rows == depth * summary.patients["train"]
+    # the whole axial extent: each volume has its own number of slices, all of them present
+    depths = train.select(["patient_id", "num_slices"]).to_pandas().groupby("patient_id").num_slices
+    assert (depths.size() == depths.first()).all() and train.num_rows == depths.first().sum()
+    info = read_dataset_info(out)
+    assert info["slices_per_volume"]["max"] > info["slices_per_volume"]["min"]
     assert set(train.column("height").to_pylist()) == {h}
     assert (train.column("label").to_numpy() == UNHEALTHY).any()

@@ -107,3 +107,56 @@ def test_bad_role_and_duplicates():
         assign_splits([{"patient_id": "p", "cohort": "a", "role": "train"}], seed=0, **ARGS)
     with pytest.raises(ValueError, match="duplicate"):
         assign_splits(study({("internal", "a"): 2}) * 2, seed=0, **ARGS)
+
+
+# --- subjects and tracers ----------------------------------------------------------------------
+
+
+def autopet_like(n_subjects: int, seed: int) -> list[dict[str, str]]:
+    """AutoPET-like studies: about a third of the subjects have 2-3 studies (follow-ups)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in range(n_subjects):
+        tracer = "18F-PSMA" if s % 3 else "68Ga-PSMA"
+        for k in range(int(rng.choice([1, 1, 2, 3]))):
+            rows.append({"patient_id": f"psma_{s:04x}_{k}", "subject_id": f"psma_{s:04x}",
+                         "cohort": "psma", "tracer": tracer, "role": "internal"})
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_a_subjects_studies_never_straddle_splits(seed):
+    rows = autopet_like(60, seed)
+    split = assign_splits(rows, seed=seed, **ARGS)
+    by_subject: dict[str, set[str]] = {}
+    for r in rows:
+        by_subject.setdefault(r["subject_id"], set()).add(split[r["patient_id"]])
+    assert all(len(s) == 1 for s in by_subject.values())
+    # the fractions apply to subjects, not studies
+    counts = Counter(next(iter(s)) for s in by_subject.values())
+    assert (counts["train"], counts["valid"], counts["tune"] + counts["test"]) == (36, 6, 18)
+
+
+def test_tracers_are_stratified_within_a_cohort():
+    rows = [{"patient_id": f"p{i:03d}", "cohort": "psma", "role": "internal",
+             "tracer": "68Ga-PSMA" if i < 30 else "18F-PSMA"} for i in range(90)]
+    for seed in range(5):
+        split = assign_splits(rows, seed=seed, **ARGS)
+        for name, n in (("train", 54), ("valid", 9), ("test", 25)):
+            ga = sum(1 for r in rows if split[r["patient_id"]] == name and r["tracer"] == "68Ga-PSMA")
+            assert abs(ga - n / 3) <= 1.0, (seed, name, ga)  # a third of every split is 68Ga
+
+
+def test_single_tracer_cohorts_keep_the_split_they_had_without_tracers():
+    plain = study({("internal", "a"): 37, ("negative_control", "neg"): 9})
+    tagged = [dict(p, tracer="FDG") for p in plain]
+    assert assign_splits(plain, seed=3, **ARGS) == assign_splits(tagged, seed=3, **ARGS)
+
+
+def test_a_subject_with_a_negative_control_study_stays_in_train_or_valid():
+    rows = [{"patient_id": f"x{i}_a", "subject_id": f"x{i}", "cohort": "psma", "role": "internal"} for i in range(20)]
+    rows += [{"patient_id": f"x{i}_b", "subject_id": f"x{i}", "cohort": "psma", "role": "negative_control"}
+             for i in range(5)]
+    split = assign_splits(rows, seed=0, **ARGS)
+    for i in range(5):
+        assert split[f"x{i}_a"] == split[f"x{i}_b"] in ("train", "valid")
