@@ -20,7 +20,6 @@ import yaml
 
 from igconda.io_utils import atomic_write
 
-
 #: Values of ``model.conditioning`` (see :class:`ModelConfig`).
 CONDITIONINGS = ("cross_attention", "class_embedding", "both")
 
