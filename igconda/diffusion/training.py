@@ -22,8 +22,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from igconda.diffusion.schedule import NoiseSchedule
-from igconda.precision import autocast, autocast_dtype
 from igconda.models.unet import UNCONDITIONAL
+from igconda.precision import autocast, autocast_dtype
 
 
 def _check_batch(x0: torch.Tensor, labels: torch.Tensor) -> None:
