@@ -49,16 +49,9 @@ import torch
 from torch import nn
 
 from igconda.diffusion.schedule import NoiseSchedule
+from igconda.map_kinds import CONTROL, MAP_KINDS  # noqa: F401  (re-exported)
 from igconda.models.unet import HEALTHY, UNCONDITIONAL
 from igconda.precision import autocast, autocast_dtype
-
-#: Anomaly map kinds, all clipped to [0, 1] (see :func:`anomaly_maps`): the paper's |x − x̂_w|,
-#: the hot map max(x − x̂_w, 0), and two maps of what guidance alone changes, max(x̂_∅ − x̂_w, 0)
-#: and |x̂_∅ − x̂_w|, where x̂_∅ is the unguided (w = 0) decode of the same encoding.
-MAP_KINDS: tuple[str, ...] = ("abs", "hot", "guidance", "guidance_abs")
-#: Key of the w = 0 control |x − x̂_∅| in :func:`anomaly_maps`' result: the DDIM round trip's
-#: error alone, reported beside every map so that what guidance adds can be told apart from it.
-CONTROL = "w0"
 
 AnomalyKind = str  # one of MAP_KINDS
 
