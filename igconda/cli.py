@@ -1,11 +1,16 @@
 """The ``igconda`` command line: anomaly maps for single scans.
 
-``igconda detect SCAN.nii.gz --checkpoint CKPT -o OUT.nii.gz`` preprocesses a PET scan exactly as
+``igconda detect SCAN.nii.gz --checkpoint MODEL -o OUT.nii.gz`` preprocesses a PET scan exactly as
 the checkpoint's training data were (its stored ``preprocess`` config), computes each axial
 slice's healthy counterfactual and anomaly map in batches (with a progress bar), and writes the
 map resampled onto the scan's own grid and affine, so it opens over the PET in ITK-SNAP or
-3D Slicer. With ``--mask`` it also scores the maps against a lesion mask (the paper's per-slice
-metrics, averaged over the slices that contain lesion).
+3D Slicer, and beside it the binary lesion mask at the threshold τ (``--mask-output``).
+
+``MODEL`` is a study's model folder (``<study>/model``: the checkpoint plus ``tuning.json``, see
+:mod:`igconda.tuned_model`), whose tuned D, w, stride, map kind and τ are used; a plain
+checkpoint runs the untuned defaults of its config, and says so. With ``--mask`` it also scores
+the maps against a lesion mask (the paper's per-slice metrics and Dice at τ, averaged over the
+slices that contain lesion, through :mod:`igconda.evaluation`).
 
 Exit codes: 0 success, 2 a missing or invalid input (the message names the file), 1 anything else.
 """
@@ -20,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+from igconda.map_kinds import MAP_KINDS
+
 #: Metrics printed by ``detect --mask`` (mean over unhealthy slices).
-_PRINTED = (("dsc_max", "⌈DSC⌉"), ("auprc", "AUPRC"), ("hd95", "HD95 (px)"),
-            ("sensitivity", "detection sensitivity"))
+_PRINTED = (("dsc_max", "⌈DSC⌉"), ("dice_tau", "Dice@τ"), ("auprc", "AUPRC"),
+            ("hd95", "HD95 (px)"), ("sensitivity", "detection sensitivity"))
 
 
 def _version() -> str:
@@ -44,13 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Healthy counterfactual and anomaly map of one PET scan (NIfTI in SUV), "
                     "written on the scan's own grid and affine.")
     detect.add_argument("scan", help="PET NIfTI file in SUV (.nii or .nii.gz)")
-    detect.add_argument("--checkpoint", required=True, help="trained checkpoint folder")
+    detect.add_argument("--checkpoint", required=True,
+                        help="a study's model folder (<study>/model, with tuning.json) or a "
+                             "plain checkpoint folder (untuned defaults)")
     detect.add_argument("-o", "--output", required=True, help="output anomaly map (.nii.gz)")
-    detect.add_argument("--noise-level", type=int, help="D (default: the checkpoint's infer config)")
-    detect.add_argument("--guidance-scale", type=float, help="w (default: the checkpoint's)")
-    detect.add_argument("--stride", type=int, help="s, a divisor of D (default: the checkpoint's)")
-    detect.add_argument("--map", dest="map_kind", choices=("abs", "hot"), default="abs",
-                        help="|x - x_hat| (the paper's, default) or max(x - x_hat, 0)")
+    detect.add_argument("--mask-output",
+                        help="output binary lesion mask at τ (default: OUT with _mask before .nii.gz)")
+    detect.add_argument("--noise-level", type=int, help="D (default: tuned, else the checkpoint's)")
+    detect.add_argument("--guidance-scale", type=float, help="w (default: tuned, else the checkpoint's)")
+    detect.add_argument("--stride", type=int, help="s, a divisor of D (default: tuned, else the checkpoint's)")
+    detect.add_argument("--map", dest="map_kind", choices=MAP_KINDS, default=None,
+                        help="anomaly map kind (default: tuned, else the checkpoint's infer.map_kind)")
+    detect.add_argument("--threshold", type=float,
+                        help="τ of the lesion mask (default: tuned, else the checkpoint's infer.threshold)")
     detect.add_argument("--mask", help="lesion mask NIfTI on the scan's grid: also print metrics")
     detect.add_argument("--batch-size", type=int, help="slices per batch (default: the checkpoint's)")
     detect.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: auto)")
@@ -73,21 +86,42 @@ def detect(args: argparse.Namespace) -> dict[str, float]:
     from igconda.data.volumes import VolumeError
     from igconda.export import export_volume
     from igconda.inference import CounterfactualPredictor
+    from igconda.tuned_model import TuningFileError, read_tuning
 
     scan, checkpoint, output = Path(args.scan), Path(args.checkpoint), Path(args.output)
     if not scan.is_file():
         raise _UsageError(f"{scan}: scan file not found")
     if args.mask and not Path(args.mask).is_file():
         raise _UsageError(f"{args.mask}: mask file not found")
-    if not output.name.endswith((".nii", ".nii.gz")):
-        raise _UsageError(f"{output}: the output must be a .nii or .nii.gz file")
+    mask_output = Path(args.mask_output) if args.mask_output else default_mask_output(output)
+    for name, path in (("-o/--output", output), ("--mask-output", mask_output)):
+        if not path.name.endswith((".nii", ".nii.gz")):
+            raise _UsageError(f"{path}: {name} must be a .nii or .nii.gz file")
+        if path.resolve() == scan.resolve() or (args.mask and path.resolve() == Path(args.mask).resolve()):
+            raise _UsageError(f"{path}: {name} is an input file; refusing to overwrite it")
+    if mask_output.resolve() == output.resolve():
+        raise _UsageError(f"{mask_output}: --mask-output must differ from -o/--output")
     try:
         config = load_checkpoint_config(checkpoint)
-    except (CheckpointError, ConfigError) as err:
+        tuned = read_tuning(checkpoint)
+    except (CheckpointError, ConfigError, TuningFileError) as err:
         raise _UsageError(f"checkpoint {checkpoint}: {err}") from None
-    noise_level = args.noise_level if args.noise_level is not None else config.infer.noise_level
-    guidance = args.guidance_scale if args.guidance_scale is not None else config.infer.guidance_scale
-    stride = args.stride if args.stride is not None else config.infer.stride
+    defaults = tuned or {"noise_level": config.infer.noise_level,
+                         "guidance_scale": config.infer.guidance_scale,
+                         "stride": config.infer.stride, "map_kind": config.infer.map_kind,
+                         "threshold": config.infer.threshold}
+    chosen = {key: getattr(args, key) if getattr(args, key) is not None else defaults[key]
+              for key in ("noise_level", "guidance_scale", "stride", "map_kind", "threshold")}
+    overridden = sorted(k for k in chosen if getattr(args, k) is not None)
+    if tuned is not None and tuned.get("tuned", True):
+        origin = f"tuned settings from {checkpoint / 'tuning.json'}"
+    elif tuned is not None:
+        origin = f"untuned defaults recorded in {checkpoint / 'tuning.json'} (the study skipped tuning)"
+    else:
+        origin = (f"UNTUNED defaults of the checkpoint's config (no tuning.json in {checkpoint}; "
+                  f"pass a study's model folder to use its tuned settings)")
+    print(f"igconda detect: using {origin}" + (f"; overridden: {', '.join(overridden)}" if overridden else ""),
+          file=sys.stderr)
     batch_size = args.batch_size or config.infer.batch_size
     if batch_size < 1:
         raise _UsageError(f"--batch-size must be >= 1, got {batch_size}")
@@ -99,8 +133,9 @@ def detect(args: argparse.Namespace) -> dict[str, float]:
         raise _UsageError(str(err)) from None
     try:
         predictor = CounterfactualPredictor(
-            checkpoint, noise_level=noise_level, guidance_scale=guidance, stride=stride,
-            map_kind=args.map_kind, device=args.device, amp=not args.no_amp)
+            checkpoint, noise_level=chosen["noise_level"], guidance_scale=chosen["guidance_scale"],
+            stride=chosen["stride"], map_kind=chosen["map_kind"], threshold=chosen["threshold"],
+            device=args.device, amp=not args.no_amp, score=bool(args.mask))
     except CheckpointError as err:
         raise _UsageError(f"checkpoint {checkpoint}: {err}") from None
     except ValueError as err:
@@ -115,7 +150,8 @@ def detect(args: argparse.Namespace) -> dict[str, float]:
     maps = np.zeros((z, x * y), dtype=np.float32)
     scores: dict[str, list[np.ndarray]] = {key: [] for key, _ in _PRINTED}
     print(f"igconda detect: {scan.name} → {z} slices of {x}×{y}; D={predictor.noise_level} "
-          f"w={predictor.guidance_scale:g} s={predictor.stride} on {predictor.device}", file=sys.stderr)
+          f"w={predictor.guidance_scale:g} s={predictor.stride} map={predictor.map_kind} "
+          f"τ={predictor.threshold:g} on {predictor.device}", file=sys.stderr)
     with tqdm(total=z, unit="slice", disable=args.quiet, file=sys.stderr) as progress:
         for start in range(0, z, batch_size):
             stop = min(start + batch_size, z)
@@ -125,12 +161,16 @@ def detect(args: argparse.Namespace) -> dict[str, float]:
                 batch.update(mask=masks[start:stop], label=labels[start:stop])
             out = predictor(batch)
             maps[start:stop] = out["anomaly_map"]
-            for key in scores:
-                scores[key].append(out[key])
+            if args.mask:
+                for key in scores:
+                    scores[key].append(out[key])
             progress.update(stop - start)
     export_volume(maps.reshape(z, x, y), volume.geometry, output, order=1)
+    # The lesion mask at τ, thresholded on the grid τ was calibrated on, then resampled nearest.
+    lesion = (maps >= np.float32(predictor.threshold)).astype(np.uint8)
+    export_volume(lesion.reshape(z, x, y), volume.geometry, mask_output, order=0)
     elapsed = time.perf_counter() - started
-    print(f"wrote {output} ({elapsed:.1f} s)", file=sys.stderr)
+    print(f"wrote {output} and {mask_output} ({elapsed:.1f} s)", file=sys.stderr)
 
     results: dict[str, float] = {}
     if args.mask:
@@ -145,6 +185,14 @@ def detect(args: argparse.Namespace) -> dict[str, float]:
             else:
                 print(f"{title}: – (no lesion slice)")
     return results
+
+
+def default_mask_output(output: Path) -> Path:
+    """``OUT.nii.gz`` → ``OUT_mask.nii.gz`` (and ``.nii`` alike): the mask beside the map."""
+    suffix = ".nii.gz" if output.name.endswith(".nii.gz") else ".nii"
+    if not output.name.endswith(suffix):
+        return output.with_name(output.name + "_mask.nii.gz")
+    return output.with_name(output.name[: -len(suffix)] + "_mask" + suffix)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

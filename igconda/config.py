@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from igconda.io_utils import atomic_write
+from igconda.map_kinds import MAP_KINDS
 
 #: Values of ``model.conditioning`` (see :class:`ModelConfig`).
 CONDITIONINGS = ("cross_attention", "class_embedding", "both")
@@ -141,6 +142,12 @@ class InferConfig:
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
     use_amp: bool = True  # as train.amp (igconda.precision)
+    # The anomaly map kind (igconda.map_kinds) and the threshold τ of its binary lesion mask.
+    # Both are untuned defaults: a study replaces them (and D, w) by what tuning chose on the tune
+    # split (tune/best.json, <study>/model/tuning.json). 0.1 is the lowest τ of the paper's ⌈DSC⌉
+    # grid; diffusion maps are low-amplitude, so a higher default would mostly predict nothing.
+    map_kind: str = "abs"
+    threshold: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,9 @@ class TuneConfig:
     noise_levels: tuple[int, ...] = (100, 200, 300, 400, 500, 600)
     guidance_scales: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0)
     stride: int = 10
+    # Map kinds tuning chooses from with (D, w) (igconda.map_kinds); the paper's "abs" and the
+    # w = 0 control are always scored and reported beside the chosen one.
+    map_kinds: tuple[str, ...] = MAP_KINDS
     max_slices: int = 0  # 0 = every unhealthy tune slice
     search: str = "grid"  # "grid" or "optuna"-style search algorithm name
     num_samples: int = 1
@@ -353,6 +363,8 @@ def validate(cfg: StudyConfig) -> None:
            f"infer.stride s={i.stride} must be >= 1 and divide noise_level D={i.noise_level}")
     _check(i.guidance_scale >= 0, "infer.guidance_scale must be >= 0")
     _check(i.batch_size >= 1 and i.concurrency >= 1, "infer: batch_size and concurrency must be >= 1")
+    _check(i.map_kind in MAP_KINDS, f"infer.map_kind {i.map_kind!r} must be one of {list(MAP_KINDS)}")
+    _check(0 < i.threshold <= 1, f"infer.threshold τ={i.threshold} must be in (0, 1] (maps are in [0, 1])")
     u = cfg.tune
     _check(len(u.noise_levels) > 0 and len(u.guidance_scales) > 0, "tune: empty search space")
     for d in u.noise_levels:
@@ -361,6 +373,9 @@ def validate(cfg: StudyConfig) -> None:
                f"by tune.stride={u.stride}")
     _check(u.search in ("grid", "random"), f"tune.search {u.search!r} must be 'grid' or 'random'")
     _check(u.max_slices >= 0, "tune.max_slices must be >= 0")
+    _check(len(u.map_kinds) > 0 and set(u.map_kinds) <= set(MAP_KINDS)
+           and len(set(u.map_kinds)) == len(u.map_kinds),
+           f"tune.map_kinds {list(u.map_kinds)} must be distinct values of {list(MAP_KINDS)}")
     _check(cfg.phantoms.negative_controls >= 0, "phantoms.negative_controls must be >= 0")
     _check(cfg.phantoms.scan_length in ("anatomical", "fixed"),
            f"phantoms.scan_length {cfg.phantoms.scan_length!r} must be 'anatomical' or 'fixed'")

@@ -4,18 +4,23 @@
 loaded once in ``__init__`` (one copy per actor), and ``__call__`` maps a batch of slice rows
 (columns of :data:`igconda.data.schema.SLICE_SCHEMA`, as numpy arrays) to a batch of results.
 There is no Ray in this module, so a plain test, ``igconda detect`` and the benchmarks call the
-same object directly.
+same object directly. The maps come from :class:`igconda.evaluation.IgCondaMethod` and the
+metrics from :func:`igconda.evaluation.score_maps`, the path every stage evaluates through.
 
-For each slice the predictor produces (paper §2.4, §3.4):
+For each slice the predictor produces (paper §2.4, §3.4; the columns of
+:data:`igconda.data.schema.PREDICTION_SCHEMA`):
 
-* ``counterfactual`` x̂ — the healthy counterfactual of x from DDIM encoding to level D with the
-  unconditional model and guided decoding towards c = 1 (:func:`igconda.diffusion.ddim.counterfactual`);
-* ``anomaly_map`` — |x − x̂| (``map_kind="abs"``, the paper's) or max(x − x̂, 0) (``"hot"``);
-* the paper's metrics of :func:`igconda.metrics.score_batch` for unhealthy slices (label 2):
+* ``counterfactual`` x̂_w — the healthy counterfactual of x (DDIM encoding to level D with the
+  unconditional model, decoding guided towards c = 1), and ``counterfactual_w0`` x̂_∅ — the
+  unguided decode of the same encoding, batched with it
+  (:func:`igconda.diffusion.ddim.counterfactual_pair`);
+* ``anomaly_map`` — the chosen map kind (``map_kind``: ``abs`` |x − x̂_w|, the paper's; ``hot``;
+  ``guidance``; ``guidance_abs``; see :func:`igconda.diffusion.ddim.anomaly_maps`);
+* with ``score=True``, the paper's metrics of the chosen map for unhealthy slices (label 2):
   ``dsc_max`` (⌈DSC⌉), ``tau_star``, ``hd95``, ``auprc``, ``n_lesions``, ``n_detected``,
-  ``sensitivity``; healthy slices get NaN, since the paper's means run over unhealthy slices only;
-* ``dsc_max_abs`` and ``dsc_max_hot`` — ⌈DSC⌉ of both map kinds, so the hot-only map can be
-  reported beside the paper's map without a second diffusion pass.
+  ``sensitivity``, ``dice_tau`` (Dice at ``threshold``); healthy slices get NaN, since the paper's
+  means run over unhealthy slices only; and ``dsc_max_<kind>`` for every map kind and the w = 0
+  control (``dsc_max_w0``), so they can be compared without another diffusion pass.
 
 Maps are returned flattened (H·W float32 per row), like the schema's ``image`` column.
 """
@@ -30,11 +35,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.data.schema import UNHEALTHY
+from igconda.diffusion.ddim import CONTROL, MAP_KINDS
+from igconda.evaluation import (
+    IgCondaMethod,
+    batch_images,
+    batch_labels,
+    igconda_maps,
+    igconda_method,
+    score_maps,
+    slice_shape,
+    stack_column,
+)
 
 logger = logging.getLogger(__name__)
 
-MAP_KINDS = ("abs", "hot")
+__all__ = ["MAP_KINDS", "METRIC_COLUMNS", "PASSTHROUGH_COLUMNS", "CounterfactualPredictor",
+           "check_counterfactual_params", "resolve_device", "stack_column"]
 
 #: Columns copied from the input batch to the output, when present.
 PASSTHROUGH_COLUMNS = (
@@ -42,8 +59,9 @@ PASSTHROUGH_COLUMNS = (
     "lesion_pixels", "height", "width",
 )
 
-#: Metric columns of :func:`igconda.metrics.score_batch` that the predictor reports.
-METRIC_COLUMNS = ("dsc_max", "tau_star", "hd95", "auprc", "n_lesions", "n_detected", "sensitivity")
+#: Metric columns of the chosen map that the predictor reports (``score=True``).
+METRIC_COLUMNS = ("dsc_max", "tau_star", "hd95", "auprc", "n_lesions", "n_detected", "sensitivity",
+                  "dice_tau")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -58,7 +76,7 @@ def check_counterfactual_params(noise_level: int, stride: int, guidance_scale: f
     """Raise ValueError unless 0 < D < T, s ≥ 1 divides D, and w ≥ 0.
 
     D must be a multiple of s so that encoding and decoding walk the same timestep grid
-    t = 0, s, 2s, …, D (DESIGN.md).
+    t = 0, s, 2s, …, D (see :mod:`igconda.diffusion.ddim`).
     """
     if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)):
         raise ValueError(f"noise level D must be an integer, got {noise_level!r}")
@@ -73,37 +91,6 @@ def check_counterfactual_params(noise_level: int, stride: int, guidance_scale: f
         raise ValueError(f"guidance scale w={guidance_scale} must be a finite number >= 0")
 
 
-def stack_column(column: Any, height: int, width: int, dtype: Any = np.float32) -> np.ndarray:
-    """An image/mask column as it arrives in a numpy batch → (N, H, W).
-
-    Ray Data hands a ``list<...>`` column over either as an object array of 1D arrays or, when
-    the lists have a fixed size, as a 2D (N, H·W) array; a plain caller may pass (N, H, W).
-    """
-    array = np.asarray(column) if not isinstance(column, np.ndarray) else column
-    if array.dtype == object:
-        if len(array) == 0:
-            return np.zeros((0, height, width), dtype=dtype)
-        array = np.stack([np.asarray(v, dtype=dtype).reshape(-1) for v in array])
-    array = np.asarray(array, dtype=dtype)
-    if array.ndim == 2 and array.shape[1] == height * width:
-        return array.reshape(-1, height, width)
-    if array.ndim == 3 and array.shape[1:] == (height, width):
-        return array
-    raise ValueError(f"cannot read an image column of shape {array.shape} as slices of {height}×{width}")
-
-
-def _slice_shape(batch: Mapping[str, Any], default: tuple[int, int] | None) -> tuple[int, int]:
-    """(H, W) from the batch's ``height``/``width`` columns, else the model's training size."""
-    if "height" in batch and "width" in batch and len(batch["height"]):
-        heights, widths = np.unique(np.asarray(batch["height"])), np.unique(np.asarray(batch["width"]))
-        if len(heights) != 1 or len(widths) != 1:
-            raise ValueError(f"a batch mixes slice sizes {heights.tolist()}×{widths.tolist()}")
-        return int(heights[0]), int(widths[0])
-    if default is None:
-        raise ValueError("the batch has no height/width columns and no default slice size is known")
-    return default
-
-
 class CounterfactualPredictor:
     """Healthy counterfactuals, anomaly maps and metrics for batches of slices.
 
@@ -111,23 +98,26 @@ class CounterfactualPredictor:
         checkpoint: checkpoint folder (``igconda.checkpoint`` layout); the model is loaded once.
         noise_level: D, in training-timestep units (0 < D < T).
         guidance_scale: w, the reference code's form ε_u + w (ε_c − ε_u), w ≥ 0.
-        stride: s, a divisor of D; the decoder makes 2·D/s guided network evaluations
-            (batched as one pass of 2B) and the encoder D/s.
-        map_kind: ``"abs"`` |x − x̂| (the paper's) or ``"hot"`` max(x − x̂, 0); it decides the
+        stride: s, a divisor of D; the encoder makes D/s network evaluations per slice and the
+            guided/unguided pair 3·D/s (one batched pass of 3B per step).
+        map_kind: one of :data:`~igconda.diffusion.ddim.MAP_KINDS`; it decides the
             ``anomaly_map`` column and the metric columns.
+        threshold: the calibrated τ of ``map_kind`` (``dice_tau`` is the Dice of
+            ``anomaly_map >= threshold``); None leaves ``dice_tau`` NaN.
         device: ``None``/``"auto"`` picks CUDA when available; else e.g. ``"cpu"``, ``"cuda:1"``.
         amp: autocast the network where the hardware has fast low-precision units
             (:mod:`igconda.precision`: GPUs, CPUs with bf16 units).
-        score_other_map: also compute ⌈DSC⌉ of the other map kind (``dsc_max_abs`` /
-            ``dsc_max_hot``); costs one ⌈DSC⌉ pass, no network evaluation.
-        counterfactual_fn: replaces :func:`igconda.diffusion.ddim.counterfactual` (tests).
-        score_fn: replaces :func:`igconda.metrics.score_batch` (tests).
+        score: compute the metric columns (the batch inference job scores on its driver instead,
+            through the same :func:`igconda.evaluation.score_methods`).
+        score_other_map: also compute ⌈DSC⌉ of every other map kind and of the w = 0 control
+            (``dsc_max_<kind>``); costs ⌈DSC⌉ passes, no network evaluation.
+        counterfactual_fn: replaces :func:`igconda.diffusion.ddim.counterfactual_pair` (tests).
         keep_inputs: also return the input ``image`` and ``mask`` (flattened), so that the
             per-slice output files are self-contained for figures and viewers.
 
     Raises:
         igconda.checkpoint.CheckpointError: the checkpoint folder is missing or invalid.
-        ValueError: invalid D, s, w or map kind.
+        ValueError: invalid D, s, w, τ or map kind.
     """
 
     def __init__(
@@ -138,11 +128,12 @@ class CounterfactualPredictor:
         guidance_scale: float,
         stride: int,
         map_kind: str = "abs",
+        threshold: float | None = None,
         device: str | torch.device | None = None,
         amp: bool = True,
+        score: bool = True,
         score_other_map: bool = True,
-        counterfactual_fn: Callable[..., torch.Tensor] | None = None,
-        score_fn: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None,
+        counterfactual_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
         keep_inputs: bool = False,
     ) -> None:
         from igconda.checkpoint import load_model
@@ -150,6 +141,8 @@ class CounterfactualPredictor:
 
         if map_kind not in MAP_KINDS:
             raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
+        if threshold is not None and not 0.0 < float(threshold) <= 1.0:
+            raise ValueError(f"threshold τ must be in (0, 1], got {threshold!r}")
         self.device = resolve_device(device)
         self.model, self.config = load_model(checkpoint, self.device)
         self.schedule = NoiseSchedule.from_config(self.config.train)
@@ -159,57 +152,21 @@ class CounterfactualPredictor:
         self.guidance_scale = float(guidance_scale)
         self.stride = int(stride)
         self.map_kind = map_kind
+        self.threshold = None if threshold is None else float(threshold)
         self.amp = bool(amp)
+        self.score = score
         self.score_other_map = score_other_map
         self.keep_inputs = keep_inputs
-        if counterfactual_fn is None:
-            from igconda.diffusion.ddim import counterfactual as counterfactual_fn
-        if score_fn is None:
-            from igconda.metrics import optimal_dice, score_batch
-
-            self._score = score_batch
-            # The other map needs only ⌈DSC⌉: skip HD95, AUPRC and detection for it.
-            self._dice = lambda maps, masks: optimal_dice(maps, masks)[0]
-        else:
-            self._score = score_fn
-            self._dice = lambda maps, masks: score_fn(maps, masks)["dsc_max"]
-        self._counterfactual = counterfactual_fn
-        side = self.config.preprocess.output_size[0]
-        self._default_shape = (side, self.config.preprocess.output_size[1])
+        self.method = IgCondaMethod(
+            self.model, self.schedule, noise_level=self.noise_level, stride=self.stride,
+            guidance_scale=self.guidance_scale, device=self.device, amp=self.amp,
+            counterfactual_fn=counterfactual_fn)
+        self._default_shape = tuple(self.config.preprocess.output_size[:2])
 
     # -- the network part ---------------------------------------------------------------------
-    def counterfactuals(self, images: np.ndarray) -> np.ndarray:
-        """Healthy counterfactuals x̂ of (N, H, W) images in [0, 1] → (N, H, W) float32."""
-        if images.ndim != 3:
-            raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
-        if len(images) == 0:
-            return np.zeros_like(images, dtype=np.float32)
-        # np.require copies only when needed: Ray hands over read-only arrays, which torch rejects.
-        x0 = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).unsqueeze(1).to(self.device)
-        with torch.inference_mode():
-            # amp: ddim autocasts only the network (bf16, or fp16 on V100s); the DDIM trajectory
-            # itself stays float32.
-            x_hat = self._counterfactual(
-                self.model, x0, self.schedule, noise_level=self.noise_level, stride=self.stride,
-                guidance_scale=self.guidance_scale, target_label=HEALTHY, amp=self.amp,
-            )
-        return x_hat.float().squeeze(1).cpu().numpy()
-
-    @staticmethod
-    def anomaly_maps(images: np.ndarray, counterfactuals: np.ndarray, kind: str) -> np.ndarray:
-        """(N, H, W) anomaly maps in [0, 1]: |x − x̂| (``abs``) or max(x − x̂, 0) (``hot``).
-
-        Computed by :func:`igconda.diffusion.ddim.anomaly_map`, which clips to [0, 1]: x̂ may
-        leave [0, 1] slightly (DDIM does not clip x̂, which would break the inversion) while
-        the metrics' thresholds τ ∈ {0.1 … 0.9} assume [0, 1].
-        """
-        from igconda.diffusion.ddim import anomaly_map
-
-        if kind not in MAP_KINDS:
-            raise ValueError(f"map kind must be one of {MAP_KINDS}, got {kind!r}")
-        x0 = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).unsqueeze(1)
-        x_hat = torch.from_numpy(np.require(counterfactuals, np.float32, ["C", "W"])).unsqueeze(1)
-        return anomaly_map(x0, x_hat, kind).squeeze(1).numpy()
+    def counterfactuals(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W) images in [0, 1] → ``(x̂_w, x̂_∅)``, both (N, H, W) float32."""
+        return self.method.counterfactuals(images)
 
     # -- one batch ----------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -222,57 +179,62 @@ class CounterfactualPredictor:
 
         Returns:
             Numpy columns, one row per input slice: the identifiers present in the input
-            (:data:`PASSTHROUGH_COLUMNS`), ``anomaly_map`` and ``counterfactual`` as (N, H·W)
-            float32 arrays (flattened slices), the :data:`METRIC_COLUMNS` (float64, NaN for
-            healthy slices or when there is no mask), ``dsc_max_abs`` and ``dsc_max_hot``.
+            (:data:`PASSTHROUGH_COLUMNS`), ``anomaly_map``, ``counterfactual`` and
+            ``counterfactual_w0`` as (N, H·W) float32 arrays, and with ``score`` the
+            :data:`METRIC_COLUMNS` (float64, NaN for healthy slices or without a mask) and
+            ``dsc_max_<kind>`` for every map kind and ``w0``.
         """
         if "image" not in batch:
             raise ValueError("the batch has no 'image' column")
-        height, width = _slice_shape(batch, self._default_shape)
-        images = stack_column(batch["image"], height, width, np.float32)
+        height, width = slice_shape(batch, self._default_shape)
+        images = batch_images(batch, "image", (height, width))
         n = len(images)
-        masks = stack_column(batch["mask"], height, width, np.uint8) if "mask" in batch else None
+        masks = batch_images(batch, "mask", (height, width), np.uint8) if "mask" in batch else None
 
-        x_hat = self.counterfactuals(images)
-        maps = {kind: self.anomaly_maps(images, x_hat, kind) for kind in MAP_KINDS}
+        guided, unguided = self.counterfactuals(images)
+        maps = igconda_maps(images, guided, unguided)
 
         out: dict[str, np.ndarray] = {k: np.asarray(batch[k]) for k in PASSTHROUGH_COLUMNS if k in batch}
         out["height"] = np.full(n, height, dtype=np.int32)
         out["width"] = np.full(n, width, dtype=np.int32)
-        if masks is not None and "label" not in out:
-            out["label"] = np.where(masks.reshape(n, -1).any(axis=1), UNHEALTHY, HEALTHY).astype(np.int8)
-        out["anomaly_map"] = _flat_rows(maps[self.map_kind])
-        out["counterfactual"] = _flat_rows(x_hat)
+        labels = batch_labels(batch, masks)
+        if labels is not None and "label" not in out:
+            out["label"] = labels
+        out["anomaly_map"] = _flat_rows(maps[igconda_method(self.map_kind)])
+        out["counterfactual"] = _flat_rows(guided)
+        out["counterfactual_w0"] = _flat_rows(unguided)
         if self.keep_inputs:
             out["image"] = _flat_rows(images)
             if masks is not None:
                 out["mask"] = masks.reshape(n, -1)
-        out.update(self._metrics(maps, masks, out.get("label")))
+        if self.score:
+            out.update(self._metrics(maps, masks, labels))
         return out
 
     def _metrics(self, maps: dict[str, np.ndarray], masks: np.ndarray | None,
                  labels: np.ndarray | None) -> dict[str, np.ndarray]:
         """Metric columns; only unhealthy slices are scored, the rest stay NaN."""
-        n = len(maps["abs"])
-        result = {k: np.full(n, np.nan) for k in (*METRIC_COLUMNS, "dsc_max_abs", "dsc_max_hot")}
+        from igconda.metrics import optimal_dice
+
+        n = len(next(iter(maps.values())))
+        kinds = (*MAP_KINDS, CONTROL)
+        result = {k: np.full(n, np.nan) for k in (*METRIC_COLUMNS, *(f"dsc_max_{k}" for k in kinds))}
         if masks is None or labels is None:
             return result
         unhealthy = np.asarray(labels) == UNHEALTHY
         if not unhealthy.any():
             return result
-        scores = self._score(maps[self.map_kind][unhealthy], masks[unhealthy])
+        chosen = igconda_method(self.map_kind)
+        scores = score_maps(maps[chosen][unhealthy], masks[unhealthy], self.threshold)
         for key in METRIC_COLUMNS:
-            if key in scores:
-                result[key][unhealthy] = np.asarray(scores[key], dtype=np.float64)
-        if "sensitivity" not in scores and "n_lesions" in scores:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                result["sensitivity"][unhealthy] = (np.asarray(scores["n_detected"], float)
-                                                    / np.asarray(scores["n_lesions"], float))
+            result[key][unhealthy] = np.asarray(scores[key], dtype=np.float64)
         result[f"dsc_max_{self.map_kind}"] = result["dsc_max"].copy()
         if self.score_other_map:
-            other = "hot" if self.map_kind == "abs" else "abs"
-            result[f"dsc_max_{other}"][unhealthy] = np.asarray(
-                self._dice(maps[other][unhealthy], masks[unhealthy]), dtype=np.float64)
+            for kind in kinds:
+                if kind != self.map_kind:
+                    # The other maps need only ⌈DSC⌉: skip HD95, AUPRC and detection for them.
+                    result[f"dsc_max_{kind}"][unhealthy] = optimal_dice(
+                        maps[igconda_method(kind)][unhealthy], masks[unhealthy])[0]
         return result
 
 

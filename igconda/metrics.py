@@ -34,8 +34,9 @@ Empty cases (the metrics are meant for unhealthy slices only):
   pixel; scoring a healthy slice is a caller error that NaN keeps out of every mean);
   ``n_lesions = n_detected = 0``;
 * non-empty mask, prediction empty at τ*: ``dsc_max = 0`` and ``hd95 = NaN`` (a distance to an
-  empty set is undefined; MONAI returns inf and warns). :func:`summarize` reports how many slices
-  had an undefined HD95 so that a method that predicts nothing is not silently flattered;
+  empty set is undefined; MONAI returns inf and warns). :func:`igconda.evaluation.summarize`
+  reports how many slices had an undefined HD95 so that a method that predicts nothing is not
+  silently flattered;
 * constant map: one operating point, so ``auprc`` is the lesion fraction of the slice; Dice is
   that of the whole slice if the constant is ≥ 0.1, else 0;
 * all-ones mask: its boundary is the image's outer ring of pixels.
@@ -49,15 +50,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 from scipy import ndimage
 
 #: The paper's threshold grid for ⌈DSC⌉: 0.1, 0.2, …, 0.9.
 THRESHOLDS: tuple[float, ...] = tuple(round(0.1 * k, 1) for k in range(1, 10))
 #: Columns of :func:`score_batch`'s result.
 METRIC_KEYS = ("dsc_max", "tau_star", "hd95", "auprc", "n_lesions", "n_detected", "sensitivity")
-#: Metrics summarised per cohort by :func:`summarize`, in the paper's Table-1 order.
-SUMMARY_METRICS = ("dsc_max", "hd95", "auprc", "sensitivity")
 
 # In-plane 4-connectivity for a (N, H, W) stack: a 3×3×3 structure whose only non-zero plane is
 # the middle one, so that scipy labels / erodes every slice independently in one call.
@@ -102,19 +100,19 @@ def _as_thresholds(thresholds: Sequence[float]) -> np.ndarray:
     return np.unique(taus)
 
 
-def optimal_dice(
+def dice_curve(
     maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float] = THRESHOLDS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """⌈DSC⌉: the best Dice over a threshold grid, per slice.
+    """Dice of ``map >= τ`` against the mask for every τ of a grid, per slice.
 
     Args:
-        maps: (N, H, W) anomaly maps (expected in [0, 1]); foreground is ``map >= τ``.
+        maps: (N, H, W) anomaly maps; foreground is ``map >= τ``.
         masks: (N, H, W) binary lesion masks.
-        thresholds: the grid of τ (default 0.1, …, 0.9); order does not matter.
+        thresholds: the grid of τ; order does not matter.
 
     Returns:
-        ``(dsc_max, tau_star)``, both (N,) float64: the best Dice and the lowest τ reaching it.
-        NaN for both where the mask is empty; ``(0.0, min τ)`` where no τ overlaps the mask.
+        ``(taus, dice)``: the grid sorted ascending, (T,) float64, and (T, N) float64 Dice, NaN
+        where the mask is empty (and 0 where the prediction and the mask do not overlap).
     """
     maps, masks = _check_pair(maps, masks, ("maps", "masks"))
     maps, gt = _as_maps(maps), _as_binary(masks, "masks")
@@ -131,10 +129,30 @@ def optimal_dice(
         denom = np.count_nonzero(pred, axis=1) + gt_sum
         with np.errstate(invalid="ignore", divide="ignore"):
             dice[k] = 2.0 * inter / denom
-    best = np.argmax(dice, axis=0)  # first maximum = lowest τ
+    dice[:, gt_sum == 0] = np.nan
+    return taus, dice
+
+
+def optimal_dice(
+    maps: np.ndarray, masks: np.ndarray, thresholds: Sequence[float] = THRESHOLDS
+) -> tuple[np.ndarray, np.ndarray]:
+    """⌈DSC⌉: the best Dice over a threshold grid, per slice.
+
+    Args:
+        maps: (N, H, W) anomaly maps (expected in [0, 1]); foreground is ``map >= τ``.
+        masks: (N, H, W) binary lesion masks.
+        thresholds: the grid of τ (default 0.1, …, 0.9); order does not matter.
+
+    Returns:
+        ``(dsc_max, tau_star)``, both (N,) float64: the best Dice and the lowest τ reaching it.
+        NaN for both where the mask is empty; ``(0.0, min τ)`` where no τ overlaps the mask.
+    """
+    taus, dice = dice_curve(maps, masks, thresholds)
+    n = dice.shape[1]
+    empty = np.isnan(dice[0]) if taus.size else np.zeros(n, bool)
+    best = np.argmax(np.nan_to_num(dice, nan=-1.0), axis=0)  # first maximum = lowest τ
     dsc_max = dice[best, np.arange(n)]
     tau_star = taus[best]
-    empty = gt_sum == 0
     dsc_max[empty] = np.nan
     tau_star[empty] = np.nan
     return dsc_max, tau_star
@@ -352,118 +370,3 @@ def score_batch(
         "n_detected": n_detected,
         "sensitivity": sensitivity,
     }
-
-
-def _group_stats(frame: pd.DataFrame, metrics: Sequence[str]) -> dict[str, float]:
-    row: dict[str, float] = {"n_slices": len(frame)}
-    for name in metrics:
-        values = frame[name].to_numpy(dtype=np.float64)
-        ok = ~np.isnan(values)
-        row[f"{name}_mean"] = float(values[ok].mean()) if ok.any() else np.nan
-        # Population std (ddof = 0), as numpy computes it by default.
-        row[f"{name}_std"] = float(values[ok].std()) if ok.any() else np.nan
-        row[f"{name}_n"] = int(ok.sum())
-    if {"n_lesions", "n_detected"} <= set(frame.columns):
-        lesions, found = int(frame["n_lesions"].sum()), int(frame["n_detected"].sum())
-        row["n_lesions"], row["n_detected"] = lesions, found
-        row["sensitivity_pooled"] = found / lesions if lesions else np.nan
-    return row
-
-
-def summarize(
-    per_slice: pd.DataFrame,
-    by: Sequence[str] = ("cohort",),
-    metrics: Sequence[str] = SUMMARY_METRICS,
-) -> pd.DataFrame:
-    """Per-group mean ± std of the per-slice metrics, in the shape of the paper's Table 1.
-
-    Only unhealthy slices are summarised: rows with ``n_lesions == 0`` (or, without that column,
-    NaN ``dsc_max``) are dropped. Means and (population, ddof = 0) standard deviations skip NaN
-    values; ``<metric>_n`` says how many slices each one averages (for HD95 fewer than
-    ``n_slices`` means some predictions were empty at τ*). Detection sensitivity is given both as
-    the per-slice mean (``sensitivity_mean``) and pooled over the group
-    (``sensitivity_pooled = Σ n_detected / Σ n_lesions``, the lesion-level definition).
-
-    If a ``role`` column is present, the rows ``"internal (all)"`` and ``"external (all)"`` pool
-    every slice of that role (the paper's internal aggregate and external test set); otherwise a
-    single ``"all"`` row pools everything.
-
-    Args:
-        per_slice: one row per slice with the columns of :func:`score_batch` and ``by``.
-        by: grouping columns (one row per distinct combination, labelled ``"a / b"``).
-        metrics: per-slice metric columns to summarise.
-
-    Returns:
-        A DataFrame indexed by group label (index name ``group``) with columns ``n_slices``,
-        ``<metric>_mean``, ``<metric>_std``, ``<metric>_n``, and, when the detection counts are
-        present, ``n_lesions``, ``n_detected``, ``sensitivity_pooled``.
-    """
-    by = [by] if isinstance(by, str) else list(by)
-    frame = per_slice.copy()
-    if "sensitivity" in metrics and "sensitivity" not in frame and {"n_lesions", "n_detected"} <= set(frame):
-        frame["sensitivity"] = np.where(
-            frame["n_lesions"] > 0, frame["n_detected"] / frame["n_lesions"].clip(lower=1), np.nan
-        )
-    missing = [c for c in [*by, *metrics] if c not in frame.columns]
-    if missing:
-        raise ValueError(f"per_slice lacks columns {missing}; it has {list(frame.columns)}")
-    if "n_lesions" in frame:
-        frame = frame[frame["n_lesions"] > 0]
-    else:
-        frame = frame[frame["dsc_max"].notna()] if "dsc_max" in frame else frame
-    rows: dict[str, dict[str, float]] = {}
-    if by:
-        for key, group in frame.groupby(by, sort=True):
-            key = key if isinstance(key, tuple) else (key,)
-            rows[" / ".join(str(k) for k in key)] = _group_stats(group, metrics)
-    if "role" in frame.columns:
-        for role in ("internal", "external"):
-            group = frame[frame["role"] == role]
-            if len(group):
-                rows[f"{role} (all)"] = _group_stats(group, metrics)
-    elif len(frame):
-        rows["all"] = _group_stats(frame, metrics)
-    summary = pd.DataFrame.from_dict(rows, orient="index")
-    summary.index.name = "group"
-    return summary
-
-
-#: Column titles of :func:`format_table`.
-_TITLES = {
-    "dsc_max": "⌈DSC⌉",
-    "hd95": "HD95 (px)",
-    "auprc": "AUPRC",
-    "sensitivity": "Sensitivity (per-slice)",
-}
-
-
-def format_table(summary: pd.DataFrame, digits: int = 3) -> str:
-    """A :func:`summarize` result as a markdown table with ``mean ± std`` cells.
-
-    Args:
-        summary: the output of :func:`summarize`.
-        digits: decimals shown.
-
-    Returns:
-        Markdown text: one row per group with the slice count, each metric as ``mean ± std``
-        (``–`` when undefined) and, if present, the pooled lesion sensitivity ``found/lesions``.
-    """
-    metrics = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
-    header = ["Group", "Slices", *(_TITLES.get(m, m) for m in metrics)]
-    pooled = "sensitivity_pooled" in summary.columns
-    if pooled:
-        header.append("Sensitivity (pooled)")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for group, row in summary.iterrows():
-        cells = [str(group), str(int(row["n_slices"]))]
-        for m in metrics:
-            mean, std = row[f"{m}_mean"], row[f"{m}_std"]
-            cells.append("–" if np.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")
-        if pooled:
-            value = row["sensitivity_pooled"]
-            cells.append(
-                "–" if np.isnan(value)
-                else f"{value:.{digits}f} ({int(row['n_detected'])}/{int(row['n_lesions'])})"
-            )
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"

@@ -45,6 +45,7 @@ from igconda.io_utils import atomic_write
 #: Display names of the per-slice metric columns.
 METRIC_TITLES = {
     "dsc_max": "⌈DSC⌉",
+    "dice_tau": "Dice@τ (calibrated)",
     "hd95": "HD95 (px)",
     "auprc": "AUPRC",
     "sensitivity": "Detection sensitivity",
@@ -307,40 +308,47 @@ def _ordered_methods(methods: Any) -> list[str]:
     return known + sorted(m for m in methods if m not in known)
 
 
-def methods_table(per_slice: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
-    """Per-cohort ``mean ± std`` of the four metrics, every method side by side.
+def methods_table(per_slice: pd.DataFrame, digits: int = 3,
+                  order: Sequence[str] | None = None) -> pd.DataFrame:
+    """Per-cohort ``mean ± std`` of every metric, every method side by side.
 
-    Uses :func:`igconda.metrics.summarize` per method (unhealthy slices only; rows ``internal
-    (all)`` / ``external (all)`` when a ``role`` column exists). Detection sensitivity is the
+    One call of :func:`igconda.evaluation.summarize` (unhealthy slices only; rows ``internal
+    (all)`` / ``external (all)`` when a ``role`` column exists). ⌈DSC⌉ picks each slice's best
+    threshold from its ground truth; Dice@τ is at the one threshold calibrated on the tune split
+    (``–`` where a method has none), the number a user can expect. Detection sensitivity is the
     pooled lesion-level value (detected / lesions).
 
     Args:
         per_slice: one row per slice and method with ``method``, ``cohort`` and the metric
-            columns of :func:`igconda.metrics.score_batch`.
+            columns of :func:`igconda.evaluation.score_maps`.
         digits: decimals shown.
+        order: methods in the order to show them (others follow, see :data:`METHOD_ORDER`).
 
     Returns:
-        A DataFrame indexed by cohort with (metric, method) column pairs of formatted strings.
+        A DataFrame indexed by cohort with an ``unhealthy slices`` column and (metric, method)
+        column pairs of formatted strings.
     """
-    from igconda.metrics import summarize
+    from igconda.evaluation import summarize
 
     if "method" not in per_slice.columns:
         raise ValueError("per_slice needs a 'method' column")
-    metrics = [m for m in ("dsc_max", "hd95", "auprc") if m in per_slice.columns]
-    pieces = {}
-    for method in _ordered_methods(per_slice["method"].unique()):
-        rows = per_slice[per_slice["method"].astype(str) == method]
-        pieces[method] = summarize(rows, by=("cohort",), metrics=metrics)
-    groups = list(dict.fromkeys(g for s in pieces.values() for g in s.index))
+    metrics = [m for m in ("dsc_max", "dice_tau", "hd95", "auprc") if m in per_slice.columns]
+    summary = summarize(per_slice, by=("cohort",), metrics=metrics)
+    present = [str(m) for m in summary["method"].unique()]
+    methods = [m for m in (order or ()) if m in present]
+    methods += [m for m in _ordered_methods(present) if m not in methods]
+    groups = list(dict.fromkeys(summary["group"]))
+    indexed = {m: summary[summary["method"] == m].set_index("group") for m in methods}
     columns: dict[tuple[str, str], list[str]] = {}
     for metric in [*metrics, "sensitivity"]:
-        for method, summary in pieces.items():
+        for method in methods:
+            table = indexed[method]
             cells = []
             for group in groups:
-                if group not in summary.index:
+                if group not in table.index:
                     cells.append("–")
                     continue
-                row = summary.loc[group]
+                row = table.loc[group]
                 if metric == "sensitivity":
                     value = row.get("sensitivity_pooled", np.nan)
                     cells.append("–" if pd.isna(value) else
@@ -351,10 +359,18 @@ def methods_table(per_slice: pd.DataFrame, digits: int = 3) -> pd.DataFrame:
             columns[(METRIC_TITLES.get(metric, metric), method)] = cells
     table = pd.DataFrame(columns, index=pd.Index(groups, name="cohort"))
     table.columns = pd.MultiIndex.from_tuples(table.columns, names=["metric", "method"])
-    first = next(iter(pieces.values()))
-    table.insert(0, ("slices", ""), [int(first.loc[g, "n_slices"]) if g in first.index else 0
-                                     for g in groups])
+    counts = summary.groupby("group", sort=False)["n_slices"].max()
+    table.insert(0, ("unhealthy slices", ""), [int(counts.get(g, 0)) for g in groups])
     return table
+
+
+def thresholds_table(per_slice: pd.DataFrame) -> pd.DataFrame:
+    """The threshold τ each method's Dice@τ used (calibrated on the tune split), one row each."""
+    if "tau" not in per_slice.columns:
+        return pd.DataFrame(columns=["τ"])
+    taus = per_slice.groupby("method", sort=False)["tau"].first()
+    return pd.DataFrame({"τ": [("–" if pd.isna(t) else f"{t:g}") for t in taus]},
+                        index=pd.Index([str(m) for m in taus.index], name="method"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -490,7 +506,7 @@ def write_html_report(
 #: Per-slice columns the report reads (maps are read only for the few qualitative examples).
 _PER_SLICE_COLUMNS = ("method", "patient_id", "cohort", "role", "slice_index", "label",
                       "lesion_pixels", "dsc_max", "tau_star", "hd95", "auprc", "n_lesions",
-                      "n_detected", "sensitivity")
+                      "n_detected", "sensitivity", "dice_tau", "tau")
 _QUALITATIVE_COLUMNS = ("image", "mask", "counterfactual", "anomaly_map")
 
 
@@ -544,9 +560,24 @@ def _qualitative_from_per_slice(path: Path, per_slice: pd.DataFrame, count: int 
                               stack_images(frame["counterfactual"], h, w), maps, binarised, titles)
 
 
-#: Method names as the stages write them → names shown in the report.
-METHOD_NAMES = {"igconda": "IgCONDA", "threshold_41": "41% SUVmax", "intensity": "raw intensity",
-                "raw_intensity": "raw intensity"}
+def _method_names() -> dict[str, str]:
+    """Method names as the stages write them → names shown in the report."""
+    from igconda.evaluation import METHOD_TITLES
+
+    return {**METHOD_TITLES, "igconda": "IgCONDA", "raw_intensity": "raw intensity"}
+
+
+def _chosen_method(study: Path) -> str | None:
+    """The IgCONDA map kind the study chose (infer/summary.json, else tune/best.json)."""
+    summary, best = study / "infer" / "summary.json", study / "tune" / "best.json"
+    try:
+        if summary.is_file():
+            return json.loads(summary.read_text()).get("chosen_method")
+        if best.is_file():
+            return f"igconda_{json.loads(best.read_text()).get('map_kind', 'abs')}"
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 def _training_history(train_dir: Path) -> tuple[pd.DataFrame | None, str | None]:
@@ -618,10 +649,21 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
     if per_slice is not None:
         if "method" not in per_slice.columns:
             per_slice["method"] = "igconda"
-        per_slice["method"] = per_slice["method"].astype(str).replace(METHOD_NAMES)
+        from igconda.evaluation import method_order
+
+        chosen = _chosen_method(study)
+        names = _method_names()
+        if chosen in names:
+            names[chosen] = f"{names[chosen]} — chosen"
+        raw = [str(m) for m in per_slice["method"].unique()]
+        order = [names.get(m, m) for m in method_order(raw, chosen)]
+        per_slice["method"] = per_slice["method"].astype(str).replace(names)
         try:
-            tables["Per-cohort results, every method (mean ± std over unhealthy slices)"] = \
-                methods_table(per_slice)
+            tables["Per-cohort results, every method (mean ± std over unhealthy slices; Dice@τ "
+                   "at the τ calibrated on the tune split; the w = 0 control is the DDIM round "
+                   "trip's error alone)"] = methods_table(per_slice, order=order)
+            if "tau" in per_slice.columns:
+                tables["Calibrated thresholds τ (tune split)"] = thresholds_table(per_slice)
         except ValueError as err:
             notes.append(f"Per-cohort table not built: {err}")
     methods_csv = infer / "tables" / "methods.csv"
@@ -634,9 +676,14 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
     grid_csv, best_json = study / "tune" / "grid.csv", study / "tune" / "best.json"
     if grid_csv.is_file():
         grid = pd.read_csv(grid_csv)
-        fig = heatmap_figure(grid)
+        kind = None
+        if "map_kind" in grid.columns:
+            chosen_kind = _chosen_method(study)
+            kind = chosen_kind.removeprefix("igconda_") if chosen_kind else "abs"
+        fig = heatmap_figure(grid if kind is None else grid[grid["map_kind"] == kind])
         owned.append(fig)
-        figures["Tuning: mean ⌈DSC⌉ over noise level D × guidance scale w (paper Fig. 5)"] = fig
+        figures["Tuning: mean ⌈DSC⌉ over noise level D × guidance scale w (paper Fig. 5)"
+                + (f", map kind {kind}" if kind else "")] = fig
         tables["Tuning grid (tune/grid.csv)"] = grid
     else:
         notes.append("No tuning grid (tune/grid.csv): tuning was skipped or has not run; "
@@ -644,10 +691,12 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
     if best_json.is_file():
         best = json.loads(best_json.read_text())
         # One value per key: shown as a key/value column, which stays narrow.
-        chosen = pd.DataFrame({"value": [f"{v:.4g}" if isinstance(v, float) else str(v)
-                                         for v in best.values()]},
-                              index=pd.Index(list(best), name="key"))
-        tables["Chosen (D, w) (tune/best.json)"] = chosen
+        chosen_settings = pd.DataFrame(
+            {"value": [f"{v:.4g}" if isinstance(v, float) else
+                       json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+                       for v in best.values()]},
+            index=pd.Index(list(best), name="key"))
+        tables["Chosen (D, w, map kind, τ) (tune/best.json)"] = chosen_settings
 
     history, history_note = _training_history(study / "train")
     if history_note:

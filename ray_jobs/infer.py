@@ -5,8 +5,13 @@ Ray Data reads the split's Parquet slices and runs
 slot; the model is loaded once per actor). The driver collects the results per patient and writes
 each patient's file atomically as soon as all its slices are in, so a crashed or interrupted run
 loses at most the patients in flight: re-running the same command skips every patient whose
-output is complete *and* was made with the same checkpoint, D, w, s and map kind, and computes
+output is complete *and* was made with the same checkpoint, D, w, s, map kind and τ, and computes
 only the rest. Every slice is then in exactly one output row.
+
+Each slice's guided (x̂_w) and unguided (x̂_∅) decodes of the same encoding are stored, so every
+map kind, the w = 0 control and the baselines are scored afterwards, on the driver, through
+:mod:`igconda.evaluation` (:mod:`ray_jobs.infer_outputs`), with Dice at each method's threshold τ
+calibrated on the tune split (``--tuned best.json``) beside ⌈DSC⌉.
 
 Stale results are recognised by the settings stamped into each file (including a digest of the
 checkpoint's weights), so changing D or retraining into the same folder recomputes everything.
@@ -21,22 +26,24 @@ or on a cluster::
     ray job submit --working-dir . -- python -m ray_jobs.infer --checkpoint s3://… --data … \\
         --output … --config configs/paper.yaml
 
-Settings, highest precedence first: command-line flags, ``--tuned best.json`` (D and w from
-``ray_jobs.tune``), ``--config`` (its ``infer`` and ``tracking`` sections), the checkpoint's
-own config. Outputs under ``--output``::
+Settings, highest precedence first: command-line flags, ``--tuned best.json`` (D, w, map kind
+and the τ's from ``ray_jobs.tune``), ``--config`` (its ``infer`` and ``tracking`` sections), the
+checkpoint's own config. Outputs under ``--output``::
 
-    slices/<patient_id>.parquet         per-slice anomaly_map, counterfactual, metrics, τ*
-    tables/per_cohort.{csv,md}          IgCONDA, paper Table-1 format (cohorts, internal, external)
-    tables/baselines_per_cohort.{csv,md}  41 % SUVmax thresholding and raw intensity, same slices
+    slices/<patient_id>.parquet         per-slice predictions (igconda.data.schema.PREDICTION_SCHEMA)
+    tables/per_cohort.{csv,md}          the chosen IgCONDA map, paper Table-1 format + Dice@τ
+    tables/baselines_per_cohort.{csv,md}  the paper's map, the other map kinds, the w = 0 control,
+                                        41 % SUVmax thresholding and raw intensity, same slices
     tables/methods.{csv,md}             all methods, one ``method`` column
-    tables/per_slice_metrics.csv        every unhealthy slice's metrics, every method
+    tables/per_slice_metrics.csv        every unhealthy slice's metrics, every method (SCORE_SCHEMA)
     figures/qualitative_<cohort>.png    PET, mask, counterfactual, map, binarised map (Fig. 2/3)
     figures/lesion_size.png             ⌈DSC⌉ against lesion size (Fig. 4/6)
     volumes/<patient_id>_anomaly.nii.gz anomaly map on the original scan's grid and affine
     summary.json                        settings, counts, timings
 
-Everything is also logged to MLflow (params D, w, s; metrics ``<method>/<cohort>/<metric>_mean``;
-tables, figures and volumes as artifacts).
+Everything is also logged to MLflow (params D, w, s, map kind, τ's; metrics
+``<method>/<cohort>/<metric>_mean``, ``dice_tau`` included; tables, figures and volumes as
+artifacts).
 """
 
 from __future__ import annotations
@@ -45,8 +52,6 @@ import argparse
 import hashlib
 import json
 import logging
-import math
-import re
 import sys
 import time
 from collections import defaultdict
@@ -63,9 +68,18 @@ import yaml
 from igconda import tracking
 from igconda.checkpoint import CheckpointError, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
-from igconda.data.schema import SPLITS, UNHEALTHY, stack_images
-from igconda.inference import METRIC_COLUMNS, check_counterfactual_params
+from igconda.data.schema import PREDICTION_SCHEMA, SPLITS, validate_predictions
+from igconda.evaluation import igconda_method
+from igconda.inference import check_counterfactual_params
 from igconda.io_utils import atomic_write
+from igconda.map_kinds import MAP_KINDS
+from ray_jobs.infer_outputs import (  # noqa: F401  (re-exported for callers of the job module)
+    export_volumes,
+    make_figures,
+    score_patient,
+    write_tables,
+    write_text,
+)
 
 logger = logging.getLogger("ray_jobs.infer")
 
@@ -74,8 +88,6 @@ PREDICTOR_INPUT = ("patient_id", "cohort", "tracer", "role", "slice_index", "num
                    "height", "width", "image", "mask", "lesion_pixels")
 #: Key of the per-patient Parquet schema metadata that records how its rows were made.
 SETTINGS_KEY = b"igconda.infer"
-METHOD = "igconda"
-BASELINES = ("threshold_41", "intensity")
 
 
 class InferError(RuntimeError):
@@ -92,11 +104,19 @@ class InferSettings:
     stride: int
     map_kind: str
     weights: str = ""  # digest of the weight files: a checkpoint overwritten in place is stale
+    threshold: float | None = None  # τ of the chosen map (calibrated on the tune split)
+    # τ of every method, for Dice@τ; not part of the stamp (scores are recomputed every run).
+    thresholds: dict[str, float] = field(default_factory=dict, compare=False)
+
+    @property
+    def method(self) -> str:
+        """The chosen map's method name (``igconda_<kind>``)."""
+        return igconda_method(self.map_kind)
 
     def as_dict(self) -> dict[str, Any]:
         return {"checkpoint": self.checkpoint, "noise_level": self.noise_level,
                 "guidance_scale": self.guidance_scale, "stride": self.stride,
-                "map_kind": self.map_kind, "weights": self.weights}
+                "map_kind": self.map_kind, "threshold": self.threshold, "weights": self.weights}
 
 
 def weights_digest(checkpoint: Path) -> str:
@@ -136,12 +156,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="preprocessed data folder (slices/<split>/*.parquet)")
     p.add_argument("--output", required=True, help="output folder (created; re-runs resume)")
     p.add_argument("--config", help="study YAML; its infer/tracking sections override the checkpoint's")
-    p.add_argument("--tuned", help="best.json from ray_jobs.tune (noise_level, guidance_scale)")
+    p.add_argument("--tuned", help="best.json from ray_jobs.tune (D, w, map kind, thresholds)")
     p.add_argument("--noise-level", type=int, help="D, training-timestep units")
     p.add_argument("--guidance-scale", type=float, help="w (eps_u + w (eps_c - eps_u))")
     p.add_argument("--stride", type=int, help="s, a divisor of D")
-    p.add_argument("--map", dest="map_kind", choices=("abs", "hot"), default="abs",
-                   help="anomaly map: |x - x_hat| (paper) or max(x - x_hat, 0)")
+    p.add_argument("--map", dest="map_kind", choices=MAP_KINDS, default=None,
+                   help="anomaly map kind (default: tuned, else infer.map_kind); every kind and "
+                        "the w = 0 control are scored either way")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="τ of the chosen map's lesion mask (default: tuned, else infer.threshold)")
     p.add_argument("--split", default="test", choices=SPLITS, help="split to run on")
     p.add_argument("--batch-size", type=int, help="slices per predictor call")
     p.add_argument("--concurrency", type=int, help="predictor actors")
@@ -181,14 +204,23 @@ def resolve_config(args: argparse.Namespace) -> tuple[StudyConfig, InferSettings
         infer.update(raw.get("infer") or {})
         track.update(raw.get("tracking") or {})
     stride_from_cli = args.stride is not None
+    thresholds: dict[str, float] = {}
     if args.tuned:
+        from tuning.results import read_best
+        from tuning.trial import TuningError
+
         path = Path(args.tuned)
         try:
-            tuned = json.loads(path.read_text())
+            tuned = read_best(path)
             infer["noise_level"] = int(tuned["noise_level"])
             infer["guidance_scale"] = float(tuned["guidance_scale"])
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise InferError(f"tuned parameters {path}: cannot read noise_level/guidance_scale "
+            infer["map_kind"] = str(tuned["map_kind"])
+            if tuned.get("threshold") is not None:
+                infer["threshold"] = float(tuned["threshold"])
+            thresholds = {str(k): float(v) for k, v in (tuned.get("thresholds") or {}).items()
+                          if v is not None}
+        except (TuningError, ValueError, KeyError, TypeError) as err:
+            raise InferError(f"tuned parameters {path}: cannot read them "
                              f"({type(err).__name__}: {err})") from None
         # The stride is a speed setting of inference, but it must divide the tuned D; fall back
         # to the stride the tuning itself used when it does not.
@@ -199,7 +231,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[StudyConfig, InferSettings
             infer["stride"] = int(tuned["stride"])
     for key, value in (("noise_level", args.noise_level), ("guidance_scale", args.guidance_scale),
                        ("stride", args.stride), ("batch_size", args.batch_size),
-                       ("concurrency", args.concurrency), ("num_gpus_per_actor", args.num_gpus)):
+                       ("concurrency", args.concurrency), ("num_gpus_per_actor", args.num_gpus),
+                       ("map_kind", args.map_kind), ("threshold", args.threshold)):
         if value is not None:
             infer[key] = value
     try:
@@ -212,8 +245,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[StudyConfig, InferSettings
                                     config.train.num_train_timesteps)
     except ValueError as err:
         raise InferError(str(err)) from None
+    # The chosen map's τ is the one in effect (CLI > tuned > config); methods tuning did not
+    # calibrate keep no τ and their Dice@τ stays empty rather than borrowing another's.
+    thresholds[igconda_method(i.map_kind)] = float(i.threshold)
     settings = InferSettings(str(checkpoint.resolve()), i.noise_level, float(i.guidance_scale),
-                             i.stride, args.map_kind, weights_digest(checkpoint))
+                             i.stride, i.map_kind, weights_digest(checkpoint),
+                             float(i.threshold), thresholds)
     return config, settings
 
 
@@ -245,19 +282,26 @@ def output_is_complete(path: Path, expected_rows: int, settings: InferSettings) 
 
 
 def write_patient(columns: dict[str, np.ndarray], path: Path, settings: InferSettings) -> None:
-    """Write one patient's predicted rows (sorted by slice) atomically (temp file + rename)."""
+    """Write one patient's predicted rows (sorted by slice) atomically (temp file + rename).
+
+    Columns of :data:`~igconda.data.schema.PREDICTION_SCHEMA` are cast to it; any others are
+    kept as they come.
+    """
     order = np.argsort(columns["slice_index"], kind="stable")
     arrays = {}
     for name, values in columns.items():
         values = np.asarray(values)[order] if not isinstance(values, list) else [values[i] for i in order]
-        if name in ("anomaly_map", "counterfactual", "image", "mask"):
+        if name in ("anomaly_map", "counterfactual", "counterfactual_w0", "image", "mask"):
             dtype = np.uint8 if name == "mask" else np.float32
             flat = np.ascontiguousarray(np.stack([np.asarray(v, dtype).ravel() for v in values]))
             arrays[name] = pa.FixedSizeListArray.from_arrays(
                 pa.array(flat.ravel()), flat.shape[1]).cast(pa.list_(pa.from_numpy_dtype(dtype)))
+        elif name in PREDICTION_SCHEMA.names:
+            arrays[name] = pa.array(values).cast(PREDICTION_SCHEMA.field(name).type)
         else:
             arrays[name] = pa.array(values)
     table = pa.table(arrays).replace_schema_metadata({SETTINGS_KEY: json.dumps(settings.as_dict())})
+    validate_predictions(table)
     path.parent.mkdir(parents=True, exist_ok=True)
     # A ".tmp" suffix keeps a half-written file out of "*.parquet" globs (resume, the report).
     atomic_write(path, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
@@ -316,8 +360,10 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
         CounterfactualPredictor,
         fn_constructor_kwargs={"checkpoint": settings.checkpoint, "noise_level": settings.noise_level,
                                "guidance_scale": settings.guidance_scale, "stride": settings.stride,
-                               "map_kind": settings.map_kind, "device": device, "amp": i.use_amp,
-                               "keep_inputs": True},
+                               "map_kind": settings.map_kind, "threshold": settings.threshold,
+                               "device": device, "amp": i.use_amp, "keep_inputs": True,
+                               # Scored on the driver, every method through one path.
+                               "score": False},
         batch_size=i.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=i.concurrency),
         num_gpus=i.num_gpus_per_actor, num_cpus=i.num_cpus_per_actor,
@@ -348,166 +394,6 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring, tables, figures, volumes
-# ---------------------------------------------------------------------------------------------
-
-def _per_slice_frame(table: pa.Table) -> pd.DataFrame:
-    keep = [c for c in table.column_names if c not in ("anomaly_map", "counterfactual", "image", "mask")]
-    return table.select(keep).to_pandas()
-
-
-def score_baselines(input_file: Path) -> pd.DataFrame:
-    """41 % SUVmax thresholding and raw intensity on one patient's unhealthy slices."""
-    from igconda.baselines.thresholding import intensity_maps, threshold_maps
-    from igconda.metrics import score_batch
-
-    table = pq.read_table(input_file, columns=["patient_id", "cohort", "role", "tracer", "slice_index",
-                                               "label", "lesion_pixels", "height", "width", "image",
-                                               "mask", "suv_max", "scale_min", "scale_max"])
-    label = table.column("label").to_numpy()
-    unhealthy = label == UNHEALTHY
-    if not unhealthy.any():
-        return pd.DataFrame()
-    table = table.filter(pa.array(unhealthy))
-    h, w = int(table.column("height")[0].as_py()), int(table.column("width")[0].as_py())
-    images = stack_images(table.column("image"), h, w)
-    masks = stack_images(table.column("mask"), h, w, np.uint8)
-    suv_max = float(table.column("suv_max")[0].as_py())
-    scale_min = float(table.column("scale_min")[0].as_py())
-    scale_max = float(table.column("scale_max")[0].as_py())
-    base = table.select(["patient_id", "cohort", "role", "tracer", "slice_index", "label",
-                         "lesion_pixels"]).to_pandas()
-    frames = []
-    for method, maps in (("threshold_41", threshold_maps(images, suv_max, scale_min, scale_max)),
-                         ("intensity", intensity_maps(images))):
-        scores = score_batch(np.asarray(maps, dtype=np.float32), masks)
-        frame = base.copy()
-        frame["method"] = method
-        for key in METRIC_COLUMNS:
-            frame[key] = np.asarray(scores[key])
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
-
-
-def _metric_name(*parts: str) -> str:
-    """An MLflow-safe metric key (letters, digits, _ - . / only)."""
-    return "/".join(re.sub(r"[^\w\-.]+", "_", p).strip("_") for p in parts)
-
-
-def _write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text), suffix=".tmp")
-
-
-def write_tables(per_slice: pd.DataFrame, tables: Path) -> tuple[pd.DataFrame, dict[str, float]]:
-    """Per-cohort tables for every method; returns the combined table and MLflow metrics."""
-    from igconda.metrics import SUMMARY_METRICS, format_table, summarize
-
-    tables.mkdir(parents=True, exist_ok=True)
-    summaries = {}
-    for method, frame in per_slice.groupby("method", sort=False):
-        metrics = list(SUMMARY_METRICS)
-        if method == METHOD and frame["dsc_max_hot"].notna().any():
-            metrics.append("dsc_max_hot")
-        summaries[method] = summarize(frame, by=("cohort",), metrics=metrics)
-    combined = pd.concat([s.reset_index().assign(method=m) for m, s in summaries.items()],
-                         ignore_index=True)
-    combined = combined[["method", *[c for c in combined.columns if c != "method"]]]
-    _write_text(tables / "methods.csv", combined.to_csv(index=False))
-    _write_text(tables / "methods.md", "".join(f"### {m}\n\n{format_table(s)}\n"
-                                              for m, s in summaries.items()))
-    if METHOD in summaries:
-        _write_text(tables / "per_cohort.csv", summaries[METHOD].to_csv())
-        _write_text(tables / "per_cohort.md", format_table(summaries[METHOD]))
-    base = combined[combined["method"] != METHOD]
-    if len(base):
-        _write_text(tables / "baselines_per_cohort.csv", base.to_csv(index=False))
-        _write_text(tables / "baselines_per_cohort.md",
-                    "".join(f"### {m}\n\n{format_table(s)}\n" for m, s in summaries.items() if m != METHOD))
-    _write_text(tables / "per_slice_metrics.csv", per_slice.to_csv(index=False))
-    metrics: dict[str, float] = {}
-    for _, row in combined.iterrows():
-        for column, value in row.items():
-            if column.endswith(("_mean", "_std")) or column in ("n_slices", "sensitivity_pooled"):
-                if isinstance(value, (int, float, np.number)) and math.isfinite(float(value)):
-                    metrics[_metric_name(row["method"], str(row["group"]), column)] = float(value)
-    return combined, metrics
-
-
-def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
-                 per_slice: pd.DataFrame, figures: Path, per_figure: int = 4) -> dict[str, str]:
-    """Qualitative figures per cohort and the lesion-size figure; returns {name: error}.
-
-    A figure that fails (e.g. the report module is missing, or a cohort has no unhealthy slice)
-    is reported and skipped: figures never cost the run its tables and volumes.
-    """
-    errors: dict[str, str] = {}
-    figures.mkdir(parents=True, exist_ok=True)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        from igconda import report
-    except Exception as err:  # report module absent or broken: say so, keep going
-        return {"all": f"figures skipped: cannot import igconda.report ({type(err).__name__}: {err})"}
-    ours = per_slice[(per_slice["method"] == METHOD) & per_slice["dsc_max"].notna()]
-    for cohort, frame in ours.groupby("cohort", sort=True):
-        try:
-            chosen = frame.sort_values(["lesion_pixels", "patient_id", "slice_index"],
-                                       ascending=[False, True, True]).head(per_figure)
-            images, masks, cfs, maps, binar, titles = [], [], [], [], [], []
-            for _, row in chosen.iterrows():
-                pid, z = row["patient_id"], int(row["slice_index"])
-                src = pq.read_table(input_files[pid], columns=["slice_index", "image", "mask",
-                                                                "height", "width"],
-                                    filters=[("slice_index", "=", z)])
-                out = pq.read_table(slice_files[pid], columns=["slice_index", "anomaly_map",
-                                                                "counterfactual"],
-                                    filters=[("slice_index", "=", z)])
-                h, w = int(src.column("height")[0].as_py()), int(src.column("width")[0].as_py())
-                images.append(stack_images(src.column("image"), h, w)[0])
-                masks.append(stack_images(src.column("mask"), h, w, np.uint8)[0])
-                cfs.append(stack_images(out.column("counterfactual"), h, w)[0])
-                amap = stack_images(out.column("anomaly_map"), h, w)[0]
-                maps.append(amap)
-                binar.append((amap >= row["tau_star"]).astype(np.uint8))
-                titles.append(f"{pid} z={z} ⌈DSC⌉={row['dsc_max']:.2f}")
-            fig = report.qualitative_figure(np.stack(images), np.stack(masks), np.stack(cfs),
-                                            np.stack(maps), np.stack(binar), titles)
-            fig.savefig(figures / f"qualitative_{cohort}.png", dpi=120, bbox_inches="tight")
-            plt.close(fig)
-        except Exception as err:
-            errors[f"qualitative_{cohort}"] = f"{type(err).__name__}: {err}"
-    try:
-        fig = report.lesion_size_figure(per_slice[per_slice["dsc_max"].notna()])
-        fig.savefig(figures / "lesion_size.png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
-    except Exception as err:
-        errors["lesion_size"] = f"{type(err).__name__}: {err}"
-    return errors
-
-
-def export_volumes(slice_files: dict[str, Path], input_files: dict[str, Path],
-                   volumes: Path) -> int:
-    """Write each patient's anomaly map on its original grid; skips up-to-date volumes."""
-    from igconda.export import export_volume
-
-    written = 0
-    for pid, path in slice_files.items():
-        target = volumes / f"{pid}_anomaly.nii.gz"
-        if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
-            continue
-        geometry = pq.read_table(input_files[pid], columns=["geometry"]).column("geometry")[0].as_py()
-        table = pq.read_table(path, columns=["slice_index", "height", "width", "anomaly_map"])
-        h, w = int(table.column("height")[0].as_py()), int(table.column("width")[0].as_py())
-        maps = stack_images(table.column("anomaly_map"), h, w)
-        export_volume(maps, geometry, target, slice_index=table.column("slice_index").to_numpy(), order=1)
-        written += 1
-    return written
-
-
-# ---------------------------------------------------------------------------------------------
 # Driver
 # ---------------------------------------------------------------------------------------------
 
@@ -525,7 +411,8 @@ def run(args: argparse.Namespace) -> InferResult:
     result = InferResult(output, settings, skipped=sorted(set(inputs) - set(todo)))
     print(f"infer: {len(inputs)} patients in split '{args.split}' ({sum(expected.values())} slices); "
           f"D={settings.noise_level} w={settings.guidance_scale:g} s={settings.stride} "
-          f"map={settings.map_kind}; {len(result.skipped)} already complete, {len(todo)} to run",
+          f"map={settings.map_kind} τ={settings.threshold:g}; {len(result.skipped)} already "
+          f"complete, {len(todo)} to run",
           flush=True)
     timings = {}
     started = time.perf_counter()
@@ -538,19 +425,18 @@ def run(args: argparse.Namespace) -> InferResult:
 
     # Scoring is cheap next to diffusion, so tables are always rebuilt from all patients' files.
     t0 = time.perf_counter()
-    ours = [_per_slice_frame(pq.read_table(f)) for f in slice_files.values()]
-    per_slice = pd.concat(ours, ignore_index=True).assign(method=METHOD)
-    per_slice = per_slice[per_slice["label"] == UNHEALTHY]
-    baseline_frames = [score_baselines(f) for f in inputs.values()]
-    per_slice = pd.concat([per_slice, *[b for b in baseline_frames if len(b)]], ignore_index=True)
-    if per_slice.empty:
+    scored = [score_patient(slice_files[pid], inputs[pid], settings.thresholds) for pid in inputs]
+    scored = [frame for frame in scored if len(frame)]
+    if not scored:
         raise InferError(f"split '{args.split}' has no unhealthy slice to score")
-    combined, metrics = write_tables(per_slice, output / "tables")
+    per_slice = pd.concat(scored, ignore_index=True)
+    combined, metrics = write_tables(per_slice, output / "tables", settings.method)
     timings["score_s"] = time.perf_counter() - t0
-    print((output / "tables" / "per_cohort.md").read_text(), flush=True)
+    print((output / "tables" / "methods.md").read_text(), flush=True)
 
     t0 = time.perf_counter()
-    result.figure_errors = make_figures(slice_files, inputs, per_slice, output / "figures")
+    result.figure_errors = make_figures(slice_files, inputs, per_slice, output / "figures",
+                                        settings.method)
     for name, problem in result.figure_errors.items():
         print(f"    warning: figure {name} not made: {problem}", flush=True)
     timings["figures_s"] = time.perf_counter() - t0
@@ -561,11 +447,12 @@ def run(args: argparse.Namespace) -> InferResult:
         timings["volumes_s"] = time.perf_counter() - t0
         print(f"    wrote {n_volumes} anomaly volume(s) to {output / 'volumes'}", flush=True)
 
-    summary = {"settings": settings.as_dict(), "split": args.split, "data": str(data.resolve()),
+    summary = {"settings": settings.as_dict(), "thresholds": settings.thresholds,
+               "chosen_method": settings.method, "split": args.split, "data": str(data.resolve()),
                "patients": len(inputs), "computed": result.computed, "skipped": result.skipped,
                "slices": int(sum(expected.values())), "figure_errors": result.figure_errors,
                "timings": timings}
-    _write_text(output / "summary.json", json.dumps(summary, indent=2))
+    write_text(output / "summary.json", json.dumps(summary, indent=2))
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
     with tracking.start_run(uri, args.experiment or config.tracking.experiment, "infer",
@@ -573,10 +460,12 @@ def run(args: argparse.Namespace) -> InferResult:
         result.run_id = run_id
         tracking.log_params({"D": settings.noise_level, "w": settings.guidance_scale,
                              "s": settings.stride, "map_kind": settings.map_kind,
+                             "threshold": settings.threshold,
+                             **{f"tau.{m}": t for m, t in settings.thresholds.items()},
                              "checkpoint": settings.checkpoint, "split": args.split,
                              "data": str(data.resolve()), "batch_size": config.infer.batch_size,
                              "concurrency": config.infer.concurrency,
-                             "evaluations_per_slice": 3 * settings.noise_level // settings.stride})
+                             "evaluations_per_slice": 4 * settings.noise_level // settings.stride})
         tracking.log_metrics({**metrics, **{f"time/{k}": v for k, v in timings.items()}})
         tracking.log_table(combined, "tables/methods.json")
         tracking.log_artifact(output / "tables", "tables")

@@ -1,5 +1,10 @@
-"""The whole IgCONDA-PET study in one command: cohorts → Parquet → training → (D, w) tuning →
-batch inference with baselines → report, under one MLflow parent run with a child run per stage.
+"""The whole IgCONDA-PET study in one command: cohorts → Parquet → training → (D, w, map kind)
+tuning → the model folder → batch inference with baselines → report, under one MLflow parent run
+with a child run per stage.
+
+The study's product is ``<output>/model/``: the best checkpoint plus ``tuning.json`` (the tuned
+D, w, stride, map kind and threshold τ, and where they came from; :mod:`igconda.tuned_model`),
+which ``igconda detect --checkpoint <output>/model`` uses as is.
 
 Run the demo study on the built-in synthetic cohorts (local Ray, local MLflow store)::
 
@@ -35,7 +40,7 @@ from pathlib import Path
 from igconda import tracking
 from igconda.config import ConfigError, load_config
 
-STAGES = ("cohorts", "preprocess", "train", "tune", "infer", "report")
+STAGES = ("cohorts", "preprocess", "train", "tune", "model", "infer", "report")
 SELF_LOGGING_STAGES = ("train", "tune", "infer")
 
 
@@ -68,6 +73,11 @@ class StudyPaths:
     @property
     def report(self) -> Path:
         return self.root / "report.html"
+
+    @property
+    def model(self) -> Path:
+        """The study's model folder: the best checkpoint with its tuned settings."""
+        return self.root / "model"
 
     @property
     def best_checkpoint(self) -> Path:
@@ -210,7 +220,26 @@ def main(argv: list[str] | None = None) -> int:
 
         stage("tune", args.skip_tune or paths.tuned.is_file(), tune)
 
-        # 5. Batch inference on every test cohort, with the baselines scored by the same code.
+        # 5. The model folder: the best checkpoint and the settings tuning chose for it.
+        def model() -> None:
+            from igconda.tuned_model import tuned_settings, write_model_folder
+            from tuning.results import read_best
+
+            tuned = None if args.skip_tune or not paths.tuned.is_file() else read_best(paths.tuned)
+            source = {"checkpoint": str(paths.best_checkpoint), "config": str(args.config),
+                      "tuning": str(paths.tuned) if tuned else "none: infer defaults of the config",
+                      "tune_mlflow_run_id": (tuned or {}).get("mlflow_run_id")}
+            settings = tuned_settings(tuned, config.infer, source)
+            write_model_folder(paths.best_checkpoint, settings, paths.model)
+            state = "tuned" if tuned else "UNTUNED (tuning skipped)"
+            print(f"    model: {paths.model} ({state}: D={settings['noise_level']} "
+                  f"w={settings['guidance_scale']:g} s={settings['stride']} "
+                  f"map={settings['map_kind']} τ={settings['threshold']:g})", flush=True)
+            tracking.log_artifact(paths.model / "tuning.json", "model")
+
+        stage("model", (paths.model / "tuning.json").is_file(), model)
+
+        # 6. Batch inference on every test cohort, with the baselines scored by the same code.
         infer_argv = ["--checkpoint", str(paths.best_checkpoint), "--data", str(paths.data),
                       "--output", str(paths.infer), "--config", args.config] + child
         if paths.tuned.is_file() and not args.skip_tune:
@@ -218,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         stage("infer", (paths.infer / "tables" / "methods.csv").is_file(),
               lambda: _run_job("infer", infer_argv))
 
-        # 6. Report.
+        # 7. Report.
         def report() -> None:
             from igconda.report import build_study_report
 
@@ -232,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
     _banner(f"study finished in {total / 60:.1f} min")
     print(f"    report:  {paths.report}")
+    print(f"    model:   {paths.model}  (igconda detect SCAN.nii.gz --checkpoint {paths.model} -o OUT.nii.gz)")
     print(f"    MLflow:  mlflow ui --backend-store-uri {tracking_uri}")
     return 0
 

@@ -83,3 +83,54 @@ def test_version_and_console_script():
     done = subprocess.run([sys.executable, "-m", "igconda.cli", "--version"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("igconda ")
+
+
+def test_detect_uses_the_model_folders_tuning_and_writes_the_mask_at_tau(checkpoint, scan, tmp_path,
+                                                                         capsys):
+    from igconda.config import InferConfig
+    from igconda.tuned_model import read_tuning, tuned_settings, write_model_folder
+
+    pet, mask = scan
+    best = {"noise_level": 4, "guidance_scale": 1.0, "stride": 2, "map_kind": "hot",
+            "threshold": 0.02, "thresholds": {"igconda_hot": 0.02}, "mean_dsc": 0.3}
+    model = write_model_folder(checkpoint, tuned_settings(best, InferConfig(), {"tuning": "t.json"}),
+                               tmp_path / "model")
+    assert read_tuning(model)["map_kind"] == "hot" and read_tuning(checkpoint) is None
+    out = tmp_path / "a.nii.gz"
+    assert main(["detect", str(pet), "--checkpoint", str(model), "-o", str(out), "--quiet",
+                 "--device", "cpu", "--mask", str(mask)]) == 0
+    captured = capsys.readouterr()
+    assert "using tuned settings from" in captured.err
+    assert "D=4 w=1 s=2 map=hot τ=0.02" in captured.err
+    assert "Dice@τ:" in captured.out
+    lesion = nib.load(tmp_path / "a_mask.nii.gz")
+    values = np.asarray(lesion.dataobj)
+    assert lesion.shape == nib.load(pet).shape and set(np.unique(values)) <= {0, 1}
+    # The mask is the map at τ (the map is resampled linearly, the mask by nearest neighbour, so
+    # compare where the map is clearly on one side of τ).
+    amap = nib.load(out).get_fdata()
+    high, low = amap > 0.04, amap < 0.01
+    assert high.any() and low.any()
+    assert (values[high] == 1).mean() > 0.9 and (values[low] == 0).mean() > 0.9
+
+    # A plain checkpoint says it runs untuned defaults; a flag overrides and is named.
+    other = tmp_path / "b.nii.gz"
+    assert main(["detect", str(pet), "--checkpoint", str(checkpoint), "-o", str(other), "--quiet",
+                 "--device", "cpu", "--threshold", "0.3", "--mask-output",
+                 str(tmp_path / "m.nii")]) == 0
+    err = capsys.readouterr().err
+    assert "UNTUNED defaults" in err and "overridden: threshold" in err and "τ=0.3" in err
+    assert (tmp_path / "m.nii").is_file()
+
+
+@pytest.mark.parametrize("target", ["scan", "mask_output"])
+def test_detect_refuses_to_overwrite_the_input_scan(checkpoint, scan, tmp_path, capsys, target):
+    pet, _ = scan
+    copy = tmp_path / "scan.nii.gz"
+    copy.write_bytes(pet.read_bytes())
+    before = copy.read_bytes()
+    outputs = (["-o", str(copy)] if target == "scan"
+               else ["-o", str(tmp_path / "o.nii.gz"), "--mask-output", str(copy)])
+    assert main(["detect", str(copy), "--checkpoint", str(checkpoint), *outputs, "--quiet"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert copy.read_bytes() == before

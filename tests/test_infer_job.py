@@ -38,19 +38,26 @@ def test_precedence_cli_over_tuned_over_config_over_checkpoint(study, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("infer: {noise_level: 8, guidance_scale: 1.0, stride: 4, batch_size: 3}\n")
     tuned = tmp_path / "best.json"
-    tuned.write_text(json.dumps({"noise_level": 6, "guidance_scale": 2.0, "stride": 2}))
+    tuned.write_text(json.dumps({"noise_level": 6, "guidance_scale": 2.0, "stride": 2,
+                                 "map_kind": "guidance", "threshold": 0.04,
+                                 "thresholds": {"igconda_guidance": 0.04, "intensity": 0.3}}))
     base = ["--checkpoint", str(checkpoint), "--data", "d", "--output", "o"]
 
     _, s = infer.resolve_config(infer.parse_args(base))
     assert (s.noise_level, s.guidance_scale, s.stride) == (4, 3.0, 2)  # configs/test.yaml
+    assert (s.map_kind, s.threshold, s.thresholds) == ("abs", 0.1, {"igconda_abs": 0.1})  # untuned
     cfg, s = infer.resolve_config(infer.parse_args([*base, "--config", str(config)]))
     assert (s.noise_level, s.guidance_scale, s.stride, cfg.infer.batch_size) == (8, 1.0, 4, 3)
     # The tuned D=6 is not a multiple of the config's stride 4: the tuning stride is used.
     _, s = infer.resolve_config(infer.parse_args([*base, "--config", str(config), "--tuned", str(tuned)]))
     assert (s.noise_level, s.guidance_scale, s.stride) == (6, 2.0, 2)
+    assert (s.map_kind, s.threshold, s.method) == ("guidance", 0.04, "igconda_guidance")
+    assert s.thresholds == {"igconda_guidance": 0.04, "intensity": 0.3}
     _, s = infer.resolve_config(infer.parse_args([*base, "--config", str(config), "--tuned", str(tuned),
-                                                  "--noise-level", "4", "--guidance-scale", "5"]))
+                                                  "--noise-level", "4", "--guidance-scale", "5",
+                                                  "--map", "hot", "--threshold", "0.2"]))
     assert (s.noise_level, s.guidance_scale, s.stride) == (4, 5.0, 2)
+    assert (s.map_kind, s.threshold, s.thresholds["igconda_hot"]) == ("hot", 0.2, 0.2)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -88,16 +95,27 @@ def test_actors_that_reserve_every_cpu_are_warned_about(concurrency, cpus, clust
 
 
 def test_output_completeness_checks_rows_and_settings(tmp_path):
+    import pyarrow as pa
+
+    from igconda.data.schema import PREDICTION_SCHEMA
+
     settings = infer.InferSettings("/ck", 4, 3.0, 2, "abs")
-    columns = {"slice_index": np.array([1, 0], np.int32), "anomaly_map": np.zeros((2, 4), np.float32),
-               "patient_id": np.array(["P", "P"], object)}
+    columns = {f.name: (np.zeros((2, 4), np.float32) if pa.types.is_list(f.type)
+                        else np.array(["P", "P"], object) if pa.types.is_string(f.type)
+                        else np.zeros(2, f.type.to_pandas_dtype())) for f in PREDICTION_SCHEMA}
+    columns["slice_index"] = np.array([1, 0], np.int32)
     path = tmp_path / "P.parquet"
+    with pytest.raises(ValueError, match="counterfactual_w0"):
+        infer.write_patient({k: v for k, v in columns.items() if k != "counterfactual_w0"}, path,
+                            settings)
     infer.write_patient(columns, path, settings)
     assert pq.read_table(path).column("slice_index").to_pylist() == [0, 1]
     assert infer.output_is_complete(path, 2, settings)
     assert not infer.output_is_complete(path, 3, settings)  # missing slices
     assert not infer.output_is_complete(path, 2, infer.InferSettings("/ck", 6, 3.0, 2, "abs"))
     assert not infer.output_is_complete(path, 2, infer.InferSettings("/ck", 4, 3.0, 2, "abs", "retrained"))
+    assert not infer.output_is_complete(path, 2, infer.InferSettings("/ck", 4, 3.0, 2, "hot"))
+    assert not infer.output_is_complete(path, 2, infer.InferSettings("/ck", 4, 3.0, 2, "abs", "", 0.3))
     path.write_bytes(path.read_bytes()[:50])  # truncated by a crash mid-copy
     assert not infer.output_is_complete(path, 2, settings)
     assert [p.name for p in tmp_path.iterdir()] == ["P.parquet"]  # no temp files left
@@ -113,25 +131,33 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
     result = infer.run(infer.parse_args(_argv(study, output)))
     assert sorted(result.computed) == sorted(PATIENTS) and result.skipped == []
 
-    # Per-slice files: every slice exactly once, maps for healthy slices, metrics only unhealthy.
+    # Per-slice files: every slice exactly once, both decodes, the schema's columns.
+    from igconda.data.schema import validate_predictions
+
     for pid in PATIENTS:
         source = pq.read_table(data / "slices" / "test" / f"{pid}.parquet").to_pandas()
-        out = pq.read_table(output / "slices" / f"{pid}.parquet").to_pandas()
+        table = pq.read_table(output / "slices" / f"{pid}.parquet")
+        validate_predictions(table)
+        out = table.to_pandas()
         assert out["slice_index"].tolist() == sorted(source["slice_index"].tolist())
         assert all(len(m) == 16 * 16 for m in out["anomaly_map"])
-        sick = out["label"] == 2
-        assert sick.any() and out.loc[sick, "dsc_max"].notna().all()
-        assert out.loc[~sick, "dsc_max"].isna().all()
+        assert all(len(m) == 16 * 16 for m in out["counterfactual_w0"])
 
-    # Tables: Table-1 rows per cohort plus the internal/external aggregates, three methods.
+    # Tables: Table-1 rows per cohort plus the internal/external aggregates, every method.
     per_cohort = pd.read_csv(output / "tables" / "per_cohort.csv", index_col=0)
     assert {"lymphoma", "lung", "sts_ext", "internal (all)", "external (all)"} <= set(per_cohort.index)
-    assert {"dsc_max_mean", "dsc_max_std", "hd95_mean", "auprc_mean", "sensitivity_mean",
-            "dsc_max_hot_mean"} <= set(per_cohort.columns)
+    assert {"n_slices", "dsc_max_mean", "dsc_max_std", "dice_tau_mean", "tau", "hd95_mean",
+            "auprc_mean", "sensitivity_mean"} <= set(per_cohort.columns)
+    assert (per_cohort["tau"] == 0.1).all()  # untuned: infer.threshold of configs/test.yaml
     methods = pd.read_csv(output / "tables" / "methods.csv")
-    assert set(methods["method"]) == {"igconda", "threshold_41", "intensity"}
+    assert set(methods["method"]) == {"igconda_abs", "igconda_hot", "igconda_guidance",
+                                      "igconda_guidance_abs", "igconda_w0", "threshold_41", "intensity"}
     n_slices = methods.groupby("method")["n_slices"].max()
     assert n_slices.nunique() == 1  # every method scored on the same unhealthy slices
+    per_slice = pd.read_csv(output / "tables" / "per_slice_metrics.csv")
+    assert per_slice.loc[per_slice.method == "igconda_abs", "dice_tau"].notna().all()
+    assert per_slice.loc[per_slice.method == "igconda_w0", "dice_tau"].isna().all()  # no τ untuned
+    assert "w = 0 control" in (output / "tables" / "baselines_per_cohort.md").read_text()
     assert "± " in (output / "tables" / "per_cohort.md").read_text()
     assert (output / "tables" / "baselines_per_cohort.md").is_file()
 
@@ -153,7 +179,9 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
 
     run = MlflowClient(resolve_tracking_uri(str(root / "mlruns"), root)).get_run(result.run_id)
     assert run.data.params["D"] == "4" and run.data.params["s"] == "2"
-    for key in ("igconda/lung/dsc_max_mean", "threshold_41/external_all/dsc_max_mean",
+    assert run.data.params["map_kind"] == "abs" and run.data.params["threshold"] == "0.1"
+    for key in ("igconda_abs/lung/dsc_max_mean", "igconda_abs/lung/dice_tau_mean",
+                "igconda_w0/lung/dsc_max_mean", "threshold_41/external_all/dsc_max_mean",
                 "intensity/lymphoma/auprc_mean"):
         assert key in run.data.metrics, sorted(run.data.metrics)[:20]
 

@@ -35,8 +35,8 @@ def batch(tmp_path_factory, test_config) -> dict[str, np.ndarray]:
 
 
 def _shrink(model, x0, schedule, **kwargs):
-    """A cheap deterministic stand-in for the DDIM counterfactual."""
-    return 0.5 * x0
+    """A cheap deterministic stand-in for the DDIM counterfactual pair."""
+    return 0.5 * x0, 0.75 * x0
 
 
 def _predictor(checkpoint, **kwargs) -> CounterfactualPredictor:
@@ -58,7 +58,9 @@ def test_predictor_batch_shapes_ranges_and_metrics(checkpoint, batch):
     for key in ("patient_id", "cohort", "role", "tracer", "slice_index", "label", "lesion_pixels"):
         np.testing.assert_array_equal(out[key], batch[key])
     sick = batch["label"] == UNHEALTHY
-    for key in ("dsc_max", "tau_star", "auprc", "n_lesions", "sensitivity", "dsc_max_abs", "dsc_max_hot"):
+    assert out["counterfactual_w0"].shape == (n, hw) and np.isfinite(out["counterfactual_w0"]).all()
+    for key in ("dsc_max", "tau_star", "auprc", "n_lesions", "sensitivity", "dsc_max_abs", "dsc_max_hot",
+                "dsc_max_guidance", "dsc_max_guidance_abs", "dsc_max_w0"):
         assert out[key].shape == (n,)
         assert np.isnan(out[key][~sick]).all(), key  # healthy slices are not scored
         assert np.isfinite(out[key][sick]).all(), key
@@ -72,7 +74,7 @@ def test_anomaly_map_is_the_abs_difference_to_the_counterfactual(checkpoint, bat
     images = stack_column(batch["image"], 16, 16).reshape(len(batch["image"]), -1)
     expected = np.clip(np.abs(images - out["counterfactual"]), 0, 1)
     np.testing.assert_allclose(out["anomaly_map"], expected, atol=1e-6)
-    assert np.isnan(out["dsc_max_hot"]).all()
+    assert np.isnan(out["dsc_max_hot"]).all() and np.isnan(out["dsc_max_w0"]).all()
 
 
 def test_image_column_as_2d_array_gives_the_same_result(checkpoint, batch):
@@ -92,9 +94,10 @@ def test_metric_plumbing_with_an_injected_counterfactual(checkpoint, batch):
     def zeros(model, x0, schedule, **kwargs):
         calls.append(kwargs)
         assert not torch.is_grad_enabled()  # inference mode
-        return torch.zeros_like(x0)
+        return torch.zeros_like(x0), 0.5 * x0
 
-    out = _predictor(checkpoint, counterfactual_fn=zeros, map_kind="hot")(batch)
+    out = _predictor(checkpoint, counterfactual_fn=zeros, map_kind="hot", threshold=0.3,
+                     amp=False)(batch)
     assert calls == [{"noise_level": 4, "stride": 2, "guidance_scale": 3.0, "target_label": HEALTHY,
                      "amp": False}]
     sick = batch["label"] == UNHEALTHY
@@ -104,6 +107,14 @@ def test_metric_plumbing_with_an_injected_counterfactual(checkpoint, batch):
     np.testing.assert_allclose(out["dsc_max"][sick], expected["dsc_max"])
     np.testing.assert_allclose(out["dsc_max_hot"][sick], expected["dsc_max"])
     np.testing.assert_allclose(out["tau_star"][sick], expected["tau_star"])
+    # dice_tau is the Dice of the chosen map at the given τ, whatever τ* each slice would pick.
+    pred = images >= np.float32(0.3)
+    dice = 2 * (pred & (masks > 0)).sum((1, 2)) / (pred.sum((1, 2)) + masks.sum((1, 2)))
+    np.testing.assert_allclose(out["dice_tau"][sick], dice)
+    assert np.isnan(out["dice_tau"][~sick]).all()
+    # The w = 0 control is |x − x̂_∅| = x/2 here, and the guidance map max(x̂_∅ − x̂_w, 0) too.
+    np.testing.assert_allclose(out["dsc_max_w0"][sick], score_batch(images / 2, masks)["dsc_max"])
+    np.testing.assert_allclose(out["dsc_max_guidance"][sick], out["dsc_max_w0"][sick])
 
 
 def test_batch_without_mask_has_no_metrics(checkpoint, batch):
@@ -115,6 +126,7 @@ def test_batch_without_mask_has_no_metrics(checkpoint, batch):
 @pytest.mark.parametrize("kwargs, message", [
     ({"noise_level": 10}, "noise level"), ({"noise_level": 0}, "noise level"),
     ({"stride": 3}, "divide"), ({"guidance_scale": -1.0}, "guidance"), ({"map_kind": "sq"}, "map_kind"),
+    ({"threshold": 0.0}, "threshold"),
 ])
 def test_invalid_parameters_are_clear_errors(checkpoint, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -6,7 +6,6 @@ import warnings
 
 import cc3d
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from monai.metrics import compute_hausdorff_distance
@@ -369,57 +368,14 @@ def test_bad_thresholds():
 # ---------------------------------------------------------------- summary tables
 
 
-def _per_slice() -> pd.DataFrame:
-    return pd.DataFrame(
-        {
-            "cohort": ["a", "a", "b", "b", "ext", "a"],
-            "role": ["internal", "internal", "internal", "internal", "external", "internal"],
-            "dsc_max": [0.5, 1.0, 0.2, 0.4, 0.9, np.nan],
-            "hd95": [2.0, np.nan, 4.0, 6.0, 1.0, np.nan],
-            "auprc": [0.5, 0.7, 0.1, 0.3, 0.8, np.nan],
-            "n_lesions": [1, 3, 2, 2, 1, 0],  # the last row is a healthy slice: dropped
-            "n_detected": [1, 1, 0, 1, 1, 0],
-        }
-    )
-
-
-def test_summarize_by_cohort_and_role():
-    s = M.summarize(_per_slice())
-    assert list(s.index) == ["a", "b", "ext", "internal (all)", "external (all)"]
-    a = s.loc["a"]
-    assert a["n_slices"] == 2
-    assert a["dsc_max_mean"] == pytest.approx(0.75) and a["dsc_max_std"] == pytest.approx(0.25)
-    assert a["hd95_mean"] == pytest.approx(2.0) and a["hd95_n"] == 1  # NaN HD95 skipped, counted
-    assert a["sensitivity_mean"] == pytest.approx((1 + 1 / 3) / 2)
-    assert a["sensitivity_pooled"] == pytest.approx(2 / 4)
-    internal = s.loc["internal (all)"]
-    assert internal["n_slices"] == 4
-    assert internal["dsc_max_mean"] == pytest.approx(np.mean([0.5, 1.0, 0.2, 0.4]))
-    assert internal["sensitivity_pooled"] == pytest.approx(3 / 8)
-    assert s.loc["external (all)", "auprc_mean"] == pytest.approx(0.8)
-
-
-def test_summarize_without_role_and_errors():
-    s = M.summarize(_per_slice().drop(columns="role"))
-    assert list(s.index)[-1] == "all" and s.loc["all", "n_slices"] == 5
-    with pytest.raises(ValueError, match="lacks columns"):
-        M.summarize(_per_slice(), by=("tracer",))
-
-
-def test_summarize_multiple_keys_and_score_batch_round_trip():
-    maps, masks = _random_batch(0, n=6)
-    frame = pd.DataFrame(M.score_batch(maps, masks))
-    frame["cohort"] = ["x"] * 3 + ["y"] * 3
-    frame["tracer"] = "FDG"
-    s = M.summarize(frame, by=("cohort", "tracer"))
-    assert list(s.index) == ["x / FDG", "y / FDG", "all"]
-    assert s.loc["x / FDG", "dsc_max_mean"] == pytest.approx(frame["dsc_max"][:3].mean())
-
-
-def test_format_table():
-    text = M.format_table(M.summarize(_per_slice()))
-    lines = text.strip().splitlines()
-    assert lines[0].startswith("| Group | Slices | ⌈DSC⌉ | HD95 (px) | AUPRC |")
-    assert len(lines) == 2 + 5
-    row_a = next(line for line in lines if line.startswith("| a |"))
-    assert "0.750 ± 0.250" in row_a and "0.500 (2/4)" in row_a
+def test_dice_curve_is_dice_at_each_tau_and_optimal_dice_its_maximum():
+    maps, masks = _random_batch(3, n=5)
+    taus, dice = M.dice_curve(maps, masks, [0.5, 0.2, 0.8])
+    assert taus.tolist() == [0.2, 0.5, 0.8] and dice.shape == (3, 5)
+    for k, tau in enumerate(taus):
+        pred, gt = maps >= np.float32(tau), masks > 0
+        expected = 2 * (pred & gt).sum((1, 2)) / (pred.sum((1, 2)) + gt.sum((1, 2)))
+        np.testing.assert_allclose(dice[k], expected)
+    best, tau_star = M.optimal_dice(maps, masks, taus)
+    np.testing.assert_allclose(best, dice.max(axis=0))
+    np.testing.assert_allclose(tau_star, taus[dice.argmax(axis=0)])

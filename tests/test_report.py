@@ -141,7 +141,22 @@ def test_methods_table_puts_every_method_side_by_side():
     assert {"lymphoma", "lung", "sarcoma_ext", "internal (all)", "external (all)"} <= set(table.index)
     cell = table.loc["lymphoma", ("⌈DSC⌉", "IgCONDA")]
     assert re.fullmatch(r"\d\.\d{3} ± \d\.\d{3}", cell)
-    assert table.loc["lymphoma", ("slices", "")] == 12
+    assert table.loc["lymphoma", ("unhealthy slices", "")] == 12
+
+
+def test_methods_table_shows_dice_at_tau_and_the_control_in_the_given_order():
+    frame = _per_slice(np.random.default_rng(1))
+    control = frame[frame.method == "IgCONDA"].assign(method="w = 0 control")
+    frame = pd.concat([frame, control], ignore_index=True)
+    frame["dice_tau"] = np.where(frame.method == "raw intensity", np.nan, 0.25)
+    frame["tau"] = np.where(frame.method == "raw intensity", np.nan, 0.04)
+    table = report.methods_table(frame, order=["w = 0 control", "IgCONDA"])
+    assert [m for t, m in table.columns if t == "Dice@τ (calibrated)"] == [
+        "w = 0 control", "IgCONDA", "41% SUVmax", "raw intensity"]
+    assert table.loc["lung", ("Dice@τ (calibrated)", "IgCONDA")] == "0.250 ± 0.000"
+    assert table.loc["lung", ("Dice@τ (calibrated)", "raw intensity")] == "–"
+    taus = report.thresholds_table(frame)
+    assert taus.loc["IgCONDA", "τ"] == "0.04" and taus.loc["raw intensity", "τ"] == "–"
 
 
 # ------------------------------------------------------------------ HTML
@@ -224,7 +239,7 @@ def test_build_study_report_gathers_every_stage(tmp_path, layout):
     study = _study(tmp_path, complete=True, layout=layout)
     path = report.build_study_report(study, study / "report.html")
     text = path.read_text()
-    for part in ("Per-cohort results, every method", "Tuning grid", "Chosen (D, w)",
+    for part in ("Per-cohort results, every method", "Tuning grid", "Chosen (D, w, map kind, τ)",
                  "Training curves", "lesion size", "Qualitative examples", "paper Fig. 5",
                  "Configuration", "Software versions"):
         assert part in text, part

@@ -147,55 +147,94 @@ def test_shared_encoding_gives_the_same_grid_with_fewer_encodings(tiny_model, te
     masks = np.zeros((5, 16, 16), np.uint8)
     masks[:, 4:8, 4:8] = 1
     schedule = NoiseSchedule.from_config(test_config.train)
-    calls = {"encode": 0}
-    real_encode = ddim.ddim_encode
+    calls = {"encode": 0, "unguided": 0}
+    real_encode, real_decode = ddim.ddim_encode, ddim.ddim_decode
 
     def counting_encode(*args, **kwargs):
         calls["encode"] += 1
         return real_encode(*args, **kwargs)
 
+    def counting_decode(*args, **kwargs):
+        calls["unguided"] += kwargs["guidance_scale"] == 0.0
+        return real_decode(*args, **kwargs)
+
     monkeypatch.setattr(ddim, "ddim_encode", counting_encode)
-    kwargs = dict(noise_level=4, guidance_scales=[0.0, 1.0, 3.0], stride=2, batch_size=2)
+    monkeypatch.setattr(ddim, "ddim_decode", counting_decode)
+    kwargs = dict(noise_level=4, guidance_scales=[1.0, 3.0], stride=2, batch_size=2,
+                  map_kinds=("abs", "guidance"))
     shared = driver.evaluate_noise_level(tiny_model, schedule, images, masks, share_encoding=True, **kwargs)
-    assert calls["encode"] == 3  # one per batch of 2 slices, not one per (batch, w)
-    calls["encode"] = 0
+    # One encoding and one unguided decode per batch of 2 slices, not one per (batch, w).
+    assert calls == {"encode": 3, "unguided": 3}
+    calls.update(encode=0)
     separate = driver.evaluate_noise_level(tiny_model, schedule, images, masks, share_encoding=False, **kwargs)
-    assert calls["encode"] == 9
-    assert [r["guidance_scale"] for r in shared] == [0.0, 1.0, 3.0]
+    assert calls["encode"] == 6
+    keys = [(r["guidance_scale"], r["map_kind"]) for r in shared]
+    assert keys == [(1.0, "abs"), (1.0, "guidance"), (3.0, "abs"), (3.0, "guidance"), (0.0, "w0")]
     for a, b in zip(shared, separate, strict=True):
         assert a["mean_dsc"] == pytest.approx(b["mean_dsc"], abs=1e-6)
         assert a["mean_auprc"] == pytest.approx(b["mean_auprc"], abs=1e-6)
-        assert a["num_slices"] == 5 and a["evaluations_per_slice"] == 6
+        assert a["num_slices"] == 5 and 0 < a["tau"] <= 0.9
+        assert 0 <= a["mean_dice_tau"] <= 1
+    assert shared[0]["evaluations_per_slice"] == 8 and shared[-1]["evaluations_per_slice"] == 4
     # w changes the decode, so the maps (and almost surely the scores) differ across w.
     assert len({round(r["mean_auprc"], 9) for r in shared}) > 1
 
 
-def test_summarize_scores_pools_detection_and_skips_undefined_hd95():
-    scores = {"dsc_max": np.array([0.5, 1.0]), "hd95": np.array([2.0, np.nan]),
-              "auprc": np.array([0.4, 0.6]), "n_lesions": np.array([2, 1]),
-              "n_detected": np.array([1, 1]), "tau_star": np.array([0.1, 0.2])}
-    row = driver.summarize_scores(scores)
-    assert row["mean_dsc"] == pytest.approx(0.75)
-    assert row["mean_hd95"] == pytest.approx(2.0)
-    assert row["detection_sensitivity"] == pytest.approx(2 / 3)
-    assert row["num_slices"] == 2
+def test_score_row_goes_through_the_evaluation_path():
+    from igconda import evaluation as E
+
+    rng = np.random.default_rng(2)
+    masks = np.zeros((4, 12, 12), np.uint8)
+    masks[:, 3:7, 3:7] = 1
+    masks[1, 9:11, 9:11] = 1  # a second lesion
+    maps = np.clip(0.3 * masks + 0.2 * rng.random(masks.shape), 0, 1).astype(np.float32)
+    row = driver.score_row(maps, masks)
+    scores = E.score_maps(maps, masks)
+    assert row["mean_dsc"] == pytest.approx(np.mean(scores["dsc_max"]))
+    assert row["mean_auprc"] == pytest.approx(np.mean(scores["auprc"]))
+    assert row["detection_sensitivity"] == pytest.approx(scores["n_detected"].sum() / 5)
+    assert (row["tau"], row["mean_dice_tau"]) == pytest.approx(E.calibrate_threshold(maps, masks))
+    assert row["num_slices"] == 4
 
 
 def test_collect_grid_and_select_best():
+    def report(d, w, kind, dsc, tau=0.1):
+        return {"noise_level": d, "guidance_scale": w, "map_kind": kind, "stride": 2,
+                "mean_dsc": dsc, "tau": tau, "mean_dice_tau": dsc / 2, "mean_auprc": 0.1}
+
     reports = [
-        {"noise_level": 4, "guidance_scale": 3.0, "stride": 2, "mean_dsc": 0.7},
-        {"noise_level": 2, "guidance_scale": 1.0, "stride": 2, "mean_dsc": 0.7},
-        {"noise_level": 2, "guidance_scale": 3.0, "stride": 2, "mean_dsc": float("nan")},
-        {"noise_level": 4, "guidance_scale": 3.0, "stride": 2, "mean_dsc": 0.1},  # repeat (random)
+        report(4, 3.0, "guidance", 0.7, tau=0.04),
+        report(2, 1.0, "abs", 0.7),
+        report(2, 3.0, "abs", float("nan")),
+        report(4, 3.0, "guidance", 0.1),  # repeat (random search)
+        report(4, 3.0, "abs", 0.5, tau=0.2),
+        report(2, 0.0, "w0", 0.95, tau=0.3),  # the control is never chosen ...
+        report(4, 0.0, "w0", 0.4, tau=0.06),
     ]
     grid = driver.collect_grid(reports)
-    assert list(zip(grid.noise_level, grid.guidance_scale, strict=True)) == [(2, 1.0), (2, 3.0), (4, 3.0)]
+    assert list(zip(grid.noise_level, grid.guidance_scale, grid.map_kind, strict=True)) == [
+        (2, 0.0, "w0"), (2, 1.0, "abs"), (2, 3.0, "abs"), (4, 0.0, "w0"), (4, 3.0, "abs"),
+        (4, 3.0, "guidance")]
     best = driver.select_best(grid)
-    assert (best["noise_level"], best["guidance_scale"]) == (2, 1.0)  # tie → smaller D
+    assert (best["noise_level"], best["guidance_scale"], best["map_kind"]) == (2, 1.0, "abs")  # tie → smaller D
+    assert best["control"]["mean_dsc"] == 0.95  # ... but reported beside the chosen map
+    best = driver.select_best(grid[grid.noise_level == 4])
+    assert (best["map_kind"], best["threshold"]) == ("guidance", 0.04)
+    assert best["paper_map"]["mean_dsc"] == 0.5 and best["control"]["tau"] == 0.06
+    assert best["thresholds"] == {"igconda_guidance": 0.04, "igconda_abs": 0.2, "igconda_w0": 0.06}
     with pytest.raises(driver.TuningError, match="finite"):
         driver.select_best(grid.assign(mean_dsc=float("nan")))
     with pytest.raises(driver.TuningError):
         driver.collect_grid([])
+
+
+def test_baseline_thresholds_are_calibrated_on_the_tune_slices(tune_data):
+    slices = driver.load_tune_slices(tune_data)
+    taus = driver.baseline_thresholds(slices)
+    assert set(taus) == {"threshold_41", "intensity"}
+    # Lesions are 0.9 on a background below 0.3: any τ in [0.3, 0.9] is perfect; the lowest wins.
+    assert taus["intensity"] == pytest.approx(0.3)
+    assert taus["threshold_41"] == pytest.approx(0.02)  # a binary map: every τ is the same
 
 
 # ------------------------------------------------------------------ a tiny Tune run
@@ -223,14 +262,22 @@ def test_tune_job_writes_best_grid_heatmap_and_nested_runs(ray_session, tune_dat
     assert code == 0
 
     grid = pd.read_csv(out / "grid.csv")
-    assert len(grid) == 4  # the full 2 × 2 grid, though only 2 trials ran (one per D)
-    assert set(zip(grid.noise_level, grid.guidance_scale, strict=True)) == {(2, 1.0), (2, 3.0), (4, 1.0), (4, 3.0)}
+    # The full 2 × 2 × 4-kind grid and one control row per D, though only 2 trials ran.
+    assert len(grid) == 2 * 2 * 4 + 2
+    candidates = grid[grid.map_kind != "w0"]
+    assert set(zip(candidates.noise_level, candidates.guidance_scale, strict=True)) == {
+        (2, 1.0), (2, 3.0), (4, 1.0), (4, 3.0)}
+    assert set(candidates.map_kind) == {"abs", "hot", "guidance", "guidance_abs"}
     assert (grid.num_slices == 4).all()
     best = json.loads((out / "best.json").read_text())
-    top = grid.loc[grid.mean_dsc.idxmax()]
-    assert (best["noise_level"], best["guidance_scale"]) == (int(top.noise_level), float(top.guidance_scale))
+    top = candidates.loc[candidates.mean_dsc.idxmax()]
+    assert (best["noise_level"], best["guidance_scale"], best["map_kind"]) == (
+        int(top.noise_level), float(top.guidance_scale), top.map_kind)
     assert best["mean_dsc"] == pytest.approx(top.mean_dsc)
-    assert best["stride"] == 2
+    assert best["stride"] == 2 and best["threshold"] == pytest.approx(top.tau)
+    assert {f"igconda_{best['map_kind']}", "igconda_abs", "igconda_w0", "threshold_41",
+            "intensity"} <= set(best["thresholds"])
+    assert "mean_dsc" in best["control"] and "mean_dsc" in best["paper_map"]
     assert driver.read_best(out / "best.json")["noise_level"] == best["noise_level"]
     assert (out / "heatmap.png").stat().st_size > 1000
     assert not list(out.glob(".*"))  # no temporary files left behind
@@ -244,10 +291,12 @@ def test_tune_job_writes_best_grid_heatmap_and_nested_runs(ray_session, tune_dat
     tune_run = tune_runs[0]
     assert tune_run.info.run_id == best["mlflow_run_id"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == tune_run.info.run_id]
-    assert len(children) == 4
+    assert len(children) == 4 + 2  # every (D, w), and each D's w = 0 control
     pairs = {(int(r.data.params["noise_level"]), float(r.data.params["guidance_scale"])) for r in children}
-    assert pairs == {(2, 1.0), (2, 3.0), (4, 1.0), (4, 3.0)}
+    assert pairs == {(2, 1.0), (2, 3.0), (4, 1.0), (4, 3.0), (2, 0.0), (4, 0.0)}
     for child in children:
-        assert "mean_dsc" in child.data.metrics and "mean_auprc" in child.data.metrics
+        kinds = ("w0",) if float(child.data.params["guidance_scale"]) == 0 else ("abs", "guidance")
+        for kind in kinds:
+            assert f"{kind}/mean_dsc" in child.data.metrics and f"{kind}/tau" in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(tune_run.info.run_id, "tune")}
     assert {"tune/best.json", "tune/grid.csv", "tune/heatmap.png"} <= artifacts

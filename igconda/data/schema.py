@@ -168,3 +168,94 @@ def validate_table(table: pa.Table) -> None:
             pa.types.is_dictionary(actual) and actual.value_type.equals(f.type)
         ):
             raise ValueError(f"column {f.name!r} has type {actual}, expected {f.type}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-slice predictions and scores (written by batch inference, read by the report)
+# ---------------------------------------------------------------------------------------------
+
+#: One row per slice of the batch-inference output (``<infer>/slices/<patient_id>.parquet``):
+#: the slice's identifiers, its inputs, and what IgCONDA made of it. Every map kind and the w = 0
+#: control can be recomputed from ``image``, ``counterfactual`` and ``counterfactual_w0`` without
+#: a network (:class:`igconda.evaluation.StoredCounterfactualMethod`).
+#:
+#: ==================  ==============  ==========================================================
+#: counterfactual      list<float32>   x̂_w, the guided (healthy) decode, H·W row-major
+#: counterfactual_w0   list<float32>   x̂_∅, the unguided decode of the same encoding
+#: anomaly_map         list<float32>   the chosen map kind (see the file's settings metadata)
+#: ==================  ==============  ==========================================================
+PREDICTION_SCHEMA = pa.schema(
+    [
+        ("patient_id", pa.string()),
+        ("cohort", pa.string()),
+        ("tracer", pa.string()),
+        ("role", pa.string()),
+        ("slice_index", pa.int32()),
+        ("num_slices", pa.int32()),
+        ("label", pa.int8()),
+        ("lesion_pixels", pa.int32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("image", pa.list_(pa.float32())),
+        ("mask", pa.list_(pa.uint8())),
+        ("counterfactual", pa.list_(pa.float32())),
+        ("counterfactual_w0", pa.list_(pa.float32())),
+        ("anomaly_map", pa.list_(pa.float32())),
+    ]
+)
+
+#: One row per unhealthy slice and anomaly method (``igconda.evaluation.score_methods``; the
+#: infer job's ``tables/per_slice_metrics.csv``): the paper's metrics (``igconda.metrics``) and
+#: ``dice_tau``, the Dice at the method's threshold ``tau`` calibrated on the tune split.
+SCORE_SCHEMA = pa.schema(
+    [
+        ("patient_id", pa.string()),
+        ("cohort", pa.string()),
+        ("role", pa.string()),
+        ("tracer", pa.string()),
+        ("slice_index", pa.int32()),
+        ("label", pa.int8()),
+        ("lesion_pixels", pa.int32()),
+        ("method", pa.string()),
+        ("dsc_max", pa.float64()),
+        ("tau_star", pa.float64()),
+        ("hd95", pa.float64()),
+        ("auprc", pa.float64()),
+        ("n_lesions", pa.int64()),
+        ("n_detected", pa.int64()),
+        ("sensitivity", pa.float64()),
+        ("dice_tau", pa.float64()),
+        ("tau", pa.float64()),
+    ]
+)
+
+
+def validate_predictions(table: pa.Table) -> None:
+    """Raise ValueError unless ``table`` has every :data:`PREDICTION_SCHEMA` column, typed so."""
+    _validate_against(table, PREDICTION_SCHEMA, "prediction table")
+
+
+def validate_scores(columns: Any) -> None:
+    """Raise ValueError unless a score table (pyarrow Table or pandas DataFrame) has every
+    :data:`SCORE_SCHEMA` column; a DataFrame's columns are checked by name and numeric kind."""
+    if isinstance(columns, pa.Table):
+        _validate_against(columns, SCORE_SCHEMA, "score table")
+        return
+    missing = [f.name for f in SCORE_SCHEMA if f.name not in columns]
+    if missing:
+        raise ValueError(f"score table is missing columns {missing}")
+    for f in SCORE_SCHEMA:
+        numeric = pa.types.is_integer(f.type) or pa.types.is_floating(f.type)
+        if numeric and len(columns) and not np.issubdtype(np.asarray(columns[f.name]).dtype, np.number):
+            raise ValueError(f"score column {f.name!r} must be numeric, got {columns[f.name].dtype}")
+
+
+def _validate_against(table: pa.Table, schema: pa.Schema, what: str) -> None:
+    for f in schema:
+        if f.name not in table.schema.names:
+            raise ValueError(f"{what} is missing column {f.name!r}")
+        actual = table.schema.field(f.name).type
+        if not actual.equals(f.type) and not (
+            pa.types.is_dictionary(actual) and actual.value_type.equals(f.type)
+        ):
+            raise ValueError(f"{what}: column {f.name!r} has type {actual}, expected {f.type}")

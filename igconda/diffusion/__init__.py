@@ -4,9 +4,14 @@ Pure PyTorch: nothing here imports Ray or MLflow.
 """
 
 from igconda.diffusion.ddim import (
+    CONTROL,
+    MAP_KINDS,
     anomaly_map,
+    anomaly_maps,
     counterfactual,
+    counterfactual_pair,
     ddim_decode,
+    ddim_decode_pair,
     ddim_encode,
     network_evaluations,
     timestep_grid,
@@ -21,11 +26,16 @@ from igconda.diffusion.training import (
 )
 
 __all__ = [
+    "CONTROL",
+    "MAP_KINDS",
     "NoiseSchedule",
     "amp_settings",
     "anomaly_map",
+    "anomaly_maps",
     "counterfactual",
+    "counterfactual_pair",
     "ddim_decode",
+    "ddim_decode_pair",
     "ddim_encode",
     "diffusion_loss",
     "fixed_validation_draw",

@@ -283,3 +283,66 @@ def test_cpu_bf16_counterfactual_close_to_fp32(model, schedule, monkeypatch):
     half = counterfactual(model, x0, schedule, noise_level=8, stride=2, guidance_scale=3.0, amp=True)
     assert half.dtype == torch.float32
     assert 0 < (full - half).abs().max().item() < 0.05
+
+
+# ---- the guided/unguided pair and the map kinds -----------------------------------------------
+
+
+def test_pair_decode_equals_two_separate_decodes_in_one_3b_pass(model, schedule):
+    from igconda.diffusion.ddim import ddim_decode_pair
+
+    B, D, s, w = 2, 12, 4, 3.0
+    x_t = ddim_encode(model, _slices(batch=B, seed=3), schedule, noise_level=D, stride=s)
+    rec = Recorder(model)
+    guided, unguided = ddim_decode_pair(rec, x_t, schedule, noise_level=D, stride=s,
+                                        guidance_scale=w)
+    torch.testing.assert_close(guided, ddim_decode(model, x_t, schedule, noise_level=D, stride=s,
+                                                   guidance_scale=w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unguided, ddim_decode(model, x_t, schedule, noise_level=D, stride=s,
+                                                     guidance_scale=0.0), rtol=1e-5, atol=1e-5)
+    assert (guided - unguided).abs().max().item() > 1e-3  # the trajectories really separate
+    assert len(rec.calls) == D // s
+    for n, t, labels in rec.calls:
+        assert n == 3 * B and (t == t[0]).all()
+        assert labels.tolist() == [0] * B + [1] * B + [0] * B
+
+
+def test_pair_at_w0_is_one_trajectory_and_costs_one_pass_per_step(model, schedule):
+    from igconda.diffusion.ddim import ddim_decode_pair
+
+    x_t = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(8))
+    rec = Recorder(model)
+    guided, unguided = ddim_decode_pair(rec, x_t, schedule, noise_level=4, stride=2,
+                                        guidance_scale=0.0)
+    assert torch.equal(guided, unguided)
+    assert [n for n, _, _ in rec.calls] == [2, 2]
+
+
+def test_map_kinds_shapes_ranges_and_w0_identities(model, schedule):
+    from igconda.diffusion.ddim import CONTROL, MAP_KINDS, anomaly_maps, counterfactual_pair
+
+    x0 = _slices(batch=3, seed=4)
+    kwargs = dict(noise_level=4, stride=2)
+    guided, unguided = counterfactual_pair(model, x0, schedule, guidance_scale=5.0, **kwargs)
+    maps = anomaly_maps(x0, guided, unguided)
+    assert set(maps) == {*MAP_KINDS, CONTROL}
+    for kind, m in maps.items():
+        assert m.shape == x0.shape and m.dtype == torch.float32, kind
+        assert m.min() >= 0 and m.max() <= 1, kind
+    assert maps["guidance_abs"].max() > 1e-3
+    torch.testing.assert_close(maps["abs"], (x0 - guided).abs().clamp(0, 1))
+    torch.testing.assert_close(maps["guidance"], (unguided - guided).clamp(0, 1))
+    assert (maps["hot"] <= maps["abs"]).all() and (maps["guidance"] <= maps["guidance_abs"]).all()
+    # Deterministic: the same seedless DDIM run gives the same maps.
+    again = anomaly_maps(x0, *counterfactual_pair(model, x0, schedule, guidance_scale=5.0, **kwargs))
+    for kind in maps:
+        assert torch.equal(maps[kind], again[kind]), kind
+    # At w = 0 guidance changes nothing: the guidance maps are exactly 0, the control is abs.
+    at0 = anomaly_maps(x0, *counterfactual_pair(model, x0, schedule, guidance_scale=0.0, **kwargs))
+    assert not at0["guidance"].any() and not at0["guidance_abs"].any()
+    assert torch.equal(at0[CONTROL], at0["abs"])
+    assert at0["abs"].max() > 0  # the round trip's error is not zero: the control shows it
+    # The control does not depend on w.
+    torch.testing.assert_close(maps[CONTROL], at0[CONTROL], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown anomaly map kind"):
+        anomaly_maps(x0, guided, unguided, kinds=("square",))

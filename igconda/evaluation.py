@@ -1,0 +1,499 @@
+"""The one evaluation path: anomaly methods, scoring, threshold calibration, per-cohort summaries.
+
+Every anomaly method (IgCONDA's map kinds, the w = 0 control, 41 % SUVmax thresholding, the raw
+intensity control) is an object with the same small interface, :class:`AnomalyMethod`: it turns
+a batch of slices (numpy columns of :data:`igconda.data.schema.SLICE_SCHEMA`) into named
+(N, H, W) maps in [0, 1]; one IgCONDA pass yields several named maps. Then
+
+- :func:`score_maps` scores one method's maps (the paper's metrics of
+  :func:`igconda.metrics.score_batch`, plus ``dice_tau``, the Dice at a calibrated threshold);
+- :func:`score_methods` does it for every named map of a batch, as long-format rows
+  (:data:`igconda.data.schema.SCORE_SCHEMA`, one row per unhealthy slice and method);
+- :func:`calibrate_threshold` picks the one τ a user can apply, on the tune split;
+- :func:`summarize` turns per-slice rows into per-method, per-cohort mean ± std and counts,
+  and :func:`format_table` into markdown.
+
+Tuning (``tuning/``), batch inference (``ray_jobs.infer``), ``igconda detect`` and the report all
+call these; nothing here imports Ray.
+
+Method names, as they appear in the ``method`` column: ``igconda_<kind>`` for each map kind of
+:data:`igconda.diffusion.ddim.MAP_KINDS` (``igconda_abs`` is the paper's), ``igconda_w0`` for the
+w = 0 control |x − x̂_∅|, ``threshold_41`` and ``intensity``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+
+from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.diffusion.ddim import CONTROL, MAP_KINDS
+from igconda.metrics import METRIC_KEYS, dice_curve, score_batch
+
+#: Method name of the 41 % SUVmax rule and of the raw-intensity control.
+THRESHOLD_41, INTENSITY = "threshold_41", "intensity"
+#: Method name of the w = 0 control.
+CONTROL_METHOD = f"igconda_{CONTROL}"
+
+#: The τ grid of :func:`calibrate_threshold`: 0.02, 0.04, …, 0.90. Finer and lower than the
+#: paper's ⌈DSC⌉ grid (0.1 … 0.9) because a calibrated τ is applied to new scans as is, and the
+#: maps of what guidance changes, or of a good round trip, rarely exceed 0.1: on the paper's
+#: grid such a map would be empty at every τ and score 0 whatever it shows.
+CALIBRATION_GRID: tuple[float, ...] = tuple(round(0.02 * k, 2) for k in range(1, 46))
+
+#: Per-slice metric columns of :func:`score_maps`.
+SCORE_KEYS = (*METRIC_KEYS, "dice_tau")
+#: Columns summarised per cohort by :func:`summarize`, in the paper's Table-1 order, with the
+#: Dice at the calibrated τ beside ⌈DSC⌉.
+SUMMARY_METRICS = ("dsc_max", "dice_tau", "hd95", "auprc", "sensitivity")
+#: Identifier columns carried from the slice batch into the score rows, when present.
+ID_COLUMNS = ("patient_id", "cohort", "role", "tracer", "slice_index", "label", "lesion_pixels")
+
+#: Display names for tables and the report.
+METHOD_TITLES = {
+    "igconda_abs": "IgCONDA |x−x̂| (paper)",
+    "igconda_hot": "IgCONDA max(x−x̂,0)",
+    "igconda_guidance": "IgCONDA guidance max(x̂∅−x̂,0)",
+    "igconda_guidance_abs": "IgCONDA guidance |x̂∅−x̂|",
+    CONTROL_METHOD: "w = 0 control |x−x̂∅|",
+    THRESHOLD_41: "41% SUVmax",
+    INTENSITY: "raw intensity",
+}
+#: Column titles of :func:`format_table`.
+METRIC_TITLES = {
+    "dsc_max": "⌈DSC⌉",
+    "dice_tau": "Dice@τ",
+    "hd95": "HD95 (px)",
+    "auprc": "AUPRC",
+    "sensitivity": "Sensitivity (per-slice)",
+}
+
+
+def igconda_method(kind: str) -> str:
+    """The method name of an IgCONDA map kind (or of the control, ``"w0"``)."""
+    if kind not in (*MAP_KINDS, CONTROL):
+        raise ValueError(f"unknown anomaly map kind {kind!r}; known: {[*MAP_KINDS, CONTROL]}")
+    return f"igconda_{kind}"
+
+
+def method_order(methods: Sequence[str], chosen: str | None = None) -> list[str]:
+    """Methods in the order tables show them: the chosen map, the paper's, the other IgCONDA
+    maps, the w = 0 control, thresholding, raw intensity, then anything else alphabetically."""
+    known = [igconda_method(k) for k in MAP_KINDS] + [CONTROL_METHOD, THRESHOLD_41, INTENSITY]
+    first = [m for m in (chosen, "igconda_abs") if m]
+    order = list(dict.fromkeys([*first, *known]))
+    present = [m for m in order if m in methods]
+    return present + sorted(m for m in set(methods) if m not in order)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a batch of slices
+# --------------------------------------------------------------------------------------------
+
+
+def stack_column(column: Any, height: int, width: int, dtype: Any = np.float32) -> np.ndarray:
+    """An image/mask column as it arrives in a numpy batch → (N, H, W).
+
+    Ray Data hands a ``list<...>`` column over either as an object array of 1D arrays or, when
+    the lists have a fixed size, as a 2D (N, H·W) array; a plain caller may pass (N, H, W).
+    """
+    array = np.asarray(column) if not isinstance(column, np.ndarray) else column
+    if array.dtype == object:
+        if len(array) == 0:
+            return np.zeros((0, height, width), dtype=dtype)
+        array = np.stack([np.asarray(v, dtype=dtype).reshape(-1) for v in array])
+    array = np.asarray(array, dtype=dtype)
+    if array.ndim == 2 and array.shape[1] == height * width:
+        return array.reshape(-1, height, width)
+    if array.ndim == 3 and array.shape[1:] == (height, width):
+        return array
+    raise ValueError(f"cannot read an image column of shape {array.shape} as slices of {height}×{width}")
+
+
+def slice_shape(batch: Mapping[str, Any], default: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(H, W) from the batch's ``height``/``width`` columns, else ``default``."""
+    if "height" in batch and "width" in batch and len(batch["height"]):
+        heights, widths = np.unique(np.asarray(batch["height"])), np.unique(np.asarray(batch["width"]))
+        if len(heights) != 1 or len(widths) != 1:
+            raise ValueError(f"a batch mixes slice sizes {heights.tolist()}×{widths.tolist()}")
+        return int(heights[0]), int(widths[0])
+    if default is None:
+        raise ValueError("the batch has no height/width columns and no default slice size is known")
+    return default
+
+
+def batch_images(batch: Mapping[str, Any], column: str = "image",
+                 default_shape: tuple[int, int] | None = None, dtype: Any = np.float32) -> np.ndarray:
+    """One image-like column of a slice batch as (N, H, W)."""
+    if column not in batch:
+        raise ValueError(f"the batch has no {column!r} column (it has {sorted(batch)})")
+    return stack_column(batch[column], *slice_shape(batch, default_shape), dtype)
+
+
+def batch_labels(batch: Mapping[str, Any], masks: np.ndarray | None) -> np.ndarray | None:
+    """(N,) labels: the ``label`` column, else derived from the masks (any pixel → unhealthy)."""
+    if "label" in batch:
+        return np.asarray(batch["label"])
+    if masks is None:
+        return None
+    return np.where(masks.reshape(len(masks), -1).any(axis=1), UNHEALTHY, HEALTHY).astype(np.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# Methods
+# --------------------------------------------------------------------------------------------
+
+
+class AnomalyMethod(Protocol):
+    """What every anomaly method offers: named maps of a batch of slices.
+
+    Attributes:
+        names: the method names ``maps`` returns, in a fixed order.
+    """
+
+    names: tuple[str, ...]
+
+    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Numpy columns of the slice schema → ``{name: (N, H, W) float32 map in [0, 1]}``."""
+        ...
+
+
+class ThresholdMethod:
+    """41 % SUVmax thresholding (paper §3.3): a binary map, lesion where SUV ≥ 0.41 · SUVmax.
+
+    Needs the ``suv_max``, ``scale_min`` and ``scale_max`` columns of the slice schema.
+    """
+
+    names = (THRESHOLD_41,)
+
+    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        from igconda.baselines.thresholding import threshold_maps
+
+        missing = [c for c in ("suv_max", "scale_min", "scale_max") if c not in batch]
+        if missing:
+            raise ValueError(f"41 % SUVmax thresholding needs the slice columns {missing}")
+        images = batch_images(batch)
+        return {THRESHOLD_41: np.asarray(threshold_maps(
+            images, batch["suv_max"], batch["scale_min"], batch["scale_max"]), dtype=np.float32)}
+
+
+class IntensityMethod:
+    """The raw-intensity control: the min–max scaled PET itself as the map."""
+
+    names = (INTENSITY,)
+
+    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        from igconda.baselines.thresholding import intensity_maps
+
+        return {INTENSITY: np.asarray(intensity_maps(batch_images(batch)), dtype=np.float32)}
+
+
+def igconda_maps(images: np.ndarray, guided: np.ndarray, unguided: np.ndarray,
+                 kinds: Sequence[str] = MAP_KINDS) -> dict[str, np.ndarray]:
+    """Named IgCONDA maps from slices and their two decodes (numpy in, numpy out).
+
+    Args:
+        images: (N, H, W) slices x in [0, 1].
+        guided: (N, H, W) healthy counterfactuals x̂_w.
+        unguided: (N, H, W) unguided decodes x̂_∅ of the same encodings.
+        kinds: map kinds of :data:`~igconda.diffusion.ddim.MAP_KINDS`.
+
+    Returns:
+        ``{"igconda_<kind>": (N, H, W) float32}`` for each kind, and ``"igconda_w0"``.
+    """
+    from igconda.diffusion.ddim import anomaly_maps
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.require(a, np.float32, ["C", "W"])).unsqueeze(1)
+
+    maps = anomaly_maps(tensor(images), tensor(guided), tensor(unguided), tuple(kinds))
+    return {igconda_method(k): m.squeeze(1).numpy() for k, m in maps.items()}
+
+
+class StoredCounterfactualMethod:
+    """IgCONDA's maps from decodes already computed: the ``counterfactual`` (x̂_w) and
+    ``counterfactual_w0`` (x̂_∅) columns of :data:`~igconda.data.schema.PREDICTION_SCHEMA`.
+
+    Used to score stored predictions (every map kind costs no network evaluation)."""
+
+    def __init__(self, kinds: Sequence[str] = MAP_KINDS) -> None:
+        self.kinds = tuple(kinds)
+        self.names = tuple(igconda_method(k) for k in (*self.kinds, CONTROL))
+
+    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return igconda_maps(batch_images(batch), batch_images(batch, "counterfactual"),
+                            batch_images(batch, "counterfactual_w0"), self.kinds)
+
+
+class IgCondaMethod:
+    """IgCONDA: encode each slice once, decode guided towards healthy and unguided, all maps.
+
+    Args:
+        model: the noise-prediction network, in eval mode on ``device``.
+        schedule: its ``NoiseSchedule``.
+        noise_level: D; stride: s; guidance_scale: w (see :mod:`igconda.diffusion.ddim`).
+        kinds: the map kinds to return (the w = 0 control is always returned).
+        device: where the network runs.
+        amp: autocast the network where it pays (:mod:`igconda.precision`).
+        counterfactual_fn: replaces :func:`igconda.diffusion.ddim.counterfactual_pair` (tests).
+    """
+
+    def __init__(self, model: torch.nn.Module, schedule: Any, *, noise_level: int, stride: int,
+                 guidance_scale: float, kinds: Sequence[str] = MAP_KINDS,
+                 device: str | torch.device = "cpu", amp: bool = False,
+                 counterfactual_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 ) -> None:
+        if counterfactual_fn is None:
+            from igconda.diffusion.ddim import counterfactual_pair as counterfactual_fn
+        self.model, self.schedule = model, schedule
+        self.noise_level, self.stride = int(noise_level), int(stride)
+        self.guidance_scale = float(guidance_scale)
+        self.kinds = tuple(kinds)
+        self.names = tuple(igconda_method(k) for k in (*self.kinds, CONTROL))
+        self.device, self.amp = torch.device(device), bool(amp)
+        self._pair = counterfactual_fn
+
+    def counterfactuals(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W) slices in [0, 1] → ``(x̂_w, x̂_∅)``, both (N, H, W) float32."""
+        if images.ndim != 3:
+            raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
+        if len(images) == 0:
+            empty = np.zeros_like(images, dtype=np.float32)
+            return empty, empty.copy()
+        # np.require copies only when needed: Ray hands over read-only arrays, which torch rejects.
+        x0 = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).unsqueeze(1).to(self.device)
+        with torch.inference_mode():
+            guided, unguided = self._pair(
+                self.model, x0, self.schedule, noise_level=self.noise_level, stride=self.stride,
+                guidance_scale=self.guidance_scale, target_label=HEALTHY, amp=self.amp)
+        return (guided.float().squeeze(1).cpu().numpy(), unguided.float().squeeze(1).cpu().numpy())
+
+    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        images = batch_images(batch)
+        return igconda_maps(images, *self.counterfactuals(images), self.kinds)
+
+
+def baseline_methods() -> list[AnomalyMethod]:
+    """The baselines every study reports beside IgCONDA (41 % SUVmax, raw intensity)."""
+    return [ThresholdMethod(), IntensityMethod()]
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring and calibration
+# --------------------------------------------------------------------------------------------
+
+
+def dice_at(maps: np.ndarray, masks: np.ndarray, tau: float) -> np.ndarray:
+    """(N,) Dice of ``maps >= tau`` against the masks; NaN where the mask is empty."""
+    return dice_curve(maps, masks, [float(tau)])[1][0]
+
+
+def calibrate_threshold(maps: np.ndarray, masks: np.ndarray,
+                        grid: Sequence[float] = CALIBRATION_GRID) -> tuple[float, float]:
+    """The one τ that maximises the mean per-slice Dice of ``maps >= τ`` (tune split only).
+
+    ⌈DSC⌉ picks each slice's τ from its own ground truth, which no user can do; a τ calibrated
+    here is applied unchanged to every new slice. Ties go to the lowest τ.
+
+    Args:
+        maps: (N, H, W) maps of unhealthy slices; masks: (N, H, W) their lesion masks.
+        grid: candidate τ values (default :data:`CALIBRATION_GRID`).
+
+    Returns:
+        ``(tau, mean_dice)``.
+
+    Raises:
+        ValueError: no slice has a lesion pixel to calibrate on.
+    """
+    taus, dice = dice_curve(maps, masks, grid)
+    valid = ~np.isnan(dice[0]) if dice.size else np.zeros(0, bool)
+    if not valid.any():
+        raise ValueError("cannot calibrate a threshold: no slice with a lesion pixel")
+    mean = dice[:, valid].mean(axis=1)
+    best = int(np.argmax(mean))
+    return float(taus[best]), float(mean[best])
+
+
+def score_maps(maps: np.ndarray, masks: np.ndarray, tau: float | None = None) -> dict[str, np.ndarray]:
+    """The per-slice metrics of one method's maps: :func:`igconda.metrics.score_batch` and
+    ``dice_tau``, the Dice at the calibrated ``tau`` (NaN when no τ is given).
+
+    Only slices with a lesion pixel are scored (the paper's means run over unhealthy slices); the
+    others get NaN and zero lesion counts.
+
+    Args:
+        maps: (N, H, W) maps in [0, 1]; masks: (N, H, W) binary lesion masks.
+        tau: the threshold a user applies, or None.
+
+    Returns:
+        ``{key: (N,) array}`` for :data:`SCORE_KEYS`.
+    """
+    masks = np.asarray(masks)
+    n = len(masks)
+    unhealthy = masks.reshape(n, -1).any(axis=1)
+    out: dict[str, np.ndarray] = {k: np.full(n, np.nan) for k in SCORE_KEYS}
+    out["n_lesions"] = np.zeros(n, np.int64)
+    out["n_detected"] = np.zeros(n, np.int64)
+    if unhealthy.any():
+        scores = score_batch(np.asarray(maps)[unhealthy], masks[unhealthy])
+        for key in METRIC_KEYS:
+            out[key][unhealthy] = scores[key]
+        if tau is not None:
+            out["dice_tau"][unhealthy] = dice_at(np.asarray(maps)[unhealthy], masks[unhealthy], tau)
+    return out
+
+
+def score_methods(batch: Mapping[str, Any], maps: Mapping[str, np.ndarray],
+                  taus: Mapping[str, float] | None = None) -> pd.DataFrame:
+    """Score every named map of one batch: one row per unhealthy slice and method.
+
+    Args:
+        batch: the slice columns (``mask`` required; :data:`ID_COLUMNS` are copied).
+        maps: ``{method: (N, H, W) map}``, e.g. merged :meth:`AnomalyMethod.maps` results.
+        taus: ``{method: calibrated τ}``; a method without one gets ``dice_tau`` NaN.
+
+    Returns:
+        Rows of :data:`igconda.data.schema.SCORE_SCHEMA` (``tau`` is the τ applied, or NaN).
+    """
+    taus = taus or {}
+    first = next(iter(maps.values()), None)
+    shape = first.shape[1:] if first is not None else None
+    masks = batch_images(batch, "mask", shape, np.uint8)
+    unhealthy = masks.reshape(len(masks), -1).any(axis=1)
+    ids = {c: np.asarray(batch[c])[unhealthy] for c in ID_COLUMNS if c in batch}
+    frames = []
+    for method, method_maps in maps.items():
+        tau = taus.get(method)
+        scores = score_maps(np.asarray(method_maps)[unhealthy], masks[unhealthy], tau)
+        frame = pd.DataFrame(ids)
+        frame["method"] = method
+        for key in SCORE_KEYS:
+            frame[key] = scores[key]
+        frame["tau"] = np.nan if tau is None else float(tau)
+        frames.append(frame)
+    if not frames:
+        return pd.DataFrame(columns=[*ids, "method", *SCORE_KEYS, "tau"])
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------------------------
+
+
+def _group_stats(frame: pd.DataFrame, metrics: Sequence[str]) -> dict[str, float]:
+    row: dict[str, float] = {"n_slices": len(frame)}
+    for name in metrics:
+        values = frame[name].to_numpy(dtype=np.float64)
+        ok = ~np.isnan(values)
+        row[f"{name}_mean"] = float(values[ok].mean()) if ok.any() else np.nan
+        # Population std (ddof = 0), as numpy computes it by default.
+        row[f"{name}_std"] = float(values[ok].std()) if ok.any() else np.nan
+        row[f"{name}_n"] = int(ok.sum())
+    if {"n_lesions", "n_detected"} <= set(frame.columns):
+        lesions, found = int(frame["n_lesions"].sum()), int(frame["n_detected"].sum())
+        row["n_lesions"], row["n_detected"] = lesions, found
+        row["sensitivity_pooled"] = found / lesions if lesions else np.nan
+    if "tau" in frame.columns and frame["tau"].notna().any():
+        row["tau"] = float(frame["tau"].dropna().iloc[0])
+    return row
+
+
+def summarize(
+    per_slice: pd.DataFrame,
+    by: Sequence[str] = ("cohort",),
+    metrics: Sequence[str] = SUMMARY_METRICS,
+) -> pd.DataFrame:
+    """Per-method, per-group mean ± std of the per-slice metrics (the paper's Table 1 shape).
+
+    Only unhealthy slices are summarised: rows with ``n_lesions == 0`` (or, without that column,
+    NaN ``dsc_max``) are dropped, so ``n_slices`` is the number of unhealthy slices. Means and
+    (population, ddof = 0) standard deviations skip NaN; ``<metric>_n`` says how many slices each
+    averages (an HD95 over fewer than ``n_slices`` means some predictions were empty at τ*).
+    Detection sensitivity is given per slice (``sensitivity_mean``) and pooled over the group's
+    lesions (``sensitivity_pooled = Σ n_detected / Σ n_lesions``). ``tau`` is the calibrated
+    threshold behind ``dice_tau``, when the rows carry one.
+
+    If a ``role`` column is present, rows ``"internal (all)"`` and ``"external (all)"`` pool every
+    slice of that role (the paper's internal aggregate and external test set); otherwise one
+    ``"all"`` row pools everything. Metrics absent from ``per_slice`` are left out, except
+    ``dsc_max``, which is required.
+
+    Args:
+        per_slice: one row per slice (and method, if there is a ``method`` column) with the
+            columns of :func:`score_maps` and ``by``.
+        by: grouping columns (one row per distinct combination, labelled ``"a / b"``).
+        metrics: per-slice metric columns to summarise.
+
+    Returns:
+        A DataFrame with columns ``method`` (``"all"`` without a method column), ``group``,
+        ``n_slices``, ``<metric>_mean``/``_std``/``_n`` and, when present, ``n_lesions``,
+        ``n_detected``, ``sensitivity_pooled``, ``tau``; methods in :func:`method_order`.
+    """
+    by = [by] if isinstance(by, str) else list(by)
+    frame = per_slice.copy()
+    if "sensitivity" not in frame and {"n_lesions", "n_detected"} <= set(frame):
+        frame["sensitivity"] = np.where(
+            frame["n_lesions"] > 0, frame["n_detected"] / frame["n_lesions"].clip(lower=1), np.nan)
+    missing = [c for c in [*by, "dsc_max"] if c not in frame.columns]
+    if missing:
+        raise ValueError(f"per_slice lacks columns {missing}; it has {list(frame.columns)}")
+    metrics = [m for m in metrics if m in frame.columns]
+    if "n_lesions" in frame:
+        frame = frame[frame["n_lesions"] > 0]
+    else:
+        frame = frame[frame["dsc_max"].notna()]
+    if "method" not in frame.columns:
+        frame = frame.assign(method="all")
+    rows: list[dict[str, Any]] = []
+    for method in method_order(frame["method"].astype(str).unique().tolist()):
+        sub = frame[frame["method"].astype(str) == method]
+        groups: list[tuple[str, pd.DataFrame]] = []
+        if by:
+            for key, group in sub.groupby(by, sort=True):
+                key = key if isinstance(key, tuple) else (key,)
+                groups.append((" / ".join(str(k) for k in key), group))
+        if "role" in sub.columns:
+            groups += [(f"{role} (all)", sub[sub["role"] == role]) for role in ("internal", "external")
+                       if (sub["role"] == role).any()]
+        elif len(sub):
+            groups.append(("all", sub))
+        rows += [{"method": method, "group": label, **_group_stats(group, metrics)}
+                 for label, group in groups]
+    return pd.DataFrame(rows)
+
+
+def format_table(summary: pd.DataFrame, digits: int = 3) -> str:
+    """A :func:`summarize` result as markdown: one table per method, ``mean ± std`` cells.
+
+    Each table has the group, its number of unhealthy slices, every summarised metric (``–`` when
+    undefined) and, if present, the pooled lesion sensitivity ``found/lesions``; the method's
+    heading names its calibrated τ.
+    """
+    metrics = [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
+    pooled = "sensitivity_pooled" in summary.columns
+    header = ["Group", "Unhealthy slices", *(METRIC_TITLES.get(m, m) for m in metrics)]
+    if pooled:
+        header.append("Sensitivity (pooled)")
+    parts = []
+    for method, table in summary.groupby("method", sort=False):
+        title = METHOD_TITLES.get(str(method), str(method))
+        if "tau" in table.columns and table["tau"].notna().any():
+            title += f" (τ = {table['tau'].dropna().iloc[0]:g})"
+        lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for _, row in table.iterrows():
+            cells = [str(row["group"]), str(int(row["n_slices"]))]
+            for m in metrics:
+                mean, std = row[f"{m}_mean"], row[f"{m}_std"]
+                cells.append("–" if pd.isna(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")
+            if pooled:
+                value = row["sensitivity_pooled"]
+                cells.append("–" if pd.isna(value) else
+                             f"{value:.{digits}f} ({int(row['n_detected'])}/{int(row['n_lesions'])})")
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n")
+    return "\n".join(parts)

@@ -1,0 +1,177 @@
+"""The infer job's outputs from its per-patient prediction files: scores, tables, figures, volumes.
+
+No Ray here: the driver of :mod:`ray_jobs.infer` calls these once the predictions are written.
+Every method is scored through :mod:`igconda.evaluation` on the same unhealthy slices: IgCONDA's
+map kinds and the w = 0 control are recomputed from the stored decodes (no network), the
+baselines from the input slices.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from igconda import evaluation as E
+from igconda.data.schema import UNHEALTHY, stack_images, validate_predictions, validate_scores
+from igconda.io_utils import atomic_write
+
+#: Slice-schema columns the baselines need beside the stored predictions.
+_SUV_COLUMNS = ("slice_index", "suv_max", "scale_min", "scale_max")
+
+
+def score_patient(slice_file: Path, input_file: Path, taus: Mapping[str, float]) -> pd.DataFrame:
+    """Every method's per-slice scores on one patient's unhealthy slices.
+
+    Args:
+        slice_file: the patient's prediction file (:data:`~igconda.data.schema.PREDICTION_SCHEMA`).
+        input_file: the patient's slice file (for the SUV columns of 41 % SUVmax thresholding).
+        taus: ``{method: calibrated τ}`` for ``dice_tau``.
+
+    Returns:
+        Rows of :data:`~igconda.data.schema.SCORE_SCHEMA`; empty when the patient has no
+        unhealthy slice.
+    """
+    table = pq.read_table(slice_file)
+    validate_predictions(table)
+    table = table.filter(pc.equal(table["label"], UNHEALTHY))
+    if table.num_rows == 0:
+        return pd.DataFrame()
+    suv = pq.read_table(input_file, columns=list(_SUV_COLUMNS)).to_pandas().set_index("slice_index")
+    batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names
+             if name not in ("image", "mask", "counterfactual", "counterfactual_w0", "anomaly_map")}
+    h, w = int(batch["height"][0]), int(batch["width"][0])
+    for name, dtype in (("image", np.float32), ("mask", np.uint8), ("counterfactual", np.float32),
+                        ("counterfactual_w0", np.float32)):
+        batch[name] = stack_images(table[name], h, w, dtype)
+    for name in _SUV_COLUMNS[1:]:
+        batch[name] = suv.loc[batch["slice_index"], name].to_numpy(np.float32)
+    maps: dict[str, np.ndarray] = {}
+    for method in [E.StoredCounterfactualMethod(), *E.baseline_methods()]:
+        maps.update(method.maps(batch))
+    return E.score_methods(batch, maps, taus)
+
+
+def metric_name(*parts: str) -> str:
+    """An MLflow-safe metric key (letters, digits, _ - . / only)."""
+    return "/".join(re.sub(r"[^\w\-.]+", "_", p).strip("_") for p in parts)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text), suffix=".tmp")
+
+
+def write_tables(per_slice: pd.DataFrame, tables: Path, chosen: str) -> tuple[pd.DataFrame, dict[str, float]]:
+    """Per-cohort tables of every method; returns the summary and its MLflow metrics.
+
+    Writes ``methods.{csv,md}`` (every method, :func:`igconda.evaluation.summarize` /
+    :func:`~igconda.evaluation.format_table`), ``per_cohort.{csv,md}`` (the chosen IgCONDA map),
+    ``baselines_per_cohort.{csv,md}`` (every other method, the w = 0 control and the paper's map
+    among them) and ``per_slice_metrics.csv`` (validated against the score schema).
+    """
+    validate_scores(per_slice)
+    tables.mkdir(parents=True, exist_ok=True)
+    summary = E.summarize(per_slice, by=("cohort",))
+    write_text(tables / "methods.csv", summary.to_csv(index=False))
+    write_text(tables / "methods.md", E.format_table(summary))
+    ours = summary[summary["method"] == chosen]
+    if len(ours):
+        write_text(tables / "per_cohort.csv", ours.drop(columns="method").set_index("group").to_csv())
+        write_text(tables / "per_cohort.md", E.format_table(ours))
+    others = summary[summary["method"] != chosen]
+    if len(others):
+        write_text(tables / "baselines_per_cohort.csv", others.to_csv(index=False))
+        write_text(tables / "baselines_per_cohort.md", E.format_table(others))
+    write_text(tables / "per_slice_metrics.csv", per_slice.to_csv(index=False))
+    metrics: dict[str, float] = {}
+    for _, row in summary.iterrows():
+        for column, value in row.items():
+            if column.endswith(("_mean", "_std")) or column in ("n_slices", "sensitivity_pooled", "tau"):
+                if isinstance(value, (int, float, np.number)) and math.isfinite(float(value)):
+                    metrics[metric_name(row["method"], str(row["group"]), column)] = float(value)
+    return summary, metrics
+
+
+def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
+                 per_slice: pd.DataFrame, figures: Path, chosen: str,
+                 per_figure: int = 4) -> dict[str, str]:
+    """Qualitative figures per cohort and the lesion-size figure; returns {name: error}.
+
+    A figure that fails (e.g. the report module is missing, or a cohort has no unhealthy slice)
+    is reported and skipped: figures never cost the run its tables and volumes.
+    """
+    errors: dict[str, str] = {}
+    figures.mkdir(parents=True, exist_ok=True)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from igconda import report
+    except Exception as err:  # report module absent or broken: say so, keep going
+        return {"all": f"figures skipped: cannot import igconda.report ({type(err).__name__}: {err})"}
+    ours = per_slice[(per_slice["method"] == chosen) & per_slice["dsc_max"].notna()]
+    for cohort, frame in ours.groupby("cohort", sort=True):
+        try:
+            chosen = frame.sort_values(["lesion_pixels", "patient_id", "slice_index"],
+                                       ascending=[False, True, True]).head(per_figure)
+            images, masks, cfs, maps, binar, titles = [], [], [], [], [], []
+            for _, row in chosen.iterrows():
+                pid, z = row["patient_id"], int(row["slice_index"])
+                src = pq.read_table(input_files[pid], columns=["slice_index", "image", "mask",
+                                                                "height", "width"],
+                                    filters=[("slice_index", "=", z)])
+                out = pq.read_table(slice_files[pid], columns=["slice_index", "anomaly_map",
+                                                                "counterfactual"],
+                                    filters=[("slice_index", "=", z)])
+                h, w = int(src.column("height")[0].as_py()), int(src.column("width")[0].as_py())
+                images.append(stack_images(src.column("image"), h, w)[0])
+                masks.append(stack_images(src.column("mask"), h, w, np.uint8)[0])
+                cfs.append(stack_images(out.column("counterfactual"), h, w)[0])
+                amap = stack_images(out.column("anomaly_map"), h, w)[0]
+                maps.append(amap)
+                # The mask a user gets: at the calibrated τ (τ* needs the ground truth).
+                tau = row["tau"] if np.isfinite(row["tau"]) else row["tau_star"]
+                binar.append((amap >= tau).astype(np.uint8))
+                titles.append(f"{pid} z={z} ⌈DSC⌉={row['dsc_max']:.2f} Dice@τ={row['dice_tau']:.2f}")
+            fig = report.qualitative_figure(np.stack(images), np.stack(masks), np.stack(cfs),
+                                            np.stack(maps), np.stack(binar), titles)
+            fig.savefig(figures / f"qualitative_{cohort}.png", dpi=120, bbox_inches="tight")
+            plt.close(fig)
+        except Exception as err:
+            errors[f"qualitative_{cohort}"] = f"{type(err).__name__}: {err}"
+    try:
+        fig = report.lesion_size_figure(per_slice[per_slice["dsc_max"].notna()])
+        fig.savefig(figures / "lesion_size.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    except Exception as err:
+        errors["lesion_size"] = f"{type(err).__name__}: {err}"
+    return errors
+
+
+def export_volumes(slice_files: dict[str, Path], input_files: dict[str, Path],
+                   volumes: Path) -> int:
+    """Write each patient's anomaly map on its original grid; skips up-to-date volumes."""
+    from igconda.export import export_volume
+
+    written = 0
+    for pid, path in slice_files.items():
+        target = volumes / f"{pid}_anomaly.nii.gz"
+        if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
+            continue
+        geometry = pq.read_table(input_files[pid], columns=["geometry"]).column("geometry")[0].as_py()
+        table = pq.read_table(path, columns=["slice_index", "height", "width", "anomaly_map"])
+        h, w = int(table.column("height")[0].as_py()), int(table.column("width")[0].as_py())
+        maps = stack_images(table.column("anomaly_map"), h, w)
+        export_volume(maps, geometry, target, slice_index=table.column("slice_index").to_numpy(), order=1)
+        written += 1
+    return written
+
+
