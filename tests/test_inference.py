@@ -30,7 +30,8 @@ def batch(tmp_path_factory, test_config) -> dict[str, np.ndarray]:
     rows = np.concatenate([np.flatnonzero(label == UNHEALTHY)[:3], np.flatnonzero(label == HEALTHY)[:3]])
     cols = cols.iloc[np.sort(rows)]
     batch = {k: cols[k].to_numpy() for k in cols.columns}  # image/mask: object arrays of arrays
-    assert (batch["label"] == UNHEALTHY).sum() == 3 and (batch["label"] == HEALTHY).sum() == 3
+    # The whole axial extent at the test config's 48 mm slices gives 2-3 slices of each class.
+    assert (batch["label"] == UNHEALTHY).sum() >= 2 and (batch["label"] == HEALTHY).sum() >= 2
     return batch
 
 
