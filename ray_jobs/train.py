@@ -50,6 +50,7 @@ from typing import Any
 
 from igconda import checkpoint as ckpt
 from igconda import tracking
+from igconda.argtypes import positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.io_utils import replace_dir
@@ -76,18 +77,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="preprocessed dataset folder or URI (has slices/)")
     parser.add_argument("--output", required=True, help="local/NFS folder for best/, MLflow store, records")
     parser.add_argument("--config", default=None, help="study YAML (default: the paper's settings)")
-    parser.add_argument("--num-workers", type=int, default=None, help="DDP workers (default: train.num_workers)")
+    parser.add_argument("--num-workers", type=positive_int, default=None, help="DDP workers (default: train.num_workers)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, mixed precision")
-    parser.add_argument("--cpus-per-worker", type=float, default=None,
+    parser.add_argument("--cpus-per-worker", type=positive_float, default=None,
                         help="CPUs Ray reserves per worker (default: 1, or less on a small machine "
                              "so that one CPU stays free for Ray Data's readers)")
-    parser.add_argument("--torch-threads", type=int, default=None,
+    parser.add_argument("--torch-threads", type=positive_int, default=None,
                         help="intra-op threads per worker (default: max(1, cpus-per-worker))")
-    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="override train.epochs")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--storage-path", default=None, help="Ray Train storage (local, NFS or s3://…)")
     parser.add_argument("--run-name", default="train", help="Ray Train run name under the storage path")
-    parser.add_argument("--keep-checkpoints", type=int, default=3,
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=3,
                         help="best checkpoints to keep by valid_loss (the latest is always kept)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: <output>/mlflow.db)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment)")
@@ -320,8 +321,6 @@ def run(args: argparse.Namespace) -> Path:
                          "pass --resume to continue it, or choose another --output/--run-name")
     if args.resume and not exists:
         raise UsageError(f"--resume: no checkpoints found under {_join(storage_path, args.run_name)}")
-    if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
-        raise UsageError("--cpus-per-worker must be positive")
 
     data_hash = dataset_version(args.data)
     mlflow_cfg = None

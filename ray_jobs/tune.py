@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from igconda.argtypes import non_negative_int
 from igconda.checkpoint import CheckpointError, load_checkpoint_config
 from igconda.config import ConfigError, load_config
 
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default=None, help="MLflow experiment name")
     parser.add_argument("--parent-run-id", default=None, help="nest the tune run under this run")
     parser.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
-    parser.add_argument("--max-slices", type=int, default=None, help="override tune.max_slices")
+    parser.add_argument("--max-slices", type=non_negative_int, default=None, help="override tune.max_slices")
     parser.add_argument("--trial-per-pair", action="store_true",
                         help="one trial per (D, w) instead of one per D decoding every w "
                              "(more parallel trials, but each re-encodes)")
