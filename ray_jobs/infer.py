@@ -67,7 +67,7 @@ import yaml
 
 from igconda import tracking
 from igconda.argtypes import non_negative_float, positive_int
-from igconda.checkpoint import CheckpointError, load_checkpoint_config
+from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import PREDICTION_SCHEMA, SPLITS, validate_predictions
 from igconda.evaluation import igconda_method
@@ -190,6 +190,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[StudyConfig, InferSettings
     checkpoint = Path(args.checkpoint)
     try:
         base = load_checkpoint_config(checkpoint)
+        # Here, not in each actor, where a damaged file would end the job with a remote traceback.
+        check_checkpoint(checkpoint)
     except (CheckpointError, ConfigError) as err:
         raise InferError(f"checkpoint {checkpoint}: {err}") from None
     infer: dict[str, Any] = {}

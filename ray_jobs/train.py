@@ -189,6 +189,23 @@ def oversample_unhealthy(train: Any, counts: dict[int, int]) -> tuple[Any, int]:
     return train.filter(expr=f"label == {HEALTHY}").union(*([minority] * repeats)), repeats
 
 
+def _latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
+    """The local folder of the checkpoint Ray Train resumes a run from, or None if unknown.
+
+    Read from Ray's ``checkpoint_manager_snapshot.json`` (``latest_checkpoint_result``); None for
+    remote storage (s3://…, not read here) or a snapshot in a layout this code does not know,
+    in which case the workers' own restore still names a damaged file.
+    """
+    if "://" in storage_path:
+        return None
+    try:
+        snapshot = json.loads(Path(storage_path, run_name, _SNAPSHOT).read_text())
+        name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(storage_path, run_name, name) if isinstance(name, str) and name else None
+
+
 def _storage_path(args: argparse.Namespace, output: Path) -> str:
     if args.storage_path:
         return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
@@ -321,6 +338,11 @@ def run(args: argparse.Namespace) -> Path:
                          "pass --resume to continue it, or choose another --output/--run-name")
     if args.resume and not exists:
         raise UsageError(f"--resume: no checkpoints found under {_join(storage_path, args.run_name)}")
+    if args.resume:
+        latest = _latest_checkpoint(storage_path, args.run_name)
+        if latest is not None:
+            # On the workers a damaged checkpoint would fail every restart attempt in turn.
+            ckpt.check_checkpoint(latest, resume=True)
 
     data_hash = dataset_version(args.data)
     mlflow_cfg = None

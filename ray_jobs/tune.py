@@ -22,7 +22,7 @@ import argparse
 import sys
 
 from igconda.argtypes import non_negative_int
-from igconda.checkpoint import CheckpointError, load_checkpoint_config
+from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
 from igconda.config import ConfigError, load_config
 
 
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         study = load_config(args.config) if args.config else load_checkpoint_config(args.checkpoint)
         if args.max_slices is not None:
             study = study.replace("tune", max_slices=args.max_slices)
+        check_checkpoint(args.checkpoint)  # before the trials each load it
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -195,3 +195,17 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
         assert (output / "slices" / f"{pid}.parquet").stat().st_mtime_ns == before[pid]
     assert "2 already complete, 1 to run" in capsys.readouterr().out
     assert pd.read_csv(output / "tables" / "methods.csv").shape == methods.shape
+
+
+def test_a_truncated_checkpoint_is_refused_before_any_actor_starts(study, tmp_path, capsys):
+    import shutil
+
+    _, checkpoint, data = study
+    damaged = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert infer.main(["--checkpoint", str(damaged), "--data", str(data), "--output",
+                       str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: the checkpoint is damaged" in err and "Traceback" not in err
