@@ -1,4 +1,4 @@
-"""Argparse ``type=`` converters for counts and resources, shared by ``igconda`` and ``ray_jobs``.
+"""Argparse ``type=`` converters and help texts shared by ``igconda`` and ``ray_jobs``.
 
 A count of 0 or below (``--batch-size 0``, ``--num-workers -1``) is refused when the command line
 is parsed, with argparse's usage message and exit code 2, instead of being silently replaced by a
@@ -8,6 +8,10 @@ default (``args.batch_size or default`` treats 0 as unset) or failing later insi
 from __future__ import annotations
 
 import argparse
+
+#: ``--tracking-uri`` help of every job; the order is igconda.tracking.resolve_tracking_uri's.
+TRACKING_URI_HELP = ("MLflow URI (default: the config's tracking.tracking_uri, else "
+                     "$MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db)")
 
 
 def _number(text: str, kind: type, name: str) -> int | float:

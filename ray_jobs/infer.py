@@ -66,7 +66,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from igconda import tracking
-from igconda.argtypes import non_negative_float, positive_int
+from igconda.argtypes import TRACKING_URI_HELP, non_negative_float, positive_int
 from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import PREDICTION_SCHEMA, SPLITS, validate_predictions
@@ -171,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=positive_int, help="predictor actors")
     p.add_argument("--num-gpus", type=non_negative_float, help="GPUs per actor (fractions share a GPU)")
     p.add_argument("--device", default=None, help="torch device inside actors (default: auto)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: <output>/mlruns)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     p.add_argument("--experiment", default=None, help="MLflow experiment name")
     p.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this run")
     p.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")

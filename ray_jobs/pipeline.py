@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from igconda import tracking
-from igconda.argtypes import positive_int
+from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import ConfigError, load_config
 
 STAGES = ("cohorts", "preprocess", "train", "tune", "model", "infer", "report")
@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="study folder (created)")
     parser.add_argument("--manifest", help="use these cohorts instead of generating phantoms")
     parser.add_argument("--address", help="Ray address (default: start a local Ray)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///<output>/mlflow.db)")
+    parser.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     parser.add_argument("--experiment", default=None, help="MLflow experiment name")
     parser.add_argument("--num-workers", type=positive_int, default=None, help="training workers")
     parser.add_argument("--use-gpu", action="store_true", help="train and infer on GPUs")

@@ -50,7 +50,7 @@ from typing import Any
 
 from igconda import checkpoint as ckpt
 from igconda import tracking
-from igconda.argtypes import positive_float, positive_int
+from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.io_utils import replace_dir
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-name", default="train", help="Ray Train run name under the storage path")
     parser.add_argument("--keep-checkpoints", type=positive_int, default=3,
                         help="best checkpoints to keep by valid_loss (the latest is always kept)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: <output>/mlflow.db)")
+    parser.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment)")
     parser.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this run")
     parser.add_argument("--register-model", default=None, metavar="NAME",

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from igconda.argtypes import non_negative_int
+from igconda.argtypes import TRACKING_URI_HELP, non_negative_int
 from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
 from igconda.config import ConfigError, load_config
 
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output folder (created)")
     parser.add_argument("--config", help="study YAML whose tune section applies "
                                          "(default: the checkpoint's config)")
-    parser.add_argument("--tracking-uri", default="", help="MLflow URI (default: <output>/mlruns)")
+    parser.add_argument("--tracking-uri", default="", help=TRACKING_URI_HELP)
     parser.add_argument("--experiment", default=None, help="MLflow experiment name")
     parser.add_argument("--parent-run-id", default=None, help="nest the tune run under this run")
     parser.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
