@@ -40,6 +40,7 @@ from pathlib import Path
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import ConfigError, load_config
+from igconda.io_utils import atomic_write
 
 STAGES = ("cohorts", "preprocess", "train", "tune", "model", "infer", "report")
 SELF_LOGGING_STAGES = ("train", "tune", "infer")
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         stage("report", False, report)
         total = time.perf_counter() - started
         tracking.log_metrics({"time_s/total": total})
-        (paths.root / "timings.json").write_text(json.dumps({**timings, "total": total}, indent=2))
+        text = json.dumps({**timings, "total": total}, indent=2)
+        atomic_write(paths.root / "timings.json", lambda tmp: tmp.write_text(text), suffix=".tmp")
 
     _banner(f"study finished in {total / 60:.1f} min")
     print(f"    report:  {paths.report}")

@@ -53,7 +53,7 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
-from igconda.io_utils import replace_dir
+from igconda.io_utils import atomic_write, replace_dir
 from igconda.train_loop import (
     SCORE_METRIC,
     TRAIN_COLUMNS,
@@ -394,8 +394,9 @@ def _open_mlflow_run(args: argparse.Namespace, config: StudyConfig, output: Path
     logger.log_params({**config.flat(), "job.data": args.data, "job.storage_path": storage_path,
                        "job.run_name": args.run_name, "job.cpus_per_worker": args.cpus_per_worker,
                        "job.smoke_test": args.smoke_test})
-    record.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id,
-                                  "experiment": experiment}, indent=2))
+    text = json.dumps({"tracking_uri": tracking_uri, "run_id": run_id, "experiment": experiment}, indent=2)
+    # --resume reads it back: a half-written record would fail that, or start a second run.
+    atomic_write(record, lambda tmp: tmp.write_text(text), suffix=".tmp")
     return {"tracking_uri": tracking_uri, "run_id": run_id}
 
 

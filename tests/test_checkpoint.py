@@ -167,3 +167,38 @@ def test_train_job_resume_refuses_a_damaged_latest_checkpoint_before_ray(trained
                      "--config", "configs/test.yaml", "--resume", "--no-tracking"])
     assert code == 2
     assert f"{latest / ckpt.STATE_FILE}: the checkpoint is damaged" in capsys.readouterr().err
+
+
+def test_train_jobs_run_record_is_written_atomically(tmp_path, monkeypatch):
+    """``mlflow_run.json`` (read back by --resume) keeps its previous content when a write fails."""
+    import argparse
+    from pathlib import Path
+
+    from igconda.config import load_config
+    from ray_jobs import train as job
+
+    class Logger:
+        def __init__(self, *args):
+            pass
+
+        def log_params(self, params):
+            pass
+
+    monkeypatch.setattr(job.tracking, "create_run", lambda *a, **k: "run-2")
+    monkeypatch.setattr(job.tracking, "RunLogger", Logger)
+    record = tmp_path / job.RUN_RECORD
+    record.write_text(json.dumps({"tracking_uri": "sqlite:///x.db", "run_id": "run-1"}))
+    real_write_text = Path.write_text
+
+    def dies_half_way(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2])
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", dies_half_way)
+    args = argparse.Namespace(resume=False, experiment=None, data="d", parent_run_id=None,
+                              run_name="train", cpus_per_worker=None, smoke_test=False)
+    with pytest.raises(OSError, match="No space left"):
+        job._open_mlflow_run(args, load_config(None), tmp_path, "sqlite:///x.db", "s", "hash")
+    monkeypatch.undo()
+    assert json.loads(record.read_text())["run_id"] == "run-1"
+    assert [p.name for p in tmp_path.iterdir()] == [job.RUN_RECORD]

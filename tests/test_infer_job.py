@@ -209,3 +209,31 @@ def test_a_truncated_checkpoint_is_refused_before_any_actor_starts(study, tmp_pa
                        str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"{weights}: the checkpoint is damaged" in err and "Traceback" not in err
+
+
+class _FailingFigure:
+    """A figure whose save dies half-way, as on a full disk or a killed process."""
+
+    def savefig(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+
+def test_figures_are_saved_atomically(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ray_jobs.infer_outputs import save_png
+
+    target = tmp_path / "qualitative_lung.png"
+    fig = plt.figure(figsize=(1, 1))
+    save_png(fig, target)
+    plt.close(fig)
+    previous = target.read_bytes()
+    assert previous.startswith(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(OSError, match="No space left"):
+        save_png(_FailingFigure(), target)
+    assert target.read_bytes() == previous  # the previous figure, whole
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temp file for *.png globs
