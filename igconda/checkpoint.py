@@ -23,12 +23,14 @@ Later stages (tune, infer, detect) take ``<output>/best`` as their ``--checkpoin
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from igconda.config import StudyConfig, load_config, save_config
@@ -45,7 +47,53 @@ BEST_POINTER = "best_checkpoint.json"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder is missing files or does not match its config."""
+    """A checkpoint folder is missing files, has a damaged file or does not match its config."""
+
+
+def _damaged(path: Path, err: BaseException) -> CheckpointError:
+    """The error for a file that exists but cannot be decoded (truncated copy, disk error)."""
+    reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+    return CheckpointError(
+        f"{path}: the checkpoint is damaged (the file is truncated or corrupt: {reason}); copy the "
+        f"checkpoint folder again or use another checkpoint (e.g. an earlier one of the same run)")
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` state dict; CheckpointError naming the file if it is truncated or corrupt."""
+    path = Path(path)
+    try:
+        return load_file(str(path), device=str(device))
+    except SafetensorError as err:
+        raise _damaged(path, err) from None
+
+
+def check_checkpoint(directory: str | Path, *, resume: bool = False) -> None:
+    """Refuse a checkpoint folder with a damaged file before anything loads it.
+
+    Reads only the headers of the ``.safetensors`` files (cheap: no tensor is read), so a job's
+    driver can call it before its Ray actors or workers each load the weights and fail there
+    with a remote traceback. safetensors checks that the header's tensors cover the file
+    exactly, so a truncated copy is caught; flipped bits inside tensor data are not (the format
+    has no checksum). With ``resume``, ``train_state.pt`` must also be present and load.
+
+    Raises:
+        CheckpointError: naming the missing or damaged file.
+    """
+    directory = Path(directory)
+    load_checkpoint_config(directory)
+    if not (directory / MODEL_FILE).is_file():
+        raise CheckpointError(f"{directory}: no {MODEL_FILE} in checkpoint")
+    for name in (MODEL_FILE, EMA_FILE):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except SafetensorError as err:
+            raise _damaged(path, err) from None
+    if resume and load_train_state(directory) is None:
+        raise CheckpointError(f"{directory}: no {STATE_FILE}; cannot resume training")
 
 
 def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -103,8 +151,9 @@ def load_model(
     if not weights.is_file():
         raise CheckpointError(f"{directory}: no {MODEL_FILE} in checkpoint")
     model = build_unet(config.model)
+    state = load_weights(weights)
     try:
-        model.load_state_dict(load_file(str(weights)))
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"{weights}: weights do not match the stored model config: {err}") from None
     return model.to(device).eval(), config
@@ -115,7 +164,15 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as err:
+        # RuntimeError: not a zip archive / truncated zip; EOFError: empty file;
+        # UnpicklingError: garbage or a pickle that weights_only refuses.
+        raise _damaged(path, err) from None
+    if not isinstance(state, dict):
+        raise _damaged(path, TypeError(f"expected a mapping, found {type(state).__name__}"))
+    return state
 
 
 def load_metadata(directory: str | Path) -> dict[str, Any]:

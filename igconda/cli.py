@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from igconda.argtypes import positive_int
 from igconda.map_kinds import MAP_KINDS
 
 #: Metrics printed by ``detect --mask`` (mean over unhealthy slices).
@@ -57,15 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("-o", "--output", required=True, help="output anomaly map (.nii.gz)")
     detect.add_argument("--mask-output",
                         help="output binary lesion mask at τ (default: OUT with _mask before .nii.gz)")
-    detect.add_argument("--noise-level", type=int, help="D (default: tuned, else the checkpoint's)")
+    detect.add_argument("--noise-level", type=positive_int, help="D (default: tuned, else the checkpoint's)")
     detect.add_argument("--guidance-scale", type=float, help="w (default: tuned, else the checkpoint's)")
-    detect.add_argument("--stride", type=int, help="s, a divisor of D (default: tuned, else the checkpoint's)")
+    detect.add_argument("--stride", type=positive_int, help="s, a divisor of D (default: tuned, else the checkpoint's)")
     detect.add_argument("--map", dest="map_kind", choices=MAP_KINDS, default=None,
                         help="anomaly map kind (default: tuned, else the checkpoint's infer.map_kind)")
     detect.add_argument("--threshold", type=float,
                         help="τ of the lesion mask (default: tuned, else the checkpoint's infer.threshold)")
     detect.add_argument("--mask", help="lesion mask NIfTI on the scan's grid: also print metrics")
-    detect.add_argument("--batch-size", type=int, help="slices per batch (default: the checkpoint's)")
+    detect.add_argument("--batch-size", type=positive_int, help="slices per batch (default: the checkpoint's)")
     detect.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: auto)")
     detect.add_argument("--no-amp", action="store_true", help="full float32 precision (by default the network autocasts to bf16/fp16 on GPUs and on CPUs with bf16 units)")
     detect.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -122,9 +123,8 @@ def detect(args: argparse.Namespace) -> dict[str, float]:
                   f"pass a study's model folder to use its tuned settings)")
     print(f"igconda detect: using {origin}" + (f"; overridden: {', '.join(overridden)}" if overridden else ""),
           file=sys.stderr)
-    batch_size = args.batch_size or config.infer.batch_size
-    if batch_size < 1:
-        raise _UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    # argparse (positive_int) refuses --batch-size 0, so None is the only "unset".
+    batch_size = args.batch_size if args.batch_size is not None else config.infer.batch_size
 
     started = time.perf_counter()
     try:

@@ -322,6 +322,11 @@ def validate(cfg: StudyConfig) -> None:
     _check(all(o > 0 for o in p.output_size), "preprocess.output_size must be positive")
     _check(0 < p.train_fraction < 1, "preprocess.train_fraction must be in (0, 1)")
     _check(0 <= p.valid_fraction < 1, "preprocess.valid_fraction must be in [0, 1)")
+    # Training selects its best checkpoint by the validation loss: with no valid patients it would
+    # train a whole epoch and then fail on the workers (train_loop: "the valid split is empty").
+    _check(p.valid_fraction > 0,
+           f"preprocess.valid_fraction {p.valid_fraction} leaves no validation patients, which training "
+           f"needs to select its checkpoint: set it > 0 (the paper's is 0.056)")
     _check(p.train_fraction + p.valid_fraction < 1, "preprocess: train + valid fractions must be < 1")
     _check(p.tune_per_cohort >= 0, "preprocess.tune_per_cohort must be >= 0")
     _check(p.output_size[0] == p.output_size[1], "preprocess.output_size: slices must be square")
@@ -329,6 +334,8 @@ def validate(cfg: StudyConfig) -> None:
            f"preprocess.axial_extent {p.axial_extent!r} must be 'whole' or 'crop'")
     _check(p.fov_centre in ("body", "array"),
            f"preprocess.fov_centre {p.fov_centre!r} must be 'body' or 'array'")
+    _check(p.num_cpus_per_volume >= 0,
+           f"preprocess.num_cpus_per_volume {p.num_cpus_per_volume} must be >= 0 (Ray CPUs per task)")
     m = cfg.model
     _check(len(m.attention) == len(m.channels) and set(m.attention) <= {"0", "1"},
            f"model.attention {m.attention!r} must have one 0/1 digit per level of channels {m.channels}")
@@ -363,10 +370,20 @@ def validate(cfg: StudyConfig) -> None:
            f"infer.stride s={i.stride} must be >= 1 and divide noise_level D={i.noise_level}")
     _check(i.guidance_scale >= 0, "infer.guidance_scale must be >= 0")
     _check(i.batch_size >= 1 and i.concurrency >= 1, "infer: batch_size and concurrency must be >= 1")
+    _check(i.num_gpus_per_actor >= 0 and i.num_cpus_per_actor >= 0,
+           f"infer: num_gpus_per_actor {i.num_gpus_per_actor} and num_cpus_per_actor "
+           f"{i.num_cpus_per_actor} must be >= 0 (Ray resources per inference actor)")
     _check(i.map_kind in MAP_KINDS, f"infer.map_kind {i.map_kind!r} must be one of {list(MAP_KINDS)}")
     _check(0 < i.threshold <= 1, f"infer.threshold τ={i.threshold} must be in (0, 1] (maps are in [0, 1])")
     u = cfg.tune
     _check(len(u.noise_levels) > 0 and len(u.guidance_scales) > 0, "tune: empty search space")
+    # Checked before the noise levels, whose divisibility test would divide by a zero stride.
+    _check(u.stride >= 1, f"tune.stride s={u.stride} must be >= 1 (DDIM steps every s timesteps)")
+    _check(u.num_samples >= 1,
+           f"tune.num_samples {u.num_samples} must be >= 1 (trials per grid point or random draws)")
+    _check(u.gpus_per_trial >= 0 and u.cpus_per_trial >= 0,
+           f"tune: gpus_per_trial {u.gpus_per_trial} and cpus_per_trial {u.cpus_per_trial} must be "
+           f">= 0 (Ray resources per trial)")
     for d in u.noise_levels:
         _check(0 < d < trained and d % u.stride == 0,
                f"tune.noise_levels: D={d} must be in (0, {trained}) (trained timesteps) and divisible "
@@ -376,6 +393,10 @@ def validate(cfg: StudyConfig) -> None:
     _check(len(u.map_kinds) > 0 and set(u.map_kinds) <= set(MAP_KINDS)
            and len(set(u.map_kinds)) == len(u.map_kinds),
            f"tune.map_kinds {list(u.map_kinds)} must be distinct values of {list(MAP_KINDS)}")
+    for section in ("phantoms", "preprocess", "train"):
+        seed = getattr(cfg, section).seed
+        # numpy's generators refuse negative seeds, deep inside a Ray task.
+        _check(seed >= 0, f"{section}.seed {seed} must be >= 0")
     _check(cfg.phantoms.negative_controls >= 0, "phantoms.negative_controls must be >= 0")
     _check(cfg.phantoms.scan_length in ("anatomical", "fixed"),
            f"phantoms.scan_length {cfg.phantoms.scan_length!r} must be 'anatomical' or 'fixed'")

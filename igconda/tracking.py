@@ -1,5 +1,10 @@
 """MLflow tracking: the only module in igconda that imports mlflow.
 
+Where runs go (:func:`resolve_tracking_uri`, the one place that decides): an explicit URI
+(``--tracking-uri`` or the config's ``tracking.tracking_uri``), else the standard
+``MLFLOW_TRACKING_URI`` environment variable (what ``cluster.yaml`` exports on the head), else
+the local default.
+
 The default store is local and needs no server: an SQLite database ``<output>/mlflow.db`` with
 artifacts in ``<output>/mlartifacts`` (MLflow 3.17 refuses the old ``./mlruns`` file store unless
 ``MLFLOW_ALLOW_FILE_STORE=true``; a ``file:`` URI given explicitly is still passed through). Pass
@@ -19,6 +24,7 @@ Two ways to log:
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,14 +40,23 @@ LOCAL_ARTIFACTS = "mlartifacts"
 # MLflow caps a param value at 6000 characters and a log_batch call at 100 params / 1000 metrics.
 _MAX_PARAM_CHARS = 6000
 _PARAMS_PER_BATCH = 100
+#: MLflow's standard variable for the tracking server; honoured when no URI is given explicitly.
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 
 
-def resolve_tracking_uri(tracking_uri: str, output_dir: str | Path) -> str:
-    """Empty URI → ``sqlite:///<output_dir>/mlflow.db``; a plain path → an SQLite db in it.
+def resolve_tracking_uri(tracking_uri: str | None, output_dir: str | Path) -> str:
+    """The tracking URI a job uses, in order of precedence:
 
-    URIs with a scheme (``http://``, ``https://``, ``sqlite://``, ``file:``, ``databricks``) pass
-    through unchanged.
+    1. ``tracking_uri`` (the job's ``--tracking-uri``, else the config's ``tracking.tracking_uri``);
+    2. the ``MLFLOW_TRACKING_URI`` environment variable, so that every job on a cluster whose
+       nodes export it logs to that server without being told;
+    3. ``sqlite:///<output_dir>/mlflow.db``.
+
+    A plain path (from 1 or 2) becomes an SQLite db in that folder. URIs with a scheme
+    (``http://``, ``https://``, ``sqlite://``, ``file:``, ``databricks``) pass through unchanged.
     """
+    if not tracking_uri:
+        tracking_uri = os.environ.get(TRACKING_URI_ENV, "").strip()
     if not tracking_uri:
         return _sqlite_uri(Path(output_dir))
     if "://" not in tracking_uri and not tracking_uri.startswith(("file:", "sqlite:", "databricks")):

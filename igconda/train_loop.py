@@ -33,7 +33,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from igconda import checkpoint as ckpt
@@ -335,7 +334,7 @@ class TrainingSession:
             raise ckpt.CheckpointError(
                 f"{directory}: checkpoint model config {stored.model} differs from the run's "
                 f"{self.config.model}; resume with the config the checkpoint was trained with")
-        self.module.load_state_dict(load_file(str(directory / ckpt.MODEL_FILE), device=str(self.device)))
+        self.module.load_state_dict(ckpt.load_weights(directory / ckpt.MODEL_FILE, self.device))
         state = ckpt.load_train_state(directory)
         if state is None:
             raise ckpt.CheckpointError(f"{directory}: no {ckpt.STATE_FILE}; cannot resume training")
@@ -352,7 +351,7 @@ class TrainingSession:
         if self.ema is not None:
             ema_file = directory / ckpt.EMA_FILE
             if ema_file.is_file():
-                self.ema.module.load_state_dict(load_file(str(ema_file), device=str(self.device)))
+                self.ema.module.load_state_dict(ckpt.load_weights(ema_file, self.device))
                 self.ema.n_averaged.fill_(int(state.get("ema_n_averaged", torch.tensor(0))))
             else:  # EMA switched on mid-training: start the average from the current weights
                 self.ema.module.load_state_dict(self.module.state_dict())

@@ -66,7 +66,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from igconda import tracking
-from igconda.checkpoint import CheckpointError, load_checkpoint_config
+from igconda.argtypes import TRACKING_URI_HELP, non_negative_float, positive_int
+from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import PREDICTION_SCHEMA, SPLITS, validate_predictions
 from igconda.evaluation import igconda_method
@@ -157,20 +158,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, help="output folder (created; re-runs resume)")
     p.add_argument("--config", help="study YAML; its infer/tracking sections override the checkpoint's")
     p.add_argument("--tuned", help="best.json from ray_jobs.tune (D, w, map kind, thresholds)")
-    p.add_argument("--noise-level", type=int, help="D, training-timestep units")
+    p.add_argument("--noise-level", type=positive_int, help="D, training-timestep units")
     p.add_argument("--guidance-scale", type=float, help="w (eps_u + w (eps_c - eps_u))")
-    p.add_argument("--stride", type=int, help="s, a divisor of D")
+    p.add_argument("--stride", type=positive_int, help="s, a divisor of D")
     p.add_argument("--map", dest="map_kind", choices=MAP_KINDS, default=None,
                    help="anomaly map kind (default: tuned, else infer.map_kind); every kind and "
                         "the w = 0 control are scored either way")
     p.add_argument("--threshold", type=float, default=None,
                    help="τ of the chosen map's lesion mask (default: tuned, else infer.threshold)")
     p.add_argument("--split", default="test", choices=SPLITS, help="split to run on")
-    p.add_argument("--batch-size", type=int, help="slices per predictor call")
-    p.add_argument("--concurrency", type=int, help="predictor actors")
-    p.add_argument("--num-gpus", type=float, help="GPUs per actor (fractions share a GPU)")
+    p.add_argument("--batch-size", type=positive_int, help="slices per predictor call")
+    p.add_argument("--concurrency", type=positive_int, help="predictor actors")
+    p.add_argument("--num-gpus", type=non_negative_float, help="GPUs per actor (fractions share a GPU)")
     p.add_argument("--device", default=None, help="torch device inside actors (default: auto)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: <output>/mlruns)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     p.add_argument("--experiment", default=None, help="MLflow experiment name")
     p.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this run")
     p.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
@@ -189,6 +190,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[StudyConfig, InferSettings
     checkpoint = Path(args.checkpoint)
     try:
         base = load_checkpoint_config(checkpoint)
+        # Here, not in each actor, where a damaged file would end the job with a remote traceback.
+        check_checkpoint(checkpoint)
     except (CheckpointError, ConfigError) as err:
         raise InferError(f"checkpoint {checkpoint}: {err}") from None
     infer: dict[str, Any] = {}

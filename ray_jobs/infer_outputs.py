@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -65,6 +66,16 @@ def metric_name(*parts: str) -> str:
 
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text), suffix=".tmp")
+
+
+def save_png(figure: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically: a failing or killed save keeps the old file.
+
+    The temp file ends in ``.tmp``, not ``.png``, so that one orphaned by a killed process is
+    never picked up by the report's ``figures/*.png`` glob; the format is therefore explicit.
+    """
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight"),
+                 suffix=".tmp")
 
 
 def write_tables(per_slice: pd.DataFrame, tables: Path, chosen: str) -> tuple[pd.DataFrame, dict[str, float]]:
@@ -143,13 +154,13 @@ def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
                 titles.append(f"{pid} z={z} ⌈DSC⌉={row['dsc_max']:.2f} Dice@τ={row['dice_tau']:.2f}")
             fig = report.qualitative_figure(np.stack(images), np.stack(masks), np.stack(cfs),
                                             np.stack(maps), np.stack(binar), titles)
-            fig.savefig(figures / f"qualitative_{cohort}.png", dpi=120, bbox_inches="tight")
+            save_png(fig, figures / f"qualitative_{cohort}.png")
             plt.close(fig)
         except Exception as err:
             errors[f"qualitative_{cohort}"] = f"{type(err).__name__}: {err}"
     try:
         fig = report.lesion_size_figure(per_slice[per_slice["dsc_max"].notna()])
-        fig.savefig(figures / "lesion_size.png", dpi=120, bbox_inches="tight")
+        save_png(fig, figures / "lesion_size.png")
         plt.close(fig)
     except Exception as err:
         errors["lesion_size"] = f"{type(err).__name__}: {err}"

@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from igconda import tracking
+from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import ConfigError, load_config
+from igconda.io_utils import atomic_write
 
 STAGES = ("cohorts", "preprocess", "train", "tune", "model", "infer", "report")
 SELF_LOGGING_STAGES = ("train", "tune", "infer")
@@ -110,9 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="study folder (created)")
     parser.add_argument("--manifest", help="use these cohorts instead of generating phantoms")
     parser.add_argument("--address", help="Ray address (default: start a local Ray)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: sqlite:///<output>/mlflow.db)")
+    parser.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     parser.add_argument("--experiment", default=None, help="MLflow experiment name")
-    parser.add_argument("--num-workers", type=int, default=None, help="training workers")
+    parser.add_argument("--num-workers", type=positive_int, default=None, help="training workers")
     parser.add_argument("--use-gpu", action="store_true", help="train and infer on GPUs")
     parser.add_argument("--force", choices=STAGES, help="re-run this stage and all later ones")
     parser.add_argument("--skip-tune", action="store_true",
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         stage("report", False, report)
         total = time.perf_counter() - started
         tracking.log_metrics({"time_s/total": total})
-        (paths.root / "timings.json").write_text(json.dumps({**timings, "total": total}, indent=2))
+        text = json.dumps({**timings, "total": total}, indent=2)
+        atomic_write(paths.root / "timings.json", lambda tmp: tmp.write_text(text), suffix=".tmp")
 
     _banner(f"study finished in {total / 60:.1f} min")
     print(f"    report:  {paths.report}")

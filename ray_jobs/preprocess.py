@@ -21,6 +21,7 @@ import json
 import logging
 import sys
 
+from igconda.argtypes import non_negative_float
 from igconda.config import ConfigError, load_config
 from igconda.data.build import PreprocessingError, run_preprocessing, summary_to_dict
 from igconda.data.manifest import ManifestError
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="study YAML (default: the paper's settings)")
     parser.add_argument("--strict", action="store_true", help="fail, writing nothing, if any patient is rejected")
     parser.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
-    parser.add_argument("--num-cpus-per-volume", type=float, default=None,
+    parser.add_argument("--num-cpus-per-volume", type=non_negative_float, default=None,
                         help="CPUs per Ray task (default: preprocess.num_cpus_per_volume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

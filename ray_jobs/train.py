@@ -50,9 +50,10 @@ from typing import Any
 
 from igconda import checkpoint as ckpt
 from igconda import tracking
+from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
-from igconda.io_utils import replace_dir
+from igconda.io_utils import atomic_write, replace_dir
 from igconda.train_loop import (
     SCORE_METRIC,
     TRAIN_COLUMNS,
@@ -76,20 +77,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="preprocessed dataset folder or URI (has slices/)")
     parser.add_argument("--output", required=True, help="local/NFS folder for best/, MLflow store, records")
     parser.add_argument("--config", default=None, help="study YAML (default: the paper's settings)")
-    parser.add_argument("--num-workers", type=int, default=None, help="DDP workers (default: train.num_workers)")
+    parser.add_argument("--num-workers", type=positive_int, default=None, help="DDP workers (default: train.num_workers)")
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker, NCCL, mixed precision")
-    parser.add_argument("--cpus-per-worker", type=float, default=None,
+    parser.add_argument("--cpus-per-worker", type=positive_float, default=None,
                         help="CPUs Ray reserves per worker (default: 1, or less on a small machine "
                              "so that one CPU stays free for Ray Data's readers)")
-    parser.add_argument("--torch-threads", type=int, default=None,
+    parser.add_argument("--torch-threads", type=positive_int, default=None,
                         help="intra-op threads per worker (default: max(1, cpus-per-worker))")
-    parser.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="override train.epochs")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--storage-path", default=None, help="Ray Train storage (local, NFS or s3://…)")
     parser.add_argument("--run-name", default="train", help="Ray Train run name under the storage path")
-    parser.add_argument("--keep-checkpoints", type=int, default=3,
+    parser.add_argument("--keep-checkpoints", type=positive_int, default=3,
                         help="best checkpoints to keep by valid_loss (the latest is always kept)")
-    parser.add_argument("--tracking-uri", default=None, help="MLflow URI (default: <output>/mlflow.db)")
+    parser.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment)")
     parser.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this run")
     parser.add_argument("--register-model", default=None, metavar="NAME",
@@ -186,6 +187,23 @@ def oversample_unhealthy(train: Any, counts: dict[int, int]) -> tuple[Any, int]:
         return train, 1
     minority = train.filter(expr=f"label == {UNHEALTHY}")
     return train.filter(expr=f"label == {HEALTHY}").union(*([minority] * repeats)), repeats
+
+
+def _latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
+    """The local folder of the checkpoint Ray Train resumes a run from, or None if unknown.
+
+    Read from Ray's ``checkpoint_manager_snapshot.json`` (``latest_checkpoint_result``); None for
+    remote storage (s3://…, not read here) or a snapshot in a layout this code does not know,
+    in which case the workers' own restore still names a damaged file.
+    """
+    if "://" in storage_path:
+        return None
+    try:
+        snapshot = json.loads(Path(storage_path, run_name, _SNAPSHOT).read_text())
+        name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return Path(storage_path, run_name, name) if isinstance(name, str) and name else None
 
 
 def _storage_path(args: argparse.Namespace, output: Path) -> str:
@@ -320,8 +338,11 @@ def run(args: argparse.Namespace) -> Path:
                          "pass --resume to continue it, or choose another --output/--run-name")
     if args.resume and not exists:
         raise UsageError(f"--resume: no checkpoints found under {_join(storage_path, args.run_name)}")
-    if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
-        raise UsageError("--cpus-per-worker must be positive")
+    if args.resume:
+        latest = _latest_checkpoint(storage_path, args.run_name)
+        if latest is not None:
+            # On the workers a damaged checkpoint would fail every restart attempt in turn.
+            ckpt.check_checkpoint(latest, resume=True)
 
     data_hash = dataset_version(args.data)
     mlflow_cfg = None
@@ -373,8 +394,9 @@ def _open_mlflow_run(args: argparse.Namespace, config: StudyConfig, output: Path
     logger.log_params({**config.flat(), "job.data": args.data, "job.storage_path": storage_path,
                        "job.run_name": args.run_name, "job.cpus_per_worker": args.cpus_per_worker,
                        "job.smoke_test": args.smoke_test})
-    record.write_text(json.dumps({"tracking_uri": tracking_uri, "run_id": run_id,
-                                  "experiment": experiment}, indent=2))
+    text = json.dumps({"tracking_uri": tracking_uri, "run_id": run_id, "experiment": experiment}, indent=2)
+    # --resume reads it back: a half-written record would fail that, or start a second run.
+    atomic_write(record, lambda tmp: tmp.write_text(text), suffix=".tmp")
     return {"tracking_uri": tracking_uri, "run_id": run_id}
 
 

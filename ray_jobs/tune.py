@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from igconda.checkpoint import CheckpointError, load_checkpoint_config
+from igconda.argtypes import TRACKING_URI_HELP, non_negative_int
+from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
 from igconda.config import ConfigError, load_config
 
 
@@ -36,11 +37,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output folder (created)")
     parser.add_argument("--config", help="study YAML whose tune section applies "
                                          "(default: the checkpoint's config)")
-    parser.add_argument("--tracking-uri", default="", help="MLflow URI (default: <output>/mlruns)")
+    parser.add_argument("--tracking-uri", default="", help=TRACKING_URI_HELP)
     parser.add_argument("--experiment", default=None, help="MLflow experiment name")
     parser.add_argument("--parent-run-id", default=None, help="nest the tune run under this run")
     parser.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
-    parser.add_argument("--max-slices", type=int, default=None, help="override tune.max_slices")
+    parser.add_argument("--max-slices", type=non_negative_int, default=None, help="override tune.max_slices")
     parser.add_argument("--trial-per-pair", action="store_true",
                         help="one trial per (D, w) instead of one per D decoding every w "
                              "(more parallel trials, but each re-encodes)")
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         study = load_config(args.config) if args.config else load_checkpoint_config(args.checkpoint)
         if args.max_slices is not None:
             study = study.replace("tune", max_slices=args.max_slices)
+        check_checkpoint(args.checkpoint)  # before the trials each load it
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -12,6 +12,11 @@ from igconda.config import StudyConfig, load_config
 REPO = Path(__file__).resolve().parents[1]
 STS_CROPS = REPO.parent / "shared" / "data" / "sts-crops"
 
+# The jobs honour MLFLOW_TRACKING_URI when no --tracking-uri is given (igconda.tracking); a
+# developer's or CI's exported server must not receive the tests' runs, nor change what they
+# check. Removed before any Ray runtime starts, so its workers do not inherit it either.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
 
 @pytest.fixture(scope="session")
 def repo_root() -> Path:

@@ -151,7 +151,7 @@ def test_overrides_apply_on_top_of_a_file():
 
 def _with(section: str, key: str, value) -> dict:
     data = copy.deepcopy(_paper_dict())
-    data[section][key] = value
+    data.setdefault(section, {})[key] = value
     return data
 
 
@@ -178,6 +178,24 @@ BAD_CONFIGS = [
     ("betas reversed", _with("train", "beta_start", 0.5), r"beta_start < beta_end"),
     ("p_uncond of 1", _with("train", "cond_drop_prob", 1.0), r"train\.cond_drop_prob must be in \[0, 1\)"),
     ("fractions over 1", _with("preprocess", "valid_fraction", 0.5), r"train \+ valid fractions must be < 1"),
+    ("no valid split", _with("preprocess", "valid_fraction", 0.0),
+     r"preprocess\.valid_fraction 0\.0 leaves no validation patients.*set it > 0"),
+    ("tune stride 0", _with("tune", "stride", 0), r"tune\.stride s=0 must be >= 1"),
+    ("tune stride negative", _with("tune", "stride", -10), r"tune\.stride s=-10 must be >= 1"),
+    ("infer stride 0", _with("infer", "stride", 0), r"infer\.stride s=0 must be >= 1"),
+    ("infer stride negative", _with("infer", "stride", -4), r"infer\.stride s=-4 must be >= 1"),
+    ("negative infer GPUs", _with("infer", "num_gpus_per_actor", -1),
+     r"infer: num_gpus_per_actor -1\.0 .* must be >= 0"),
+    ("negative infer CPUs", _with("infer", "num_cpus_per_actor", -0.5),
+     r"num_cpus_per_actor -0\.5 must be >= 0"),
+    ("negative tune GPUs", _with("tune", "gpus_per_trial", -0.25), r"tune: gpus_per_trial -0\.25 .* must be >= 0"),
+    ("negative tune CPUs", _with("tune", "cpus_per_trial", -1), r"cpus_per_trial -1\.0 must be >= 0"),
+    ("negative preprocess CPUs", _with("preprocess", "num_cpus_per_volume", -1),
+     r"preprocess\.num_cpus_per_volume -1\.0 must be >= 0"),
+    ("no tune samples", _with("tune", "num_samples", 0), r"tune\.num_samples 0 must be >= 1"),
+    ("negative phantom seed", _with("phantoms", "seed", -1), r"phantoms\.seed -1 must be >= 0"),
+    ("negative preprocess seed", _with("preprocess", "seed", -3), r"preprocess\.seed -3 must be >= 0"),
+    ("negative train seed", _with("train", "seed", -1), r"train\.seed -1 must be >= 0"),
     ("unknown axial extent", _with("preprocess", "axial_extent", "full"),
      r"preprocess\.axial_extent 'full' must be 'whole' or 'crop'"),
     ("unknown fov centre", _with("preprocess", "fov_centre", "centre"),

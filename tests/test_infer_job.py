@@ -195,3 +195,45 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
         assert (output / "slices" / f"{pid}.parquet").stat().st_mtime_ns == before[pid]
     assert "2 already complete, 1 to run" in capsys.readouterr().out
     assert pd.read_csv(output / "tables" / "methods.csv").shape == methods.shape
+
+
+def test_a_truncated_checkpoint_is_refused_before_any_actor_starts(study, tmp_path, capsys):
+    import shutil
+
+    _, checkpoint, data = study
+    damaged = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert infer.main(["--checkpoint", str(damaged), "--data", str(data), "--output",
+                       str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{weights}: the checkpoint is damaged" in err and "Traceback" not in err
+
+
+class _FailingFigure:
+    """A figure whose save dies half-way, as on a full disk or a killed process."""
+
+    def savefig(self, path, **kwargs):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+
+def test_figures_are_saved_atomically(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ray_jobs.infer_outputs import save_png
+
+    target = tmp_path / "qualitative_lung.png"
+    fig = plt.figure(figsize=(1, 1))
+    save_png(fig, target)
+    plt.close(fig)
+    previous = target.read_bytes()
+    assert previous.startswith(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(OSError, match="No space left"):
+        save_png(_FailingFigure(), target)
+    assert target.read_bytes() == previous  # the previous figure, whole
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temp file for *.png globs

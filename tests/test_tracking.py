@@ -16,11 +16,25 @@ import pytest
 from igconda import tracking
 
 
-def test_resolve_tracking_uri(tmp_path):
+def test_resolve_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
     assert tracking.resolve_tracking_uri("", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert tracking.resolve_tracking_uri(str(tmp_path / "store"), "ignored").endswith("/store/mlflow.db")
     for uri in ("http://127.0.0.1:5000", "sqlite:///x.db", "file:///tmp/mlruns", "databricks"):
         assert tracking.resolve_tracking_uri(uri, tmp_path) == uri
+
+
+def test_mlflow_tracking_uri_is_used_when_no_uri_is_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
+    # explicit (--tracking-uri / tracking.tracking_uri) > MLFLOW_TRACKING_URI > local SQLite
+    assert tracking.resolve_tracking_uri("", tmp_path) == "http://10.0.0.5:5000"
+    assert tracking.resolve_tracking_uri(None, tmp_path) == "http://10.0.0.5:5000"
+    assert tracking.resolve_tracking_uri("http://other:5000", tmp_path) == "http://other:5000"
+    assert not (tmp_path / tracking.LOCAL_DB).exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", str(tmp_path / "envstore"))  # a path, as for --tracking-uri
+    assert tracking.resolve_tracking_uri("", tmp_path) == f"sqlite:///{(tmp_path / 'envstore').resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")  # set but empty: the default
+    assert tracking.resolve_tracking_uri("", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -174,8 +175,46 @@ def parse_manifest(path: str | Path) -> tuple[list[ManifestEntry], list[Manifest
             else:
                 keep.append(e)
         entries = keep
+    entries, shared = _reject_shared_pet_files(path, entries)
+    errors += shared
     errors.sort(key=lambda err: err.row or 0)
     return entries, errors
+
+
+def _file_key(file: str) -> tuple[int, int] | str:
+    """What identifies a file: device and inode when it exists (so a symlink, a hard link or
+    another spelling of the path is the same file), else its normalised path."""
+    try:
+        st = os.stat(file)
+    except OSError:
+        return os.path.realpath(file)
+    return (st.st_dev, st.st_ino)
+
+
+def _reject_shared_pet_files(path: Path, entries: list[ManifestEntry]
+                             ) -> tuple[list[ManifestEntry], list[ManifestError]]:
+    """Reject every row whose PET file is also another patient id's.
+
+    One scan under two ids would be split as two patients and could land in train and in test
+    (a leak that inflates every test metric); there is no telling which id is right, so all of
+    them are refused, each error naming the others.
+    """
+    by_file: dict[tuple[int, int] | str, list[ManifestEntry]] = {}
+    for e in entries:
+        by_file.setdefault(_file_key(e.pet_path), []).append(e)
+    errors: list[ManifestError] = []
+    keep = []
+    for e in entries:
+        sharing = by_file[_file_key(e.pet_path)]
+        if len(sharing) == 1:
+            keep.append(e)
+            continue
+        ids = ", ".join(f"{o.patient_id!r} (line {o.row})" for o in sharing)
+        errors.append(ManifestError(
+            path, e.row, f"the PET file {e.pet_path} is listed under patient ids {ids}: one scan "
+                         f"under two ids could leak into both train and test; keep one row for it",
+            e.patient_id))
+    return keep, errors
 
 
 def read_manifest(path: str | Path) -> list[ManifestEntry]:

@@ -9,7 +9,8 @@ Checks (see :func:`load_pet` and :func:`load_mask`):
 * the file exists and nibabel can read it (a truncated ``.nii.gz`` fails while decompressing);
 * the image is 3D; a 4D image whose trailing dimension is 1 is squeezed to 3D and the squeeze is
   reported through :attr:`LoadedVolume.notes`; 2D and true 4D images are rejected;
-* PET has no NaN/Inf and is not all zero;
+* PET has no NaN/Inf and is not all zero, and its values are on the SUV scale: a CT in Hounsfield
+  units or an image in Bq/mL given as PET is refused (:func:`check_suv_scale`);
 * a mask has its PET's shape and affine (within ``AFFINE_TOLERANCE_MM``) and holds only 0/1
   (bool and 0/1 floats are accepted).
 """
@@ -25,6 +26,23 @@ import numpy as np
 #: Largest allowed difference (mm) between a mask's and its PET's affine entries. Scanners and
 #: converters round the affine differently; 1e-3 mm is far below any voxel size.
 AFFINE_TOLERANCE_MM = 1e-3
+
+
+#: A PET in SUV is >= 0 up to reconstruction noise (FBP, or OSEM without a non-negativity
+#: constraint, can give a few voxels of about -1 SUV). A CT in Hounsfield units has air at -1000
+#: and lung near -800, and fat at about -100 covers a large share of any body region. A volume is
+#: taken as HU, not SUV, when BOTH hold: more than CT_NEGATIVE_FRACTION of its voxels are below
+#: CT_NEGATIVE_HU, and its minimum is below CT_MIN_HU. Either alone could be met by odd but
+#: genuine PET (one outlier voxel; a strongly negative-biased reconstruction), both together not.
+CT_NEGATIVE_HU = -50.0
+CT_NEGATIVE_FRACTION = 0.01
+CT_MIN_HU = -500.0
+#: SUV is uptake relative to the body's mean: even the bladder or kidneys of a PSMA scan stay in
+#: the hundreds, and only a handful of voxels at that. An image with more than SUV_HIGH_FRACTION
+#: of its voxels above SUV_IMPLAUSIBLE is in activity units (Bq/mL: thousands in soft tissue) or
+#: is not a PET at all.
+SUV_IMPLAUSIBLE = 1000.0
+SUV_HIGH_FRACTION = 0.001
 
 
 class VolumeError(ValueError):
@@ -109,7 +127,32 @@ def load_pet(path: str | Path) -> LoadedVolume:
         raise VolumeError(path, f"PET contains {bad} NaN/Inf voxel(s)")
     if not np.any(data):
         raise VolumeError(path, "PET is all zero (empty scan)")
+    check_suv_scale(data, path)
     return LoadedVolume(data=data, affine=affine, path=str(path), notes=notes)
+
+
+def check_suv_scale(data: np.ndarray, path: str | Path) -> None:
+    """Refuse a volume whose values are not SUV: a CT (Hounsfield units) or an activity image.
+
+    The rules and their thresholds are those of :data:`CT_NEGATIVE_HU`, :data:`CT_MIN_HU` and
+    :data:`SUV_IMPLAUSIBLE` (see there why); small negative reconstruction noise passes.
+
+    Raises:
+        VolumeError: naming ``path``, the evidence and the fix.
+    """
+    size = data.size
+    negative = float(np.count_nonzero(data < CT_NEGATIVE_HU)) / size
+    low = float(data.min())
+    if negative > CT_NEGATIVE_FRACTION and low < CT_MIN_HU:
+        raise VolumeError(path, f"does not look like a PET in SUV: {negative:.0%} of its voxels are "
+                                f"below {CT_NEGATIVE_HU:g} and its minimum is {low:.4g}, as in a CT in "
+                                f"Hounsfield units; give the PET image (in SUV) as pet_path, not the CT")
+    high = float(np.count_nonzero(data > SUV_IMPLAUSIBLE)) / size
+    if high > SUV_HIGH_FRACTION:
+        raise VolumeError(path, f"does not look like a PET in SUV: {high:.2%} of its voxels are above "
+                                f"{SUV_IMPLAUSIBLE:g} (maximum {float(data.max()):.4g}), which is no "
+                                f"SUV; convert it to SUV first (e.g. from Bq/mL: multiply by body "
+                                f"weight in g / injected dose in Bq, decay-corrected)")
 
 
 def load_mask(path: str | Path, pet: LoadedVolume, binarize: bool = False) -> LoadedVolume:

@@ -42,3 +42,17 @@ def write_manifest_csv(path: Path, rows: list[tuple[str, str, str, str, str, str
     lines = ["patient_id,cohort,tracer,pet_path,mask_path,role"] + [",".join(r) for r in rows]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def ct_like(shape=(24, 24, 20), seed=0) -> np.ndarray:
+    """A CT in Hounsfield units: air (-1000) around a soft-tissue body (~40) with a fat rim
+    (-100) and lungs (-800); what a manifest pointing at the wrong file of a PET/CT gives."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(np.float32)
+    centre = [(n - 1) / 2 for n in shape[:2]]
+    r2 = ((grid[0] - centre[0]) ** 2 + (grid[1] - centre[1]) ** 2) / (min(shape[:2]) / 2) ** 2
+    ct = np.full(shape, -1000.0, np.float32)
+    ct[r2 < 0.8] = -100.0
+    ct[r2 < 0.6] = 40.0
+    ct[(r2 < 0.2) & (grid[2] > shape[2] / 2)] = -800.0
+    return ct + rng.normal(0, 10, shape).astype(np.float32)

@@ -144,3 +144,29 @@ def test_builder_without_pet_files(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ManifestError, match="no PET files"):
         build_hecktor_manifest(tmp_path / "empty")
+
+
+def test_one_pet_file_under_two_patient_ids_rejects_both_naming_both(tmp_path):
+    write_nifti(tmp_path / "images" / "P1.nii.gz", np.ones((4, 4, 4), np.float32))
+    (tmp_path / "images" / "alias.nii.gz").symlink_to(tmp_path / "images" / "P1.nii.gz")
+    f = write_manifest_csv(tmp_path / "m.csv", [
+        ROW,
+        ("P2", "a", "FDG", "q.nii.gz", "", "internal"),
+        ("P1-copy", "lymphoma", "FDG", "./images/../images/P1.nii.gz", "", "internal"),
+        ("P1-link", "lymphoma", "FDG", str(tmp_path / "images" / "alias.nii.gz"), "", "external"),
+    ])
+    entries, errors = parse_manifest(f)
+    assert [e.patient_id for e in entries] == ["P2"]
+    assert [e.row for e in errors] == [2, 4, 5]
+    for err in errors:
+        assert "'P1' (line 2)" in err.problem and "'P1-copy' (line 4)" in err.problem
+        assert "'P1-link' (line 5)" in err.problem and "leak" in err.problem
+    assert {e.patient_id for e in errors} == {"P1", "P1-copy", "P1-link"}
+    with pytest.raises(ManifestError, match="line 2: the PET file .*P1.nii.gz is listed under"):
+        read_manifest(f)
+
+
+def test_distinct_missing_pet_files_are_not_taken_as_shared(tmp_path):
+    f = write_manifest_csv(tmp_path / "m.csv", [ROW, ("P2", "a", "FDG", "q.nii.gz", "", "internal")])
+    entries, errors = parse_manifest(f)
+    assert [e.patient_id for e in entries] == ["P1", "P2"] and errors == []

@@ -18,6 +18,7 @@ from igconda.data.io import read_dataset_info, read_split, split_path
 from igconda.data.schema import SPLITS, UNHEALTHY, stack_images, validate_table
 from tests.data.nifti_fixtures import (
     LPS,
+    ct_like,
     pet_and_mask,
     write_manifest_csv,
     write_nifti,
@@ -35,6 +36,9 @@ BAD = {
     "bad_values": "not binary",
     "bad_dup": "duplicate patient_id",
     "bad_role": "unknown role",
+    "bad_ct": "Hounsfield",  # the CT of a PET/CT given as the PET
+    "bad_alias_a": "is listed under patient ids 'bad_alias_a' (line",  # one scan, two ids
+    "bad_alias_b": "'bad_alias_b' (line",
 }
 
 
@@ -62,6 +66,11 @@ def make_study(root: Path, bad: bool = True) -> Path:
         rows.append(("bad_values", "lung", "FDG", "images/bad_values.nii.gz", "labels/bad_values.nii.gz", "internal"))
         rows += [("bad_dup", "lung", "FDG", "images/lung0.nii.gz", "", "internal")] * 2
         rows.append(("bad_role", "lung", "FDG", "images/lung0.nii.gz", "", "holdout"))
+        write_nifti(root / "images/bad_ct.nii.gz", ct_like(), LPS)
+        rows.append(("bad_ct", "lung", "FDG", "images/bad_ct.nii.gz", "", "internal"))
+        write_nifti(root / "images/alias.nii.gz", pet, LPS)
+        rows += [("bad_alias_a", "lung", "FDG", "images/alias.nii.gz", "", "internal"),
+                 ("bad_alias_b", "lymphoma", "FDG", "images/alias.nii.gz", "", "external")]
     return write_manifest_csv(root / "manifest.csv", rows)
 
 
@@ -83,6 +92,16 @@ def test_process_patient_writes_one_file_or_reports_the_problem(tmp_path):
     assert set(table.column("split").to_pylist()) == {"valid"}
     r = process_patient({**item, "pet_path": str(tmp_path / "gone.nii.gz")}, CONFIG, tmp_path / "ds")
     assert not r["ok"] and r["file"].endswith("gone.nii.gz") and "not found" in r["problem"]
+
+
+def test_a_ct_given_as_pet_is_reported_not_raised(tmp_path):
+    ct = write_nifti(tmp_path / "ct.nii.gz", ct_like(), LPS)
+    item = {"row": 2, "patient_id": "p1", "cohort": "c", "tracer": "FDG", "role": "internal",
+            "pet_path": str(ct), "mask_path": "", "split": "train"}
+    r = process_patient(item, CONFIG, tmp_path / "ds")
+    assert not r["ok"] and r["file"] == str(ct) and "Hounsfield" in r["problem"]
+    assert not r["traceback"]  # a known bad input, not an unexpected error
+    assert not (tmp_path / "ds").exists()
 
 
 def _result(pid, cohort, role, split, unhealthy, voxels=10, outside=0):

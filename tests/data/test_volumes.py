@@ -143,3 +143,34 @@ def test_volume_error_pickles_with_fields():
 
     err = pickle.loads(pickle.dumps(VolumeError("/x.nii.gz", "bad")))
     assert (err.path, err.problem) == ("/x.nii.gz", "bad")
+
+
+def test_a_ct_in_hounsfield_units_is_refused_as_pet(tmp_path):
+    from tests.data.nifti_fixtures import ct_like
+
+    f = write_nifti(tmp_path / "ct.nii.gz", ct_like())
+    err = _err(load_pet, f)
+    assert err.path == str(f)
+    assert "does not look like a PET in SUV" in err.problem and "Hounsfield" in err.problem
+    # A CT cropped to the body (no air at -1000, but fat and lung) is refused too.
+    body = ct_like(shape=(40, 40, 20))[10:30, 10:30]
+    assert "Hounsfield" in _err(load_pet, write_nifti(tmp_path / "body.nii.gz", body)).problem
+
+
+def test_an_activity_image_in_bq_per_ml_is_refused_as_pet(tmp_path):
+    pet, _ = pet_and_mask()
+    f = write_nifti(tmp_path / "bqml.nii.gz", pet * 5000.0)  # SUV ~1 -> ~5000 Bq/mL
+    err = _err(load_pet, f)
+    assert "does not look like a PET in SUV" in err.problem and "convert it to SUV" in err.problem
+
+
+def test_small_negative_reconstruction_noise_and_hot_spots_still_pass(tmp_path):
+    pet, _ = pet_and_mask()
+    rng = np.random.default_rng(1)
+    noisy = pet + rng.normal(0, 0.5, pet.shape).astype(np.float32)  # many voxels slightly < 0
+    noisy[0, 0, :5] = -60.0  # and a few outliers, as a streak artefact might give
+    noisy[1, 1, 0] = -900.0
+    noisy[5, 5, 5] = 2500.0  # one implausibly hot voxel alone is not a unit problem
+    assert (noisy < 0).mean() > 0.01
+    pet_loaded = load_pet(write_nifti(tmp_path / "noisy.nii.gz", noisy))
+    assert pet_loaded.data.min() == -900.0
