@@ -16,7 +16,7 @@ calibrated on the tune split (``--tuned best.json``) beside ⌈DSC⌉.
 Stale results are recognised by the settings stamped into each file (including a digest of the
 checkpoint's weights), so changing D or retraining into the same folder recomputes everything.
 
-Run (local Ray, local MLflow store under ``OUT/mlruns``)::
+Run (local Ray, local MLflow store ``OUT/mlflow.db`` with artifacts in ``OUT/mlartifacts``)::
 
     python -m ray_jobs.infer --checkpoint runs/train/best --data runs/data --output runs/infer \\
         --tuned runs/tune/best.json
@@ -170,7 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, help="predictor actors")
     p.add_argument("--num-gpus", type=float, help="GPUs per actor (fractions share a GPU)")
     p.add_argument("--device", default=None, help="torch device inside actors (default: auto)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: <output>/mlruns)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow URI (default: tracking.tracking_uri, else "
+                        "sqlite:///<output>/mlflow.db)")
     p.add_argument("--experiment", default=None, help="MLflow experiment name")
     p.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this run")
     p.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")

@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="output folder (created)")
     parser.add_argument("--config", help="study YAML whose tune section applies "
                                          "(default: the checkpoint's config)")
-    parser.add_argument("--tracking-uri", default="", help="MLflow URI (default: <output>/mlruns)")
+    parser.add_argument("--tracking-uri", default="", help="MLflow URI (default: tracking.tracking_uri, else "
+                             "sqlite:///<output>/mlflow.db)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment name")
     parser.add_argument("--parent-run-id", default=None, help="nest the tune run under this run")
     parser.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")

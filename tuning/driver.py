@@ -116,7 +116,8 @@ def run_tuning(
         output_dir: where the results go (created).
         study: config whose ``tune`` (and ``tracking``, ``infer.batch_size``) sections apply;
             default the checkpoint's own config.
-        tracking_uri: MLflow URI; empty = ``<output_dir>/mlruns``.
+        tracking_uri: MLflow URI; empty = ``study.tracking.tracking_uri``, and when that is
+            empty too, the SQLite store ``sqlite:///<output_dir>/mlflow.db``.
         experiment: MLflow experiment; default ``study.tracking.experiment``.
         parent_run_id: make the tune run a child of this run (the pipeline's).
         share_encoding: one trial per D decoding every w (grid search only).
