@@ -5,8 +5,8 @@ Measures, in one run:
 1. ``preprocess_volume`` on the sts-crops patients in this process (one core, no Ray): the
    per-volume cost at the paper's sizes (2 x 2 x 3 mm, crop 192 x 192 x 288, 64 x 64 x 96) and at a
    small size (4 mm, 64 x 64 x 96 crop, 32 x 32 x 48);
-2. the Ray Data job (``run_preprocessing``: one task per volume, Parquet writing included) at
-   both sizes, on a local Ray with ``--num-cpus`` CPUs;
+2. the Ray Data job (``ray_jobs.preprocess.run_preprocessing``: one task per volume, Parquet
+   writing included) at both sizes, on a local Ray with ``--num-cpus`` CPUs;
 3. reading the paper-size train+valid+tune+test Parquet into (B, 1, H, W) float32 torch batches
    of 64: Ray Data ``read_parquet(...).iter_torch_batches`` vs plain ``pyarrow.parquet`` +
    ``torch.from_numpy``, same files, same batch size; reported as a ratio; plus Ray Data over a
@@ -34,10 +34,10 @@ import pyarrow.parquet as pq
 import torch
 
 from igconda.config import PreprocessConfig
-from igconda.data.build import run_preprocessing
 from igconda.data.manifest import read_manifest
 from igconda.data.preprocess import preprocess_volume
 from igconda.data.schema import SPLITS, stack_images
+from ray_jobs.preprocess import run_preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MANIFEST = Path(os.environ.get("IGCONDA_STS_CROPS", REPO.parent / "shared" / "data" / "sts-crops")) / "manifest.csv"

@@ -41,8 +41,10 @@ Empty cases (the metrics are meant for unhealthy slices only):
   that of the whole slice if the constant is ≥ 0.1, else 0;
 * all-ones mask: its boundary is the image's outer ring of pixels.
 
-Maps are thresholded as given: they are expected in [0, 1] (anomaly maps are normalised per
-slice by the inference code), but nothing here rescales them.
+Maps are thresholded as given: they are expected in [0, 1], and nothing here rescales them.
+IgCONDA's maps are absolute or positive differences of [0, 1] images clipped to [0, 1]
+(:func:`igconda.diffusion.ddim.anomaly_maps`), not rescaled per slice; the 41 % SUVmax map is
+binary and the raw-intensity control is the min–max scaled PET.
 """
 
 from __future__ import annotations

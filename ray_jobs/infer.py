@@ -16,7 +16,7 @@ calibrated on the tune split (``--tuned best.json``) beside ⌈DSC⌉.
 Stale results are recognised by the settings stamped into each file (including a digest of the
 checkpoint's weights), so changing D or retraining into the same folder recomputes everything.
 
-Run (local Ray, local MLflow store under ``OUT/mlruns``)::
+Run (local Ray, local MLflow store ``OUT/mlflow.db`` with artifacts in ``OUT/mlartifacts``)::
 
     python -m ray_jobs.infer --checkpoint runs/train/best --data runs/data --output runs/infer \\
         --tuned runs/tune/best.json

@@ -12,6 +12,10 @@ Writes ``<output>/slices/<split>/<patient_id>.parquet``, ``splits.csv``, ``rejec
 ``dataset.json`` (see docs/data.md). Bad patients are skipped and listed in ``rejects.csv``.
 Exit status: 0 on success; 1 if nothing survived or, with ``--strict``, if any patient was
 rejected (then nothing is written); 2 for an unusable manifest or config.
+
+The job is Ray Data's map over the patients (:func:`map_on_ray_data`, one task per volume)
+handed to :func:`igconda.data.build.build_dataset`, which plans the splits, writes the files and
+the summary, and runs the same without Ray.
 """
 
 from __future__ import annotations
@@ -20,11 +24,77 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from igconda.argtypes import non_negative_float
-from igconda.config import ConfigError, load_config
-from igconda.data.build import PreprocessingError, run_preprocessing, summary_to_dict
+from igconda.config import ConfigError, PreprocessConfig, StudyConfig, load_config
+from igconda.data.build import (
+    PreprocessingError,
+    PreprocessSummary,
+    build_dataset,
+    process_patient,
+    summary_to_dict,
+)
 from igconda.data.manifest import ManifestError
+
+
+def map_on_ray_data(items: list[dict[str, Any]], config: PreprocessConfig, root: str, *,
+                    num_cpus: float, progress: bool = True) -> Iterator[dict[str, Any]]:
+    """Run :func:`igconda.data.build.process_patient` on every item, one Ray Data task each.
+
+    A :data:`igconda.data.build.PatientMap` once ``num_cpus`` and ``progress`` are bound. Uses
+    the running Ray instance (``ray.init`` is called with defaults if none is running). Results
+    come back as the tasks finish, with numpy scalars turned into Python values.
+
+    Args:
+        items: manifest rows with their planned ``split`` (one task, and one block, each).
+        config: preprocessing settings.
+        root: the dataset folder being built; every Ray node must see it.
+        num_cpus: CPUs Ray reserves per task.
+        progress: whether the caller shows its own progress bar (then Ray Data's are off, so
+            that there is one progress display, not two).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    ctx = ray.data.DataContext.get_current()
+    ray_bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = not progress  # one progress display, not two
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
+            process_patient, fn_kwargs={"config": config, "root": root}, num_cpus=num_cpus)
+        for row in ds.iter_rows():
+            yield {k: (v.item() if isinstance(v, np.generic) else v) for k, v in dict(row).items()}
+    finally:
+        ctx.enable_progress_bars = ray_bars
+
+
+def run_preprocessing(manifest: str | Path, output: str | Path, config: StudyConfig | PreprocessConfig,
+                      *, strict: bool = False, num_cpus_per_volume: float | None = None,
+                      progress: bool = True) -> PreprocessSummary:
+    """Preprocess every patient of a manifest on Ray Data and write the slice dataset.
+
+    :func:`igconda.data.build.build_dataset` with :func:`map_on_ray_data`; arguments, return
+    value and errors as there, plus:
+
+    Args:
+        num_cpus_per_volume: CPUs reserved per Ray task (default ``config.num_cpus_per_volume``).
+
+    Raises:
+        PreprocessingError: also when ``num_cpus_per_volume`` is not positive.
+    """
+    pcfg = config.preprocess if isinstance(config, StudyConfig) else config
+    cpus = pcfg.num_cpus_per_volume if num_cpus_per_volume is None else num_cpus_per_volume
+    if cpus <= 0:
+        raise PreprocessingError(f"num_cpus_per_volume must be positive, got {cpus}")
+    return build_dataset(manifest, output, pcfg, strict=strict, progress=progress,
+                         map_patients=partial(map_on_ray_data, num_cpus=cpus, progress=progress))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,13 +54,8 @@ from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.io_utils import atomic_write, replace_dir
-from igconda.train_loop import (
-    SCORE_METRIC,
-    TRAIN_COLUMNS,
-    VALID_COLUMNS,
-    dataset_version,
-    train_func,
-)
+from igconda.train_loop import SCORE_METRIC, TRAIN_COLUMNS, VALID_COLUMNS, dataset_version
+from ray_jobs.train_worker import train_func
 
 RUN_RECORD = "mlflow_run.json"
 # Ray Train's record of reported checkpoints; its presence means a run exists to resume.
@@ -226,7 +221,7 @@ def build_trainer(
     fault: dict[str, Any] | None = None,
     data_version: str | None = None,
 ) -> Any:
-    """A ``TorchTrainer`` for :func:`igconda.train_loop.train_func` over ``<data>/slices``.
+    """A ``TorchTrainer`` for :func:`ray_jobs.train_worker.train_func` over ``<data>/slices``.
 
     Args:
         config: study config (``train.num_workers``, ``train.use_gpu``, ``train.max_failures``).
@@ -238,7 +233,7 @@ def build_trainer(
         torch_threads: intra-op threads per worker (default ``max(1, int(cpus_per_worker))``).
         keep_checkpoints: how many of the best checkpoints (by valid loss) to keep.
         smoke_test: limit both splits to a few batches.
-        fault: test hook, see :func:`igconda.train_loop._maybe_inject_fault`.
+        fault: test hook, see :func:`ray_jobs.train_worker._maybe_inject_fault`.
         data_version: recorded in each checkpoint's metadata.
     """
     import ray.data

@@ -56,7 +56,7 @@ def test_every_config_round_trips_through_yaml(path, tmp_path):
 
 # --- configs/paper.yaml ------------------------------------------------------------------------
 
-# (section, key, the paper's value): DESIGN.md "Method details" and the paper's sections.
+# (section, key, the paper's value), with the paper's section (or the reference code) cited.
 PAPER_SETTINGS = [
     ("preprocess", "spacing_mm", (2.0, 2.0, 3.0)),  # §3.1
     ("preprocess", "crop_size", (192, 192, 288)),  # §3.1

@@ -1,5 +1,6 @@
 """The per-worker training loop without Ray: batch decoding, the fixed validation draw, epochs,
-exact resume, and DDP replicas staying identical (two gloo processes)."""
+exact resume, and DDP replicas staying identical with the worker's all-reduce helpers summing
+over them (two gloo processes)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from igconda.train_loop import (
     validation_draw,
     weights_checksum,
 )
+from ray_jobs.train_worker import _all_reduce_max, _all_reduce_sum
 
 SIZE = 16
 
@@ -209,6 +211,10 @@ def _ddp_worker(rank: int, world_size: int, port: int, config_dict: dict, out: s
             session.train_epoch(batches_of(table, 3), epoch)
         torch.save({k: v.clone() for k, v in session.module.state_dict().items()},
                    Path(out) / f"rank{rank}.pt")
+        # The reductions train_func applies to each worker's loss sums, counts and epoch times.
+        reduced = {"sum": _all_reduce_sum([rank + 1.0, 10.0 * rank], torch.device("cpu")),
+                   "max": _all_reduce_max(-float(rank), torch.device("cpu"))}
+        torch.save(reduced, Path(out) / f"reduced{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -226,6 +232,13 @@ def test_two_ddp_workers_end_with_identical_weights(test_config, tmp_path):
     module0 = TrainingSession.create(test_config).module
     module0.load_state_dict(w0)
     assert weights_checksum(module0) == weights_checksum(replica)
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"reduced{rank}.pt") == {"sum": [3.0, 10.0], "max": 0.0}
+
+
+def test_all_reduce_helpers_are_the_identity_without_a_process_group():
+    assert _all_reduce_sum([1.5, 2.0], torch.device("cpu")) == [1.5, 2.0]
+    assert _all_reduce_max(-3.0, torch.device("cpu")) == -3.0
 
 
 # ---- dataset version ------------------------------------------------------------------------

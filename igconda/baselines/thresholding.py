@@ -9,7 +9,7 @@ like IgCONDA's maps:
   each slice's own maximum instead (a probe here scored ⌈DSC⌉ 0.40 with the volume's SUVmax and
   0.48 with the slice's: hot organs elsewhere in the body raise the volume's threshold). The map
   is binary, so ⌈DSC⌉'s search over τ ∈ {0.1, …, 0.9} gives the same Dice at every τ.
-* :func:`intensity_maps` is the control DESIGN.md asks for beside the paper's baselines: the
+* :func:`intensity_maps` is a control reported beside the paper's baselines: the
   min–max scaled PET itself used as the anomaly map. ⌈DSC⌉ then picks the best of nine global
   thresholds per slice, which is the same per-slice optimisation every method gets; it shows how
   much of a method's score that optimisation alone buys.

@@ -1,8 +1,11 @@
-"""Build a preprocessed slice dataset from a manifest, on Ray Data (one task per volume).
+"""Build a preprocessed slice dataset from a manifest: plan splits, preprocess every patient,
+write the files and the summary.
 
-:func:`run_preprocessing` is the logic behind ``python -m ray_jobs.preprocess``; it writes the
-layout of ``docs/CONTRACTS.md`` (see :mod:`igconda.data.io`). :func:`process_patient` is what one
-Ray task runs, and runs the same without Ray.
+:func:`build_dataset` is the logic behind ``python -m ray_jobs.preprocess``; it writes the
+layout of ``docs/CONTRACTS.md`` (see :mod:`igconda.data.io`). :func:`process_patient` preprocesses
+and writes one patient. How the patients are mapped over is the caller's: the job passes a map
+that runs one Ray Data task per volume (``ray_jobs/preprocess.py``); the default,
+:func:`map_in_process`, runs them one after another in this process, without Ray.
 
 Atomicity: everything is built in a hidden sibling folder ``.<name>.tmp-<id>`` and renamed into
 place only at the end, after ``dataset.json`` (written last) exists. An existing dataset at the
@@ -31,6 +34,7 @@ import shutil
 import time
 import traceback
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,13 +60,18 @@ SPLIT_COLUMNS = ("patient_id", "subject_id", "cohort", "tracer", "role", "split"
 LESION_SPLITS = {"internal": ("train", "valid", "tune", "test"), "external": ("test",)}
 
 
+#: ``map_patients(items, config, root)``: apply :func:`process_patient` to every item (a manifest
+#: row with its planned split) with ``config`` and ``root``, and yield the results in any order.
+PatientMap = Callable[[list[dict[str, Any]], PreprocessConfig, str], Iterable[dict[str, Any]]]
+
+
 class PreprocessingError(RuntimeError):
     """The job produced no dataset (nothing survived, or ``strict`` and some patients failed)."""
 
 
 @dataclass
 class PreprocessSummary:
-    """What :func:`run_preprocessing` did.
+    """What :func:`build_dataset` did.
 
     Attributes:
         output: the dataset folder (complete), or None if nothing was written.
@@ -93,7 +102,7 @@ def _slice_file(root: Path, split: str, patient_id: str) -> Path:
 
 
 def process_patient(item: dict[str, Any], config: PreprocessConfig, root: str | Path) -> dict[str, Any]:
-    """Preprocess one manifest row and write its slices (what one Ray task does).
+    """Preprocess one manifest row and write its slices (what one Ray Data task of the job does).
 
     Args:
         item: a manifest row (keys ``patient_id``, ``cohort``, ``tracer``, ``role``,
@@ -133,6 +142,13 @@ def process_patient(item: dict[str, Any], config: PreprocessConfig, root: str | 
                    problem=f"unexpected error {type(err).__name__}: {err}",
                    traceback=traceback.format_exc())
     return out
+
+
+def map_in_process(items: list[dict[str, Any]], config: PreprocessConfig,
+                   root: str) -> Iterable[dict[str, Any]]:
+    """A :data:`PatientMap` that runs :func:`process_patient` on each item in turn, in this process."""
+    for item in items:
+        yield process_patient(item, config, root)
 
 
 def _resplit(root: Path, patient_id: str, old: str, new: str) -> None:
@@ -231,19 +247,20 @@ def _check_output(output: Path) -> None:
                                  f"(no dataset.json); choose another --output or remove it")
 
 
-def run_preprocessing(manifest: str | Path, output: str | Path, config: StudyConfig | PreprocessConfig,
-                      *, strict: bool = False, num_cpus_per_volume: float | None = None,
-                      progress: bool = True) -> PreprocessSummary:
-    """Preprocess every patient of a manifest on Ray Data and write the slice dataset.
-
-    Uses the running Ray instance (``ray.init`` is called with defaults if none is running).
+def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig | PreprocessConfig,
+                  *, strict: bool = False, map_patients: PatientMap | None = None,
+                  progress: bool = True) -> PreprocessSummary:
+    """Preprocess every patient of a manifest and write the slice dataset.
 
     Args:
         manifest: manifest CSV (see :mod:`igconda.data.manifest`).
         output: dataset folder to create or replace (local or shared filesystem path).
         config: the study config (its ``preprocess`` section is used) or a PreprocessConfig.
         strict: fail (write nothing) if any patient is rejected.
-        num_cpus_per_volume: CPUs reserved per Ray task (default ``config.num_cpus_per_volume``).
+        map_patients: how to run :func:`process_patient` over the patients (a
+            :data:`PatientMap`; default :func:`map_in_process`). It is called only if the
+            manifest has at least one valid row, and its workers write into a hidden sibling of
+            ``output``, so that folder must be on a filesystem they all see.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -254,14 +271,11 @@ def run_preprocessing(manifest: str | Path, output: str | Path, config: StudyCon
         PreprocessingError: nothing survived, or ``strict`` and some patient was rejected; no
             dataset is written and an existing one is left as it was.
     """
-    import ray
     from tqdm import tqdm
 
     start = time.perf_counter()
     pcfg = config.preprocess if isinstance(config, StudyConfig) else config
-    cpus = pcfg.num_cpus_per_volume if num_cpus_per_volume is None else num_cpus_per_volume
-    if cpus <= 0:
-        raise PreprocessingError(f"num_cpus_per_volume must be positive, got {cpus}")
+    map_patients = map_patients or map_in_process
     manifest, output = Path(manifest), Path(output).expanduser().absolute()
     _check_output(output)
 
@@ -283,28 +297,17 @@ def run_preprocessing(manifest: str | Path, output: str | Path, config: StudyCon
     try:
         results: list[dict[str, Any]] = []
         if items:
-            if not ray.is_initialized():
-                ray.init()
-            ctx = ray.data.DataContext.get_current()
-            ray_bars = ctx.enable_progress_bars
-            ctx.enable_progress_bars = not progress  # one progress display, not two
-            try:
-                ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
-                    process_patient, fn_kwargs={"config": pcfg, "root": str(tmp)}, num_cpus=cpus)
-                bar = tqdm(total=len(items), desc="preprocess", unit="vol", disable=not progress)
-                for row in ds.iter_rows():
-                    r = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in dict(row).items()}
-                    bar.update(1)
-                    results.append(r)
-                    if not r["ok"]:
-                        log.warning("rejected %s (%s): %s", r["patient_id"], r["file"], r["problem"])
-                        if r.get("traceback"):
-                            log.debug("%s", r["traceback"])
-                    elif r["notes"]:
-                        log.info("%s: %s", r["patient_id"], r["notes"])
-                bar.close()
-            finally:
-                ctx.enable_progress_bars = ray_bars
+            bar = tqdm(total=len(items), desc="preprocess", unit="vol", disable=not progress)
+            for r in map_patients(items, pcfg, str(tmp)):
+                bar.update(1)
+                results.append(r)
+                if not r["ok"]:
+                    log.warning("rejected %s (%s): %s", r["patient_id"], r["file"], r["problem"])
+                    if r.get("traceback"):
+                        log.debug("%s", r["traceback"])
+                elif r["notes"]:
+                    log.info("%s: %s", r["patient_id"], r["notes"])
+            bar.close()
         good = sorted((r for r in results if r["ok"]), key=lambda r: r["patient_id"])
         rejects += [{k: r.get(k, "") for k in REJECT_COLUMNS} for r in results if not r["ok"]]
         rejects.sort(key=lambda r: (r.get("row") or 0))

@@ -13,9 +13,10 @@ import pytest
 
 from igconda.config import PreprocessConfig
 from igconda.data import build
-from igconda.data.build import PreprocessingError, process_patient, run_preprocessing
+from igconda.data.build import PreprocessingError, build_dataset, process_patient
 from igconda.data.io import read_dataset_info, read_split, split_path
 from igconda.data.schema import SPLITS, UNHEALTHY, stack_images, validate_table
+from ray_jobs.preprocess import run_preprocessing
 from tests.data.nifti_fixtures import (
     LPS,
     ct_like,
@@ -134,8 +135,39 @@ def test_refuses_to_replace_a_folder_that_is_not_a_dataset(tmp_path):
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "thesis.tex").write_text("precious")
     with pytest.raises(PreprocessingError, match="not an igconda dataset"):
-        run_preprocessing(make_study(tmp_path / "s", bad=False), tmp_path / "home", CONFIG, progress=False)
+        build_dataset(make_study(tmp_path / "s", bad=False), tmp_path / "home", CONFIG, progress=False)
     assert (tmp_path / "home" / "thesis.tex").read_text() == "precious"
+
+
+def test_build_dataset_in_process_skips_bad_patients_and_files_each_in_its_split(tmp_path):
+    manifest = make_study(tmp_path / "study")
+    out = tmp_path / "data"
+    summary = build_dataset(manifest, out, CONFIG, progress=False)  # map_in_process: no Ray
+    assert no_leftovers(out)
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "rejects.csv", "slices", "splits.csv"]
+    rejects = list(csv.DictReader((out / "rejects.csv").open()))
+    assert {r["patient_id"] for r in rejects} == set(BAD) and len(summary.rejects) == len(BAD) + 1
+    splits = pd.read_csv(out / "splits.csv")
+    assert len(splits) == 12 and set(splits[splits.role == "external"].split) == {"test"}
+    for row in splits.itertuples():
+        table = pq.read_table(out / "slices" / row.split / f"{row.patient_id}.parquet")
+        assert set(table.column("split").to_pylist()) == {row.split}
+    assert read_dataset_info(out)["patients"] == 12 == sum(summary.patients.values())
+
+
+def test_the_map_is_called_once_with_every_planned_patient(tmp_path):
+    calls = []
+
+    def recording_map(items, config, root):
+        calls.append(([i["patient_id"] for i in items], config, root))
+        return [process_patient(i, config, root) for i in items]
+
+    build_dataset(make_study(tmp_path / "study", bad=False), tmp_path / "data", CONFIG,
+                  map_patients=recording_map, progress=False)
+    assert len(calls) == 1
+    ids, config, root = calls[0]
+    assert sorted(ids) == sorted(pd.read_csv(tmp_path / "data" / "splits.csv").patient_id)
+    assert config == CONFIG and Path(root).name.startswith(".data.tmp-")  # built aside, then moved
 
 
 def test_split_path_and_unknown_split(tmp_path):
