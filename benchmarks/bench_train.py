@@ -38,7 +38,7 @@ def study(size: int, channels: tuple[int, ...], batch: int, epochs: int, flash: 
     return load_config(None, overrides={
         "preprocess": {"output_size": [size, size, 48]},
         "model": {"channels": list(channels), "attention": "011", "num_head_channels": 16,
-                  "embedding_dim": 64, "norm_num_groups": 32, "use_flash_attention": flash},
+                  "embedding_dim": 64, "norm_num_groups": 8, "use_flash_attention": flash},
         "train": {"epochs": epochs, "batch_size": batch, "lr": 2e-4, "num_workers": 1,
                   "valid_every": epochs, "checkpoint_every": epochs, "amp": False},
     })

@@ -90,6 +90,8 @@ class ModelConfig:
     num_res_blocks: int = 1
     num_head_channels: int = 16
     embedding_dim: int = 64  # class token and cross-attention dimension
+    # GroupNorm groups; every group must hold >= 2 channels (see validate: a one-channel group
+    # erases the timestep and class embeddings, which MONAI adds as a per-channel bias).
     norm_num_groups: int = 32
     use_flash_attention: bool = False
     # How the class token reaches the network: "cross_attention" (the paper's: one token attended
@@ -161,7 +163,7 @@ class TuneConfig:
     # w = 0 control are always scored and reported beside the chosen one.
     map_kinds: tuple[str, ...] = MAP_KINDS
     max_slices: int = 0  # 0 = every unhealthy tune slice
-    search: str = "grid"  # "grid" or "optuna"-style search algorithm name
+    search: str = "grid"  # "grid" (every pair) or "random" (num_samples pairs drawn from the grid)
     num_samples: int = 1
     gpus_per_trial: float = 0.0
     cpus_per_trial: float = 1.0
@@ -341,6 +343,15 @@ def validate(cfg: StudyConfig) -> None:
            f"model.attention {m.attention!r} must have one 0/1 digit per level of channels {m.channels}")
     _check(all(c % m.norm_num_groups == 0 for c in m.channels),
            f"model.channels {m.channels} must be multiples of norm_num_groups {m.norm_num_groups}")
+    # MONAI's ResnetBlock adds the timestep (+ class) embedding as a per-channel bias right before
+    # a GroupNorm. With one channel per group the norm subtracts that bias exactly, so the network
+    # never sees t nor the class embedding (measured: outputs at t = 50 and t = 400 differ by
+    # 1e-6 relative, with channels = groups = 32), and the class token only leaks in through
+    # zero-padded borders. Two or more channels per group keep the differences between them.
+    _check(all(c // m.norm_num_groups >= 2 for c in m.channels),
+           f"model.norm_num_groups {m.norm_num_groups} leaves one channel per GroupNorm group at "
+           f"channels {m.channels}: that norm erases the timestep and class embeddings; use at most "
+           f"{min(m.channels) // 2} groups (e.g. {max(1, min(m.channels) // 4)})")
     _check(all(c % m.num_head_channels == 0 for c in m.channels),
            f"model.channels {m.channels} must be multiples of num_head_channels {m.num_head_channels}")
     _check(m.conditioning in CONDITIONINGS,

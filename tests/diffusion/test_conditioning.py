@@ -79,3 +79,21 @@ def test_noise_levels_must_lie_in_the_trained_range():
         load_config(None, {"train": {"max_timestep": 1}})
     ok = load_config(None, {"train": {"max_timestep": 601}})
     assert isinstance(ok, StudyConfig) and ok.train.max_timestep == 601
+
+
+def test_one_channel_groups_are_refused():
+    """GroupNorm with one channel per group subtracts MONAI's per-channel timestep bias exactly."""
+    with pytest.raises(ConfigError, match="norm_num_groups 16 leaves one channel"):
+        load_config(None, {"model": {"channels": [16, 16], "attention": "01", "norm_num_groups": 16,
+                                     "num_head_channels": 8}})
+
+
+@pytest.mark.parametrize("conditioning", CONDITIONINGS)
+def test_timestep_reaches_the_output(conditioning):
+    """Why the check above exists: with >= 2 channels per group, t changes the prediction."""
+    model = _model(conditioning)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        early = model(x, torch.tensor([1, 1]), torch.tensor([1, 1]))
+        late = model(x, torch.tensor([8, 8]), torch.tensor([1, 1]))
+    assert float((early - late).abs().mean() / early.abs().mean()) > 1e-3
