@@ -208,16 +208,7 @@ def ddim_encode(
         (B, 1, H, W) float32 x_D.
     """
     steps = _validate(x0, "x0", schedule, noise_level, stride)
-    abar = schedule.alphas_cumprod.tolist()
-    x = x0.float()
-    labels = torch.full((x.shape[0],), UNCONDITIONAL, dtype=torch.long, device=x.device)
-    for k in range(steps):
-        t, t_next = k * stride, (k + 1) * stride
-        eps = _predict(model, x, t, labels, amp)
-        x = ddim_step(x, eps, abar[t], abar[t_next])
-        if callback is not None:
-            callback(t_next, x)
-    return x
+    return _unconditional_walk(model, x0, schedule, range(0, steps * stride + 1, stride), amp, callback)
 
 
 @torch.inference_mode()
@@ -280,6 +271,29 @@ def ddim_decode(
     return x
 
 
+def _unconditional_walk(
+    model: nn.Module,
+    x: torch.Tensor,
+    schedule: NoiseSchedule,
+    levels: range,
+    amp: bool,
+    callback: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Deterministic DDIM moves with ε_θ(x, τ, ∅) alone along grid ``levels`` (either direction).
+
+    Encoding walks τ = 0, s, …, D and the w = 0 decode walks D, D − s, …, 0: the same step
+    from each level to the next (len(levels) − 1 evaluations of batch B).
+    """
+    abar = schedule.alphas_cumprod.tolist()
+    x = x.float()
+    labels = torch.full((x.shape[0],), UNCONDITIONAL, dtype=torch.long, device=x.device)
+    for t, t_next in zip(levels[:-1], levels[1:], strict=True):
+        x = ddim_step(x, _predict(model, x, t, labels, amp), abar[t], abar[t_next])
+        if callback is not None:
+            callback(t_next, x)
+    return x
+
+
 def _decode_unguided(
     model: nn.Module,
     x_t: torch.Tensor,
@@ -290,15 +304,7 @@ def _decode_unguided(
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The w = 0 decode x_D → x̂_∅ with ε_θ(x, τ_k, ∅) alone (D / s evaluations of batch B)."""
-    abar = schedule.alphas_cumprod.tolist()
-    x = x_t.float()
-    labels = torch.full((x.shape[0],), UNCONDITIONAL, dtype=torch.long, device=x.device)
-    for k in range(steps, 0, -1):
-        t, t_prev = k * stride, (k - 1) * stride
-        x = ddim_step(x, _predict(model, x, t, labels, amp), abar[t], abar[t_prev])
-        if callback is not None:
-            callback(t_prev, x)
-    return x
+    return _unconditional_walk(model, x_t, schedule, range(steps * stride, -1, -stride), amp, callback)
 
 
 @torch.inference_mode()
