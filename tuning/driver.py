@@ -132,7 +132,7 @@ def run_tuning(
 
     from igconda import tracking
     from igconda.checkpoint import load_checkpoint_config
-    from igconda.report import heatmap_figure
+    from igconda.figures import heatmap_figure
 
     checkpoint = Path(checkpoint).resolve()
     output_dir = Path(output_dir).resolve()
