@@ -345,6 +345,26 @@ def _training_history(train_dir: Path) -> tuple[pd.DataFrame | None, str | None]
             "Training curves come from the best checkpoint's state: epochs after it are not shown.")
 
 
+def data_coverage_tables(summary: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
+    """Tables of a preprocessing summary (``dataset.json``): what each split can show.
+
+    Returns (when the summary has them) the unhealthy slices per cohort (rows) and split
+    (columns), and per cohort the lesion voxels preprocessing kept and lost outside the field
+    of view — a cohort whose lesions fall outside cannot be detected, whatever the method.
+    """
+    tables: dict[str, pd.DataFrame] = {}
+    if summary.get("unhealthy_slices"):
+        counts = pd.DataFrame(summary["unhealthy_slices"]).fillna(0).astype(int)
+        counts.index.name = "cohort"
+        tables["Unhealthy slices per cohort and split (data/dataset.json)"] = counts
+    cohorts = (summary.get("coverage") or {}).get("cohorts")
+    if cohorts:
+        coverage = pd.DataFrame(cohorts).T
+        coverage.index.name = "cohort"
+        tables["Lesion voxels outside the field of view, per cohort (data/dataset.json)"] = coverage
+    return tables
+
+
 def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
     """Gather a study folder's stage outputs into the HTML report.
 
@@ -358,7 +378,9 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
       per-slice Parquet under ``infer/``) → the per-cohort table of every method side by side and
       the lesion-size figure; ``infer/tables/methods.csv`` is shown only when no per-slice data
       exists;
-    - PNG figures the inference stage saved under ``infer/figures/`` (the qualitative figures).
+    - PNG figures the inference stage saved under ``infer/figures/`` (the qualitative figures);
+    - ``data/dataset.json`` → unhealthy slices per split and cohort, the lesion voxels that fell
+      outside the field of view, and preprocessing's warnings (:func:`data_coverage_tables`).
 
     Args:
         study_dir: the pipeline's ``--output`` folder.
@@ -444,6 +466,14 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
                        for v in best.values()]},
             index=pd.Index(list(best), name="key"))
         tables["Chosen (D, w, map kind, τ) (tune/best.json)"] = chosen_settings
+
+    dataset_json = study / "data" / "dataset.json"
+    if dataset_json.is_file():
+        summary = json.loads(dataset_json.read_text())
+        tables.update(data_coverage_tables(summary))
+        notes.extend(f"Preprocessing warning: {w}" for w in summary.get("warnings", []))
+    else:
+        notes.append("No data/dataset.json: slice counts and field-of-view coverage unknown.")
 
     history, history_note = _training_history(study / "train")
     if history_note:

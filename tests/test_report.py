@@ -291,3 +291,23 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 def test_figures_are_matplotlib_figures():
     assert isinstance(report.heatmap_figure(_grid()), Figure)
+
+
+def test_data_coverage_tables_from_a_dataset_summary(tmp_path):
+    summary = {
+        "unhealthy_slices": {"train": {"lung": 12, "psma": 3}, "test": {"lung": 4, "psma": 0}},
+        "coverage": {"cohorts": {"lung": {"lesion_voxels": 100, "lesion_voxels_outside": 10,
+                                          "fraction_outside": 0.1}}},
+        "warnings": ["cohort psma has no unhealthy slice in split test"],
+    }
+    tables = report.data_coverage_tables(summary)
+    counts = next(t for k, t in tables.items() if k.startswith("Unhealthy slices"))
+    assert counts.loc["psma", "test"] == 0 and counts.loc["lung", "train"] == 12
+    coverage = next(t for k, t in tables.items() if k.startswith("Lesion voxels outside"))
+    assert coverage.loc["lung", "lesion_voxels_outside"] == 10
+    assert report.data_coverage_tables({}) == {}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset.json").write_text(json.dumps(summary))
+    page = report.build_study_report(tmp_path, tmp_path / "report.html").read_text()
+    assert "Unhealthy slices per cohort and split" in page
+    assert "no unhealthy slice in split test" in page
