@@ -13,6 +13,7 @@ right on the viewer's left.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,12 +73,17 @@ def qualitative_figure(
     maps: Any,
     binarised: Any,
     titles: Sequence[str] | None = None,
+    *,
+    unguided: Any | None = None,
+    map_label: str = "|x − x̂|",
 ) -> Figure:
     """The paper's Fig. 2/3: one column per example slice, one row per stage of the method.
 
-    Rows: PET, ground-truth mask, healthy counterfactual, anomaly map, binarised map (at the
-    slice's τ*). PET and counterfactual share one grey scale per column, so removed lesions show
-    as a difference; anomaly maps share one ``inferno`` scale over [0, max].
+    Rows: PET, ground-truth mask, healthy counterfactual, (the unguided w = 0 decode of the same
+    latent, when given), anomaly map, binarised map (at the slice's τ*). PET and the decodes share
+    one grey scale per column, so what guidance removes shows as a difference between the two
+    decodes, and what the round trip alone changes as one between PET and the unguided decode;
+    anomaly maps share one ``inferno`` scale over [0, max].
 
     Args:
         images: (N, H, W) PET slices in [0, 1].
@@ -85,34 +91,40 @@ def qualitative_figure(
         counterfactuals: (N, H, W) healthy counterfactuals x̂.
         maps: (N, H, W) anomaly maps.
         binarised: (N, H, W) thresholded maps.
-        titles: N column titles (e.g. ``"lymphoma p012 z40 ⌈DSC⌉ 0.71"``).
+        titles: N column titles (e.g. ``"lymphoma p012 z40 ⌈DSC⌉ 0.71"``), wrapped to the column.
+        unguided: optional (N, H, W) w = 0 decodes x̂_∅, drawn between counterfactual and map.
+        map_label: the colour bar's label (the map kind's formula).
 
     Returns:
         The figure.
     """
+    names = ["images", "masks", "counterfactuals", "maps", "binarised"]
     stacks = [_as_stack(n, v) for n, v in zip(
-        ("images", "masks", "counterfactuals", "maps", "binarised"),
-        (images, masks, counterfactuals, maps, binarised), strict=True)]
+        names, (images, masks, counterfactuals, maps, binarised), strict=True)]
+    row_titles = list(_ROW_TITLES)
+    if unguided is not None:
+        stacks.insert(3, _as_stack("unguided", unguided))
+        names.insert(3, "unguided")
+        row_titles.insert(3, "Unguided (w = 0)")
+    map_row = len(stacks) - 2
     n = stacks[0].shape[0]
     if n == 0:
         raise ValueError("qualitative_figure needs at least one slice")
-    for name, stack in zip(("masks", "counterfactuals", "maps", "binarised"), stacks[1:], strict=True):
+    for name, stack in zip(names[1:], stacks[1:], strict=True):
         if stack.shape != stacks[0].shape:
             raise ValueError(f"{name} has shape {stack.shape}, images {stacks[0].shape}")
     if titles is not None and len(titles) != n:
         raise ValueError(f"{len(titles)} titles for {n} slices")
-    map_max = max(float(np.nanmax(stacks[3])), 1e-6)
-    fig, axes = plt.subplots(5, n, figsize=(1.7 * n + 1.0, 1.7 * 5 + 0.6), squeeze=False,
+    map_max = max(float(np.nanmax(stacks[map_row])), 1e-6)
+    rows = len(stacks)
+    fig, axes = plt.subplots(rows, n, figsize=(1.7 * n + 1.0, 1.7 * rows + 0.8), squeeze=False,
                              layout="constrained")
+    decodes = [2] + ([3] if unguided is not None else [])
     for col in range(n):
-        vmax = max(float(stacks[0][col].max()), float(stacks[2][col].max()), 1e-6)
-        panels = [
-            (stacks[0][col], "gray_r", 0.0, vmax),
-            (stacks[1][col], "gray", 0.0, 1.0),
-            (stacks[2][col], "gray_r", 0.0, vmax),
-            (stacks[3][col], "inferno", 0.0, map_max),
-            (stacks[4][col], "gray", 0.0, 1.0),
-        ]
+        vmax = max([float(stacks[0][col].max())] + [float(stacks[r][col].max()) for r in decodes] + [1e-6])
+        panels = [(stacks[0][col], "gray_r", 0.0, vmax), (stacks[1][col], "gray", 0.0, 1.0)]
+        panels += [(stacks[r][col], "gray_r", 0.0, vmax) for r in decodes]
+        panels += [(stacks[map_row][col], "inferno", 0.0, map_max), (stacks[-1][col], "gray", 0.0, 1.0)]
         for row, (data, cmap, lo, hi) in enumerate(panels):
             ax = axes[row, col]
             image = ax.imshow(display_slice(data), cmap=cmap, vmin=lo, vmax=hi,
@@ -120,12 +132,12 @@ def qualitative_figure(
             ax.set_xticks([])
             ax.set_yticks([])
             if col == 0:
-                ax.set_ylabel(_ROW_TITLES[row], fontsize=9)
+                ax.set_ylabel(row_titles[row], fontsize=9)
             if row == 0 and titles is not None:
-                ax.set_title(titles[col], fontsize=8)
-            if row == 3 and col == n - 1:
-                fig.colorbar(image, ax=axes[3, :].tolist(), fraction=0.04, pad=0.02,
-                             label="|x − x̂|")
+                ax.set_title(textwrap.fill(titles[col], 20), fontsize=7)
+            if row == map_row and col == n - 1:
+                fig.colorbar(image, ax=axes[map_row, :].tolist(), fraction=0.04, pad=0.02,
+                             label=map_label)
     fig.suptitle("Healthy counterfactuals and anomaly maps", fontsize=11)
     return fig
 

@@ -76,6 +76,18 @@ def test_qualitative_figure_has_five_rows_per_slice():
     assert [ax.get_title() for ax in fig.axes[:3]] == ["a", "b", "c"]
 
 
+def test_qualitative_figure_can_show_the_unguided_decode():
+    images, masks, cf, maps, binarised = _slices(2)
+    fig = report.qualitative_figure(images, masks, cf, maps, binarised, unguided=images * 0.9,
+                                    map_label="max(x − x̂, 0)")
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.images and ax.get_ylabel()]
+    assert labels == ["PET", "Ground truth", "Counterfactual", "Unguided (w = 0)", "Anomaly map",
+                      "Binarised map"]
+    assert any(ax.get_ylabel() == "max(x − x̂, 0)" for ax in fig.axes if not ax.images)
+    with pytest.raises(ValueError, match="unguided"):
+        report.qualitative_figure(images, masks, cf, maps, binarised, unguided=images[:1])
+
+
 def test_qualitative_figure_rejects_mismatched_inputs():
     images, masks, cf, maps, binarised = _slices(3)
     with pytest.raises(ValueError, match="masks"):
