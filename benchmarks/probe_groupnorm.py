@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                     if param.ndim > 1 and not param.any():
                         param.normal_(0.0, 0.05)
                 x = torch.randn(4, 1, size, size)
-                at = lambda t, c: model(x, torch.full((4,), t), torch.full((4,), c))  # noqa: E731
-                early, late, other = at(50, 1), at(400, 1), at(50, 2)
+                early, late, other = (model(x, torch.full((4,), t), torch.full((4,), c))
+                                      for t, c in ((50, 1), (400, 1), (50, 2)))
             print(f"groups {groups:>3} ({model_config.channels[0] // groups} ch/group) {conditioning:16s} "
                   f"t 50→400: {relative_change(early, late):.1e} (interior {relative_change(early, late, 4):.1e})  "
                   f"class 1→2: {relative_change(early, other):.1e} (interior {relative_change(early, other, 4):.1e})")

@@ -31,13 +31,15 @@ import pandas as pd
 import torch
 
 from igconda.data.schema import HEALTHY, UNHEALTHY
-from igconda.diffusion.ddim import CONTROL, MAP_KINDS
+from igconda.diffusion.ddim import CONTROL, CONTROL_HOT, MAP_KINDS
+from igconda.map_kinds import CONTROLS
 from igconda.metrics import METRIC_KEYS, dice_curve, score_batch
 
 #: Method name of the 41 % SUVmax rule and of the raw-intensity control.
 THRESHOLD_41, INTENSITY = "threshold_41", "intensity"
 #: Method name of the w = 0 control.
 CONTROL_METHOD = f"igconda_{CONTROL}"
+CONTROL_HOT_METHOD = f"igconda_{CONTROL_HOT}"
 
 #: The τ grid of :func:`calibrate_threshold`: 0.02, 0.04, …, 0.90. Finer and lower than the
 #: paper's ⌈DSC⌉ grid (0.1 … 0.9) because a calibrated τ is applied to new scans as is, and the
@@ -60,6 +62,7 @@ METHOD_TITLES = {
     "igconda_guidance": "IgCONDA guidance max(x̂∅−x̂,0)",
     "igconda_guidance_abs": "IgCONDA guidance |x̂∅−x̂|",
     CONTROL_METHOD: "w = 0 control |x−x̂∅|",
+    CONTROL_HOT_METHOD: "w = 0 control max(x−x̂∅, 0)",
     THRESHOLD_41: "41% SUVmax",
     INTENSITY: "raw intensity",
 }
@@ -75,15 +78,16 @@ METRIC_TITLES = {
 
 def igconda_method(kind: str) -> str:
     """The method name of an IgCONDA map kind (or of the control, ``"w0"``)."""
-    if kind not in (*MAP_KINDS, CONTROL):
-        raise ValueError(f"unknown anomaly map kind {kind!r}; known: {[*MAP_KINDS, CONTROL]}")
+    if kind not in (*MAP_KINDS, *CONTROLS):
+        raise ValueError(f"unknown anomaly map kind {kind!r}; known: {[*MAP_KINDS, *CONTROLS]}")
     return f"igconda_{kind}"
 
 
 def method_order(methods: Sequence[str], chosen: str | None = None) -> list[str]:
     """Methods in the order tables show them: the chosen map, the paper's, the other IgCONDA
     maps, the w = 0 control, thresholding, raw intensity, then anything else alphabetically."""
-    known = [igconda_method(k) for k in MAP_KINDS] + [CONTROL_METHOD, THRESHOLD_41, INTENSITY]
+    known = [igconda_method(k) for k in MAP_KINDS] + [CONTROL_METHOD, CONTROL_HOT_METHOD,
+                                                      THRESHOLD_41, INTENSITY]
     first = [m for m in (chosen, "igconda_abs") if m]
     order = list(dict.fromkeys([*first, *known]))
     present = [m for m in order if m in methods]
@@ -222,7 +226,7 @@ class StoredCounterfactualMethod:
 
     def __init__(self, kinds: Sequence[str] = MAP_KINDS) -> None:
         self.kinds = tuple(kinds)
-        self.names = tuple(igconda_method(k) for k in (*self.kinds, CONTROL))
+        self.names = tuple(igconda_method(k) for k in (*self.kinds, *CONTROLS))
 
     def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return igconda_maps(batch_images(batch), batch_images(batch, "counterfactual"),
@@ -253,7 +257,7 @@ class IgCondaMethod:
         self.noise_level, self.stride = int(noise_level), int(stride)
         self.guidance_scale = float(guidance_scale)
         self.kinds = tuple(kinds)
-        self.names = tuple(igconda_method(k) for k in (*self.kinds, CONTROL))
+        self.names = tuple(igconda_method(k) for k in (*self.kinds, *CONTROLS))
         self.device, self.amp = torch.device(device), bool(amp)
         self._pair = counterfactual_fn
 

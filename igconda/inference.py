@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from igconda.data.schema import UNHEALTHY
-from igconda.diffusion.ddim import CONTROL, MAP_KINDS
+from igconda.diffusion.ddim import MAP_KINDS
 from igconda.evaluation import (
     IgCondaMethod,
     batch_images,
@@ -47,6 +47,7 @@ from igconda.evaluation import (
     slice_shape,
     stack_column,
 )
+from igconda.map_kinds import CONTROLS
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class CounterfactualPredictor:
         from igconda.metrics import optimal_dice
 
         n = len(next(iter(maps.values())))
-        kinds = (*MAP_KINDS, CONTROL)
+        kinds = (*MAP_KINDS, *CONTROLS)
         result = {k: np.full(n, np.nan) for k in (*METRIC_COLUMNS, *(f"dsc_max_{k}" for k in kinds))}
         if masks is None or labels is None:
             return result

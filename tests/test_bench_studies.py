@@ -39,7 +39,7 @@ def _runs(gain: float, gap: float) -> pd.DataFrame:
     rows = []
     for seed, group in itertools.product((0, 1), ("lung", "psma", "internal (all)")):
         base = 0.3 + 0.01 * seed
-        values = {"chosen": base + gain, "igconda_abs": base, "igconda_w0": base,
+        values = {"chosen": base + gain, "control": base, "igconda_abs": base, "igconda_w0": base,
                   "intensity": base + gain - 0.01, "threshold_41": base + gain - gap}
         for method, value in values.items():
             rows.append({"seed": seed, "group": group, "method": method, "dsc_max_mean": value,

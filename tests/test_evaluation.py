@@ -49,7 +49,7 @@ def test_every_method_turns_a_batch_into_named_maps():
         assert tuple(out) == method.names
         maps.update(out)
     assert set(maps) == {"threshold_41", "intensity", "igconda_abs", "igconda_hot",
-                         "igconda_guidance", "igconda_guidance_abs", "igconda_w0"}
+                         "igconda_guidance", "igconda_guidance_abs", "igconda_w0", "igconda_w0_hot"}
     for name, m in maps.items():
         assert m.shape == (6, 16, 16) and m.dtype == np.float32, name
         assert m.min() >= 0 and m.max() <= 1, name
@@ -57,6 +57,7 @@ def test_every_method_turns_a_batch_into_named_maps():
     np.testing.assert_allclose(maps["threshold_41"], (images * 10 >= 4.1).astype(np.float32))
     np.testing.assert_allclose(maps["igconda_abs"], 0.5 * images, atol=1e-6)
     np.testing.assert_allclose(maps["igconda_w0"], 0.2 * images, atol=1e-6)
+    np.testing.assert_allclose(maps["igconda_w0_hot"], 0.2 * images, atol=1e-6)  # x ≥ x̂_∅ here
     np.testing.assert_allclose(maps["igconda_guidance"], 0.3 * images, atol=1e-6)
     with pytest.raises(ValueError, match="suv_max"):
         E.ThresholdMethod().maps({k: v for k, v in batch.items() if k != "suv_max"})

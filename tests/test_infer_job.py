@@ -151,7 +151,8 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
     assert (per_cohort["tau"] == 0.1).all()  # untuned: infer.threshold of configs/test.yaml
     methods = pd.read_csv(output / "tables" / "methods.csv")
     assert set(methods["method"]) == {"igconda_abs", "igconda_hot", "igconda_guidance",
-                                      "igconda_guidance_abs", "igconda_w0", "threshold_41", "intensity"}
+                                      "igconda_guidance_abs", "igconda_w0", "igconda_w0_hot",
+                                      "threshold_41", "intensity"}
     n_slices = methods.groupby("method")["n_slices"].max()
     assert n_slices.nunique() == 1  # every method scored on the same unhealthy slices
     per_slice = pd.read_csv(output / "tables" / "per_slice_metrics.csv")

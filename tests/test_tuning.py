@@ -169,7 +169,8 @@ def test_shared_encoding_gives_the_same_grid_with_fewer_encodings(tiny_model, te
     separate = driver.evaluate_noise_level(tiny_model, schedule, images, masks, share_encoding=False, **kwargs)
     assert calls["encode"] == 6
     keys = [(r["guidance_scale"], r["map_kind"]) for r in shared]
-    assert keys == [(1.0, "abs"), (1.0, "guidance"), (3.0, "abs"), (3.0, "guidance"), (0.0, "w0")]
+    assert keys == [(1.0, "abs"), (1.0, "guidance"), (3.0, "abs"), (3.0, "guidance"), (0.0, "w0"),
+                    (0.0, "w0_hot")]
     for a, b in zip(shared, separate, strict=True):
         assert a["mean_dsc"] == pytest.approx(b["mean_dsc"], abs=1e-6)
         assert a["mean_auprc"] == pytest.approx(b["mean_auprc"], abs=1e-6)

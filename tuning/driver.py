@@ -38,7 +38,7 @@ import pandas as pd
 
 from igconda.config import StudyConfig, TuneConfig
 from igconda.io_utils import atomic_write
-from igconda.map_kinds import CONTROL
+from igconda.map_kinds import CONTROLS
 from tuning.results import (  # noqa: F401  (re-exported: the driver's public names)
     GRID_COLUMNS,
     METRIC,
@@ -191,7 +191,7 @@ def run_tuning(
         "checkpoint": str(checkpoint),
         "data": str(data_dir),
         "search": tcfg.search,
-        "num_pairs": int((grid["map_kind"] != CONTROL).sum()),
+        "num_pairs": int((~grid["map_kind"].isin(CONTROLS)).sum()),
         "tuning_seconds": elapsed,
     })
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from igconda import evaluation as E
-from igconda.map_kinds import CONTROL
+from igconda.map_kinds import CONTROLS, matching_control
 from tuning.trial import TuneSlices, TuningError
 
 #: The objective tuning maximises (mean ⌈DSC⌉ on the tune split, as the paper's Fig. 5).
@@ -78,7 +78,7 @@ def select_best(grid: pd.DataFrame) -> dict[str, Any]:
     Raises:
         TuningError: no candidate row has a finite objective.
     """
-    candidates = grid[grid["map_kind"] != CONTROL]
+    candidates = grid[~grid["map_kind"].isin(CONTROLS)]
     finite = candidates[np.isfinite(candidates[METRIC].astype(float))]
     if finite.empty:
         raise TuningError("no (D, w, map kind) has a finite mean ⌈DSC⌉")
@@ -89,7 +89,8 @@ def select_best(grid: pd.DataFrame) -> dict[str, Any]:
     references = {
         "paper_map": grid[same_d & (grid["guidance_scale"] == best["guidance_scale"])
                           & (grid["map_kind"] == "abs")],
-        "control": grid[same_d & (grid["map_kind"] == CONTROL)],
+        # The w = 0 control of the chosen map's sign (|x − x̂_∅| for abs, max(x − x̂_∅, 0) for hot).
+        "control": grid[same_d & (grid["map_kind"] == matching_control(best["map_kind"]))],
     }
     for name, rows in references.items():
         if len(rows):

@@ -31,7 +31,7 @@ import torch
 from igconda import evaluation as E
 from igconda.config import ConfigError
 from igconda.data.schema import UNHEALTHY, stack_images
-from igconda.map_kinds import CONTROL, MAP_KINDS
+from igconda.map_kinds import CONTROLS, MAP_KINDS
 from tuning.space import trial_pairs
 
 
@@ -199,7 +199,7 @@ def evaluate_noise_level(
     n, h, w = images.shape
     scales = [float(g) for g in guidance_scales]
     kinds = tuple(map_kinds)
-    maps = {(g, k): np.empty((n, h, w), np.float32) for g in scales for k in (*kinds, CONTROL)}
+    maps = {(g, k): np.empty((n, h, w), np.float32) for g in scales for k in (*kinds, *CONTROLS)}
     seconds = dict.fromkeys(scales, 0.0)
     common = {"noise_level": noise_level, "stride": stride, "amp": amp}
     with torch.inference_mode():
@@ -232,10 +232,11 @@ def evaluate_noise_level(
         for kind in kinds:
             rows.append({**base, "guidance_scale": g, "map_kind": kind,
                          **score_row(maps[(g, kind)], masks), "seconds": seconds[g] / len(kinds)})
-    # The control does not depend on w: scored once, from the first w's batch-mates.
-    rows.append({**base, "guidance_scale": 0.0, "map_kind": CONTROL,
-                 **score_row(maps[(scales[0], CONTROL)], masks), "seconds": 0.0,
-                 "evaluations_per_slice": 2 * noise_level // stride})
+    # The controls do not depend on w: scored once, from the first w's batch-mates.
+    for control in CONTROLS:
+        rows.append({**base, "guidance_scale": 0.0, "map_kind": control,
+                     **score_row(maps[(scales[0], control)], masks), "seconds": 0.0,
+                     "evaluations_per_slice": 2 * noise_level // stride})
     return rows
 
 

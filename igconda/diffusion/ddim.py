@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from igconda.diffusion.schedule import NoiseSchedule
-from igconda.map_kinds import CONTROL, MAP_KINDS  # noqa: F401  (re-exported)
+from igconda.map_kinds import CONTROL, CONTROL_HOT, MAP_KINDS  # noqa: F401  (re-exported)
 from igconda.models.unet import HEALTHY, UNCONDITIONAL
 from igconda.precision import autocast, autocast_dtype
 
@@ -484,7 +484,9 @@ def anomaly_maps(
     - ``"guidance"``: max(x̂_∅ − x̂_w, 0), what guidance towards healthy removed. The round
       trip's own error (present in both decodes) cancels, which |x − x̂_w| cannot do;
     - ``"guidance_abs"``: |x̂_∅ − x̂_w|, everything guidance changed;
-    - :data:`CONTROL` (``"w0"``, always present): |x − x̂_∅|, the round trip's error alone.
+    - :data:`CONTROL` (``"w0"``, always present): |x − x̂_∅|, the round trip's error alone;
+    - :data:`CONTROL_HOT` (``"w0_hot"``, always present): max(x − x̂_∅, 0), its one-sided form,
+      the control of ``"hot"``.
 
     Args:
         x0: (B, 1, H, W) slices in [0, 1].
@@ -493,7 +495,7 @@ def anomaly_maps(
         kinds: a subset of :data:`MAP_KINDS`.
 
     Returns:
-        ``{kind: (B, 1, H, W) float32 map}`` for each kind, and ``"w0"``.
+        ``{kind: (B, 1, H, W) float32 map}`` for each kind, ``"w0"`` and ``"w0_hot"``.
     """
     for name, x in (("x0", x0), ("x_hat", x_hat), ("x_hat_unguided", x_hat_unguided)):
         _check_images(x, name)
@@ -511,4 +513,5 @@ def anomaly_maps(
     }
     maps = {kind: raw[kind]().clamp(0.0, 1.0) for kind in kinds}
     maps[CONTROL] = (x - unguided).abs().clamp(0.0, 1.0)
+    maps[CONTROL_HOT] = (x - unguided).clamp(0.0, 1.0)
     return maps

@@ -319,13 +319,19 @@ def test_pair_at_w0_is_one_trajectory_and_costs_one_pass_per_step(model, schedul
 
 
 def test_map_kinds_shapes_ranges_and_w0_identities(model, schedule):
-    from igconda.diffusion.ddim import CONTROL, MAP_KINDS, anomaly_maps, counterfactual_pair
+    from igconda.diffusion.ddim import (
+        CONTROL,
+        CONTROL_HOT,
+        MAP_KINDS,
+        anomaly_maps,
+        counterfactual_pair,
+    )
 
     x0 = _slices(batch=3, seed=4)
     kwargs = dict(noise_level=4, stride=2)
     guided, unguided = counterfactual_pair(model, x0, schedule, guidance_scale=5.0, **kwargs)
     maps = anomaly_maps(x0, guided, unguided)
-    assert set(maps) == {*MAP_KINDS, CONTROL}
+    assert set(maps) == {*MAP_KINDS, CONTROL, CONTROL_HOT}
     for kind, m in maps.items():
         assert m.shape == x0.shape and m.dtype == torch.float32, kind
         assert m.min() >= 0 and m.max() <= 1, kind
@@ -346,3 +352,15 @@ def test_map_kinds_shapes_ranges_and_w0_identities(model, schedule):
     torch.testing.assert_close(maps[CONTROL], at0[CONTROL], rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unknown anomaly map kind"):
         anomaly_maps(x0, guided, unguided, kinds=("square",))
+
+
+def test_one_sided_control_matches_the_hot_map_at_w0(model, schedule):
+    """At w = 0 the hot map equals its own control max(x − x̂_∅, 0), as abs equals |x − x̂_∅|."""
+    from igconda.diffusion.ddim import anomaly_maps, counterfactual_pair
+
+    x0 = _slices()
+    guided, unguided = counterfactual_pair(model, x0, schedule, noise_level=4, stride=2, guidance_scale=0.0)
+    maps = anomaly_maps(x0, guided, unguided, ("abs", "hot"))
+    torch.testing.assert_close(maps["hot"], maps["w0_hot"])
+    torch.testing.assert_close(maps["abs"], maps["w0"])
+    assert bool((maps["w0_hot"] <= maps["w0"] + 1e-7).all())
