@@ -42,10 +42,12 @@ Capture = Callable[[Network, tuple[torch.Tensor, ...]], tuple[Callable[[], None]
 def compile_in_place(model: nn.Module, *, mode: str | None = None, backend: str = "inductor") -> nn.Module:
     """``model.compile(...)``: compiled forward, same module object, same state-dict keys.
 
-    Shapes are left to dynamo's default (static first, dynamic after a recompile), so the odd last
-    batch of an epoch or of a Ray Data stream costs one recompile, not one per size.
+    Static shapes (``dynamic=False``): the loops see few batch shapes (B and 3B in the DDIM loop,
+    plus a short last batch; one batch size and the epoch's last in training), each compiled once
+    with kernels for that size, and static shapes are what CUDA graphs need. Dynamo's default
+    would re-trace symbolically at the second shape, which is slower to compile and to run.
     """
-    model.compile(mode=mode, backend=backend)
+    model.compile(mode=mode, backend=backend, dynamic=False)
     return model
 
 
@@ -141,7 +143,7 @@ class _CompiledGraphs:
 
 
 def accelerate_for_inference(model: nn.Module, device: torch.device | str, *, compile: bool = False,
-                             cuda_graphs: bool = False) -> Network:
+                             cuda_graphs: bool = False, backend: str = "inductor") -> Network:
     """The callable the DDIM loop should use for ``model`` under the ``infer`` flags.
 
     Args:
@@ -149,6 +151,7 @@ def accelerate_for_inference(model: nn.Module, device: torch.device | str, *, co
         device: where it runs; ``cuda_graphs`` applies only on CUDA and is ignored elsewhere.
         compile: ``infer.compile``.
         cuda_graphs: ``infer.cuda_graphs``.
+        backend: the ``torch.compile`` backend (benchmarks' CPU dry runs use ``aot_eager``).
 
     Returns:
         ``model`` itself (nothing asked, or CPU without compile), ``model`` compiled in place,
@@ -157,10 +160,11 @@ def accelerate_for_inference(model: nn.Module, device: torch.device | str, *, co
     on_cuda = torch.device(device).type == "cuda"
     if cuda_graphs and on_cuda:
         if compile:
-            return _CompiledGraphs(torch.compile(model, mode="reduce-overhead"))
+            return _CompiledGraphs(torch.compile(model, mode="reduce-overhead", backend=backend,
+                                                  dynamic=False))
         return CUDAGraphNetwork(model)
     if compile:
-        return compile_in_place(model)
+        return compile_in_place(model, backend=backend)
     return model
 
 
