@@ -130,6 +130,7 @@ class TrainConfig:
     # Counterfactuals only ever evaluate t <= D (the largest noise level tuned or inferred), so
     # steps spent on t > D teach the network nothing inference uses. Every D must be < this.
     max_timestep: int = 0
+    compile: bool = False  # torch.compile the network in place (igconda.accel); see RESULTS.md
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,12 @@ class InferConfig:
     # grid; diffusion maps are low-amplitude, so a higher default would mostly predict nothing.
     map_kind: str = "abs"
     threshold: float = 0.1
+    # igconda.accel: torch.compile the network; replay the DDIM loop's fixed shapes from CUDA
+    # graphs (CUDA only, ignored elsewhere); > 0: each actor's batch from this fraction of its
+    # free GPU memory and the measured per-slice activation memory (0 = batch_size; CPU: batch_size).
+    compile: bool = False
+    cuda_graphs: bool = False
+    memory_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -384,6 +391,7 @@ def validate(cfg: StudyConfig) -> None:
     _check(i.num_gpus_per_actor >= 0 and i.num_cpus_per_actor >= 0,
            f"infer: num_gpus_per_actor {i.num_gpus_per_actor} and num_cpus_per_actor "
            f"{i.num_cpus_per_actor} must be >= 0 (Ray resources per inference actor)")
+    _check(0 <= i.memory_fraction < 1, f"infer.memory_fraction {i.memory_fraction} must be in [0, 1) (0 = off)")
     _check(i.map_kind in MAP_KINDS, f"infer.map_kind {i.map_kind!r} must be one of {list(MAP_KINDS)}")
     _check(0 < i.threshold <= 1, f"infer.threshold τ={i.threshold} must be in (0, 1] (maps are in [0, 1])")
     u = cfg.tune

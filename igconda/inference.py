@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from igconda.accel import accelerate_for_inference, batch_size_for_memory, measure_slice_bytes
 from igconda.data.schema import UNHEALTHY
 from igconda.diffusion.ddim import MAP_KINDS
 from igconda.evaluation import (
@@ -48,6 +49,7 @@ from igconda.evaluation import (
     stack_column,
 )
 from igconda.map_kinds import CONTROLS
+from igconda.precision import autocast_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,13 @@ class CounterfactualPredictor:
         counterfactual_fn: replaces :func:`igconda.diffusion.ddim.counterfactual_pair` (tests).
         keep_inputs: also return the input ``image`` and ``mask`` (flattened), so that the
             per-slice output files are self-contained for figures and viewers.
+        compile: ``infer.compile``: torch.compile the network (:mod:`igconda.accel`).
+        cuda_graphs: ``infer.cuda_graphs``: replay the DDIM loop from CUDA graphs (CUDA only).
+        memory_fraction: ``infer.memory_fraction``; > 0 on CUDA measures the per-slice activation
+            memory once and runs each batch in chunks of :attr:`batch_size` slices, chosen from
+            that fraction of the free memory. 0 (or CPU) keeps ``batch_size``.
+        batch_size: ``infer.batch_size``: the chunk size when memory does not choose it (None:
+            every batch as it comes).
 
     Raises:
         igconda.checkpoint.CheckpointError: the checkpoint folder is missing or invalid.
@@ -136,6 +145,10 @@ class CounterfactualPredictor:
         score_other_map: bool = True,
         counterfactual_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
         keep_inputs: bool = False,
+        compile: bool = False,
+        cuda_graphs: bool = False,
+        memory_fraction: float = 0.0,
+        batch_size: int | None = None,
     ) -> None:
         from igconda.checkpoint import load_model
         from igconda.diffusion.schedule import NoiseSchedule
@@ -158,16 +171,33 @@ class CounterfactualPredictor:
         self.score = score
         self.score_other_map = score_other_map
         self.keep_inputs = keep_inputs
+        self.batch_size = batch_size
+        if memory_fraction > 0 and self.device.type == "cuda":
+            per_slice = measure_slice_bytes(self.model, self.config.preprocess.output_size[0], self.device,
+                                            amp_dtype=autocast_dtype(self.device, self.amp))
+            self.batch_size = batch_size_for_memory(batch_size or 1, self.device, fraction=memory_fraction,
+                                                    per_slice_bytes=per_slice)
+            logger.info("memory_fraction %.2f: %.1f MiB per slice, batch %d", memory_fraction,
+                        per_slice / 2**20, self.batch_size)
+        # After the memory probe: it runs the eager network at two batch sizes that compiling
+        # or recording graphs for would waste.
+        self.network = accelerate_for_inference(self.model, self.device, compile=compile,
+                                                cuda_graphs=cuda_graphs)
         self.method = IgCondaMethod(
-            self.model, self.schedule, noise_level=self.noise_level, stride=self.stride,
+            self.network, self.schedule, noise_level=self.noise_level, stride=self.stride,
             guidance_scale=self.guidance_scale, device=self.device, amp=self.amp,
             counterfactual_fn=counterfactual_fn)
         self._default_shape = tuple(self.config.preprocess.output_size[:2])
 
     # -- the network part ---------------------------------------------------------------------
     def counterfactuals(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, H, W) images in [0, 1] → ``(x̂_w, x̂_∅)``, both (N, H, W) float32."""
-        return self.method.counterfactuals(images)
+        """(N, H, W) images in [0, 1] → ``(x̂_w, x̂_∅)``, both (N, H, W) float32, in chunks of
+        at most :attr:`batch_size` slices (each slice's result does not depend on its batch)."""
+        step = self.batch_size or len(images)
+        if len(images) <= step:
+            return self.method.counterfactuals(images)
+        parts = [self.method.counterfactuals(images[i:i + step]) for i in range(0, len(images), step)]
+        return np.concatenate([g for g, _ in parts]), np.concatenate([u for _, u in parts])
 
     # -- one batch ----------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from igconda import checkpoint as ckpt
+from igconda.accel import compile_in_place
 from igconda.config import StudyConfig
 from igconda.data import schema
 from igconda.diffusion.schedule import NoiseSchedule
@@ -198,17 +199,25 @@ class TrainingSession:
     resumed_at: list[int] = field(default_factory=list)
 
     @classmethod
-    def create(cls, config: StudyConfig, device: torch.device | str = "cpu", rank: int = 0) -> TrainingSession:
-        """A fresh session: weights initialised from ``train.seed`` (identical on every rank)."""
+    def create(cls, config: StudyConfig, device: torch.device | str = "cpu", rank: int = 0,
+               compile: bool | None = None) -> TrainingSession:
+        """A fresh session: weights initialised from ``train.seed`` (identical on every rank).
+
+        ``compile`` (default ``train.compile``) compiles the network's forward in place
+        (:func:`igconda.accel.compile_in_place`): checkpoints keep their keys, DDP can still wrap
+        it, and the EMA copy (made first) stays eager, as it only runs validation.
+        """
         device = torch.device(device)
         torch.manual_seed(config.train.seed)
         model = build_unet(config.model).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.train.lr)
         amp_dtype, scaler = amp_settings(device, enabled=config.train.amp)
+        ema = make_ema(model, config.train.ema_decay)
+        if config.train.compile if compile is None else compile:
+            compile_in_place(model)
         return cls(config=config, model=model, optimizer=optimizer,
                    schedule=NoiseSchedule.from_config(config.train), device=device,
-                   ema=make_ema(model, config.train.ema_decay), scaler=scaler,
-                   amp_dtype=amp_dtype, rank=rank)
+                   ema=ema, scaler=scaler, amp_dtype=amp_dtype, rank=rank)
 
     @property
     def module(self) -> nn.Module:
