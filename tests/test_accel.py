@@ -57,12 +57,22 @@ def _cpu_capture(fn, inputs):
 # ---- torch.compile (CPU, inductor) ----------------------------------------------------------
 
 def test_compiled_network_matches_eager_and_keeps_its_state_dict(test_config):
+    """Inductor's CPU code for the UNet's forward, at one batch shape: the one inductor test on the
+    CPU (each further shape or the backward costs minutes of C++ code generation on 2 cores; the
+    DDIM loop's shapes and training are covered with aot_eager below and with inductor on GPU)."""
     eager = _model(test_config)
     compiled = accel.compile_in_place(_model(test_config))
     assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefix
     x, t, labels = _inputs(4)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t, labels), eager(x, t, labels), rtol=RTOL, atol=ATOL)
+
+
+def test_compiled_counterfactual_pair_matches_eager(test_config):
+    """Both shapes of the DDIM loop (B to encode, 3B for the decode pair) through dynamo."""
+    eager = _model(test_config)
+    compiled = accel.compile_in_place(_model(test_config), backend="aot_eager")
+    x, _, _ = _inputs(4)
     schedule = NoiseSchedule.from_config(test_config.train)
     kwargs = dict(noise_level=4, stride=2, guidance_scale=3.0)
     for got, want in zip(counterfactual_pair(compiled, x, schedule, **kwargs),
@@ -111,7 +121,13 @@ def test_compiled_training_step_matches_eager_and_saves_plain_checkpoints(test_c
     assert set(model.state_dict()) == set(sessions[False].module.state_dict())
 
 
-def test_predictor_compile_flag_gives_the_eager_maps(checkpoint):
+def test_predictor_compile_flag_gives_the_eager_maps(checkpoint, monkeypatch):
+    # The flag's wiring, not inductor's numerics (tested above): aot_eager compiles in seconds.
+    import igconda.accel
+
+    plain = igconda.accel.compile_in_place
+    monkeypatch.setattr(igconda.accel, "compile_in_place",
+                        lambda model, **kw: plain(model, **{**kw, "backend": "aot_eager"}))
     images = np.random.default_rng(0).random((3, 16, 16), dtype=np.float32)
     kwargs = dict(noise_level=4, guidance_scale=3.0, stride=2, device="cpu")
     eager = CounterfactualPredictor(checkpoint, **kwargs)
