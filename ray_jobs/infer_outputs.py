@@ -164,6 +164,13 @@ def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
         plt.close(fig)
     except Exception as err:
         errors["lesion_size"] = f"{type(err).__name__}: {err}"
+    # A figure not remade this run (its cohort left the split, or it failed now) shows old
+    # results: remove it rather than let the report show it beside the new tables.
+    made = {f"qualitative_{c}.png" for c in ours["cohort"].unique()} | {"lesion_size.png"}
+    made -= {f"{name}.png" for name in errors}
+    for path in figures.glob("*.png"):
+        if path.name not in made:
+            path.unlink(missing_ok=True)
     return errors
 
 
