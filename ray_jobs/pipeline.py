@@ -21,8 +21,11 @@ or on a Ray cluster (see docs/cluster.md)::
         python -m ray_jobs.pipeline --config configs/demo.yaml --output runs/demo
 
 Every stage writes into its own folder under ``--output`` and is skipped when its finished
-output is already there, so an interrupted study resumes where it stopped (``--force STAGE``
-re-runs one stage and everything after it).
+output is already there, so an interrupted study resumes where it stopped: an interrupted
+training (checkpoints under ``train/ray_results`` but no ``train/best``) continues from its latest
+checkpoint in the same MLflow run, and inference keeps every patient already predicted.
+``--force STAGE`` re-runs one stage and everything after it from scratch (``--force train``
+discards the previous training's checkpoints); ``--stop-after STAGE`` stops once STAGE is done.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +99,29 @@ def _banner(message: str) -> None:
     print(f"\n==> {message}", flush=True)
 
 
+def _discard(folder: Path) -> None:
+    """Remove a stage's folder; renamed aside first, so that a kill half-way through the delete
+    never leaves a half-deleted folder that looks like an interrupted run to resume."""
+    if not folder.exists():
+        return
+    aside = folder.with_name(f".{folder.name}.discarded-{uuid.uuid4().hex[:8]}")
+    folder.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def train_plan(paths: StudyPaths, forced: bool) -> str:
+    """How the pipeline runs its train stage: ``"skip"`` (a finished ``train/best`` exists and
+    the stage is not forced), ``"fresh"`` (forced, or nothing there yet) or ``"resume"`` (a
+    Ray Train run with checkpoints but no finished best: an interrupted training)."""
+    from ray_jobs.train import default_storage_path, has_run
+
+    if forced:
+        return "fresh"
+    if (paths.best_checkpoint / "model.safetensors").is_file():
+        return "skip"
+    return "resume" if has_run(default_storage_path(paths.train)) else "fresh"
+
+
 def _run_job(module: str, argv: list[str]) -> None:
     """Run ``ray_jobs.<module>.main(argv)`` in this process (sharing its Ray runtime)."""
     job = importlib.import_module(f"ray_jobs.{module}")
@@ -116,7 +144,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default=None, help="MLflow experiment name")
     parser.add_argument("--num-workers", type=positive_int, default=None, help="training workers")
     parser.add_argument("--use-gpu", action="store_true", help="train and infer on GPUs")
-    parser.add_argument("--force", choices=STAGES, help="re-run this stage and all later ones")
+    parser.add_argument("--force", choices=STAGES,
+                        help="re-run this stage and all later ones from scratch (--force train "
+                             "discards the previous training run)")
+    parser.add_argument("--stop-after", choices=STAGES, default=None,
+                        help="stop once this stage is done (e.g. train only)")
     parser.add_argument("--skip-tune", action="store_true",
                         help="use the config's infer.noise_level/guidance_scale instead of tuning")
     return parser.parse_args(argv)
@@ -136,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     experiment = args.experiment or config.tracking.experiment
     forced = STAGES.index(args.force) if args.force else len(STAGES)
+    last = STAGES.index(args.stop_after) if args.stop_after else len(STAGES) - 1
 
     def should_skip(stage: str, done: bool) -> bool:
         if done and STAGES.index(stage) < forced:
@@ -166,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         child = common + ["--parent-run-id", parent_id]
 
         def stage(name: str, done: bool, body: Callable[[], None]) -> None:
+            if STAGES.index(name) > last:
+                return
             _banner(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}")
             if should_skip(name, done):
                 return
@@ -209,8 +244,27 @@ def main(argv: list[str] | None = None) -> int:
             train_argv += ["--torch-threads", str(threads)]
         if args.use_gpu:
             train_argv.append("--use-gpu")
-        stage("train", (paths.best_checkpoint / "model.safetensors").is_file(),
-              lambda: _run_job("train", train_argv))
+
+        def train() -> None:
+            from ray_jobs.train import default_storage_path, latest_checkpoint
+
+            plan = train_plan(paths, forced=STAGES.index("train") >= forced)
+            if plan == "resume":
+                latest = latest_checkpoint(default_storage_path(paths.train))
+                print(f"    train: resuming the interrupted training in {paths.train} from its "
+                      f"latest checkpoint ({latest.name if latest else 'as Ray Train recorded it'})",
+                      flush=True)
+                _run_job("train", train_argv + ["--resume"])
+                return
+            if paths.train.exists():
+                # Forced (or a folder without a run): the old checkpoints, best/ and MLflow
+                # record must go, or the train job would refuse the existing run.
+                print(f"    train: discarding the previous training in {paths.train} and "
+                      "training from scratch", flush=True)
+                _discard(paths.train)
+            _run_job("train", train_argv)
+
+        stage("train", (paths.best_checkpoint / "model.safetensors").is_file(), train)
 
         # 4. Tune (D, w) on the tune split.
         def tune() -> None:
@@ -258,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
 
         stage("report", False, report)
         total = time.perf_counter() - started
+        if args.stop_after:
+            _banner(f"stopped after stage '{args.stop_after}' (--stop-after) in {total / 60:.1f} min")
+            return 0
         tracking.log_metrics({"time_s/total": total})
         text = json.dumps({**timings, "total": total}, indent=2)
         atomic_write(paths.root / "timings.json", lambda tmp: tmp.write_text(text), suffix=".tmp")

@@ -204,7 +204,22 @@ def _latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
 def _storage_path(args: argparse.Namespace, output: Path) -> str:
     if args.storage_path:
         return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
-    return str(output / "ray_results")
+    return default_storage_path(output)
+
+
+def default_storage_path(output: str | Path) -> str:
+    """Where Ray Train's checkpoints go without ``--storage-path``: ``<output>/ray_results``."""
+    return str(Path(output).resolve() / "ray_results")
+
+
+def has_run(storage_path: str, run_name: str = "train") -> bool:
+    """True if ``<storage_path>/<run_name>`` holds a Ray Train run (one to ``--resume``)."""
+    return _fs_exists(_join(storage_path, run_name, _SNAPSHOT))
+
+
+def latest_checkpoint(storage_path: str, run_name: str = "train") -> Path | None:
+    """The local checkpoint folder a ``--resume`` continues from (see :func:`_latest_checkpoint`)."""
+    return _latest_checkpoint(storage_path, run_name)
 
 
 def build_trainer(
@@ -327,7 +342,7 @@ def run(args: argparse.Namespace) -> Path:
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     storage_path = _storage_path(args, output)
-    exists = _fs_exists(_join(storage_path, args.run_name, _SNAPSHOT))
+    exists = has_run(storage_path, args.run_name)
     if exists and not args.resume:
         raise UsageError(f"{_join(storage_path, args.run_name)} already holds a training run; "
                          "pass --resume to continue it, or choose another --output/--run-name")
