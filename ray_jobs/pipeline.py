@@ -31,6 +31,7 @@ discards the previous training's checkpoints); ``--stop-after STAGE`` stops once
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -149,6 +150,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "discards the previous training run)")
     parser.add_argument("--stop-after", choices=STAGES, default=None,
                         help="stop once this stage is done (e.g. train only)")
+    parser.add_argument("--register-model", default=None, metavar="NAME",
+                        help="register the study's model folder as a version of this MLflow model")
     parser.add_argument("--skip-tune", action="store_true",
                         help="use the config's infer.noise_level/guidance_scale instead of tuning")
     return parser.parse_args(argv)
@@ -191,28 +194,56 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    with tracking.start_run(tracking_uri, experiment, f"study-{paths.root.name}",
-                            tags={"igconda.stage": "pipeline"}) as parent_id:
-        tracking.log_params(config.flat())
-        tracking.log_params({"pipeline.config_file": args.config,
-                             "pipeline.manifest": args.manifest or "synthetic phantoms"})
-        child = common + ["--parent-run-id", parent_id]
+    def track(what: str) -> contextlib.AbstractContextManager:
+        """Pipeline-level logging: a tracking outage is a warning (each stage's results are on
+        disk, and ``python -m ray_jobs.relog --output STUDY`` logs them later)."""
+        return tracking.outage_tolerant(what, tracking_uri, on_disk=str(paths.root),
+                                        relog=f"--output {paths.root}")
 
-        def stage(name: str, done: bool, body: Callable[[], None]) -> None:
+    with contextlib.ExitStack() as study_run:
+        parent_id = None
+        with track("opening the study's parent run; the stages go on"):
+            parent = tracking.start_run(tracking_uri, experiment, f"study-{paths.root.name}",
+                                        tags={"igconda.stage": "pipeline"})
+            parent_id = parent.__enter__()
+
+            def end_parent(exc_type, exc, tb) -> bool:
+                # Ends the run FINISHED, or FAILED while a stage's error propagates; a failure
+                # to reach the server here is a warning, never the study's result.
+                try:
+                    parent.__exit__(exc_type, exc, tb)
+                except Exception as err:
+                    if err is not exc:
+                        tracking.warn_outage("ending the study's parent run", tracking_uri, err,
+                                             str(paths.root), f"--output {paths.root}")
+                return False
+
+            study_run.push(end_parent)
+            tracking.log_params(config.flat())
+            tracking.log_params({"pipeline.config_file": args.config,
+                                 "pipeline.manifest": args.manifest or "synthetic phantoms"})
+        child = common + (["--parent-run-id", parent_id] if parent_id else [])
+
+        def stage(name: str, done: bool, body: Callable[[], None],
+                  log: Callable[[], None] | None = None) -> None:
+            """Run one stage unless done; then log it (``log``) in its own child run, unless
+            the stage's job logs itself (``SELF_LOGGING_STAGES``)."""
             if STAGES.index(name) > last:
                 return
             _banner(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}")
             if should_skip(name, done):
                 return
             t0 = time.perf_counter()
-            if name in SELF_LOGGING_STAGES:
-                body()  # the job opens its own child run under --parent-run-id
-            else:
-                with tracking.start_run(tracking_uri, experiment, name, parent_run_id=parent_id,
-                                        tags={"igconda.stage": name}):
-                    body()
+            body()  # a self-logging job opens its own child run under --parent-run-id
             timings[name] = time.perf_counter() - t0
-            tracking.log_metrics({f"time_s/{name}": timings[name]})
+            with track(f"logging stage {name}"):
+                if name not in SELF_LOGGING_STAGES:
+                    with tracking.start_run(tracking_uri, experiment, name, parent_run_id=parent_id,
+                                            tags={"igconda.stage": name}):
+                        if log is not None:
+                            log()
+                if parent_id:
+                    tracking.log_metrics({f"time_s/{name}": timings[name]})
             print(f"    {name}: done in {timings[name]:.0f} s", flush=True)
 
         # 1. Cohorts: the user's manifest, or synthetic phantoms.
@@ -226,11 +257,16 @@ def main(argv: list[str] | None = None) -> int:
         stage("cohorts", args.manifest is not None or manifest.is_file(), make_cohorts)
 
         # 2. Preprocess to Parquet slices.
+        def log_dataset() -> None:
+            from igconda.tracking.model import log_dataset
+
+            log_dataset(paths.data, "study")
+
         stage("preprocess", (paths.data / "dataset.json").is_file(), lambda: _run_job(
             "preprocess",
             ["--manifest", str(manifest), "--output", str(paths.data), "--config", args.config]
             + (["--address", args.address] if args.address else []),
-        ))
+        ), log_dataset)
 
         # 3. Train.
         train_argv = ["--data", str(paths.data), "--output", str(paths.train),
@@ -291,9 +327,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    model: {paths.model} ({state}: D={settings['noise_level']} "
                   f"w={settings['guidance_scale']:g} s={settings['stride']} "
                   f"map={settings['map_kind']} τ={settings['threshold']:g})", flush=True)
-            tracking.log_artifact(paths.model / "tuning.json", "model")
 
-        stage("model", (paths.model / "tuning.json").is_file(), model)
+        def log_model() -> None:
+            from igconda.tracking.model import log_model_folder
+
+            # An MLflow pyfunc model: mlflow.pyfunc.load_model(...).predict(slices) runs it.
+            log_model_folder(paths.model, registered_model_name=args.register_model)
+            tracking.log_artifact(paths.model / "tuning.json", "model_settings")
+
+        stage("model", (paths.model / "tuning.json").is_file(), model, log_model)
 
         # 6. Batch inference on every test cohort, with the baselines scored by the same code.
         infer_argv = ["--checkpoint", str(paths.best_checkpoint), "--data", str(paths.data),
@@ -308,16 +350,17 @@ def main(argv: list[str] | None = None) -> int:
             from igconda.report import build_study_report
 
             build_study_report(paths.root, paths.report)
-            tracking.log_artifact(paths.report, "report")
 
-        stage("report", False, report)
+        stage("report", False, report, lambda: tracking.log_artifact(paths.report, "report"))
         total = time.perf_counter() - started
         if args.stop_after:
             _banner(f"stopped after stage '{args.stop_after}' (--stop-after) in {total / 60:.1f} min")
             return 0
-        tracking.log_metrics({"time_s/total": total})
         text = json.dumps({**timings, "total": total}, indent=2)
         atomic_write(paths.root / "timings.json", lambda tmp: tmp.write_text(text), suffix=".tmp")
+        if parent_id:
+            with track("logging the study's total time"):
+                tracking.log_metrics({"time_s/total": total})
 
     _banner(f"study finished in {total / 60:.1f} min")
     print(f"    report:  {paths.report}")

@@ -357,9 +357,14 @@ def run(args: argparse.Namespace) -> Path:
     data_hash = dataset_version(args.data)
     mlflow_cfg = None
     tracking_uri = ""
+    outage = {"on_disk": str(output), "relog": f"--train {output}"}
     if not args.no_tracking:
         tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
-        mlflow_cfg = _open_mlflow_run(args, config, output, tracking_uri, storage_path, data_hash)
+        # A tracking server that is down must not stop a training: it runs without MLflow and
+        # its history (in every checkpoint) is re-logged later.
+        with tracking.outage_tolerant("opening the training run; training goes on without MLflow",
+                                      tracking_uri, **outage):
+            mlflow_cfg = _open_mlflow_run(args, config, output, tracking_uri, storage_path, data_hash)
 
     import ray
 
@@ -372,16 +377,20 @@ def run(args: argparse.Namespace) -> Path:
                             mlflow=mlflow_cfg, cpus_per_worker=cpus,
                             torch_threads=args.torch_threads, keep_checkpoints=args.keep_checkpoints,
                             smoke_test=args.smoke_test, data_version=data_hash)
+    status = "FAILED"
     try:
         result = trainer.fit()
         best = export_best(result, output, {"mlflow_run_id": mlflow_cfg and mlflow_cfg["run_id"],
                                             "tracking_uri": tracking_uri or None})
-    except BaseException:
+        status = "FINISHED"
+    finally:
+        # The run always ends, FINISHED once the best checkpoint is saved, else FAILED; and
+        # an outage while logging the result costs the MLflow run, not the saved model.
         if mlflow_cfg:
-            tracking.end_run(tracking_uri, mlflow_cfg["run_id"], "FAILED")
-        raise
-    if mlflow_cfg:
-        _finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
+            if status == "FINISHED":
+                with tracking.outage_tolerant("logging the best checkpoint", tracking_uri, **outage):
+                    _finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
+            tracking.end_run_quietly(tracking_uri, mlflow_cfg["run_id"], status, **outage)
     return best
 
 
@@ -419,9 +428,11 @@ def _finish_mlflow_run(args: argparse.Namespace, tracking_uri: str, run_id: str,
     logger.set_tags({"best_checkpoint.uri": pointer["uri"], "best_checkpoint.epoch": str(pointer["epoch"])})
     logger.log_metrics({"best/valid_loss": float(pointer["valid_loss"])}, step=int(pointer["epoch"]))
     if args.register_model:
-        version = logger.register_model("best_checkpoint", args.register_model)
-        logger.set_tags({"registered_model": f"{args.register_model}/{version}"})
-    tracking.end_run(tracking_uri, run_id, "FINISHED")
+        # An MLflow pyfunc model (not the raw folder), so mlflow.pyfunc.load_model can run it.
+        from igconda.tracking.model import log_model_folder
+
+        with tracking.start_run(tracking_uri, "", "", run_id=run_id):
+            log_model_folder(best, registered_model_name=args.register_model)
 
 
 def main(argv: list[str] | None = None) -> int:
