@@ -46,7 +46,8 @@ checkpoint's own config. Outputs under ``--output``::
 
 Everything is also logged to MLflow (params D, w, s, map kind, τ's; metrics
 ``<method>/<cohort>/<metric>_mean``, ``dice_tau`` included; tables, figures and volumes as
-artifacts).
+artifacts), after every output is on disk: if the tracking server is down the job warns, exits
+0, and ``python -m ray_jobs.relog --infer OUTPUT`` logs the run later.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ from igconda.map_kinds import MAP_KINDS
 from igconda.train_loop import dataset_version
 from ray_jobs.infer_outputs import (  # noqa: F401  (re-exported for callers of the job module)
     export_volumes,
+    log_infer_run,
     make_figures,
     score_patient,
     write_tables,
@@ -347,7 +349,7 @@ def run(args: argparse.Namespace) -> InferResult:
     if not scored:
         raise InferError(f"split '{args.split}' has no unhealthy slice to score")
     per_slice = pd.concat(scored, ignore_index=True)
-    combined, metrics = write_tables(per_slice, output / "tables", settings.method)
+    write_tables(per_slice, output / "tables", settings.method)
     timings["score_s"] = time.perf_counter() - t0
     print((output / "tables" / "methods.md").read_text(), flush=True)
 
@@ -368,35 +370,23 @@ def run(args: argparse.Namespace) -> InferResult:
     summary = {"settings": settings.as_dict(), "thresholds": settings.thresholds,
                "chosen_method": settings.method, "split": args.split, "data": str(data.resolve()),
                "data_version": data_version, "removed": result.removed,
+               "batch_size": config.infer.batch_size, "concurrency": config.infer.concurrency,
                "patients": len(inputs), "computed": result.computed, "skipped": result.skipped,
                "slices": int(sum(expected.values())), "figure_errors": result.figure_errors,
                "timings": timings}
     write_text(output / "summary.json", json.dumps(summary, indent=2))
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
-    with tracking.start_run(uri, args.experiment or config.tracking.experiment, "infer",
-                            tags={"igconda.stage": "infer"}, parent_run_id=args.parent_run_id) as run_id:
-        result.run_id = run_id
-        tracking.log_params({"D": settings.noise_level, "w": settings.guidance_scale,
-                             "s": settings.stride, "map_kind": settings.map_kind,
-                             "threshold": settings.threshold,
-                             **{f"tau.{m}": t for m, t in settings.thresholds.items()},
-                             "checkpoint": settings.checkpoint, "split": args.split,
-                             "data": str(data.resolve()), "data_version": data_version,
-                             "batch_size": config.infer.batch_size,
-                             "concurrency": config.infer.concurrency,
-                             "evaluations_per_slice": 4 * settings.noise_level // settings.stride})
-        tracking.log_metrics({**metrics, **{f"time/{k}": v for k, v in timings.items()}})
-        tracking.log_table(combined, "tables/methods.json")
-        tracking.log_artifact(output / "tables", "tables")
-        tracking.log_artifact(output / "summary.json")
-        if any((output / "figures").glob("*.png")):
-            tracking.log_artifact(output / "figures", "figures")
-        if not args.no_volumes and (output / "volumes").is_dir():
-            tracking.log_artifact(output / "volumes", "volumes")
-        if args.log_slices:
-            tracking.log_artifact(slices_dir, "slices")
-    print(f"infer: done; outputs in {output} (MLflow run {run_id})", flush=True)
+    # Everything is on disk by now: a tracking outage costs the MLflow run, never the results.
+    with tracking.outage_tolerant("logging the inference run", uri, on_disk=str(output),
+                                  relog=f"--infer {output}"):
+        with tracking.start_run(uri, args.experiment or config.tracking.experiment, "infer",
+                                tags={"igconda.stage": "infer"},
+                                parent_run_id=args.parent_run_id) as run_id:
+            result.run_id = run_id
+            log_infer_run(output, summary, volumes=not args.no_volumes, slices=args.log_slices)
+    print(f"infer: done; outputs in {output} (MLflow run {result.run_id or 'not logged'})",
+          flush=True)
     return result
 
 
