@@ -53,11 +53,15 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
-from igconda.io_utils import atomic_write, replace_dir
+from igconda.io_utils import replace_dir
 from igconda.train_loop import SCORE_METRIC, TRAIN_COLUMNS, VALID_COLUMNS, dataset_version
+from ray_jobs.train_tracking import (  # noqa: F401  (RUN_RECORD: re-exported)
+    RUN_RECORD,
+    finish_mlflow_run,
+    open_mlflow_run,
+)
 from ray_jobs.train_worker import train_func
 
-RUN_RECORD = "mlflow_run.json"
 # Ray Train's record of reported checkpoints; its presence means a run exists to resume.
 _SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -364,7 +368,7 @@ def run(args: argparse.Namespace) -> Path:
         # its history (in every checkpoint) is re-logged later.
         with tracking.outage_tolerant("opening the training run; training goes on without MLflow",
                                       tracking_uri, **outage):
-            mlflow_cfg = _open_mlflow_run(args, config, output, tracking_uri, storage_path, data_hash)
+            mlflow_cfg = open_mlflow_run(args, config, output, tracking_uri, storage_path, data_hash)
 
     import ray
 
@@ -389,50 +393,9 @@ def run(args: argparse.Namespace) -> Path:
         if mlflow_cfg:
             if status == "FINISHED":
                 with tracking.outage_tolerant("logging the best checkpoint", tracking_uri, **outage):
-                    _finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
+                    finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
             tracking.end_run_quietly(tracking_uri, mlflow_cfg["run_id"], status, **outage)
     return best
-
-
-def _open_mlflow_run(args: argparse.Namespace, config: StudyConfig, output: Path, tracking_uri: str,
-                     storage_path: str, data_hash: str) -> dict[str, str]:
-    """Create the training's MLflow run (or reopen it on --resume) and log params and tags."""
-    record = output / RUN_RECORD
-    if args.resume and record.is_file():
-        saved = json.loads(record.read_text())
-        if saved.get("tracking_uri") == tracking_uri:
-            tracking.RunLogger(tracking_uri, saved["run_id"]).set_tags({"igconda.resumed": "true"})
-            return {"tracking_uri": tracking_uri, "run_id": saved["run_id"]}
-    experiment = args.experiment or config.tracking.experiment
-    tags = {"igconda.stage": "train", "model.attention": config.model.attention,
-            "model.variant": f"({config.model.attention})", "data.version": data_hash,
-            "data.path": args.data}
-    run_id = tracking.create_run(tracking_uri, experiment, f"train-{config.model.attention}",
-                                 tags=tags, parent_run_id=args.parent_run_id)
-    logger = tracking.RunLogger(tracking_uri, run_id)
-    logger.log_params({**config.flat(), "job.data": args.data, "job.storage_path": storage_path,
-                       "job.run_name": args.run_name, "job.cpus_per_worker": args.cpus_per_worker,
-                       "job.smoke_test": args.smoke_test})
-    text = json.dumps({"tracking_uri": tracking_uri, "run_id": run_id, "experiment": experiment}, indent=2)
-    # --resume reads it back: a half-written record would fail that, or start a second run.
-    atomic_write(record, lambda tmp: tmp.write_text(text), suffix=".tmp")
-    return {"tracking_uri": tracking_uri, "run_id": run_id}
-
-
-def _finish_mlflow_run(args: argparse.Namespace, tracking_uri: str, run_id: str, output: Path,
-                       best: Path) -> None:
-    logger = tracking.RunLogger(tracking_uri, run_id)
-    pointer = ckpt.read_best_pointer(output)
-    logger.log_artifact(best, "best_checkpoint")
-    logger.log_artifact(output / ckpt.BEST_POINTER)
-    logger.set_tags({"best_checkpoint.uri": pointer["uri"], "best_checkpoint.epoch": str(pointer["epoch"])})
-    logger.log_metrics({"best/valid_loss": float(pointer["valid_loss"])}, step=int(pointer["epoch"]))
-    if args.register_model:
-        # An MLflow pyfunc model (not the raw folder), so mlflow.pyfunc.load_model can run it.
-        from igconda.tracking.model import log_model_folder
-
-        with tracking.start_run(tracking_uri, "", "", run_id=run_id):
-            log_model_folder(best, registered_model_name=args.register_model)
 
 
 def main(argv: list[str] | None = None) -> int:
