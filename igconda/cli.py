@@ -87,7 +87,7 @@ def detect(args: argparse.Namespace) -> dict[str, float]:
     from igconda.data.volumes import VolumeError
     from igconda.export import export_volume
     from igconda.inference import CounterfactualPredictor
-    from igconda.tuned_model import TuningFileError, read_tuning
+    from igconda.tuned_model import TuningFileError, model_settings
 
     scan, checkpoint, output = Path(args.scan), Path(args.checkpoint), Path(args.output)
     if not scan.is_file():
@@ -104,23 +104,12 @@ def detect(args: argparse.Namespace) -> dict[str, float]:
         raise _UsageError(f"{mask_output}: --mask-output must differ from -o/--output")
     try:
         config = load_checkpoint_config(checkpoint)
-        tuned = read_tuning(checkpoint)
+        defaults, origin = model_settings(checkpoint, config)
     except (CheckpointError, ConfigError, TuningFileError) as err:
         raise _UsageError(f"checkpoint {checkpoint}: {err}") from None
-    defaults = tuned or {"noise_level": config.infer.noise_level,
-                         "guidance_scale": config.infer.guidance_scale,
-                         "stride": config.infer.stride, "map_kind": config.infer.map_kind,
-                         "threshold": config.infer.threshold}
     chosen = {key: getattr(args, key) if getattr(args, key) is not None else defaults[key]
               for key in ("noise_level", "guidance_scale", "stride", "map_kind", "threshold")}
     overridden = sorted(k for k in chosen if getattr(args, k) is not None)
-    if tuned is not None and tuned.get("tuned", True):
-        origin = f"tuned settings from {checkpoint / 'tuning.json'}"
-    elif tuned is not None:
-        origin = f"untuned defaults recorded in {checkpoint / 'tuning.json'} (the study skipped tuning)"
-    else:
-        origin = (f"UNTUNED defaults of the checkpoint's config (no tuning.json in {checkpoint}; "
-                  f"pass a study's model folder to use its tuned settings)")
     print(f"igconda detect: using {origin}" + (f"; overridden: {', '.join(overridden)}" if overridden else ""),
           file=sys.stderr)
     # argparse (positive_int) refuses --batch-size 0, so None is the only "unset".

@@ -97,3 +97,26 @@ def _check(settings: Mapping[str, Any], path: Path) -> None:
         raise TuningFileError(f"{path}: missing tuned settings {missing}")
     if settings["map_kind"] not in MAP_KINDS:
         raise TuningFileError(f"{path}: map_kind {settings['map_kind']!r} is not one of {list(MAP_KINDS)}")
+
+
+def model_settings(folder: str | Path, config: Any) -> tuple[dict[str, Any], str]:
+    """The D, w, stride, map kind and τ a model folder runs with, and where they come from.
+
+    Its ``tuning.json`` when there is one (:func:`read_tuning`), else the untuned ``infer``
+    defaults of ``config`` (the checkpoint's own). ``igconda detect`` and the MLflow model of a
+    folder (:mod:`igconda.tracking.model`) both decide through here.
+
+    Raises:
+        TuningFileError: a ``tuning.json`` that is unreadable or incomplete.
+    """
+    folder = Path(folder)
+    tuned = read_tuning(folder)
+    if tuned is None:
+        i = config.infer
+        settings = {"noise_level": i.noise_level, "guidance_scale": float(i.guidance_scale),
+                    "stride": i.stride, "map_kind": i.map_kind, "threshold": float(i.threshold)}
+        return settings, (f"UNTUNED defaults of the checkpoint's config (no {TUNING_FILE} in "
+                          f"{folder}; pass a study's model folder to use its tuned settings)")
+    origin = (f"tuned settings from {folder / TUNING_FILE}" if tuned.get("tuned", True) else
+              f"untuned defaults recorded in {folder / TUNING_FILE} (the study skipped tuning)")
+    return {k: tuned[k] for k in TUNED_KEYS}, origin

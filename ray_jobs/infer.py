@@ -5,8 +5,9 @@ Ray Data reads the split's Parquet slices and runs
 slot; the model is loaded once per actor). The driver collects the results per patient and writes
 each patient's file atomically as soon as all its slices are in, so a crashed or interrupted run
 loses at most the patients in flight: re-running the same command skips every patient whose
-output is complete *and* was made with the same checkpoint, D, w, s, map kind and τ, and computes
-only the rest. Every slice is then in exactly one output row.
+output is complete *and* was made with the same checkpoint, D, w, s, map kind and τ from the same
+input slice file (its digest), and computes only the rest; outputs of patients no longer in the
+split are removed. Every slice is then in exactly one output row.
 
 Each slice's guided (x̂_w) and unguided (x̂_∅) decodes of the same encoding are stored, so every
 map kind, the w = 0 control and the baselines are scored afterwards, on the driver, through
@@ -14,7 +15,9 @@ map kind, the w = 0 control and the baselines are scored afterwards, on the driv
 calibrated on the tune split (``--tuned best.json``) beside ⌈DSC⌉.
 
 Stale results are recognised by the settings stamped into each file (including a digest of the
-checkpoint's weights), so changing D or retraining into the same folder recomputes everything.
+checkpoint's weights and one of the patient's input slices; :mod:`ray_jobs.infer_patients`), so
+changing D or retraining into the same folder recomputes everything, and re-preprocessed data
+recomputes the patients whose slices changed.
 
 Run (local Ray, local MLflow store ``OUT/mlflow.db`` with artifacts in ``OUT/mlartifacts``)::
 
@@ -43,13 +46,13 @@ checkpoint's own config. Outputs under ``--output``::
 
 Everything is also logged to MLflow (params D, w, s, map kind, τ's; metrics
 ``<method>/<cohort>/<metric>_mean``, ``dice_tau`` included; tables, figures and volumes as
-artifacts).
+artifacts), after every output is on disk: if the tracking server is down the job warns, exits
+0, and ``python -m ray_jobs.relog --infer OUTPUT`` logs the run later.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import sys
@@ -61,7 +64,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
@@ -69,17 +71,31 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, non_negative_float, positive_int
 from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
-from igconda.data.schema import PREDICTION_SCHEMA, SPLITS, validate_predictions
+from igconda.data.schema import SPLITS
 from igconda.evaluation import igconda_method
 from igconda.inference import check_counterfactual_params
-from igconda.io_utils import atomic_write
 from igconda.map_kinds import MAP_KINDS
+from igconda.train_loop import dataset_version
 from ray_jobs.infer_outputs import (  # noqa: F401  (re-exported for callers of the job module)
     export_volumes,
+    log_infer_run,
     make_figures,
     score_patient,
     write_tables,
     write_text,
+)
+from ray_jobs.infer_patients import (  # noqa: F401  (re-exported for callers of the job module)
+    SETTINGS_KEY,
+    InferError,
+    InferSettings,
+    _concat,
+    _slice_rows,
+    input_digest,
+    list_patients,
+    output_is_complete,
+    prune_outputs,
+    weights_digest,
+    write_patient,
 )
 
 logger = logging.getLogger("ray_jobs.infer")
@@ -87,51 +103,6 @@ logger = logging.getLogger("ray_jobs.infer")
 #: Input columns the predictor needs (``pet_path``/``geometry`` stay on the driver).
 PREDICTOR_INPUT = ("patient_id", "cohort", "tracer", "role", "slice_index", "num_slices", "label",
                    "height", "width", "image", "mask", "lesion_pixels")
-#: Key of the per-patient Parquet schema metadata that records how its rows were made.
-SETTINGS_KEY = b"igconda.infer"
-
-
-class InferError(RuntimeError):
-    """The job cannot run as asked; the message says why."""
-
-
-@dataclass(frozen=True)
-class InferSettings:
-    """The values that decide a patient's output; stored in each file to detect stale results."""
-
-    checkpoint: str
-    noise_level: int
-    guidance_scale: float
-    stride: int
-    map_kind: str
-    weights: str = ""  # digest of the weight files: a checkpoint overwritten in place is stale
-    threshold: float | None = None  # τ of the chosen map (calibrated on the tune split)
-    # τ of every method, for Dice@τ; not part of the stamp (scores are recomputed every run).
-    thresholds: dict[str, float] = field(default_factory=dict, compare=False)
-
-    @property
-    def method(self) -> str:
-        """The chosen map's method name (``igconda_<kind>``)."""
-        return igconda_method(self.map_kind)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"checkpoint": self.checkpoint, "noise_level": self.noise_level,
-                "guidance_scale": self.guidance_scale, "stride": self.stride,
-                "map_kind": self.map_kind, "threshold": self.threshold, "weights": self.weights}
-
-
-def weights_digest(checkpoint: Path) -> str:
-    """SHA-256 (first 16 hex digits) of the checkpoint's weight files."""
-    from igconda.checkpoint import EMA_FILE, MODEL_FILE
-
-    digest = hashlib.sha256()
-    for name in (MODEL_FILE, EMA_FILE):
-        path = checkpoint / name
-        if path.is_file():
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -143,6 +114,7 @@ class InferResult:
     computed: list[str] = field(default_factory=list)  # patients predicted in this run
     skipped: list[str] = field(default_factory=list)   # complete outputs found and kept
     figure_errors: dict[str, str] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)   # outputs of patients no longer in the split
     run_id: str | None = None
 
 
@@ -257,74 +229,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[StudyConfig, InferSettings
     return config, settings
 
 
-# ---------------------------------------------------------------------------------------------
-# Per-patient bookkeeping
-# ---------------------------------------------------------------------------------------------
-
-def list_patients(data: Path, split: str) -> dict[str, Path]:
-    """``{patient_id: input Parquet file}`` of one split (one file per patient, CONTRACTS.md)."""
-    folder = data / "slices" / split
-    if not folder.is_dir():
-        raise InferError(f"{folder}: no '{split}' split in the data folder {data}")
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
-        raise InferError(f"{folder}: no Parquet files")
-    return {f.stem: f for f in files}
-
-
-def output_is_complete(path: Path, expected_rows: int, settings: InferSettings) -> bool:
-    """True if ``path`` holds ``expected_rows`` rows made with exactly ``settings``."""
-    if not path.is_file():
-        return False
-    try:
-        meta = pq.read_metadata(path)
-        stored = json.loads((meta.metadata or {}).get(SETTINGS_KEY, b"{}"))
-    except Exception:  # a truncated or foreign file is simply recomputed
-        return False
-    return meta.num_rows == expected_rows and stored == settings.as_dict()
-
-
-def write_patient(columns: dict[str, np.ndarray], path: Path, settings: InferSettings) -> None:
-    """Write one patient's predicted rows (sorted by slice) atomically (temp file + rename).
-
-    Columns of :data:`~igconda.data.schema.PREDICTION_SCHEMA` are cast to it; any others are
-    kept as they come.
-    """
-    order = np.argsort(columns["slice_index"], kind="stable")
-    arrays = {}
-    for name, values in columns.items():
-        values = np.asarray(values)[order] if not isinstance(values, list) else [values[i] for i in order]
-        if name in ("anomaly_map", "counterfactual", "counterfactual_w0", "image", "mask"):
-            dtype = np.uint8 if name == "mask" else np.float32
-            flat = np.ascontiguousarray(np.stack([np.asarray(v, dtype).ravel() for v in values]))
-            arrays[name] = pa.FixedSizeListArray.from_arrays(
-                pa.array(flat.ravel()), flat.shape[1]).cast(pa.list_(pa.from_numpy_dtype(dtype)))
-        elif name in PREDICTION_SCHEMA.names:
-            arrays[name] = pa.array(values).cast(PREDICTION_SCHEMA.field(name).type)
-        else:
-            arrays[name] = pa.array(values)
-    table = pa.table(arrays).replace_schema_metadata({SETTINGS_KEY: json.dumps(settings.as_dict())})
-    validate_predictions(table)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A ".tmp" suffix keeps a half-written file out of "*.parquet" globs (resume, the report).
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
-
-
-def _slice_rows(batch: dict[str, np.ndarray], index: np.ndarray) -> dict[str, Any]:
-    return {k: (v[index] if isinstance(v, np.ndarray) else [v[i] for i in index]) for k, v in batch.items()}
-
-
-def _concat(parts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    out = {}
-    for key in parts[0]:
-        values = [p[key] for p in parts]
-        if all(isinstance(v, np.ndarray) and v.dtype != object for v in values):
-            out[key] = np.concatenate(values)
-        else:
-            out[key] = [x for v in values for x in v]
-    return out
-
-
 def actor_cpu_warning(concurrency: int, cpus_per_actor: float, cluster_cpus: float) -> str | None:
     """Why the predictor actors may starve the Parquet readers of CPUs, or None if they cannot.
 
@@ -342,8 +246,10 @@ def actor_cpu_warning(concurrency: int, cpus_per_actor: float, cluster_cpus: flo
 
 
 def predict_patients(files: dict[str, Path], expected: dict[str, int], config: StudyConfig,
-                     settings: InferSettings, out_dir: Path, device: str | None) -> list[str]:
-    """Run the predictor over the given patients with Ray Data; write each patient when complete.
+                     settings: InferSettings, out_dir: Path, device: str | None,
+                     digests: dict[str, str]) -> list[str]:
+    """Run the predictor over the given patients with Ray Data; write each patient when complete,
+    stamped with ``settings`` and its input's digest (``digests``, :func:`input_digest`).
 
     Returns:
         Patient ids written, in completion order.
@@ -386,7 +292,8 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
             if counts[pid] > expected[pid]:
                 raise InferError(f"patient {pid}: got {counts[pid]} slices, expected {expected[pid]}")
             if counts[pid] == expected[pid]:
-                write_patient(_concat(pending.pop(pid)), out_dir / f"{pid}.parquet", settings)
+                write_patient(_concat(pending.pop(pid)), out_dir / f"{pid}.parquet", settings,
+                              digests[pid])
                 written.append(pid)
                 rate = done_slices / max(time.perf_counter() - started, 1e-9)
                 print(f"    [{len(written)}/{len(files)}] {pid}: {expected[pid]} slices "
@@ -409,9 +316,17 @@ def run(args: argparse.Namespace) -> InferResult:
     inputs = list_patients(data, args.split)
     slices_dir = output / "slices"
     expected = {pid: pq.read_metadata(f).num_rows for pid, f in inputs.items()}
+    digests = {pid: input_digest(f) for pid, f in inputs.items()}
     todo = {pid: f for pid, f in inputs.items()
-            if not output_is_complete(slices_dir / f"{pid}.parquet", expected[pid], settings)}
+            if not output_is_complete(slices_dir / f"{pid}.parquet", expected[pid], settings,
+                                      digests[pid])}
     result = InferResult(output, settings, skipped=sorted(set(inputs) - set(todo)))
+    # Outputs of patients no longer in the split (data re-preprocessed into the same folder)
+    # would otherwise stay beside the new ones and be read by the report as results.
+    result.removed = prune_outputs(output, set(inputs))
+    if result.removed:
+        print(f"infer: removed {len(result.removed)} output(s) of patients no longer in split "
+              f"'{args.split}': {', '.join(result.removed)}", flush=True)
     print(f"infer: {len(inputs)} patients in split '{args.split}' ({sum(expected.values())} slices); "
           f"D={settings.noise_level} w={settings.guidance_scale:g} s={settings.stride} "
           f"map={settings.map_kind} τ={settings.threshold:g}; {len(result.skipped)} already "
@@ -422,7 +337,8 @@ def run(args: argparse.Namespace) -> InferResult:
     if todo:
         if not ray.is_initialized():
             ray.init(address=args.address)
-        result.computed = predict_patients(todo, expected, config, settings, slices_dir, args.device)
+        result.computed = predict_patients(todo, expected, config, settings, slices_dir,
+                                           args.device, digests)
     timings["predict_s"] = time.perf_counter() - started
     slice_files = {pid: slices_dir / f"{pid}.parquet" for pid in inputs}
 
@@ -433,7 +349,7 @@ def run(args: argparse.Namespace) -> InferResult:
     if not scored:
         raise InferError(f"split '{args.split}' has no unhealthy slice to score")
     per_slice = pd.concat(scored, ignore_index=True)
-    combined, metrics = write_tables(per_slice, output / "tables", settings.method)
+    write_tables(per_slice, output / "tables", settings.method)
     timings["score_s"] = time.perf_counter() - t0
     print((output / "tables" / "methods.md").read_text(), flush=True)
 
@@ -450,36 +366,27 @@ def run(args: argparse.Namespace) -> InferResult:
         timings["volumes_s"] = time.perf_counter() - t0
         print(f"    wrote {n_volumes} anomaly volume(s) to {output / 'volumes'}", flush=True)
 
+    data_version = dataset_version(str(data))
     summary = {"settings": settings.as_dict(), "thresholds": settings.thresholds,
                "chosen_method": settings.method, "split": args.split, "data": str(data.resolve()),
+               "data_version": data_version, "removed": result.removed,
+               "batch_size": config.infer.batch_size, "concurrency": config.infer.concurrency,
                "patients": len(inputs), "computed": result.computed, "skipped": result.skipped,
                "slices": int(sum(expected.values())), "figure_errors": result.figure_errors,
                "timings": timings}
     write_text(output / "summary.json", json.dumps(summary, indent=2))
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
-    with tracking.start_run(uri, args.experiment or config.tracking.experiment, "infer",
-                            tags={"igconda.stage": "infer"}, parent_run_id=args.parent_run_id) as run_id:
-        result.run_id = run_id
-        tracking.log_params({"D": settings.noise_level, "w": settings.guidance_scale,
-                             "s": settings.stride, "map_kind": settings.map_kind,
-                             "threshold": settings.threshold,
-                             **{f"tau.{m}": t for m, t in settings.thresholds.items()},
-                             "checkpoint": settings.checkpoint, "split": args.split,
-                             "data": str(data.resolve()), "batch_size": config.infer.batch_size,
-                             "concurrency": config.infer.concurrency,
-                             "evaluations_per_slice": 4 * settings.noise_level // settings.stride})
-        tracking.log_metrics({**metrics, **{f"time/{k}": v for k, v in timings.items()}})
-        tracking.log_table(combined, "tables/methods.json")
-        tracking.log_artifact(output / "tables", "tables")
-        tracking.log_artifact(output / "summary.json")
-        if any((output / "figures").glob("*.png")):
-            tracking.log_artifact(output / "figures", "figures")
-        if not args.no_volumes and (output / "volumes").is_dir():
-            tracking.log_artifact(output / "volumes", "volumes")
-        if args.log_slices:
-            tracking.log_artifact(slices_dir, "slices")
-    print(f"infer: done; outputs in {output} (MLflow run {run_id})", flush=True)
+    # Everything is on disk by now: a tracking outage costs the MLflow run, never the results.
+    with tracking.outage_tolerant("logging the inference run", uri, on_disk=str(output),
+                                  relog=f"--infer {output}"):
+        with tracking.start_run(uri, args.experiment or config.tracking.experiment, "infer",
+                                tags={"igconda.stage": "infer"},
+                                parent_run_id=args.parent_run_id) as run_id:
+            result.run_id = run_id
+            log_infer_run(output, summary, volumes=not args.no_volumes, slices=args.log_slices)
+    print(f"infer: done; outputs in {output} (MLflow run {result.run_id or 'not logged'})",
+          flush=True)
     return result
 
 

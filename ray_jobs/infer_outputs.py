@@ -100,13 +100,61 @@ def write_tables(per_slice: pd.DataFrame, tables: Path, chosen: str) -> tuple[pd
         write_text(tables / "baselines_per_cohort.csv", others.to_csv(index=False))
         write_text(tables / "baselines_per_cohort.md", E.format_table(others))
     write_text(tables / "per_slice_metrics.csv", per_slice.to_csv(index=False))
+    return summary, summary_metrics(summary)
+
+
+def summary_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """MLflow metrics ``<method>/<group>/<column>`` of a ``methods.csv`` summary (finite only)."""
     metrics: dict[str, float] = {}
     for _, row in summary.iterrows():
         for column, value in row.items():
             if column.endswith(("_mean", "_std")) or column in ("n_slices", "sensitivity_pooled", "tau"):
                 if isinstance(value, (int, float, np.number)) and math.isfinite(float(value)):
                     metrics[metric_name(row["method"], str(row["group"]), column)] = float(value)
-    return summary, metrics
+    return metrics
+
+
+def log_infer_run(output: Path, summary: Mapping[str, Any], *, volumes: bool = True,
+                  slices: bool = False) -> None:
+    """Log a finished inference output folder to the active MLflow run, from its files alone.
+
+    The infer job calls it once its outputs are written, and ``python -m ray_jobs.relog`` calls
+    it on the same folder after a tracking outage, so both log the same params, metrics
+    (``<method>/<cohort>/<metric>``, ``time/*``) and artifacts.
+
+    Args:
+        output: the infer job's ``--output`` (``tables/``, ``figures/``, ``volumes/``, ``slices/``).
+        summary: the content of its ``summary.json``.
+        volumes: upload ``volumes/``; slices: upload the per-slice Parquet files (large).
+    """
+    from igconda import tracking
+
+    settings = summary["settings"]
+    tracking.log_params({"D": settings["noise_level"], "w": settings["guidance_scale"],
+                         "s": settings["stride"], "map_kind": settings["map_kind"],
+                         "threshold": settings["threshold"],
+                         **{f"tau.{m}": t for m, t in summary.get("thresholds", {}).items()},
+                         "checkpoint": settings["checkpoint"], "split": summary["split"],
+                         "data": summary["data"], "data_version": summary.get("data_version"),
+                         "batch_size": summary.get("batch_size"),
+                         "concurrency": summary.get("concurrency"),
+                         "evaluations_per_slice": 4 * settings["noise_level"] // settings["stride"]})
+    combined = pd.read_csv(output / "tables" / "methods.csv")
+    tracking.log_metrics({**summary_metrics(combined),
+                          **{f"time/{k}": v for k, v in summary.get("timings", {}).items()}})
+    tracking.log_table(combined, "tables/methods.json")
+    tracking.log_artifact(output / "tables", "tables")
+    tracking.log_artifact(output / "summary.json")
+    if any((output / "figures").glob("*.png")):
+        tracking.log_artifact(output / "figures", "figures")
+    if volumes and (output / "volumes").is_dir():
+        tracking.log_artifact(output / "volumes", "volumes")
+    if slices:
+        tracking.log_artifact(output / "slices", "slices")
+    if (Path(summary["data"]) / "slices").is_dir():
+        from igconda.tracking.model import log_dataset
+
+        log_dataset(summary["data"], summary["split"])
 
 
 def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
@@ -164,6 +212,13 @@ def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
         plt.close(fig)
     except Exception as err:
         errors["lesion_size"] = f"{type(err).__name__}: {err}"
+    # A figure not remade this run (its cohort left the split, or it failed now) shows old
+    # results: remove it rather than let the report show it beside the new tables.
+    made = {f"qualitative_{c}.png" for c in ours["cohort"].unique()} | {"lesion_size.png"}
+    made -= {f"{name}.png" for name in errors}
+    for path in figures.glob("*.png"):
+        if path.name not in made:
+            path.unlink(missing_ok=True)
     return errors
 
 

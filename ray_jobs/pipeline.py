@@ -21,18 +21,24 @@ or on a Ray cluster (see docs/cluster.md)::
         python -m ray_jobs.pipeline --config configs/demo.yaml --output runs/demo
 
 Every stage writes into its own folder under ``--output`` and is skipped when its finished
-output is already there, so an interrupted study resumes where it stopped (``--force STAGE``
-re-runs one stage and everything after it).
+output is already there, so an interrupted study resumes where it stopped: an interrupted
+training (checkpoints under ``train/ray_results`` but no ``train/best``) continues from its latest
+checkpoint in the same MLflow run, and inference keeps every patient already predicted.
+``--force STAGE`` re-runs one stage and everything after it from scratch (``--force train``
+discards the previous training's checkpoints); ``--stop-after STAGE`` stops once STAGE is done.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
+import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +100,29 @@ def _banner(message: str) -> None:
     print(f"\n==> {message}", flush=True)
 
 
+def _discard(folder: Path) -> None:
+    """Remove a stage's folder; renamed aside first, so that a kill half-way through the delete
+    never leaves a half-deleted folder that looks like an interrupted run to resume."""
+    if not folder.exists():
+        return
+    aside = folder.with_name(f".{folder.name}.discarded-{uuid.uuid4().hex[:8]}")
+    folder.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def train_plan(paths: StudyPaths, forced: bool) -> str:
+    """How the pipeline runs its train stage: ``"skip"`` (a finished ``train/best`` exists and
+    the stage is not forced), ``"fresh"`` (forced, or nothing there yet) or ``"resume"`` (a
+    Ray Train run with checkpoints but no finished best: an interrupted training)."""
+    from ray_jobs.train import default_storage_path, has_run
+
+    if forced:
+        return "fresh"
+    if (paths.best_checkpoint / "model.safetensors").is_file():
+        return "skip"
+    return "resume" if has_run(default_storage_path(paths.train)) else "fresh"
+
+
 def _run_job(module: str, argv: list[str]) -> None:
     """Run ``ray_jobs.<module>.main(argv)`` in this process (sharing its Ray runtime)."""
     job = importlib.import_module(f"ray_jobs.{module}")
@@ -116,7 +145,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default=None, help="MLflow experiment name")
     parser.add_argument("--num-workers", type=positive_int, default=None, help="training workers")
     parser.add_argument("--use-gpu", action="store_true", help="train and infer on GPUs")
-    parser.add_argument("--force", choices=STAGES, help="re-run this stage and all later ones")
+    parser.add_argument("--force", choices=STAGES,
+                        help="re-run this stage and all later ones from scratch (--force train "
+                             "discards the previous training run)")
+    parser.add_argument("--stop-after", choices=STAGES, default=None,
+                        help="stop once this stage is done (e.g. train only)")
+    parser.add_argument("--register-model", default=None, metavar="NAME",
+                        help="register the study's model folder as a version of this MLflow model")
     parser.add_argument("--skip-tune", action="store_true",
                         help="use the config's infer.noise_level/guidance_scale instead of tuning")
     return parser.parse_args(argv)
@@ -136,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     experiment = args.experiment or config.tracking.experiment
     forced = STAGES.index(args.force) if args.force else len(STAGES)
+    last = STAGES.index(args.stop_after) if args.stop_after else len(STAGES) - 1
 
     def should_skip(stage: str, done: bool) -> bool:
         if done and STAGES.index(stage) < forced:
@@ -158,26 +194,56 @@ def main(argv: list[str] | None = None) -> int:
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
-    with tracking.start_run(tracking_uri, experiment, f"study-{paths.root.name}",
-                            tags={"igconda.stage": "pipeline"}) as parent_id:
-        tracking.log_params(config.flat())
-        tracking.log_params({"pipeline.config_file": args.config,
-                             "pipeline.manifest": args.manifest or "synthetic phantoms"})
-        child = common + ["--parent-run-id", parent_id]
+    def track(what: str) -> contextlib.AbstractContextManager:
+        """Pipeline-level logging: a tracking outage is a warning (each stage's results are on
+        disk, and ``python -m ray_jobs.relog --output STUDY`` logs them later)."""
+        return tracking.outage_tolerant(what, tracking_uri, on_disk=str(paths.root),
+                                        relog=f"--output {paths.root}")
 
-        def stage(name: str, done: bool, body: Callable[[], None]) -> None:
+    with contextlib.ExitStack() as study_run:
+        parent_id = None
+        with track("opening the study's parent run; the stages go on"):
+            parent = tracking.start_run(tracking_uri, experiment, f"study-{paths.root.name}",
+                                        tags={"igconda.stage": "pipeline"})
+            parent_id = parent.__enter__()
+
+            def end_parent(exc_type, exc, tb) -> bool:
+                # Ends the run FINISHED, or FAILED while a stage's error propagates; a failure
+                # to reach the server here is a warning, never the study's result.
+                try:
+                    parent.__exit__(exc_type, exc, tb)
+                except Exception as err:
+                    if err is not exc:
+                        tracking.warn_outage("ending the study's parent run", tracking_uri, err,
+                                             str(paths.root), f"--output {paths.root}")
+                return False
+
+            study_run.push(end_parent)
+            tracking.log_params(config.flat())
+            tracking.log_params({"pipeline.config_file": args.config,
+                                 "pipeline.manifest": args.manifest or "synthetic phantoms"})
+        child = common + (["--parent-run-id", parent_id] if parent_id else [])
+
+        def stage(name: str, done: bool, body: Callable[[], None],
+                  log: Callable[[], None] | None = None) -> None:
+            """Run one stage unless done; then log it (``log``) in its own child run, unless
+            the stage's job logs itself (``SELF_LOGGING_STAGES``)."""
+            if STAGES.index(name) > last:
+                return
             _banner(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}")
             if should_skip(name, done):
                 return
             t0 = time.perf_counter()
-            if name in SELF_LOGGING_STAGES:
-                body()  # the job opens its own child run under --parent-run-id
-            else:
-                with tracking.start_run(tracking_uri, experiment, name, parent_run_id=parent_id,
-                                        tags={"igconda.stage": name}):
-                    body()
+            body()  # a self-logging job opens its own child run under --parent-run-id
             timings[name] = time.perf_counter() - t0
-            tracking.log_metrics({f"time_s/{name}": timings[name]})
+            with track(f"logging stage {name}"):
+                if name not in SELF_LOGGING_STAGES:
+                    with tracking.start_run(tracking_uri, experiment, name, parent_run_id=parent_id,
+                                            tags={"igconda.stage": name}):
+                        if log is not None:
+                            log()
+                if parent_id:
+                    tracking.log_metrics({f"time_s/{name}": timings[name]})
             print(f"    {name}: done in {timings[name]:.0f} s", flush=True)
 
         # 1. Cohorts: the user's manifest, or synthetic phantoms.
@@ -191,11 +257,16 @@ def main(argv: list[str] | None = None) -> int:
         stage("cohorts", args.manifest is not None or manifest.is_file(), make_cohorts)
 
         # 2. Preprocess to Parquet slices.
+        def log_dataset() -> None:
+            from igconda.tracking.model import log_dataset
+
+            log_dataset(paths.data, "study")
+
         stage("preprocess", (paths.data / "dataset.json").is_file(), lambda: _run_job(
             "preprocess",
             ["--manifest", str(manifest), "--output", str(paths.data), "--config", args.config]
             + (["--address", args.address] if args.address else []),
-        ))
+        ), log_dataset)
 
         # 3. Train.
         train_argv = ["--data", str(paths.data), "--output", str(paths.train),
@@ -209,8 +280,27 @@ def main(argv: list[str] | None = None) -> int:
             train_argv += ["--torch-threads", str(threads)]
         if args.use_gpu:
             train_argv.append("--use-gpu")
-        stage("train", (paths.best_checkpoint / "model.safetensors").is_file(),
-              lambda: _run_job("train", train_argv))
+
+        def train() -> None:
+            from ray_jobs.train import default_storage_path, latest_checkpoint
+
+            plan = train_plan(paths, forced=STAGES.index("train") >= forced)
+            if plan == "resume":
+                latest = latest_checkpoint(default_storage_path(paths.train))
+                print(f"    train: resuming the interrupted training in {paths.train} from its "
+                      f"latest checkpoint ({latest.name if latest else 'as Ray Train recorded it'})",
+                      flush=True)
+                _run_job("train", train_argv + ["--resume"])
+                return
+            if paths.train.exists():
+                # Forced (or a folder without a run): the old checkpoints, best/ and MLflow
+                # record must go, or the train job would refuse the existing run.
+                print(f"    train: discarding the previous training in {paths.train} and "
+                      "training from scratch", flush=True)
+                _discard(paths.train)
+            _run_job("train", train_argv)
+
+        stage("train", (paths.best_checkpoint / "model.safetensors").is_file(), train)
 
         # 4. Tune (D, w) on the tune split.
         def tune() -> None:
@@ -237,9 +327,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    model: {paths.model} ({state}: D={settings['noise_level']} "
                   f"w={settings['guidance_scale']:g} s={settings['stride']} "
                   f"map={settings['map_kind']} τ={settings['threshold']:g})", flush=True)
-            tracking.log_artifact(paths.model / "tuning.json", "model")
 
-        stage("model", (paths.model / "tuning.json").is_file(), model)
+        def log_model() -> None:
+            from igconda.tracking.model import log_model_folder
+
+            # An MLflow pyfunc model: mlflow.pyfunc.load_model(...).predict(slices) runs it.
+            log_model_folder(paths.model, registered_model_name=args.register_model)
+            tracking.log_artifact(paths.model / "tuning.json", "model_settings")
+
+        stage("model", (paths.model / "tuning.json").is_file(), model, log_model)
 
         # 6. Batch inference on every test cohort, with the baselines scored by the same code.
         infer_argv = ["--checkpoint", str(paths.best_checkpoint), "--data", str(paths.data),
@@ -254,13 +350,17 @@ def main(argv: list[str] | None = None) -> int:
             from igconda.report import build_study_report
 
             build_study_report(paths.root, paths.report)
-            tracking.log_artifact(paths.report, "report")
 
-        stage("report", False, report)
+        stage("report", False, report, lambda: tracking.log_artifact(paths.report, "report"))
         total = time.perf_counter() - started
-        tracking.log_metrics({"time_s/total": total})
+        if args.stop_after:
+            _banner(f"stopped after stage '{args.stop_after}' (--stop-after) in {total / 60:.1f} min")
+            return 0
         text = json.dumps({**timings, "total": total}, indent=2)
         atomic_write(paths.root / "timings.json", lambda tmp: tmp.write_text(text), suffix=".tmp")
+        if parent_id:
+            with track("logging the study's total time"):
+                tracking.log_metrics({"time_s/total": total})
 
     _banner(f"study finished in {total / 60:.1f} min")
     print(f"    report:  {paths.report}")

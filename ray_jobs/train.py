@@ -53,11 +53,15 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
-from igconda.io_utils import atomic_write, replace_dir
+from igconda.io_utils import replace_dir
 from igconda.train_loop import SCORE_METRIC, TRAIN_COLUMNS, VALID_COLUMNS, dataset_version
+from ray_jobs.train_tracking import (  # noqa: F401  (RUN_RECORD: re-exported)
+    RUN_RECORD,
+    finish_mlflow_run,
+    open_mlflow_run,
+)
 from ray_jobs.train_worker import train_func
 
-RUN_RECORD = "mlflow_run.json"
 # Ray Train's record of reported checkpoints; its presence means a run exists to resume.
 _SNAPSHOT = "checkpoint_manager_snapshot.json"
 
@@ -204,7 +208,22 @@ def _latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
 def _storage_path(args: argparse.Namespace, output: Path) -> str:
     if args.storage_path:
         return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
-    return str(output / "ray_results")
+    return default_storage_path(output)
+
+
+def default_storage_path(output: str | Path) -> str:
+    """Where Ray Train's checkpoints go without ``--storage-path``: ``<output>/ray_results``."""
+    return str(Path(output).resolve() / "ray_results")
+
+
+def has_run(storage_path: str, run_name: str = "train") -> bool:
+    """True if ``<storage_path>/<run_name>`` holds a Ray Train run (one to ``--resume``)."""
+    return _fs_exists(_join(storage_path, run_name, _SNAPSHOT))
+
+
+def latest_checkpoint(storage_path: str, run_name: str = "train") -> Path | None:
+    """The local checkpoint folder a ``--resume`` continues from (see :func:`_latest_checkpoint`)."""
+    return _latest_checkpoint(storage_path, run_name)
 
 
 def build_trainer(
@@ -327,7 +346,7 @@ def run(args: argparse.Namespace) -> Path:
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     storage_path = _storage_path(args, output)
-    exists = _fs_exists(_join(storage_path, args.run_name, _SNAPSHOT))
+    exists = has_run(storage_path, args.run_name)
     if exists and not args.resume:
         raise UsageError(f"{_join(storage_path, args.run_name)} already holds a training run; "
                          "pass --resume to continue it, or choose another --output/--run-name")
@@ -342,9 +361,14 @@ def run(args: argparse.Namespace) -> Path:
     data_hash = dataset_version(args.data)
     mlflow_cfg = None
     tracking_uri = ""
+    outage = {"on_disk": str(output), "relog": f"--train {output}"}
     if not args.no_tracking:
         tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
-        mlflow_cfg = _open_mlflow_run(args, config, output, tracking_uri, storage_path, data_hash)
+        # A tracking server that is down must not stop a training: it runs without MLflow and
+        # its history (in every checkpoint) is re-logged later.
+        with tracking.outage_tolerant("opening the training run; training goes on without MLflow",
+                                      tracking_uri, **outage):
+            mlflow_cfg = open_mlflow_run(args, config, output, tracking_uri, storage_path, data_hash)
 
     import ray
 
@@ -357,56 +381,21 @@ def run(args: argparse.Namespace) -> Path:
                             mlflow=mlflow_cfg, cpus_per_worker=cpus,
                             torch_threads=args.torch_threads, keep_checkpoints=args.keep_checkpoints,
                             smoke_test=args.smoke_test, data_version=data_hash)
+    status = "FAILED"
     try:
         result = trainer.fit()
         best = export_best(result, output, {"mlflow_run_id": mlflow_cfg and mlflow_cfg["run_id"],
                                             "tracking_uri": tracking_uri or None})
-    except BaseException:
+        status = "FINISHED"
+    finally:
+        # The run always ends, FINISHED once the best checkpoint is saved, else FAILED; and
+        # an outage while logging the result costs the MLflow run, not the saved model.
         if mlflow_cfg:
-            tracking.end_run(tracking_uri, mlflow_cfg["run_id"], "FAILED")
-        raise
-    if mlflow_cfg:
-        _finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
+            if status == "FINISHED":
+                with tracking.outage_tolerant("logging the best checkpoint", tracking_uri, **outage):
+                    finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
+            tracking.end_run_quietly(tracking_uri, mlflow_cfg["run_id"], status, **outage)
     return best
-
-
-def _open_mlflow_run(args: argparse.Namespace, config: StudyConfig, output: Path, tracking_uri: str,
-                     storage_path: str, data_hash: str) -> dict[str, str]:
-    """Create the training's MLflow run (or reopen it on --resume) and log params and tags."""
-    record = output / RUN_RECORD
-    if args.resume and record.is_file():
-        saved = json.loads(record.read_text())
-        if saved.get("tracking_uri") == tracking_uri:
-            tracking.RunLogger(tracking_uri, saved["run_id"]).set_tags({"igconda.resumed": "true"})
-            return {"tracking_uri": tracking_uri, "run_id": saved["run_id"]}
-    experiment = args.experiment or config.tracking.experiment
-    tags = {"igconda.stage": "train", "model.attention": config.model.attention,
-            "model.variant": f"({config.model.attention})", "data.version": data_hash,
-            "data.path": args.data}
-    run_id = tracking.create_run(tracking_uri, experiment, f"train-{config.model.attention}",
-                                 tags=tags, parent_run_id=args.parent_run_id)
-    logger = tracking.RunLogger(tracking_uri, run_id)
-    logger.log_params({**config.flat(), "job.data": args.data, "job.storage_path": storage_path,
-                       "job.run_name": args.run_name, "job.cpus_per_worker": args.cpus_per_worker,
-                       "job.smoke_test": args.smoke_test})
-    text = json.dumps({"tracking_uri": tracking_uri, "run_id": run_id, "experiment": experiment}, indent=2)
-    # --resume reads it back: a half-written record would fail that, or start a second run.
-    atomic_write(record, lambda tmp: tmp.write_text(text), suffix=".tmp")
-    return {"tracking_uri": tracking_uri, "run_id": run_id}
-
-
-def _finish_mlflow_run(args: argparse.Namespace, tracking_uri: str, run_id: str, output: Path,
-                       best: Path) -> None:
-    logger = tracking.RunLogger(tracking_uri, run_id)
-    pointer = ckpt.read_best_pointer(output)
-    logger.log_artifact(best, "best_checkpoint")
-    logger.log_artifact(output / ckpt.BEST_POINTER)
-    logger.set_tags({"best_checkpoint.uri": pointer["uri"], "best_checkpoint.epoch": str(pointer["epoch"])})
-    logger.log_metrics({"best/valid_loss": float(pointer["valid_loss"])}, step=int(pointer["epoch"]))
-    if args.register_model:
-        version = logger.register_model("best_checkpoint", args.register_model)
-        logger.set_tags({"registered_model": f"{args.register_model}/{version}"})
-    tracking.end_run(tracking_uri, run_id, "FINISHED")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -101,7 +101,14 @@ def _log(logger: Any, metrics: dict[str, float], step: int) -> None:
     try:
         logger.log_metrics(metrics, step=step)
     except Exception as err:  # a tracking hiccup must not kill a days-long training run
-        warnings.warn(f"MLflow logging failed at epoch {step}: {err}", stacklevel=2)
+        # RunLogger now skips the next epochs' metrics for a while (bounded cost per outage);
+        # the history is kept in every checkpoint and re-logged by ray_jobs.relog.
+        from igconda.tracking import RELOG_COMMAND
+
+        warnings.warn(f"MLflow logging to {logger.tracking_uri} failed at epoch {step} "
+                      f"({type(err).__name__}: {err}); training goes on, metrics are skipped for "
+                      f"{logger.pause_after_failure_s:.0f} s and stay in the checkpoints' history "
+                      f"(re-log them with {RELOG_COMMAND} --train OUTPUT)", stacklevel=2)
 
 
 def _batches(shard: Any, batch_size: int, device: torch.device, *, shuffle_seed: int | None,

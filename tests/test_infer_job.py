@@ -116,9 +116,35 @@ def test_output_completeness_checks_rows_and_settings(tmp_path):
     assert not infer.output_is_complete(path, 2, infer.InferSettings("/ck", 4, 3.0, 2, "abs", "retrained"))
     assert not infer.output_is_complete(path, 2, infer.InferSettings("/ck", 4, 3.0, 2, "hot"))
     assert not infer.output_is_complete(path, 2, infer.InferSettings("/ck", 4, 3.0, 2, "abs", "", 0.3))
-    path.write_bytes(path.read_bytes()[:50])  # truncated by a crash mid-copy
+    # The patient's input slices changed (re-preprocessed): recomputed, whatever the settings.
+    infer.write_patient(columns, path, settings, "digest-a")
+    assert infer.output_is_complete(path, 2, settings, "digest-a")
+    assert not infer.output_is_complete(path, 2, settings, "digest-b")
     assert not infer.output_is_complete(path, 2, settings)
+    path.write_bytes(path.read_bytes()[:50])  # truncated by a crash mid-copy
+    assert not infer.output_is_complete(path, 2, settings, "digest-a")
     assert [p.name for p in tmp_path.iterdir()] == ["P.parquet"]  # no temp files left
+
+
+def test_input_digest_follows_the_file_content(tmp_path):
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    a.write_bytes(b"slices of P")
+    b.write_bytes(b"slices of P")
+    assert infer.input_digest(a) == infer.input_digest(b)  # the content, not the path
+    b.write_bytes(b"slices of P, re-preprocessed")
+    assert infer.input_digest(a) != infer.input_digest(b)
+
+
+def test_outputs_of_patients_no_longer_in_the_split_are_pruned(tmp_path):
+    for name in ("slices/P.parquet", "slices/Q.parquet", "volumes/P_anomaly.nii.gz",
+                 "volumes/Q_anomaly.nii.gz", "tables/methods.csv", "slices/.Q.parquet.1a2b.tmp"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    removed = infer.prune_outputs(tmp_path, {"P"})
+    assert sorted(removed) == ["slices/Q.parquet", "volumes/Q_anomaly.nii.gz"]
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["slices/.Q.parquet.1a2b.tmp", "slices/P.parquet", "tables/methods.csv",
+                    "volumes/P_anomaly.nii.gz"]
 
 
 # ---- the job on Ray ---------------------------------------------------------------------------
@@ -196,6 +222,35 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
         assert (output / "slices" / f"{pid}.parquet").stat().st_mtime_ns == before[pid]
     assert "2 already complete, 1 to run" in capsys.readouterr().out
     assert pd.read_csv(output / "tables" / "methods.csv").shape == methods.shape
+
+    # The data re-preprocessed into another version: S1 (the only external patient) dropped,
+    # N1's slices changed, L1's identical. Only N1 is recomputed and nothing of S1 remains.
+    import shutil
+
+    import pyarrow as pa
+
+    data2 = root / "data2"
+    shutil.copytree(data, data2)
+    (data2 / "slices" / "test" / "S1.parquet").unlink()
+    n1 = data2 / "slices" / "test" / "N1.parquet"
+    table = pq.read_table(n1)
+    frame = table.to_pandas()
+    frame["image"] = [np.asarray(x) * 0.5 for x in frame["image"]]
+    pq.write_table(pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False), n1)
+    kept = (output / "slices" / "L1.parquet").stat().st_mtime_ns
+    third = infer.run(infer.parse_args(_argv((root, study[1], data2), output)))
+    assert third.computed == ["N1"] and third.skipped == ["L1"]
+    assert sorted(third.removed) == ["slices/S1.parquet", "volumes/S1_anomaly.nii.gz"]
+    assert (output / "slices" / "L1.parquet").stat().st_mtime_ns == kept
+    assert sorted(p.name for p in (output / "slices").glob("*.parquet")) == ["L1.parquet", "N1.parquet"]
+    assert sorted(p.name for p in (output / "volumes").iterdir()) == ["L1_anomaly.nii.gz",
+                                                                       "N1_anomaly.nii.gz"]
+    assert not (output / "figures" / "qualitative_sts_ext.png").exists()
+    assert "sts_ext" not in set(pd.read_csv(output / "tables" / "methods.csv")["group"])
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["patients"] == 2 and summary["data_version"].startswith("files:")
+    # A fourth run on the same data recomputes nothing.
+    assert infer.run(infer.parse_args(_argv((root, study[1], data2), output))).computed == []
 
 
 def test_a_truncated_checkpoint_is_refused_before_any_actor_starts(study, tmp_path, capsys):

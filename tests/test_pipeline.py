@@ -4,6 +4,7 @@ submit`` against a local head (MLflow parent + one child run per stage, and the 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -64,3 +65,59 @@ def test_tiny_study_through_ray_job_submit(tmp_path, repo_root):
     assert len(children) >= len(pipeline.STAGES)
     timings = json.loads((output / "timings.json").read_text())
     assert set(pipeline.STAGES) <= set(timings)
+
+
+def test_train_plan_resumes_an_interrupted_run_and_force_starts_afresh(tmp_path):
+    paths = pipeline.StudyPaths(tmp_path)
+    assert pipeline.train_plan(paths, forced=False) == "fresh"  # nothing there yet
+    run = paths.train / "ray_results" / "train"
+    run.mkdir(parents=True)
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert pipeline.train_plan(paths, forced=False) == "resume"  # checkpoints, no best
+    assert pipeline.train_plan(paths, forced=True) == "fresh"
+    paths.best_checkpoint.mkdir()
+    (paths.best_checkpoint / "model.safetensors").write_bytes(b"weights")
+    assert pipeline.train_plan(paths, forced=False) == "skip"  # finished
+    assert pipeline.train_plan(paths, forced=True) == "fresh"
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_the_pipeline_resumes_an_interrupted_training(tmp_path, ray_session, repo_root,
+                                                      monkeypatch, capsys):
+    from igconda import checkpoint as ckpt
+    from ray_jobs import train
+
+    monkeypatch.chdir(repo_root)
+    output = tmp_path / "study"
+    common = ["--config", "configs/test.yaml", "--output", str(output), "--num-workers", "1"]
+    assert pipeline.main([*common, "--stop-after", "preprocess"]) == 0
+    assert not (output / "train").exists()
+
+    # A training stopped after epoch 1 of the config's 2: checkpoints, but no finished best/.
+    assert train.main(["--data", str(output / "data"), "--output", str(output / "train"),
+                       "--config", "configs/test.yaml", "--num-workers", "1", "--epochs", "1",
+                       "--torch-threads", "1", "--tracking-uri", str(output)]) == 0
+    first_run = json.loads((output / "train" / train.RUN_RECORD).read_text())["run_id"]
+    ckpt_dir = output / "train" / "ray_results" / "train"
+    shutil.rmtree(output / "train" / "best")
+    (output / "train" / ckpt.BEST_POINTER).unlink()
+    capsys.readouterr()
+
+    assert pipeline.main([*common, "--stop-after", "train"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming the interrupted training" in out and "checkpoint_epoch_000001" in out
+    state = ckpt.load_train_state(ckpt_dir / "checkpoint_epoch_000002")
+    assert state["resumed_at"] == [1] and [h["epoch"] for h in state["history"]] == [1.0, 2.0]
+    assert (output / "train" / "best" / "model.safetensors").is_file()
+    # The same MLflow run carries on.
+    assert json.loads((output / "train" / train.RUN_RECORD).read_text())["run_id"] == first_run
+    uri = tracking.resolve_tracking_uri(str(output), output)
+    assert [s for s, _ in tracking.get_metric_history(uri, first_run, "train_loss")] == [1, 2]
+
+    # --force train retrains from scratch instead of refusing the existing run.
+    assert pipeline.main([*common, "--force", "train", "--stop-after", "train"]) == 0
+    assert "training from scratch" in capsys.readouterr().out
+    state = ckpt.load_train_state(ckpt_dir / "checkpoint_epoch_000002")
+    assert state["resumed_at"] == [] and [h["epoch"] for h in state["history"]] == [1.0, 2.0]
+    assert json.loads((output / "train" / train.RUN_RECORD).read_text())["run_id"] != first_run

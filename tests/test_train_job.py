@@ -73,6 +73,36 @@ def test_two_workers_train_checkpoint_log_and_resume(ray_session, dataset, tmp_p
     assert [h["epoch"] for h in state["history"]] == [1.0, 2.0, 3.0]
 
 
+def test_a_tracking_server_down_costs_neither_the_model_nor_the_exit_status(
+        ray_session, dataset, tmp_path, repo_root, monkeypatch, capsys):
+    from ray_jobs import train as job
+
+    monkeypatch.chdir(repo_root)
+    output = tmp_path / "out"
+    assert job.main(_job_args(dataset, output, "--epochs", "1",
+                              "--tracking-uri", "http://127.0.0.1:1")) == 0
+    assert (output / ckpt.BEST_DIR / "model.safetensors").is_file()
+    assert ckpt.read_best_pointer(output)["epoch"] == 1
+    err = capsys.readouterr().err
+    assert ("MLflow tracking at http://127.0.0.1:1 failed while opening the training run; "
+            "training goes on without MLflow") in err
+    assert f"python -m ray_jobs.relog --train {output.resolve()}" in err and "Traceback" not in err
+
+    # The server fails after training, while the best checkpoint is logged: still exit 0, and the
+    # run is ended (it used to stay RUNNING, with exit 1 after the model was saved).
+    def upload_fails(*args, **kwargs):
+        raise ConnectionError("server went away")
+
+    monkeypatch.setattr(job, "finish_mlflow_run", upload_fails)
+    second = tmp_path / "second"
+    assert job.main(_job_args(dataset, second, "--epochs", "1")) == 0
+    assert (second / ckpt.BEST_DIR / "model.safetensors").is_file()
+    assert "failed while logging the best checkpoint (ConnectionError: server went away)" in (
+        capsys.readouterr().err)
+    record = json.loads((second / job.RUN_RECORD).read_text())
+    assert tracking.get_run(record["tracking_uri"], record["run_id"])["status"] == "FINISHED"
+
+
 def test_small_splits_are_materialized_large_ones_streamed(ray_session, dataset, tmp_path):
     from ray.data.dataset import MaterializedDataset
 

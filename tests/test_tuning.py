@@ -301,3 +301,25 @@ def test_tune_job_writes_best_grid_heatmap_and_nested_runs(ray_session, tune_dat
             assert f"{kind}/mean_dsc" in child.data.metrics and f"{kind}/tau" in child.data.metrics
     artifacts = {a.path for a in client.list_artifacts(tune_run.info.run_id, "tune")}
     assert {"tune/best.json", "tune/grid.csv", "tune/heatmap.png"} <= artifacts
+
+
+@pytest.mark.ray
+def test_tune_job_keeps_its_result_when_the_tracking_server_is_down(ray_session, tune_data, test_config,
+                                                                   tmp_path, capsys):
+    from igconda.checkpoint import save_checkpoint
+    from igconda.models import build_unet
+    from ray_jobs import tune as tune_job
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model=build_unet(test_config.model), config=test_config)
+    out = tmp_path / "tune"
+    code = tune_job.main(["--checkpoint", str(ckpt), "--data", str(tune_data), "--output", str(out),
+                          "--tracking-uri", "http://127.0.0.1:1", "--max-slices", "4"])
+    assert code == 0  # the tuning itself succeeded
+    err = capsys.readouterr().err
+    assert "MLflow tracking at http://127.0.0.1:1 failed while logging the tuning run" in err
+    assert f"python -m ray_jobs.relog --tune {out}" in err
+    best = driver.read_best(out / "best.json")  # on disk, complete, without a run id
+    assert {"noise_level", "guidance_scale", "map_kind", "threshold", "thresholds"} <= set(best)
+    assert "mlflow_run_id" not in best
+    assert (out / "grid.csv").is_file() and (out / "heatmap.png").is_file()

@@ -21,7 +21,9 @@ trials share one GPU on a cluster.
 
 Outputs in ``<output>/``: ``best.json`` (read by ``ray_jobs.infer --tuned`` and written into the
 study's model folder), ``grid.csv`` and ``heatmap.png`` (the chosen map kind), all written
-atomically and logged to MLflow, plus Tune's own trial folders under ``ray_results/``.
+atomically before anything is logged to MLflow (a tracking outage is a warning and
+``python -m ray_jobs.relog --tune OUTPUT`` logs them later), plus Tune's own trial folders under
+``ray_results/``.
 """
 
 from __future__ import annotations
@@ -87,6 +89,48 @@ def _json_value(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def _write_best(path: Path, best: dict[str, Any]) -> None:
+    _atomic_write_text(path, json.dumps({k: _json_value(v) for k, v in best.items()}, indent=2) + "\n")
+
+
+def log_tuning_run(output_dir: Path, best: dict[str, Any], grid: pd.DataFrame, tracking_uri: str,
+                   experiment: str) -> None:
+    """Log a tuning result to the active MLflow run, from what is on disk: the chosen settings
+    and τ's (``best.json``), one child run per (D, w) with every map kind's metrics
+    (``grid.csv``), and the three files as artifacts. The tune job calls it after writing them,
+    ``python -m ray_jobs.relog`` after a tracking outage."""
+    from igconda import tracking
+
+    run_id = tracking.active_run_id()
+    tracking.log_params({"checkpoint": best.get("checkpoint"), "data": best.get("data"),
+                         "num_train_timesteps": best.get("num_train_timesteps"),
+                         "best_map_kind": best["map_kind"]})
+    metrics = {"best_mean_dsc": best.get("mean_dsc"), "best_mean_dice_tau": best.get("mean_dice_tau"),
+               "best_noise_level": best["noise_level"], "best_guidance_scale": best["guidance_scale"],
+               **{f"tau/{m}": t for m, t in (best.get("thresholds") or {}).items()},
+               "tuning_seconds": best.get("tuning_seconds")}
+    tracking.log_metrics({k: float(v) for k, v in metrics.items()
+                          if v is not None and math.isfinite(float(v))})
+    for (d, g), rows in grid.groupby(["noise_level", "guidance_scale"], sort=True):
+        with tracking.start_run(tracking_uri, experiment, f"D={int(d)} w={float(g):g}",
+                                tags={"igconda.stage": "tune-trial"}, parent_run_id=run_id):
+            first = rows.iloc[0]
+            tracking.log_params({"noise_level": int(d), "guidance_scale": float(g),
+                                 "stride": int(first["stride"]),
+                                 "num_slices": int(first["num_slices"])})
+            tracking.log_metrics({f"{row['map_kind']}/{k}": float(row[k])
+                                  for row in rows.to_dict("records") for k in GRID_COLUMNS[4:]
+                                  if k != "num_slices" and row.get(k) is not None
+                                  and math.isfinite(float(row[k]))})
+    for name in (GRID_FILE, BEST_FILE, HEATMAP_FILE):
+        if (output_dir / name).is_file():
+            tracking.log_artifact(output_dir / name, "tune")
+    if best.get("data") and (Path(best["data"]) / "slices").is_dir():
+        from igconda.tracking.model import log_dataset
+
+        log_dataset(best["data"], "tune")
 
 
 def run_tuning(
@@ -204,37 +248,20 @@ def run_tuning(
 
     plt.close(figure)
 
+    # The result lands on disk before MLflow is asked for anything: a tracking server that is
+    # down must not cost the tuning. best.json is rewritten with the run id once it is logged.
+    _write_best(best_path, best)
     uri = tracking.resolve_tracking_uri(tracking_uri or study.tracking.tracking_uri, output_dir)
-    with tracking.start_run(uri, experiment or study.tracking.experiment, "tune",
-                            tags={"igconda.stage": "tune"}, parent_run_id=parent_run_id) as run_id:
-        tracking.log_params({f"tune.{k}": v for k, v in study.to_dict()["tune"].items()})
-        tracking.log_params({"checkpoint": str(checkpoint), "data": str(data_dir),
-                             "num_slices": len(slices), "share_encoding": share_encoding,
-                             "num_train_timesteps": num_train_timesteps})
-        tracking.log_params({"best_map_kind": best["map_kind"]})
-        tracking.log_metrics({"best_mean_dsc": best["mean_dsc"],
-                              "best_mean_dice_tau": best["mean_dice_tau"],
-                              "best_noise_level": best["noise_level"],
-                              "best_guidance_scale": best["guidance_scale"],
-                              **{f"tau/{m}": t for m, t in best["thresholds"].items()},
-                              "tuning_seconds": elapsed})
-        for (d, g), rows in grid.groupby(["noise_level", "guidance_scale"], sort=True):
-            with tracking.start_run(uri, experiment or study.tracking.experiment,
-                                    f"D={int(d)} w={float(g):g}",
-                                    tags={"igconda.stage": "tune-trial"}, parent_run_id=run_id):
-                first = rows.iloc[0]
-                tracking.log_params({"noise_level": int(d), "guidance_scale": float(g),
-                                     "stride": int(first["stride"]),
-                                     "num_slices": int(first["num_slices"])})
-                tracking.log_metrics({f"{row['map_kind']}/{k}": float(row[k])
-                                      for row in rows.to_dict("records") for k in GRID_COLUMNS[4:]
-                                      if k != "num_slices" and row[k] is not None
-                                      and math.isfinite(float(row[k]))})
-        best["mlflow_run_id"] = run_id
-        _atomic_write_text(best_path, json.dumps({k: _json_value(v) for k, v in best.items()},
-                                                 indent=2) + "\n")
-        for path in (grid_path, best_path, heatmap_path):
-            tracking.log_artifact(path, "tune")
+    run_id = None
+    with tracking.outage_tolerant("logging the tuning run", uri, on_disk=str(output_dir),
+                                  relog=f"--tune {output_dir}"):
+        with tracking.start_run(uri, experiment or study.tracking.experiment, "tune",
+                                tags={"igconda.stage": "tune"}, parent_run_id=parent_run_id) as run_id:
+            tracking.log_params({f"tune.{k}": v for k, v in study.to_dict()["tune"].items()})
+            tracking.log_params({"num_slices": len(slices), "share_encoding": share_encoding})
+            best["mlflow_run_id"] = run_id
+            _write_best(best_path, best)
+            log_tuning_run(output_dir, best, grid, uri, experiment or study.tracking.experiment)
     control = best.get("control", {}).get("mean_dsc", float("nan"))
     print(f"tune: best D={best['noise_level']} w={best['guidance_scale']:g} "
           f"map={best['map_kind']} mean ⌈DSC⌉={best['mean_dsc']:.3f} (w = 0 control "

@@ -1,4 +1,5 @@
-"""MLflow tracking: the only module in igconda that imports mlflow.
+"""MLflow tracking: the only package in igconda that imports mlflow (:mod:`igconda.tracking.model`
+holds the MLflow model of a checkpoint folder).
 
 Where runs go (:func:`resolve_tracking_uri`, the one place that decides): an explicit URI
 (``--tracking-uri`` or the config's ``tracking.tracking_uri``), else the standard
@@ -19,12 +20,22 @@ Two ways to log:
   state, so a Ray Train worker (rank 0) can log per-epoch metrics to the run its driver opened.
   Workers must be able to reach the tracking URI: a local SQLite file only works when the
   workers share the driver's filesystem (one machine, or NFS); use a server on a cluster.
+
+Outages. Every stage writes its results to disk before it logs them, and a tracking server that
+is down costs neither the results nor the run's exit status: drivers wrap their logging in
+:func:`outage_tolerant` (a clear warning, naming the command that re-logs the results later,
+``python -m ray_jobs.relog``), and :class:`RunLogger` pauses after a failure so that per-epoch
+logging cannot stall training. MLflow's own HTTP client retries a failing call 7 times with
+exponential backoff (about 4 minutes); igconda bounds that to :data:`HTTP_LIMITS` unless the
+standard ``MLFLOW_HTTP_REQUEST_*`` variables are set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +53,52 @@ _MAX_PARAM_CHARS = 6000
 _PARAMS_PER_BATCH = 100
 #: MLflow's standard variable for the tracking server; honoured when no URI is given explicitly.
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+#: igconda's defaults for MLflow's HTTP client: 2 retries (backoff 1 s, 2 s) and 30 s per request
+#: give a down server about a minute at most, instead of MLflow's ~4 minutes per call.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+#: How long :class:`RunLogger` skips per-epoch metrics after a failed call (they stay on disk).
+PAUSE_AFTER_FAILURE_S = 300.0
+#: The command that re-logs a study's on-disk results (named in outage warnings).
+RELOG_COMMAND = "python -m ray_jobs.relog"
+
+_log = logging.getLogger(__name__)
+for _name, _value in HTTP_LIMITS.items():
+    os.environ.setdefault(_name, _value)  # read by MLflow at each request; a user's value wins
+
+
+def warn_outage(what: str, tracking_uri: str, error: BaseException, on_disk: str = "",
+                relog: str = "") -> str:
+    """Print (stderr) and log a warning that MLflow logging failed; returns the message."""
+    message = (f"warning: MLflow tracking at {tracking_uri} failed while {what} "
+               f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
+    if on_disk:
+        message += f"; the results are on disk in {on_disk}"
+    if relog:
+        message += f"; once the server is back, re-log them with: {RELOG_COMMAND} {relog}"
+    print(message, file=sys.stderr, flush=True)
+    _log.warning(message)
+    return message
+
+
+@contextlib.contextmanager
+def outage_tolerant(what: str, tracking_uri: str, *, on_disk: str = "",
+                    relog: str = "") -> Iterator[dict[str, Any]]:
+    """Run a block of MLflow logging; a failure in it is a warning, not the job's failure.
+
+    Use it only around logging of results already on disk: the block stops at the failing call,
+    a warning (:func:`warn_outage`) says what was not logged and how to re-log it, and the
+    yielded dict's ``"ok"`` turns False (``"error"`` holds the exception). KeyboardInterrupt
+    and SystemExit propagate.
+    """
+    state: dict[str, Any] = {"ok": True, "error": None}
+    try:
+        yield state
+    except Exception as err:  # any client error: connection, HTTP status, MlflowException
+        state.update(ok=False, error=err)
+        # MLflow pops a run off its active-run stack before asking the server to end it, so a
+        # failed start or end leaves no stale active run behind for the next start_run.
+        warn_outage(what, tracking_uri, err, on_disk, relog)
 
 
 def resolve_tracking_uri(tracking_uri: str | None, output_dir: str | Path) -> str:
@@ -122,7 +179,10 @@ def start_run(
     ``parent_run_id`` makes it a nested child run (pipeline stages, Tune trials).
     """
     mlflow.set_tracking_uri(tracking_uri)
-    experiment_id, all_tags = _experiment_and_tags(tracking_uri, experiment, tags, parent_run_id)
+    if run_id:  # an existing run: its experiment and tags are already set
+        experiment_id, all_tags = None, dict(tags or {})
+    else:
+        experiment_id, all_tags = _experiment_and_tags(tracking_uri, experiment, tags, parent_run_id)
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
                           run_name=None if run_id else run_name, tags=all_tags or None,
                           nested=mlflow.active_run() is not None) as run:
@@ -149,6 +209,21 @@ def create_run(
 def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED") -> None:
     """Mark a run created by :func:`create_run` as ``FINISHED``, ``FAILED`` or ``KILLED``."""
     MlflowClient(tracking_uri).set_terminated(run_id, status=status)
+
+
+def end_run_quietly(tracking_uri: str, run_id: str, status: str, on_disk: str = "",
+                    relog: str = "") -> bool:
+    """:func:`end_run`, with a failure reported as an outage warning; True if the run ended."""
+    with outage_tolerant(f"ending run {run_id} as {status}", tracking_uri, on_disk=on_disk,
+                         relog=relog) as state:
+        end_run(tracking_uri, run_id, status)
+    return bool(state["ok"])
+
+
+def active_run_id() -> str | None:
+    """The id of this process's active run (:func:`start_run`), or None."""
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
 
 
 def get_run(tracking_uri: str, run_id: str) -> dict[str, Any]:
@@ -196,10 +271,13 @@ class RunLogger:
         run_id: the run to log to (from :func:`create_run`).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(self, tracking_uri: str, run_id: str, pause_after_failure_s: float = PAUSE_AFTER_FAILURE_S):
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._client = MlflowClient(tracking_uri)
+        self.pause_after_failure_s = pause_after_failure_s
+        self._paused_until = 0.0
+        self.skipped = 0  # log_metrics calls dropped while paused
 
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params (values stringified and cut to MLflow's 6000-character limit)."""
@@ -208,9 +286,19 @@ class RunLogger:
             self._client.log_batch(self.run_id, params=items[i:i + _PARAMS_PER_BATCH])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Log metrics; after a failed call, the calls of the next ``pause_after_failure_s``
+        seconds are skipped (counted in ``skipped``) so that a down server costs one bounded
+        retry, not one per epoch. The failure itself is raised for the caller to report."""
+        if time.monotonic() < self._paused_until:
+            self.skipped += 1
+            return
         now = int(time.time() * 1000)
-        self._client.log_batch(self.run_id, metrics=[
-            Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+        try:
+            self._client.log_batch(self.run_id, metrics=[
+                Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+        except Exception:
+            self._paused_until = time.monotonic() + self.pause_after_failure_s
+            raise
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -223,17 +311,6 @@ class RunLogger:
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path=artifact_path)
 
-    def register_model(self, artifact_path: str, name: str) -> str:
-        """Register ``runs:/<run>/<artifact_path>`` as a new version of model ``name``.
-
-        Needs a store with a model registry (SQLite or a server). Returns the version number.
-        """
-        client = self._client
-        with contextlib.suppress(mlflow.exceptions.MlflowException):
-            client.create_registered_model(name)  # already exists: fine
-        source = f"{client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-        version = client.create_model_version(name, source, run_id=self.run_id)
-        return str(version.version)
 
 
 def log_params(params: dict[str, Any]) -> None:

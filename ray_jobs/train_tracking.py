@@ -1,0 +1,61 @@
+"""The training job's MLflow run: created (or reopened on ``--resume``) by the driver, logged to
+per epoch by rank 0 (:class:`igconda.tracking.RunLogger`), finished with the best checkpoint.
+
+``<output>/mlflow_run.json`` records the run, so that ``--resume`` keeps logging to it. The
+callers in :mod:`ray_jobs.train` wrap both functions in :func:`igconda.tracking.outage_tolerant`:
+a tracking server that is down costs the run, never the training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from igconda import checkpoint as ckpt
+from igconda import tracking
+from igconda.config import StudyConfig
+from igconda.io_utils import atomic_write
+
+RUN_RECORD = "mlflow_run.json"
+
+
+def open_mlflow_run(args: argparse.Namespace, config: StudyConfig, output: Path, tracking_uri: str,
+                     storage_path: str, data_hash: str) -> dict[str, str]:
+    """Create the training's MLflow run (or reopen it on --resume) and log params and tags."""
+    record = output / RUN_RECORD
+    if args.resume and record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("tracking_uri") == tracking_uri:
+            tracking.RunLogger(tracking_uri, saved["run_id"]).set_tags({"igconda.resumed": "true"})
+            return {"tracking_uri": tracking_uri, "run_id": saved["run_id"]}
+    experiment = args.experiment or config.tracking.experiment
+    tags = {"igconda.stage": "train", "model.attention": config.model.attention,
+            "model.variant": f"({config.model.attention})", "data.version": data_hash,
+            "data.path": args.data}
+    run_id = tracking.create_run(tracking_uri, experiment, f"train-{config.model.attention}",
+                                 tags=tags, parent_run_id=args.parent_run_id)
+    logger = tracking.RunLogger(tracking_uri, run_id)
+    logger.log_params({**config.flat(), "job.data": args.data, "job.storage_path": storage_path,
+                       "job.run_name": args.run_name, "job.cpus_per_worker": args.cpus_per_worker,
+                       "job.smoke_test": args.smoke_test})
+    text = json.dumps({"tracking_uri": tracking_uri, "run_id": run_id, "experiment": experiment}, indent=2)
+    # --resume reads it back: a half-written record would fail that, or start a second run.
+    atomic_write(record, lambda tmp: tmp.write_text(text), suffix=".tmp")
+    return {"tracking_uri": tracking_uri, "run_id": run_id}
+
+
+def finish_mlflow_run(args: argparse.Namespace, tracking_uri: str, run_id: str, output: Path,
+                       best: Path) -> None:
+    logger = tracking.RunLogger(tracking_uri, run_id)
+    pointer = ckpt.read_best_pointer(output)
+    logger.log_artifact(best, "best_checkpoint")
+    logger.log_artifact(output / ckpt.BEST_POINTER)
+    logger.set_tags({"best_checkpoint.uri": pointer["uri"], "best_checkpoint.epoch": str(pointer["epoch"])})
+    logger.log_metrics({"best/valid_loss": float(pointer["valid_loss"])}, step=int(pointer["epoch"]))
+    if args.register_model:
+        # An MLflow pyfunc model (not the raw folder), so mlflow.pyfunc.load_model can run it.
+        from igconda.tracking.model import log_model_folder
+
+        with tracking.start_run(tracking_uri, "", "", run_id=run_id):
+            log_model_folder(best, registered_model_name=args.register_model)
