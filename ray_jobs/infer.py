@@ -271,6 +271,10 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
                                "guidance_scale": settings.guidance_scale, "stride": settings.stride,
                                "map_kind": settings.map_kind, "threshold": settings.threshold,
                                "device": device, "amp": i.use_amp, "keep_inputs": True,
+                               # GPU paths (igconda.accel): compiled network, CUDA graphs, and a
+                               # per-actor batch cut to infer.memory_fraction of free GPU memory.
+                               "compile": i.compile, "cuda_graphs": i.cuda_graphs,
+                               "memory_fraction": i.memory_fraction, "batch_size": i.batch_size,
                                # Scored on the driver, every method through one path.
                                "score": False},
         batch_size=i.batch_size, batch_format="numpy",
