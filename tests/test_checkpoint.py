@@ -175,7 +175,7 @@ def test_train_jobs_run_record_is_written_atomically(tmp_path, monkeypatch):
     from pathlib import Path
 
     from igconda.config import load_config
-    from ray_jobs import train as job
+    from ray_jobs import train_tracking as job
 
     class Logger:
         def __init__(self, *args):
@@ -198,7 +198,7 @@ def test_train_jobs_run_record_is_written_atomically(tmp_path, monkeypatch):
     args = argparse.Namespace(resume=False, experiment=None, data="d", parent_run_id=None,
                               run_name="train", cpus_per_worker=None, smoke_test=False)
     with pytest.raises(OSError, match="No space left"):
-        job._open_mlflow_run(args, load_config(None), tmp_path, "sqlite:///x.db", "s", "hash")
+        job.open_mlflow_run(args, load_config(None), tmp_path, "sqlite:///x.db", "s", "hash")
     monkeypatch.undo()
     assert json.loads(record.read_text())["run_id"] == "run-1"
     assert [p.name for p in tmp_path.iterdir()] == [job.RUN_RECORD]
