@@ -89,8 +89,12 @@ def test_the_pipeline_resumes_an_interrupted_training(tmp_path, ray_session, rep
     from ray_jobs import train
 
     monkeypatch.chdir(repo_root)
+    # mlflow.set_tracking_uri() in an earlier test of the session exports MLFLOW_TRACKING_URI,
+    # which the pipeline honours; both runs must log to this study's store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     output = tmp_path / "study"
-    common = ["--config", "configs/test.yaml", "--output", str(output), "--num-workers", "1"]
+    common = ["--config", "configs/test.yaml", "--output", str(output), "--num-workers", "1",
+              "--tracking-uri", str(output)]
     assert pipeline.main([*common, "--stop-after", "preprocess"]) == 0
     assert not (output / "train").exists()
 

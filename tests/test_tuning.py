@@ -263,9 +263,9 @@ def test_tune_job_writes_best_grid_heatmap_and_nested_runs(ray_session, tune_dat
     assert code == 0
 
     grid = pd.read_csv(out / "grid.csv")
-    # The full 2 × 2 × 4-kind grid and one control row per D, though only 2 trials ran.
-    assert len(grid) == 2 * 2 * 4 + 2
-    candidates = grid[grid.map_kind != "w0"]
+    # The full 2 × 2 × 4-kind grid and the two w = 0 control rows per D, though only 2 trials ran.
+    assert len(grid) == 2 * 2 * 4 + 2 * 2
+    candidates = grid[~grid.map_kind.isin(["w0", "w0_hot"])]
     assert set(zip(candidates.noise_level, candidates.guidance_scale, strict=True)) == {
         (2, 1.0), (2, 3.0), (4, 1.0), (4, 3.0)}
     assert set(candidates.map_kind) == {"abs", "hot", "guidance", "guidance_abs"}
