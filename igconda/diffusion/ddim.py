@@ -253,7 +253,7 @@ def ddim_decode(
     """
     steps = _validate(x_t, "x_t", schedule, noise_level, stride, (guidance_scale, target_label))
     if guidance_scale == 0:
-        return _decode_unguided(model, x_t, schedule, steps, stride, amp, callback)
+        return _unconditional_walk(model, x_t, schedule, _descending(steps, stride), amp, callback)
     abar = schedule.alphas_cumprod.tolist()
     x = x_t.float()
     batch = x.shape[0]
@@ -294,17 +294,9 @@ def _unconditional_walk(
     return x
 
 
-def _decode_unguided(
-    model: nn.Module,
-    x_t: torch.Tensor,
-    schedule: NoiseSchedule,
-    steps: int,
-    stride: int,
-    amp: bool,
-    callback: Callable[[int, torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """The w = 0 decode x_D → x̂_∅ with ε_θ(x, τ_k, ∅) alone (D / s evaluations of batch B)."""
-    return _unconditional_walk(model, x_t, schedule, range(steps * stride, -1, -stride), amp, callback)
+def _descending(steps: int, stride: int) -> range:
+    """The decode grid D, D − s, …, 0 (D = steps · s)."""
+    return range(steps * stride, -1, -stride)
 
 
 @torch.inference_mode()
@@ -342,7 +334,7 @@ def ddim_decode_pair(
     """
     steps = _validate(x_t, "x_t", schedule, noise_level, stride, (guidance_scale, target_label))
     if guidance_scale == 0:
-        x_hat = _decode_unguided(model, x_t, schedule, steps, stride, amp)
+        x_hat = _unconditional_walk(model, x_t, schedule, _descending(steps, stride), amp)
         return x_hat, x_hat.clone()
     abar = schedule.alphas_cumprod.tolist()
     guided = x_t.float()
