@@ -66,6 +66,21 @@ def parse_arm(text: str) -> tuple[str, dict[str, dict[str, object]]]:
 
 def train(config_path: Path, overrides: dict, data: Path, steps: int, output: Path, seed: int) -> float:
     """Train ``steps`` balanced batches; save the checkpoint to ``output``; return samples/s."""
+    return train_milestones(config_path, overrides, data, {steps: output}, seed)
+
+
+def train_milestones(config_path: Path, overrides: dict, data: Path, milestones: dict[int, Path],
+                     seed: int) -> float:
+    """Train one model in class-balanced batches (each class drawn with probability 1/2, as the
+    study's balanced epochs show it), saving a checkpoint at each milestone.
+
+    Args:
+        milestones: ``{optimiser steps: checkpoint folder}``; training runs to the largest.
+        overrides: config overrides (``{section: {key: value}}``); ``train.seed`` = ``seed``.
+
+    Returns:
+        Training throughput in samples/s (saving excluded).
+    """
     config = load_config(config_path, {**overrides, "train": {**overrides.get("train", {}), "seed": seed}})
     table = pq.read_table(data / "slices" / "train", columns=list(TRAIN_COLUMNS))
     labels = table.column("label").to_numpy()
@@ -77,16 +92,22 @@ def train(config_path: Path, overrides: dict, data: Path, steps: int, output: Pa
     session = TrainingSession.create(config)
     batch = config.train.batch_size
     per_epoch = 50
-    started = time.perf_counter()
-    for epoch in range(1, -(-steps // per_epoch) + 1):
-        n = min(per_epoch, steps - (epoch - 1) * per_epoch)
+    steps, done, seconds = max(milestones), 0, 0.0
+    epoch = 0
+    while done < steps:
+        epoch += 1
+        # An "epoch" here is a logging unit of at most 50 steps that never crosses a milestone.
+        n = min(per_epoch, min(m for m in milestones if m > done) - done)
         draws = [rng.choice(len(labels), batch, p=weights) for _ in range(n)]
+        started = time.perf_counter()
         stats = session.train_epoch((decode_slice_batch(table.take(pa.array(i))) for i in draws), epoch)
-        print(f"  {output.name} step {min(epoch * per_epoch, steps)}/{steps}: loss "
-              f"{stats.loss_sum / stats.samples:.4f} ({time.perf_counter() - started:.0f} s)",
+        seconds += time.perf_counter() - started
+        done += n
+        print(f"  step {done}/{steps}: loss {stats.loss_sum / stats.samples:.4f} ({seconds:.0f} s)",
               file=sys.stderr, flush=True)
-    session.save(output)
-    return steps * batch / (time.perf_counter() - started)
+        if done in milestones:
+            session.save(milestones[done], {"steps": done})
+    return steps * batch / seconds
 
 
 def load_slices(data: Path, splits: list[str], max_slices: int, size: int) -> tuple[torch.Tensor, np.ndarray]:

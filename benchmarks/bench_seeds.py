@@ -21,7 +21,6 @@ Writes ``<output>/summary.md`` and ``<output>/summary.csv``.
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ import pandas as pd
 import yaml
 
 from igconda.map_kinds import matching_control
+from igconda.tuned_model import read_tuning
 
 METHODS = ("chosen", "control", "igconda_abs", "igconda_w0", "intensity", "threshold_41")
 METRICS = ("dsc_max_mean", "dice_tau_mean", "auprc_mean")
@@ -50,16 +50,24 @@ def run_seed(config: Path, seed: int, output: Path, extra: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def label_chosen(table: pd.DataFrame, map_kind: str) -> pd.DataFrame:
+    """``table`` (a per-cohort summary with a ``method`` column) plus copies of the tuned map
+    kind's rows labelled ``chosen`` and of its w = 0 control's
+    (:func:`igconda.map_kinds.matching_control`) labelled ``control``."""
+    chosen = table[table["method"] == f"igconda_{map_kind}"].assign(method="chosen")
+    control = table[table["method"] == f"igconda_{matching_control(map_kind)}"].assign(method="control")
+    return pd.concat([table, chosen, control], ignore_index=True)
+
+
 def load_run(folder: Path, seed: int) -> pd.DataFrame:
-    """One seed's per-cohort table, with the tuned map kind's rows also labelled ``chosen`` and
-    its w = 0 control's (:func:`igconda.map_kinds.matching_control`) ``control``."""
+    """One seed's per-cohort table (:func:`label_chosen`), with the settings its model folder
+    carries (``model/tuning.json``: what the study's inference used)."""
     table = pd.read_csv(folder / "infer" / "tables" / "methods.csv")
-    best = json.loads((folder / "tune" / "best.json").read_text())
-    chosen = table[table["method"] == f"igconda_{best['map_kind']}"].assign(method="chosen")
-    control = table[table["method"] == f"igconda_{matching_control(best['map_kind'])}"].assign(method="control")
-    out = pd.concat([table, chosen, control], ignore_index=True)
-    return out.assign(seed=seed, map_kind=best["map_kind"], D=best.get("noise_level"),
-                      w=best.get("guidance_scale"))
+    best = read_tuning(folder / "model")
+    if best is None:
+        raise SystemExit(f"error: {folder / 'model'} carries no tuning.json")
+    return label_chosen(table, best["map_kind"]).assign(
+        seed=seed, map_kind=best["map_kind"], D=best.get("noise_level"), w=best.get("guidance_scale"))
 
 
 def summarize(runs: pd.DataFrame) -> pd.DataFrame:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -13,6 +15,9 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
+    # The benchmarks import each other as scripts do (``python benchmarks/x.py`` puts the folder first).
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -64,3 +69,55 @@ def test_seed_summary_mean_and_spread():
     assert row["dsc_max_mean_seeds_mean"] == pytest.approx(0.305)
     assert row["dsc_max_mean_seeds_std"] == pytest.approx(0.005)
     assert "| lung |" in bench.markdown(summary)
+
+
+def test_label_chosen_pairs_each_kind_with_its_own_sign_of_control():
+    bench = _load("bench_seeds")
+    table = pd.DataFrame({"method": ["igconda_hot", "igconda_abs", "igconda_w0", "igconda_w0_hot"],
+                          "group": "lung", "dsc_max_mean": [0.4, 0.3, 0.2, 0.1]})
+    labelled = bench.label_chosen(table, "hot").set_index("method")["dsc_max_mean"]
+    assert labelled["chosen"] == 0.4 and labelled["control"] == 0.1
+    labelled = bench.label_chosen(table, "abs").set_index("method")["dsc_max_mean"]
+    assert labelled["chosen"] == 0.3 and labelled["control"] == 0.2
+
+
+def test_training_milestones_save_a_checkpoint_per_budget(tmp_path, test_config, one_torch_thread):
+    from igconda.checkpoint import load_metadata, load_weights
+    from tests.helpers import make_dataset
+
+    bench = _load("bench_condition")
+    data = make_dataset(tmp_path / "data", test_config,
+                        {"P1": ("lung", "internal"), "P2": ("psma", "internal")}, split="train")
+    folders = {2: tmp_path / "s2", 4: tmp_path / "s4"}
+    rate = bench.train_milestones(Path("configs/test.yaml"), {}, data, folders, seed=0)
+    assert rate > 0
+    assert [load_metadata(f)["steps"] for f in folders.values()] == [2, 4]
+    early, late = (load_weights(f / "model.safetensors") for f in folders.values())
+    assert any((early[k] != late[k]).any() for k in early)  # steps 3-4 changed the weights
+
+
+def test_budget_scores_test_slices_with_the_tuned_settings(tmp_path, test_config, checkpoint,
+                                                           one_torch_thread):
+    from tests.helpers import make_dataset
+
+    bench = _load("bench_budget")
+    data = make_dataset(tmp_path / "data", test_config,
+                        {"P1": ("lung", "internal"), "P2": ("psma", "internal")})
+    batch = bench.test_slices(data)
+    assert len(batch["image"]) > 0 and (batch["label"] == 2).all()  # unhealthy only
+    best = {"map_kind": "hot", "noise_level": 4, "stride": 2, "guidance_scale": 3.0,
+            "thresholds": {"igconda_hot": 0.3, "intensity": 0.5}}
+    summary = bench.score(checkpoint, best, batch)
+    pooled = summary[summary["group"] == "internal (all)"].set_index("method")
+    assert {"chosen", "control", "igconda_abs", "intensity", "threshold_41"} <= set(pooled.index)
+    assert pooled.at["chosen", "dsc_max_mean"] == pooled.at["igconda_hot", "dsc_max_mean"]
+    assert pooled.at["control", "dsc_max_mean"] == pooled.at["igconda_w0_hot", "dsc_max_mean"]
+    assert pooled.at["chosen", "tau"] == 0.3 and np.isnan(pooled.at["igconda_abs", "dice_tau_mean"])
+    curve = summary.assign(steps=10, map_kind="hot", D=4, w=3.0)
+    assert "| 10 | hot | 4 | 3 |" in bench.markdown(curve)
+
+
+def test_budget_refuses_data_without_test_slices(tmp_path):
+    bench = _load("bench_budget")
+    with pytest.raises(SystemExit, match="does not exist"):
+        bench.test_slices(tmp_path)
