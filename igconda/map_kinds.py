@@ -18,6 +18,9 @@ MAP_KINDS: tuple[str, ...] = ("abs", "hot", "guidance", "guidance_abs")
 CONTROL = "w0"
 CONTROL_HOT = "w0_hot"
 CONTROLS: tuple[str, ...] = (CONTROL, CONTROL_HOT)
+#: Each map's formula, as figures label it.
+FORMULAS: dict[str, str] = {"abs": "|x − x̂|", "hot": "max(x − x̂, 0)", "guidance": "max(x̂∅ − x̂, 0)",
+                            "guidance_abs": "|x̂∅ − x̂|", CONTROL: "|x − x̂∅|", CONTROL_HOT: "max(x − x̂∅, 0)"}
 
 
 def matching_control(kind: str) -> str:

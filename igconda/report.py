@@ -285,7 +285,8 @@ def _qualitative_from_per_slice(path: Path, per_slice: pd.DataFrame, count: int 
         return None
     table = pq.read_table(path, columns=[*_QUALITATIVE_COLUMNS, "height", "width", "tau_star",
                                          "dsc_max", "cohort", "patient_id", "slice_index",
-                                         "lesion_pixels", *(["method"] if "method" in schema_names else [])])
+                                         "lesion_pixels",
+                                         *[c for c in ("method", "counterfactual_w0") if c in schema_names]])
     frame = table.to_pandas()
     keep = frame["lesion_pixels"] > 0
     if "method" in frame:
@@ -303,8 +304,11 @@ def _qualitative_from_per_slice(path: Path, per_slice: pd.DataFrame, count: int 
     binarised = (maps >= frame["tau_star"].to_numpy()[:, None, None]).astype(np.uint8)
     titles = [f"{r.cohort} {r.patient_id} z{r.slice_index}\n⌈DSC⌉ {r.dsc_max:.2f}"
               for r in frame.itertuples()]
+    unguided = (stack_images(frame["counterfactual_w0"], h, w)
+                if "counterfactual_w0" in frame else None)
     return qualitative_figure(images, stack_images(frame["mask"], h, w, np.uint8),
-                              stack_images(frame["counterfactual"], h, w), maps, binarised, titles)
+                              stack_images(frame["counterfactual"], h, w), maps, binarised, titles,
+                              unguided=unguided)
 
 
 def _method_names() -> dict[str, str]:

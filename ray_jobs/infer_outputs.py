@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from igconda import evaluation as E
 from igconda.data.schema import UNHEALTHY, stack_images, validate_predictions, validate_scores
 from igconda.io_utils import atomic_write
+from igconda.map_kinds import FORMULAS
 
 #: Slice-schema columns the baselines need beside the stored predictions.
 _SUV_COLUMNS = ("slice_index", "suv_max", "scale_min", "scale_max")
@@ -177,31 +178,36 @@ def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
     except Exception as err:  # report module absent or broken: say so, keep going
         return {"all": f"figures skipped: cannot import igconda.report ({type(err).__name__}: {err})"}
     ours = per_slice[(per_slice["method"] == chosen) & per_slice["dsc_max"].notna()]
+    map_label = FORMULAS.get(chosen.removeprefix("igconda_"), chosen)
     for cohort, frame in ours.groupby("cohort", sort=True):
         try:
-            chosen = frame.sort_values(["lesion_pixels", "patient_id", "slice_index"],
-                                       ascending=[False, True, True]).head(per_figure)
-            images, masks, cfs, maps, binar, titles = [], [], [], [], [], []
-            for _, row in chosen.iterrows():
+            examples = frame.sort_values(["lesion_pixels", "patient_id", "slice_index"],
+                                         ascending=[False, True, True]).head(per_figure)
+            images, masks, cfs, unguided, maps, binar, titles = [], [], [], [], [], [], []
+            for _, row in examples.iterrows():
                 pid, z = row["patient_id"], int(row["slice_index"])
                 src = pq.read_table(input_files[pid], columns=["slice_index", "image", "mask",
                                                                 "height", "width"],
                                     filters=[("slice_index", "=", z)])
                 out = pq.read_table(slice_files[pid], columns=["slice_index", "anomaly_map",
-                                                                "counterfactual"],
+                                                                "counterfactual", "counterfactual_w0"],
                                     filters=[("slice_index", "=", z)])
                 h, w = int(src.column("height")[0].as_py()), int(src.column("width")[0].as_py())
                 images.append(stack_images(src.column("image"), h, w)[0])
                 masks.append(stack_images(src.column("mask"), h, w, np.uint8)[0])
                 cfs.append(stack_images(out.column("counterfactual"), h, w)[0])
+                unguided.append(stack_images(out.column("counterfactual_w0"), h, w)[0])
                 amap = stack_images(out.column("anomaly_map"), h, w)[0]
                 maps.append(amap)
                 # The mask a user gets: at the calibrated τ (τ* needs the ground truth).
                 tau = row["tau"] if np.isfinite(row["tau"]) else row["tau_star"]
                 binar.append((amap >= tau).astype(np.uint8))
                 titles.append(f"{pid} z={z} ⌈DSC⌉={row['dsc_max']:.2f} Dice@τ={row['dice_tau']:.2f}")
+            # The unguided decode beside the guided one shows what guidance removed, apart
+            # from what the coarse round trip alone changes.
             fig = report.qualitative_figure(np.stack(images), np.stack(masks), np.stack(cfs),
-                                            np.stack(maps), np.stack(binar), titles)
+                                            np.stack(maps), np.stack(binar), titles,
+                                            unguided=np.stack(unguided), map_label=map_label)
             save_png(fig, figures / f"qualitative_{cohort}.png")
             plt.close(fig)
         except Exception as err:
