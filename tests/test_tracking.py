@@ -81,6 +81,21 @@ def test_start_run_nests_under_a_parent(local_store):
     assert runs[parent]["metrics"]["time_s/total"] == 3.0
 
 
+def test_start_run_leaves_the_exported_tracking_uri_as_it_found_it(local_store, tmp_path, monkeypatch):
+    monkeypatch.delenv(tracking.TRACKING_URI_ENV, raising=False)
+    with tracking.start_run(local_store, "exp3", "outer"):
+        assert os.environ[tracking.TRACKING_URI_ENV] == local_store  # subprocesses inherit it
+        with tracking.start_run(local_store, "exp3", "inner"):
+            pass
+        assert os.environ[tracking.TRACKING_URI_ENV] == local_store  # the outer run still logs
+    assert tracking.TRACKING_URI_ENV not in os.environ
+    # A later job of this process that was told nothing uses its own folder, not that store.
+    assert tracking.resolve_tracking_uri("", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv(tracking.TRACKING_URI_ENV, "http://example.invalid:5000")
+    with tracking.start_run(local_store, "exp3", "again"):
+        pass
+    assert os.environ[tracking.TRACKING_URI_ENV] == "http://example.invalid:5000"
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -178,15 +178,22 @@ def start_run(
 
     ``parent_run_id`` makes it a nested child run (pipeline stages, Tune trials).
     """
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI process-wide (for subprocesses),
+    # and every job honours that variable (resolve_tracking_uri): left set after the run, it
+    # would send a later job of this process, which was told nothing, to this run's store.
+    exported_before = os.environ.get(TRACKING_URI_ENV)
     mlflow.set_tracking_uri(tracking_uri)
-    if run_id:  # an existing run: its experiment and tags are already set
-        experiment_id, all_tags = None, dict(tags or {})
-    else:
-        experiment_id, all_tags = _experiment_and_tags(tracking_uri, experiment, tags, parent_run_id)
-    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                          run_name=None if run_id else run_name, tags=all_tags or None,
-                          nested=mlflow.active_run() is not None) as run:
-        yield run.info.run_id
+    try:
+        if run_id:  # an existing run: its experiment and tags are already set
+            experiment_id, all_tags = None, dict(tags or {})
+        else:
+            experiment_id, all_tags = _experiment_and_tags(tracking_uri, experiment, tags, parent_run_id)
+        with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                              run_name=None if run_id else run_name, tags=all_tags or None,
+                              nested=mlflow.active_run() is not None) as run:
+            yield run.info.run_id
+    finally:
+        mlflow.set_tracking_uri(exported_before)  # None unsets the variable again
 
 
 def create_run(
