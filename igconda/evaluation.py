@@ -65,6 +65,7 @@ METHOD_TITLES = {
     CONTROL_HOT_METHOD: "w = 0 control max(x−x̂∅, 0)",
     THRESHOLD_41: "41% SUVmax",
     INTENSITY: "raw intensity",
+    "fanogan": "f-AnoGAN |x−G(E(x))|",
 }
 #: Column titles of :func:`format_table`.
 METRIC_TITLES = {
