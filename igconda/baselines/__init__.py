@@ -3,6 +3,8 @@
 * :mod:`igconda.baselines.thresholding`: 41 % SUVmax thresholding and the raw-intensity control
   (numpy only);
 * :mod:`igconda.baselines.classifier_cam`: ResNet-18 classifier + HiResCAM (imports torch).
+* :mod:`igconda.baselines.fanogan`: f-AnoGAN networks and its residual map, trained by
+  :mod:`igconda.baselines.fanogan_training` (torch, MONAI).
 
 Import the submodules directly; this package imports nothing so that the numpy-only baselines
 stay free of torch.
