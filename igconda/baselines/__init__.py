@@ -3,6 +3,8 @@
 * :mod:`igconda.baselines.thresholding`: 41 % SUVmax thresholding and the raw-intensity control
   (numpy only);
 * :mod:`igconda.baselines.classifier_cam`: ResNet-18 classifier + HiResCAM (imports torch).
+* :mod:`igconda.baselines.dpm_classifier_guidance`: unconditional DPM + noisy-classifier
+  guidance (Wolleb et al. 2022), the ``dpm_cg`` anomaly method (imports torch).
 
 Import the submodules directly; this package imports nothing so that the numpy-only baselines
 stay free of torch.
