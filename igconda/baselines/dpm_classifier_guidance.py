@@ -96,6 +96,12 @@ def load_noisy_classifier(
     return classifier.to(device).eval(), config
 
 
+def _as_slices(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W) numpy slices → (N, 1, H, W) float32 tensor."""
+    # np.require copies only when needed: Ray hands over read-only arrays, which torch rejects.
+    return torch.from_numpy(np.require(images, np.float32, ["C", "W"])).unsqueeze(1)
+
+
 def _schedule_settings(config: StudyConfig) -> tuple[int, float, float]:
     return config.train.num_train_timesteps, config.train.beta_start, config.train.beta_end
 
@@ -147,8 +153,7 @@ class DPMClassifierGuidanceMethod:
             raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
         if len(images) == 0:
             return np.zeros_like(images, dtype=np.float32)
-        # np.require copies only when needed: Ray hands over read-only arrays, which torch rejects.
-        x0 = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).unsqueeze(1).to(self.device)
+        x0 = _as_slices(images).to(self.device)
         x_hat = classifier_guided_counterfactual(
             self.model, self.classifier, x0, self.schedule, noise_level=self.noise_level,
             stride=self.stride, scale=self.scale, amp=self.amp)
@@ -158,5 +163,4 @@ class DPMClassifierGuidanceMethod:
         """Numpy columns of the slice schema → ``{"dpm_cg": (N, H, W) float32 in [0, 1]}``."""
         images = batch_images(batch)
         x_hat = self.counterfactuals(images)
-        as_tensor = lambda a: torch.from_numpy(np.require(a, np.float32, ["C", "W"])).unsqueeze(1)  # noqa: E731
-        return {DPM_CG: dpm_cg_map(as_tensor(images), as_tensor(x_hat)).squeeze(1).numpy()}
+        return {DPM_CG: dpm_cg_map(_as_slices(images), _as_slices(x_hat)).squeeze(1).numpy()}

@@ -73,7 +73,7 @@ def guidance_gradient(
 
     Args:
         classifier: ``classifier(x (B,1,H,W), t (B,)) -> (B, 2)`` logits, in eval mode.
-        x: (B, 1, H, W) samples at grid level t (may come from inference mode: copied here).
+        x: (B, 1, H, W) samples at grid level t (inference tensors are fine: copied here).
         t: the timestep of ``x``.
         target_label: schema label of the class to move towards (1 healthy).
 
@@ -81,11 +81,12 @@ def guidance_gradient(
         (B, 1, H, W) float32 gradient.
     """
     target = int(class_indices(torch.tensor([target_label]))[0])
-    # A fresh leaf outside inference mode: an inference tensor (what ddim_encode returns) cannot
-    # require grad, and detaching keeps the DPM's (absent) graph out of this one.
-    x_in = x.detach().float().clone().requires_grad_(True)
     timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    with torch.enable_grad():
+    # Gradients even when a caller runs everything under inference mode (as the DDIM decoders
+    # do): inside it, autograd records nothing, and an inference tensor (what ddim_encode
+    # returns) cannot require grad, so the input is copied into a fresh leaf outside it.
+    with torch.inference_mode(False), torch.enable_grad():
+        x_in = x.detach().float().clone().requires_grad_(True)
         log_probs = F.log_softmax(classifier(x_in, timesteps).float(), dim=1)
         (grad,) = torch.autograd.grad(log_probs[:, target].sum(), x_in)
     return grad
@@ -149,7 +150,8 @@ def classifier_guided_decode(
         (B, 1, H, W) float32 x̂_0 (not clipped).
     """
     if not isinstance(x_t, torch.Tensor) or x_t.ndim != 4 or not x_t.dtype.is_floating_point:
-        raise ValueError(f"x_t must be a floating-point (B, 1, H, W) tensor, got {getattr(x_t, 'shape', x_t)}")
+        raise ValueError(f"x_t must be a floating-point (B, 1, H, W) tensor, "
+                         f"got {getattr(x_t, 'shape', x_t)}")
     scale = _check_scale(scale)
     class_indices(torch.tensor([target_label]))  # refuses anything but 1 or 2 before the walk
     if classifier.training:

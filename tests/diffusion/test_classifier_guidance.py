@@ -156,6 +156,9 @@ def test_guided_decode_darkens_a_bright_slice_and_scale_0_is_the_unguided_decode
     decoded = {scale: classifier_guided_decode(dpm, classifier, x_t, schedule, scale=scale, **grid)
                for scale in (0.0, 6.0, 30.0)}
     assert torch.equal(decoded[0.0], unguided)
+    with torch.inference_mode():  # as inference code may wrap it: the gradient still flows
+        assert torch.equal(classifier_guided_decode(dpm, classifier, x_t, schedule, scale=6.0, **grid),
+                           decoded[6.0])
     means = [float(decoded[s].mean()) for s in (0.0, 6.0, 30.0)]
     assert means[0] - means[1] > 1e-3 and means[1] - means[2] > 1e-3, means  # darker with scale
     # The whole counterfactual at scale 0 is IgCONDA's unguided round trip.
