@@ -15,7 +15,7 @@ anomaly method is :class:`igconda.baselines.dpm_classifier_guidance.DPMClassifie
 
 Why the shift lowers unhealthy evidence: the DDIM step predicts x̂_0 = (x_t − √(1 − ᾱ_t) ε̂) / √ᾱ_t,
 so subtracting scale · √(1 − ᾱ_t) · ∇ log p from ε moves x̂_0 by + scale · (1 − ᾱ_t) / √ᾱ_t ·
-∇ log p: up the classifier's healthy log-probability, most at high noise, not at all as t → 0.
+∇ log p: up the classifier's healthy log-probability, most at high noise, hardly at all near t = 0.
 
 Notation: ``noise_level`` D, ``stride`` s, ``abar[t]`` ᾱ_t and the grid τ = (0, s, …, D) as in
 :mod:`igconda.diffusion.ddim`; ``scale`` is Dhariwal & Nichol's gradient scale s (named
