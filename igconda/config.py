@@ -21,8 +21,12 @@ import yaml
 from igconda.io_utils import atomic_write
 from igconda.map_kinds import MAP_KINDS
 
-#: Values of ``model.conditioning`` (see :class:`ModelConfig`).
+#: The class-conditioning paths of ``model.conditioning`` (see :class:`ModelConfig`).
 CONDITIONINGS = ("cross_attention", "class_embedding", "both")
+#: The other value of ``model.conditioning``: no class input (the unconditional DPM of the
+#: DPM + classifier guidance baseline, paper §3.3); kept apart from :data:`CONDITIONINGS`, whose
+#: every path must make the class matter.
+UNCONDITIONED = "none"
 
 
 class ConfigError(ValueError):
@@ -97,7 +101,9 @@ class ModelConfig:
     # How the class token reaches the network: "cross_attention" (the paper's: one token attended
     # to by the attention levels and MONAI's mid block), "class_embedding" (MONAI's
     # num_class_embeds: a learned vector added to the timestep embedding, so every residual block
-    # sees the class; the unconditional token 0 is then a learned null vector), or "both".
+    # sees the class; the unconditional token 0 is then a learned null vector), or "both";
+    # "none" builds the same UNet without any class input (self-attention at the attention
+    # levels), the unconditional DPM of the classifier-guidance baseline.
     conditioning: str = "cross_attention"
 
 
@@ -361,8 +367,9 @@ def validate(cfg: StudyConfig) -> None:
            f"{min(m.channels) // 2} groups (e.g. {max(1, min(m.channels) // 4)})")
     _check(all(c % m.num_head_channels == 0 for c in m.channels),
            f"model.channels {m.channels} must be multiples of num_head_channels {m.num_head_channels}")
-    _check(m.conditioning in CONDITIONINGS,
-           f"model.conditioning {m.conditioning!r} must be one of {', '.join(CONDITIONINGS)}")
+    _check(m.conditioning in (*CONDITIONINGS, UNCONDITIONED),
+           f"model.conditioning {m.conditioning!r} must be one of "
+           f"{', '.join((*CONDITIONINGS, UNCONDITIONED))}")
     downsample = 2 ** (len(m.channels) - 1)
     _check(p.output_size[0] % downsample == 0,
            f"preprocess.output_size {p.output_size[:2]} must be divisible by {downsample} for {len(m.channels)} levels")

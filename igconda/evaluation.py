@@ -18,7 +18,8 @@ call these; nothing here imports Ray.
 
 Method names, as they appear in the ``method`` column: ``igconda_<kind>`` for each map kind of
 :data:`igconda.diffusion.ddim.MAP_KINDS` (``igconda_abs`` is the paper's), ``igconda_w0`` for the
-w = 0 control |x − x̂_∅|, ``threshold_41`` and ``intensity``.
+w = 0 control |x − x̂_∅|, ``threshold_41``, ``intensity`` and ``dpm_cg`` (the DPM + classifier
+guidance baseline).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from igconda.metrics import METRIC_KEYS, dice_curve, score_batch
 
 #: Method name of the 41 % SUVmax rule and of the raw-intensity control.
 THRESHOLD_41, INTENSITY = "threshold_41", "intensity"
+#: Method name of the DPM + classifier guidance baseline (:mod:`igconda.baselines.dpm_classifier_guidance`).
+DPM_CG = "dpm_cg"
 #: Method name of the w = 0 control.
 CONTROL_METHOD = f"igconda_{CONTROL}"
 CONTROL_HOT_METHOD = f"igconda_{CONTROL_HOT}"
@@ -66,6 +69,7 @@ METHOD_TITLES = {
     THRESHOLD_41: "41% SUVmax",
     INTENSITY: "raw intensity",
     "fanogan": "f-AnoGAN |x−G(E(x))|",
+    DPM_CG: "DPM + classifier guidance |x−x̂|",
 }
 #: Column titles of :func:`format_table`.
 METRIC_TITLES = {

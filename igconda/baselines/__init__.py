@@ -5,6 +5,8 @@
 * :mod:`igconda.baselines.classifier_cam`: ResNet-18 classifier + HiResCAM (imports torch).
 * :mod:`igconda.baselines.fanogan`: f-AnoGAN networks and its residual map, trained by
   :mod:`igconda.baselines.fanogan_training` (torch, MONAI).
+* :mod:`igconda.baselines.dpm_classifier_guidance`: unconditional DPM + noisy-classifier
+  guidance (Wolleb et al. 2022), the ``dpm_cg`` anomaly method (imports torch).
 
 Import the submodules directly; this package imports nothing so that the numpy-only baselines
 stay free of torch.

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -208,7 +208,8 @@ def ddim_encode(
         (B, 1, H, W) float32 x_D.
     """
     steps = _validate(x0, "x0", schedule, noise_level, stride)
-    return _unconditional_walk(model, x0, schedule, range(0, steps * stride + 1, stride), amp, callback)
+    return unconditional_walk(model, x0, schedule, range(0, steps * stride + 1, stride), amp=amp,
+                              callback=callback)
 
 
 @torch.inference_mode()
@@ -253,7 +254,8 @@ def ddim_decode(
     """
     steps = _validate(x_t, "x_t", schedule, noise_level, stride, (guidance_scale, target_label))
     if guidance_scale == 0:
-        return _unconditional_walk(model, x_t, schedule, _descending(steps, stride), amp, callback)
+        return unconditional_walk(model, x_t, schedule, _descending(steps, stride), amp=amp,
+                                  callback=callback)
     abar = schedule.alphas_cumprod.tolist()
     x = x_t.float()
     batch = x.shape[0]
@@ -271,24 +273,52 @@ def ddim_decode(
     return x
 
 
-def _unconditional_walk(
+#: ``guide(x, t, eps) -> eps``: a correction of the noise prediction ε (B, 1, H, W) of the
+#: sample x (B, 1, H, W) at grid level t, applied before the DDIM move (classifier guidance,
+#: :mod:`igconda.diffusion.classifier_guidance`).
+NoiseGuide = Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]
+
+
+def unconditional_walk(
     model: nn.Module,
     x: torch.Tensor,
     schedule: NoiseSchedule,
-    levels: range,
-    amp: bool,
+    levels: Sequence[int],
+    *,
+    amp: bool = False,
+    guide: NoiseGuide | None = None,
     callback: Callable[[int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Deterministic DDIM moves with ε_θ(x, τ, ∅) alone along grid ``levels`` (either direction).
 
     Encoding walks τ = 0, s, …, D and the w = 0 decode walks D, D − s, …, 0: the same step
-    from each level to the next (len(levels) − 1 evaluations of batch B).
+    from each level to the next (len(levels) − 1 evaluations of batch B). ``guide``, when
+    given, replaces each ε by ``guide(x, τ, ε)`` before the move; the move is :func:`ddim_step`
+    either way, so a guided decode walks exactly the grid and maths of the unguided one.
+
+    Runs under the caller's grad mode (the public decoders use inference mode; a guide that
+    needs gradients w.r.t. x must be called outside it and enable them itself).
+
+    Args:
+        model: ``model(x, t, labels)``, called with label 0 (∅).
+        x: (B, 1, H, W) sample at level ``levels[0]``.
+        schedule: the noise schedule the model was trained with.
+        levels: grid timesteps in walking order, e.g. ``range(0, D + 1, s)``.
+        amp: autocast for the network (see :func:`ddim_encode`).
+        guide: optional correction of ε at each level.
+        callback: optional ``callback(t_reached, x)`` after each step.
+
+    Returns:
+        (B, 1, H, W) float32 sample at level ``levels[-1]``.
     """
     abar = schedule.alphas_cumprod.tolist()
     x = x.float()
     labels = torch.full((x.shape[0],), UNCONDITIONAL, dtype=torch.long, device=x.device)
     for t, t_next in zip(levels[:-1], levels[1:], strict=True):
-        x = ddim_step(x, _predict(model, x, t, labels, amp), abar[t], abar[t_next])
+        eps = _predict(model, x, t, labels, amp)
+        if guide is not None:
+            eps = guide(x, t, eps)
+        x = ddim_step(x, eps, abar[t], abar[t_next])
         if callback is not None:
             callback(t_next, x)
     return x
@@ -334,7 +364,7 @@ def ddim_decode_pair(
     """
     steps = _validate(x_t, "x_t", schedule, noise_level, stride, (guidance_scale, target_label))
     if guidance_scale == 0:
-        x_hat = _unconditional_walk(model, x_t, schedule, _descending(steps, stride), amp)
+        x_hat = unconditional_walk(model, x_t, schedule, _descending(steps, stride), amp=amp)
         return x_hat, x_hat.clone()
     abar = schedule.alphas_cumprod.tolist()
     guided = x_t.float()

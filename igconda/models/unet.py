@@ -11,6 +11,11 @@ MONAI's ``DiffusionModelUNet`` (2D) with class tokens 0 = unconditional, 1 = hea
   timestep embedding, so every residual block is modulated by the class (as in Ho & Salimans'
   classifier-free guidance); token 0 is a learned null vector.
 - ``both``.
+
+``none`` builds the same UNet with no class input at all: the attention levels and the mid block
+use self-attention, and ``forward`` ignores the labels, so the DDIM code (which passes token 0)
+and the training loss run unchanged. That is the unconditional DPM of the DPM + classifier
+guidance baseline (paper §3.3, :mod:`igconda.diffusion.classifier_guidance`).
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ TINY_MODEL = ModelConfig(
 )
 
 
-def tiny_model(seed: int = 0) -> ConditionalUNet:
+def tiny_model(seed: int = 0, config: ModelConfig = TINY_MODEL) -> ConditionalUNet:
     """A deterministic, untrained 16-channel UNet for 16 × 16 images (eval mode)."""
     torch.manual_seed(seed)
-    model = build_unet(TINY_MODEL)
+    model = build_unet(config)
     # MONAI zero-initialises the output conv, the second conv of each residual block and the
     # attention projections, so an untrained model predicts ε = 0 whatever the label. Randomise
     # every all-zero weight so tests see a non-trivial, label-dependent ε (the class embedding's
