@@ -18,7 +18,9 @@ call these; nothing here imports Ray.
 
 Method names, as they appear in the ``method`` column: ``igconda_<kind>`` for each map kind of
 :data:`igconda.diffusion.ddim.MAP_KINDS` (``igconda_abs`` is the paper's), ``igconda_w0`` for the
-w = 0 control |x − x̂_∅|, ``threshold_41`` and ``intensity``.
+w = 0 control |x − x̂_∅|, ``threshold_41`` and ``intensity``; the trained baselines add
+``hirescam`` (:mod:`igconda.baselines.classifier_cam`) and ``supervised``, the upper bound
+trained on pixel masks (:mod:`igconda.baselines.supervised`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from igconda.metrics import METRIC_KEYS, dice_curve, score_batch
 
 #: Method name of the 41 % SUVmax rule and of the raw-intensity control.
 THRESHOLD_41, INTENSITY = "threshold_41", "intensity"
+#: Method names of the trained baselines: ResNet-18 + HiResCAM, and the supervised UNet.
+HIRESCAM, SUPERVISED = "hirescam", "supervised"
 #: Method name of the w = 0 control.
 CONTROL_METHOD = f"igconda_{CONTROL}"
 CONTROL_HOT_METHOD = f"igconda_{CONTROL_HOT}"
@@ -65,6 +69,8 @@ METHOD_TITLES = {
     CONTROL_HOT_METHOD: "w = 0 control max(x−x̂∅, 0)",
     THRESHOLD_41: "41% SUVmax",
     INTENSITY: "raw intensity",
+    HIRESCAM: "ResNet-18 HiResCAM",
+    SUPERVISED: "supervised (upper bound)",
 }
 #: Column titles of :func:`format_table`.
 METRIC_TITLES = {
@@ -85,9 +91,10 @@ def igconda_method(kind: str) -> str:
 
 def method_order(methods: Sequence[str], chosen: str | None = None) -> list[str]:
     """Methods in the order tables show them: the chosen map, the paper's, the other IgCONDA
-    maps, the w = 0 control, thresholding, raw intensity, then anything else alphabetically."""
+    maps, the w = 0 control, thresholding, raw intensity, HiResCAM, the supervised upper bound,
+    then anything else alphabetically."""
     known = [igconda_method(k) for k in MAP_KINDS] + [CONTROL_METHOD, CONTROL_HOT_METHOD,
-                                                      THRESHOLD_41, INTENSITY]
+                                                      THRESHOLD_41, INTENSITY, HIRESCAM, SUPERVISED]
     first = [m for m in (chosen, "igconda_abs") if m]
     order = list(dict.fromkeys([*first, *known]))
     present = [m for m in order if m in methods]
