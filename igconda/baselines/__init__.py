@@ -2,7 +2,10 @@
 
 * :mod:`igconda.baselines.thresholding`: 41 % SUVmax thresholding and the raw-intensity control
   (numpy only);
-* :mod:`igconda.baselines.classifier_cam`: ResNet-18 classifier + HiResCAM (imports torch).
+* :mod:`igconda.baselines.classifier_cam`: ResNet-18 classifier + HiResCAM (imports torch);
+* :mod:`igconda.baselines.supervised`: the supervised upper bound, a UNet trained on the lesion
+  masks (imports torch and MONAI);
+* :mod:`igconda.baselines.fitting`: the epoch loop the two trained baselines share.
 
 Import the submodules directly; this package imports nothing so that the numpy-only baselines
 stay free of torch.
