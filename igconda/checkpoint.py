@@ -11,6 +11,10 @@ Layout of a checkpoint directory::
 Ray Train wraps this folder as a ``ray.train.Checkpoint``; the same folder is what
 ``igconda detect --checkpoint`` and the inference job load.
 
+The trained baselines (:mod:`igconda.baselines.supervised`, :mod:`igconda.baselines.classifier_cam`)
+use the same files without ``ema.safetensors``; their ``config.yaml`` is ``{baseline: <method>,
+settings: {...}}`` (:func:`save_baseline_checkpoint`), which :func:`load_checkpoint_config` refuses.
+
 The training job (``ray_jobs.train``) also leaves, under its ``--output`` folder::
 
     best/                 a local copy of the checkpoint with the lowest validation loss
@@ -22,18 +26,21 @@ Later stages (tune, infer, detect) take ``<output>/best`` as their ``--checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import yaml
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from igconda.config import StudyConfig, load_config, save_config
+from igconda.config import StudyConfig, load_config, save_config, to_plain
 from igconda.io_utils import atomic_write, replace_dir
 from igconda.models import ConditionalUNet, build_unet
 
@@ -44,6 +51,10 @@ STATE_FILE = "train_state.pt"
 METADATA_FILE = "metadata.json"
 BEST_DIR = "best"
 BEST_POINTER = "best_checkpoint.json"
+#: The key of a baseline network's ``config.yaml`` naming its method (never a StudyConfig section).
+BASELINE_KEY = "baseline"
+
+SettingsT = TypeVar("SettingsT")
 
 
 class CheckpointError(ValueError):
@@ -101,21 +112,20 @@ def _state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(
+def _write_folder(
     directory: str | Path,
-    *,
+    write_config: Callable[[Path], object],
     model: torch.nn.Module,
-    config: StudyConfig,
-    ema_model: torch.nn.Module | None = None,
-    train_state: dict[str, Any] | None = None,
-    metadata: dict[str, Any] | None = None,
+    ema_model: torch.nn.Module | None,
+    train_state: dict[str, Any] | None,
+    metadata: dict[str, Any] | None,
 ) -> Path:
     """Write a checkpoint folder atomically (written beside it, then renamed into place)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        save_config(config, tmp / CONFIG_FILE)
+        write_config(tmp / CONFIG_FILE)
         save_file(_state_dict(model), str(tmp / MODEL_FILE))
         if ema_model is not None:
             save_file(_state_dict(ema_model), str(tmp / EMA_FILE))
@@ -130,12 +140,102 @@ def save_checkpoint(
     return directory
 
 
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    model: torch.nn.Module,
+    config: StudyConfig,
+    ema_model: torch.nn.Module | None = None,
+    train_state: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint folder atomically (written beside it, then renamed into place)."""
+    return _write_folder(directory, lambda path: save_config(config, path), model, ema_model,
+                         train_state, metadata)
+
+
 def load_checkpoint_config(directory: str | Path) -> StudyConfig:
     """The StudyConfig stored in a checkpoint folder."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: not a checkpoint folder (no {CONFIG_FILE})")
+    method = _baseline_method(path)
+    if method is not None:
+        raise CheckpointError(f"{directory}: a checkpoint of the {method!r} baseline, not of an "
+                              "IgCONDA model")
     return load_config(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Baseline networks (igconda.baselines): the same layout, their own settings in config.yaml
+# --------------------------------------------------------------------------------------------
+
+
+def _baseline_method(config_file: Path) -> str | None:
+    """The method named by a baseline checkpoint's config file; None for any other file."""
+    try:
+        data = yaml.safe_load(config_file.read_text())
+    except yaml.YAMLError:
+        return None  # load_config reports it
+    value = data.get(BASELINE_KEY) if isinstance(data, dict) else None
+    return str(value) if value is not None else None
+
+
+def save_baseline_checkpoint(
+    directory: str | Path,
+    *,
+    method: str,
+    settings: Any,
+    model: torch.nn.Module,
+    train_state: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write a baseline network's checkpoint folder (same files; no EMA).
+
+    ``config.yaml`` holds ``{baseline: <method>, settings: {...}}``, where ``settings`` is the
+    frozen dataclass the network is built from (tuples stored as lists).
+    """
+    text = yaml.safe_dump({BASELINE_KEY: method, "settings": to_plain(dataclasses.asdict(settings))},
+                          sort_keys=False)
+    return _write_folder(directory, lambda path: path.write_text(text), model, None, train_state,
+                         metadata)
+
+
+def load_baseline_checkpoint(
+    directory: str | Path, *, method: str, settings_type: type[SettingsT],
+    device: str | torch.device = "cpu",
+) -> tuple[SettingsT, dict[str, torch.Tensor]]:
+    """The settings and weights of a :func:`save_baseline_checkpoint` folder.
+
+    Args:
+        directory: the checkpoint folder.
+        method: the baseline it must hold (a folder of another method is refused).
+        settings_type: the frozen dataclass of that method's settings.
+        device: where the weights are loaded.
+
+    Raises:
+        CheckpointError: no such folder, another method's folder, or settings that do not fit.
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: not a checkpoint folder (no {CONFIG_FILE})")
+    found = _baseline_method(path)
+    if found != method:
+        raise CheckpointError(f"{directory}: expected a checkpoint of the {method!r} baseline, "
+                              f"found {'an IgCONDA model' if found is None else repr(found)}")
+    values = yaml.safe_load(path.read_text()).get("settings") or {}
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: 'settings' must be a mapping, got {values!r}")
+    try:
+        settings = settings_type(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in values.items()})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: settings do not fit {settings_type.__name__}: {err}") from None
+    weights = directory / MODEL_FILE
+    if not weights.is_file():
+        raise CheckpointError(f"{directory}: no {MODEL_FILE} in checkpoint")
+    return settings, load_weights(weights, device)
 
 
 def load_model(

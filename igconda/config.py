@@ -212,18 +212,19 @@ class StudyConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), round-trips through :func:`from_dict`."""
-        return _plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     def flat(self) -> dict[str, Any]:
         """``{"section.key": value}`` for MLflow params."""
         return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
 
 
-def _plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:
+    """Nested dicts, lists and tuples as YAML-safe dicts and lists (tuples become lists)."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [to_plain(v) for v in obj]
     return obj
 
 

@@ -18,8 +18,10 @@ call these; nothing here imports Ray.
 
 Method names, as they appear in the ``method`` column: ``igconda_<kind>`` for each map kind of
 :data:`igconda.diffusion.ddim.MAP_KINDS` (``igconda_abs`` is the paper's), ``igconda_w0`` for the
-w = 0 control |x − x̂_∅|, ``threshold_41``, ``intensity`` and ``dpm_cg`` (the DPM + classifier
-guidance baseline).
+w = 0 control |x − x̂_∅|, ``threshold_41`` and ``intensity``; the trained baselines add
+``hirescam`` (:mod:`igconda.baselines.classifier_cam`), ``supervised``, the upper bound
+trained on pixel masks (:mod:`igconda.baselines.supervised`), ``fanogan``
+(:mod:`igconda.baselines.fanogan`) and ``dpm_cg`` (:mod:`igconda.baselines.dpm_classifier_guidance`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from igconda.metrics import METRIC_KEYS, dice_curve, score_batch
 THRESHOLD_41, INTENSITY = "threshold_41", "intensity"
 #: Method name of the DPM + classifier guidance baseline (:mod:`igconda.baselines.dpm_classifier_guidance`).
 DPM_CG = "dpm_cg"
+#: Method names of the trained baselines: ResNet-18 + HiResCAM, f-AnoGAN, the supervised UNet.
+HIRESCAM, FANOGAN, SUPERVISED = "hirescam", "fanogan", "supervised"
 #: Method name of the w = 0 control.
 CONTROL_METHOD = f"igconda_{CONTROL}"
 CONTROL_HOT_METHOD = f"igconda_{CONTROL_HOT}"
@@ -68,8 +72,10 @@ METHOD_TITLES = {
     CONTROL_HOT_METHOD: "w = 0 control max(x−x̂∅, 0)",
     THRESHOLD_41: "41% SUVmax",
     INTENSITY: "raw intensity",
-    "fanogan": "f-AnoGAN |x−G(E(x))|",
+    FANOGAN: "f-AnoGAN |x−G(E(x))|",
     DPM_CG: "DPM + classifier guidance |x−x̂|",
+    HIRESCAM: "ResNet-18 HiResCAM",
+    SUPERVISED: "supervised (upper bound)",
 }
 #: Column titles of :func:`format_table`.
 METRIC_TITLES = {
@@ -90,9 +96,11 @@ def igconda_method(kind: str) -> str:
 
 def method_order(methods: Sequence[str], chosen: str | None = None) -> list[str]:
     """Methods in the order tables show them: the chosen map, the paper's, the other IgCONDA
-    maps, the w = 0 control, thresholding, raw intensity, then anything else alphabetically."""
-    known = [igconda_method(k) for k in MAP_KINDS] + [CONTROL_METHOD, CONTROL_HOT_METHOD,
-                                                      THRESHOLD_41, INTENSITY]
+    maps, the w = 0 controls, thresholding, raw intensity, the trained baselines (HiResCAM,
+    f-AnoGAN, DPM + classifier guidance), the supervised upper bound, then anything else
+    alphabetically."""
+    known = [igconda_method(k) for k in MAP_KINDS] + [
+        CONTROL_METHOD, CONTROL_HOT_METHOD, THRESHOLD_41, INTENSITY, HIRESCAM, FANOGAN, DPM_CG, SUPERVISED]
     first = [m for m in (chosen, "igconda_abs") if m]
     order = list(dict.fromkeys([*first, *known]))
     present = [m for m in order if m in methods]

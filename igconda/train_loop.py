@@ -59,20 +59,23 @@ SCORE_METRIC = "valid_loss"
 # --------------------------------------------------------------------------------------------
 
 
-def decode_slice_batch(table: pa.Table) -> dict[str, torch.Tensor]:
+def decode_slice_batch(table: pa.Table, *, mask: bool = False) -> dict[str, torch.Tensor]:
     """Decode a batch of slice rows into tensors.
 
     Args:
         table: rows of :data:`igconda.data.schema.SLICE_SCHEMA` (at least ``image``, ``label``,
             ``height``, ``width``; ``patient_id`` and ``slice_index`` are used when present).
+        mask: also decode the ``mask`` column (only the supervised baseline trains on it).
 
     Returns:
-        ``image`` (B, 1, H, W) float32, ``label`` (B,) int64 and, when the table has
-        ``patient_id`` and ``slice_index``, ``row_key`` (B,) int64: a stable 31-bit hash of the
-        pair that fixes the row's validation draw and its validation worker.
+        ``image`` (B, 1, H, W) float32, ``label`` (B,) int64, with ``mask`` the lesion masks
+        ``mask`` (B, 1, H, W) float32 in {0, 1}, and, when the table has ``patient_id`` and
+        ``slice_index``, ``row_key`` (B,) int64: a stable 31-bit hash of the pair that fixes the
+        row's validation draw and its validation worker.
 
     Raises:
-        ValueError: if the batch mixes slice sizes or labels are outside {1, 2}.
+        ValueError: if the batch mixes slice sizes, labels are outside {1, 2}, or ``mask`` is
+            asked for and the table has no ``mask`` column.
     """
     if table.num_rows == 0:
         raise ValueError("empty batch")
@@ -89,6 +92,11 @@ def decode_slice_batch(table: pa.Table) -> dict[str, torch.Tensor]:
     # stack_images is a zero-copy view of Arrow's read-only buffer; copy once into torch memory.
     out = {"image": torch.from_numpy(np.array(images, dtype=np.float32, copy=True)).unsqueeze(1),
            "label": torch.from_numpy(labels)}
+    if mask:
+        if "mask" not in table.column_names:
+            raise ValueError(f"the batch has no 'mask' column (it has {table.column_names})")
+        masks = schema.stack_images(table["mask"], h, w)
+        out["mask"] = torch.from_numpy((masks > 0).astype(np.float32)).unsqueeze(1)
     if "patient_id" in table.column_names and "slice_index" in table.column_names:
         out["row_key"] = row_keys(table["patient_id"].to_pylist(), table["slice_index"].to_pylist())
     return out

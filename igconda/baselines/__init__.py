@@ -2,9 +2,12 @@
 
 * :mod:`igconda.baselines.thresholding`: 41 % SUVmax thresholding and the raw-intensity control
   (numpy only);
-* :mod:`igconda.baselines.classifier_cam`: ResNet-18 classifier + HiResCAM (imports torch).
+* :mod:`igconda.baselines.classifier_cam`: ResNet-18 classifier + HiResCAM (imports torch);
+* :mod:`igconda.baselines.supervised`: the supervised upper bound, a UNet trained on the lesion
+  masks (imports torch and MONAI);
+* :mod:`igconda.baselines.fitting`: the epoch loop the two trained baselines share;
 * :mod:`igconda.baselines.fanogan`: f-AnoGAN networks and its residual map, trained by
-  :mod:`igconda.baselines.fanogan_training` (torch, MONAI).
+  :mod:`igconda.baselines.fanogan_training` (torch, MONAI);
 * :mod:`igconda.baselines.dpm_classifier_guidance`: unconditional DPM + noisy-classifier
   guidance (Wolleb et al. 2022), the ``dpm_cg`` anomaly method (imports torch).
 

@@ -6,22 +6,41 @@ unhealthy and uses HiResCAM of the "unhealthy" logit as the anomaly map. Here:
 * the network is MONAI's ``resnet18(spatial_dims=2, n_input_channels=1, num_classes=2)``. With
   MONAI's defaults (7×7 stem at stride 1, then max-pool) the last stage ``layer4`` is H/16 × W/16:
   4 × 4 for the 64 × 64 slices of the paper's preprocessing, which bounds how sharp the CAM is;
-* ImageNet weights cannot be downloaded in every environment: :func:`build_classifier` accepts a
-  local state dict (a torchvision ``resnet18`` checkpoint works: its RGB stem is summed to one
-  channel and its 1000-class head dropped), and trains from scratch otherwise;
-* HiResCAM (Draelos & Carin 2020) is written out with hooks instead of using ``pytorch-grad-cam``:
-  that package needs torchvision, which does not import beside the torch build pinned here, and the
-  method is a few lines: ``ReLU(Σ_c ∂y/∂A_c ⊙ A_c)`` at the target layer, upsampled bilinearly
-  and min–max normalised per slice to [0, 1] (pytorch-grad-cam's ``scale_cam_image`` convention).
+* ImageNet weights are never downloaded: :func:`build_classifier` accepts a local state dict (a
+  torchvision ``resnet18`` checkpoint works: its RGB stem is summed to one channel and its
+  1000-class head dropped), and trains from scratch otherwise. :func:`create_training` records
+  which in the :class:`ClassifierConfig` saved with the checkpoint (the file's name and SHA-256,
+  or empty for from scratch);
+* HiResCAM (Draelos & Carin 2020) is written out with hooks instead of using ``pytorch-grad-cam``
+  (PyPI ``grad-cam``): that package is not a dependency of the project, and it imports torchvision
+  and OpenCV when loaded (``pytorch_grad_cam.utils.image``), two large dependencies for a method
+  of a few lines. The formula is the same as its ``HiResCAM``: ``ReLU(Σ_c ∂y/∂A_c ⊙ A_c)`` at the
+  target layer, min–max normalised per slice to [0, 1] (its ``scale_cam_image``); the map is
+  upsampled bilinearly with torch before the normalisation rather than with ``cv2.resize`` after.
+
+Training is one worker's epoch over decoded batches (:func:`train_epoch`, cross-entropy on the
+slice labels; :func:`validation_sums` on held-out ones), then :func:`recompute_batchnorm`, then
+:func:`save_classifier`; :func:`train_classifier` does all of it for slices held in memory.
+:class:`HiResCamMethod` is the :class:`igconda.evaluation.AnomalyMethod` named ``hirescam``.
 
 Labels follow :mod:`igconda.data.schema`: 1 healthy, 2 unhealthy; the network's class index is
 ``label - 1``, so logit 1 is "unhealthy".
+
+What remains (issue 10): the Ray Train job that runs :func:`train_epoch` over Ray Data shards of
+``slices/train`` (the columns of :data:`igconda.train_loop.TRAIN_COLUMNS`) with DDP and keeps the
+checkpoint of the lowest validation loss; and the comparison stage that scores
+:class:`HiResCamMethod` beside the other methods on the test split, its τ calibrated on tune.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,12 +48,48 @@ import torch.nn.functional as F
 from monai.networks.nets import resnet18
 from torch import nn
 
+from igconda import checkpoint as ckpt
+from igconda.baselines.fitting import loss_sums, seeded
+from igconda.baselines.fitting import train_epoch as fit_epoch
 from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.evaluation import HIRESCAM, batch_images
+from igconda.train_loop import EpochStats
 
 logger = logging.getLogger(__name__)
 
 #: Network output index of the "unhealthy" class (schema label 2).
 UNHEALTHY_INDEX = UNHEALTHY - 1
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Settings of the classifier (stored in its checkpoint's ``config.yaml``).
+
+    Attributes:
+        widen_factor: channel multiplier (1.0 is the standard ResNet-18 the paper uses; smaller
+            values give the cheap networks of the tests). Pretrained weights need 1.0.
+        lr: Adam learning rate.
+        seed: seeds the initial weights (of the parts no pretrained tensor replaces).
+        pretrained_file: the name of the local file the initial weights came from (e.g.
+            torchvision's ImageNet ``resnet18``); empty when trained from scratch. Set by
+            :func:`create_training`.
+        pretrained_sha256: that file's SHA-256; empty when trained from scratch.
+    """
+
+    widen_factor: float = 1.0
+    lr: float = 1e-3
+    seed: int = 0
+    pretrained_file: str = ""
+    pretrained_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.widen_factor > 0 or not self.lr > 0:
+            raise ValueError(f"widen_factor and lr must be positive; got {self.widen_factor}, {self.lr}")
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the initial weights came from a file rather than from scratch."""
+        return bool(self.pretrained_sha256)
 
 
 def build_classifier(weights: str | Path | None = None, *, widen_factor: float = 1.0) -> nn.Module:
@@ -111,67 +166,136 @@ def _as_images(images: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(images, dtype=torch.float32)[:, None]
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def create_training(config: ClassifierConfig, *, weights: str | Path | None = None,
+                    device: torch.device | str = "cpu",
+                    ) -> tuple[nn.Module, torch.optim.Optimizer, ClassifierConfig]:
+    """The network (seeded, from ``weights`` when given) on ``device``, its Adam optimiser, and
+    ``config`` recording where the initial weights came from (what to save with the model).
+
+    Args:
+        config: the settings; its ``pretrained_*`` fields are replaced by this call's record.
+        weights: optional local initial weights (see :func:`build_classifier`); never downloaded.
+        device: where the network is put.
+    """
+    model = seeded(config.seed, lambda: build_classifier(weights, widen_factor=config.widen_factor))
+    record = ({"pretrained_file": Path(weights).name, "pretrained_sha256": _sha256(Path(weights))}
+              if weights is not None else {"pretrained_file": "", "pretrained_sha256": ""})
+    model = model.to(device)
+    return (model, torch.optim.Adam(model.parameters(), lr=config.lr),
+            dataclasses.replace(config, **record))
+
+
+def _class_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return F.cross_entropy(model(batch["image"]), batch["label"] - 1)
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
+                batches: Iterable[Mapping[str, torch.Tensor]], *,
+                device: torch.device | str = "cpu") -> EpochStats:
+    """One epoch of cross-entropy steps over batches with ``image`` (B, 1, H, W) and schema
+    ``label`` (B,) (1 healthy / 2 unhealthy), as :func:`igconda.train_loop.decode_slice_batch`
+    gives them. BatchNorm in training mode needs more than one value per channel: with layer4 at
+    1 × 1 (16 × 16 slices) a batch of one row fails, so drop a last partial batch of one."""
+    return fit_epoch(model, optimizer, batches, _class_loss, device=device)
+
+
+def validation_sums(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
+                    device: torch.device | str = "cpu") -> tuple[float, int]:
+    """Σ (batch cross-entropy × batch size) and the row count, in eval mode."""
+    return loss_sums(model, batches, _class_loss, device=device)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], *,
+                        device: torch.device | str = "cpu") -> None:
+    """Set BatchNorm's running statistics to plain averages over ``batches``' images.
+
+    BatchNorm's running statistics trail the weights by an exponential average (momentum 0.1):
+    after short trainings the eval-mode network can disagree with the trained one (a toy run
+    here went from 100 % train-mode accuracy to chance). One pass over the training data with
+    the final weights removes that lag; call it before saving the model for inference.
+    """
+    torch.optim.swa_utils.update_bn((b["image"].to(device) for b in batches), model)
+
+
 def train_classifier(
     images: np.ndarray,
     labels: np.ndarray,
+    config: ClassifierConfig,
     *,
     epochs: int,
     batch_size: int,
-    lr: float,
-    seed: int,
     device: str | torch.device = "cpu",
     weights: str | Path | None = None,
-    widen_factor: float = 1.0,
-) -> nn.Module:
-    """Train the healthy/unhealthy ResNet-18 with Adam and cross-entropy.
+) -> tuple[nn.Module, ClassifierConfig]:
+    """Train the healthy/unhealthy ResNet-18 on slices held in memory (the epoch pieces above).
 
     Args:
         images: (N, H, W) scaled PET slices in [0, 1] (H, W ≥ 16).
         labels: (N,) schema labels, 1 healthy / 2 unhealthy.
+        config: the settings (``seed`` also seeds the shuffling: bitwise reproducible on CPU).
         epochs: passes over the data.
-        batch_size: slices per step.
-        lr: Adam learning rate.
-        seed: seeds the initialisation and the shuffling (bitwise reproducible on CPU).
+        batch_size: slices per step (a last batch of one slice is left out of the epoch).
         device: where to train.
         weights: optional local initial weights (see :func:`build_classifier`).
-        widen_factor: channel multiplier of the network (1.0 = standard ResNet-18).
 
     Returns:
-        The trained model in eval mode, on ``device``.
+        The trained model in eval mode on ``device``, and the config to save with it.
     """
-    if epochs < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"need epochs ≥ 1, batch_size ≥ 1, lr > 0; got {epochs}, {batch_size}, {lr}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"need epochs ≥ 1, batch_size ≥ 1; got {epochs}, {batch_size}")
     x = _as_images(images)
-    y = _class_indices(labels, x.shape[0])
+    y = _class_indices(labels, x.shape[0]) + 1
     if x.shape[0] == 0:
         raise ValueError("no images to train on")
-    torch.manual_seed(seed)  # the initialisation draws from the global generator
-    model = build_classifier(weights, widen_factor=widen_factor).to(device)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
+    model, optimizer, config = create_training(config, weights=weights, device=device)
+    generator = torch.Generator().manual_seed(config.seed)
     for epoch in range(epochs):
         order = torch.randperm(x.shape[0], generator=generator)
-        total = 0.0
-        for start in range(0, x.shape[0], batch_size):
-            idx = order[start: start + batch_size]
-            if idx.numel() < 2 and x.shape[0] >= 2:
-                continue  # BatchNorm cannot train on a batch of one
-            logits = model(x[idx].to(device))
-            loss = F.cross_entropy(logits, y[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * idx.numel()
-        logger.info("classifier epoch %d/%d: loss %.4f", epoch + 1, epochs, total / x.shape[0])
-    # BatchNorm's running statistics trail the weights by an exponential average (momentum 0.1):
-    # after short trainings the eval-mode network can disagree with the trained one (a toy run
-    # here went from 100 % train-mode accuracy to chance). One pass that recomputes them as a
-    # plain average over the training data for the final weights removes that lag.
-    with torch.no_grad():
-        batches = (x[s: s + batch_size].to(device) for s in range(0, x.shape[0], batch_size))
-        torch.optim.swa_utils.update_bn(batches, model)
-    return model.eval()
+        batches = [{"image": x[idx], "label": y[idx]} for idx in order.split(batch_size)
+                   if idx.numel() >= 2 or x.shape[0] < 2]
+        stats = train_epoch(model, optimizer, batches, device=device)
+        logger.info("classifier epoch %d/%d: loss %.4f", epoch + 1, epochs,
+                    stats.loss_sum / max(stats.samples, 1))
+    recompute_batchnorm(model, [{"image": x[s: s + batch_size]}
+                                for s in range(0, x.shape[0], batch_size)], device=device)
+    return model.eval(), config
+
+
+def save_classifier(directory: str | Path, model: nn.Module, config: ClassifierConfig, *,
+                    optimizer: torch.optim.Optimizer | None = None, epoch: int = 0,
+                    metadata: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint folder: weights, ``config`` (with its pretrained-weights record),
+    and ``{epoch, optimizer}`` to resume."""
+    state: dict[str, Any] = {"epoch": int(epoch)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    meta = {"epoch": int(epoch), "torch_version": torch.__version__, **(metadata or {})}
+    return ckpt.save_baseline_checkpoint(directory, method=HIRESCAM, settings=config,
+                                         model=model, train_state=state, metadata=meta)
+
+
+def load_classifier(directory: str | Path, device: torch.device | str = "cpu",
+                    ) -> tuple[nn.Module, ClassifierConfig]:
+    """The network of a :func:`save_classifier` folder, in eval mode on ``device``, and its
+    config. The optimiser state to resume is :func:`igconda.checkpoint.load_train_state`'s."""
+    config, weights = ckpt.load_baseline_checkpoint(directory, method=HIRESCAM,
+                                                    settings_type=ClassifierConfig)
+    model = build_classifier(widen_factor=config.widen_factor)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ckpt.CheckpointError(f"{directory}: weights do not match the stored config: {err}"
+                                   ) from None
+    return model.to(device).eval(), config
 
 
 def hirescam_maps(
@@ -239,3 +363,30 @@ def hirescam_maps(
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return out
+
+
+class HiResCamMethod:
+    """The classifier's HiResCAM of the "unhealthy" logit as an anomaly method.
+
+    Args:
+        model: a trained classifier on its device (its mode is restored after each batch).
+        target_layer: the explained module (default ``layer4``, the paper's last stage).
+        batch_size: slices per forward/backward pass.
+    """
+
+    names = (HIRESCAM,)
+
+    def __init__(self, model: nn.Module, *, target_layer: str = "layer4", batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        self.model, self.target_layer, self.batch_size = model, target_layer, int(batch_size)
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, *, device: torch.device | str = "cpu",
+                        target_layer: str = "layer4", batch_size: int = 64) -> HiResCamMethod:
+        return cls(load_classifier(directory, device)[0], target_layer=target_layer,
+                   batch_size=batch_size)
+
+    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return {HIRESCAM: hirescam_maps(self.model, batch_images(batch), target_layer=self.target_layer,
+                                        batch_size=self.batch_size)}

@@ -53,10 +53,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from igconda.checkpoint import CheckpointError, load_metadata, load_weights
-from igconda.evaluation import batch_images
-
-#: Method name of the f-AnoGAN residual map (the ``method`` column of the score tables).
-FANOGAN_METHOD = "fanogan"
+from igconda.evaluation import FANOGAN, batch_images
 
 CONFIG_FILE = "fanogan.json"
 GENERATOR_FILE = "generator.safetensors"
@@ -293,7 +290,7 @@ class FAnoGANMethod:
         batch_size: slices per forward pass.
     """
 
-    names = (FANOGAN_METHOD,)
+    names = (FANOGAN,)
 
     def __init__(self, generator: nn.Module, encoder: nn.Module, *,
                  device: str | torch.device = "cpu", batch_size: int = 256) -> None:
@@ -333,4 +330,4 @@ class FAnoGANMethod:
     def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         images = batch_images(batch)
         residual = np.abs(images - self.reconstruct(images))
-        return {FANOGAN_METHOD: np.clip(residual, 0.0, 1.0).astype(np.float32, copy=False)}
+        return {FANOGAN: np.clip(residual, 0.0, 1.0).astype(np.float32, copy=False)}

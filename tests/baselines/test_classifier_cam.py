@@ -6,14 +6,32 @@ the tests train in seconds on a shared 2-core CPU; the architecture is otherwise
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
 
-from igconda.baselines.classifier_cam import build_classifier, hirescam_maps, train_classifier
-from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda import checkpoint as ckpt
+from igconda.baselines.classifier_cam import (
+    ClassifierConfig,
+    HiResCamMethod,
+    build_classifier,
+    create_training,
+    hirescam_maps,
+    load_classifier,
+    recompute_batchnorm,
+    save_classifier,
+    train_classifier,
+    train_epoch,
+    validation_sums,
+)
+from igconda.data.schema import HEALTHY, UNHEALTHY, volume_to_rows
+from igconda.evaluation import HIRESCAM, METHOD_TITLES, method_order
+from igconda.train_loop import decode_slice_batch
 
 WIDEN = 0.125
+TINY = ClassifierConfig(widen_factor=WIDEN, lr=1e-3, seed=0)
 
 
 def _toy(n: int = 48, size: int = 32, seed: int = 0):
@@ -38,15 +56,14 @@ def trained():
     torch.set_num_threads(1)
     try:
         images, labels, regions = _toy(n=32)
-        model = train_classifier(images, labels, epochs=8, batch_size=8, lr=1e-3, seed=0,
-                                 widen_factor=WIDEN)
-        yield model, images, labels, regions
+        model, config = train_classifier(images, labels, TINY, epochs=8, batch_size=8)
+        yield model, config, images, labels, regions
     finally:
         torch.set_num_threads(threads)
 
 
 def test_classifier_learns_separable_toy_set(trained):
-    model, _, _, _ = trained
+    model, _, _, _, _ = trained
     images, labels, _ = _toy(n=16, seed=1)  # unseen slices
     with torch.no_grad():
         pred = model(torch.as_tensor(images)[:, None]).argmax(1).numpy() + 1
@@ -58,7 +75,7 @@ def _inside_minus_outside(maps, regions):
 
 
 def test_cam_highlights_the_deciding_region(trained):
-    model, images, labels, regions = trained
+    model, _, images, labels, regions = trained
     sick = labels == UNHEALTHY
     # layer3 is 4 × 4 at 32 px: fine enough to find the square's quadrant and more.
     gap = _inside_minus_outside(hirescam_maps(model, images[sick], target_layer="layer3"), regions[sick])
@@ -68,7 +85,7 @@ def test_cam_highlights_the_deciding_region(trained):
 
 
 def test_cam_shapes_range_and_determinism(trained):
-    model, images, _, _ = trained
+    model, _, images, _, _ = trained
     a = hirescam_maps(model, images[:5], batch_size=2)
     b = hirescam_maps(model, images[:5], batch_size=5)
     assert a.shape == (5, 32, 32) and a.dtype == np.float32
@@ -80,19 +97,22 @@ def test_cam_shapes_range_and_determinism(trained):
 
 
 def test_cam_bad_arguments(trained):
-    model, images, _, _ = trained
+    model, _, images, _, _ = trained
     with pytest.raises(ValueError, match="class_index"):
         hirescam_maps(model, images[:2], class_index=2)
     with pytest.raises(ValueError, match="no module"):
         hirescam_maps(model, images[:2], target_layer="layer9")
 
 
-def test_training_is_reproducible():
+def test_training_is_reproducible_for_a_seed():
     images, labels, _ = _toy(n=8, size=16)
-    kwargs = dict(epochs=1, batch_size=4, lr=1e-3, seed=3, widen_factor=WIDEN)
-    a, b = train_classifier(images, labels, **kwargs), train_classifier(images, labels, **kwargs)
+    before = torch.get_rng_state()
+    a, b, c = (train_classifier(images, labels, ClassifierConfig(widen_factor=WIDEN, seed=seed),
+                                epochs=1, batch_size=4)[0] for seed in (3, 3, 4))
+    assert torch.equal(torch.get_rng_state(), before)  # the global generator is left alone
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(pa, pb)
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
 
 
 @pytest.mark.parametrize(
@@ -101,8 +121,7 @@ def test_training_is_reproducible():
 )
 def test_train_rejects_bad_labels(labels, match):
     with pytest.raises(ValueError, match=match):
-        train_classifier(np.zeros((4, 16, 16)), labels, epochs=1, batch_size=2, lr=1e-3, seed=0,
-                         widen_factor=WIDEN)
+        train_classifier(np.zeros((4, 16, 16)), labels, TINY, epochs=1, batch_size=2)
 
 
 def test_local_weights_torchvision_style(tmp_path):
@@ -113,7 +132,10 @@ def test_local_weights_torchvision_style(tmp_path):
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
     path = tmp_path / "resnet18.pth"
     torch.save({"state_dict": state}, path)
-    model = build_classifier(path)
+    model, _, config = create_training(ClassifierConfig(seed=5), weights=path)
+    # The checkpoint's config records which weights it started from, without a machine path.
+    assert config.pretrained and config.pretrained_file == "resnet18.pth"
+    assert config.pretrained_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     torch.testing.assert_close(model.state_dict()["conv1.weight"], reference.state_dict()["conv1.weight"])
     torch.testing.assert_close(model.state_dict()["layer4.1.conv2.weight"],
                                reference.state_dict()["layer4.1.conv2.weight"])
@@ -126,3 +148,53 @@ def test_local_weights_errors(tmp_path):
     torch.save({"something": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="ResNet-18"):
         build_classifier(tmp_path / "other.pth")
+
+
+def _slice_batch(images):
+    """Numpy columns of the slice schema, as Ray Data hands them to an anomaly method."""
+    n, h, w = images.shape
+    return {"image": images.reshape(n, h * w), "height": np.full(n, h, np.int32),
+            "width": np.full(n, w, np.int32)}
+
+
+def test_hirescam_method_gives_the_unhealthy_cam(trained):
+    model, config, images, labels, _ = trained
+    assert not config.pretrained and config.pretrained_file == ""  # trained from scratch
+    method = HiResCamMethod(model, batch_size=3)
+    maps = method.maps(_slice_batch(images[:6]))
+    assert method.names == (HIRESCAM,) and set(maps) == {HIRESCAM}
+    assert maps[HIRESCAM].shape == (6, 32, 32) and maps[HIRESCAM].dtype == np.float32
+    assert maps[HIRESCAM].min() >= 0.0 and maps[HIRESCAM].max() <= 1.0
+    np.testing.assert_allclose(maps[HIRESCAM], hirescam_maps(model, images[:6]), atol=1e-6)
+    assert HIRESCAM in METHOD_TITLES and method_order(["supervised", HIRESCAM, "intensity"]) == [
+        "intensity", HIRESCAM, "supervised"]
+
+
+def test_save_load_round_trip_gives_identical_maps(tmp_path, trained):
+    model, config, images, _, _ = trained
+    save_classifier(tmp_path / "cam", model, config, epoch=8)
+    loaded, loaded_config = load_classifier(tmp_path / "cam")
+    assert loaded_config == config and not loaded.training
+    batch = _slice_batch(images[:8])
+    np.testing.assert_array_equal(HiResCamMethod.from_checkpoint(tmp_path / "cam").maps(batch)[HIRESCAM],
+                                  HiResCamMethod(model).maps(batch)[HIRESCAM])
+    with pytest.raises(ckpt.CheckpointError, match="'supervised' baseline"):
+        ckpt.load_baseline_checkpoint(tmp_path / "cam", method="supervised", settings_type=ClassifierConfig)
+
+
+def test_epochs_on_decoded_slice_batches_lower_the_loss():
+    images, labels, regions = _toy(n=24, size=16, seed=2)
+    volume = np.moveaxis(images, 0, 2)  # (N, H, W) slices → (X, Y, Z) volume
+    table = volume_to_rows(
+        volume, np.moveaxis(regions, 0, 2), patient_id="p0", cohort="toy", tracer="FDG",
+        role="internal", split="train", suv_max=1.0, scale_min=0.0, scale_max=1.0,
+        pet_path="p0.nii.gz", geometry={"original_shape": [16, 16, 24], "original_affine": np.eye(4),
+                                        "output_affine": np.eye(4), "output_shape": [16, 16, 24]})
+    batches = [decode_slice_batch(table.slice(s, 6)) for s in range(0, 24, 6)]
+    assert batches[0]["label"].tolist() == labels[:6].tolist()
+    model, optimizer, _ = create_training(TINY)
+    losses = [train_epoch(model, optimizer, batches) for _ in range(6)]
+    assert losses[-1].loss_sum < 0.5 * losses[0].loss_sum and losses[-1].samples == 24
+    recompute_batchnorm(model, batches)
+    total, count = validation_sums(model, batches)
+    assert count == 24 and total / count < losses[0].loss_sum / 24

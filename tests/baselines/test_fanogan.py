@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from igconda.baselines.fanogan import (
-    FANOGAN_METHOD,
+    FANOGAN,
     FAnoGANConfig,
     FAnoGANMethod,
     build_networks,
@@ -238,18 +238,18 @@ def test_training_drops_unhealthy_slices_and_refuses_unlabelled_batches():
 def test_maps_are_the_clipped_residual_in_the_slice_shape(trained):
     trainer, _ = trained
     method = FAnoGANMethod(trainer.generator, trainer.encoder)
-    assert method.names == (FANOGAN_METHOD,) and FANOGAN_METHOD in METHOD_TITLES
+    assert method.names == (FANOGAN,) and FANOGAN in METHOD_TITLES
     batch = _slice_batch(3)
     maps = method.maps(batch)
-    assert set(maps) == {FANOGAN_METHOD}
-    m = maps[FANOGAN_METHOD]
+    assert set(maps) == {FANOGAN}
+    m = maps[FANOGAN]
     assert m.shape == (3, SIZE, SIZE) and m.dtype == np.float32
     assert m.min() >= 0.0 and m.max() <= 1.0 and m.max() > 0.0
     images = batch["image"].reshape(3, SIZE, SIZE)
     np.testing.assert_allclose(m, np.abs(images - method.reconstruct(images)), atol=1e-6)
     # Batching does not change a slice's map (eval mode, no batch statistics).
     small = FAnoGANMethod(trainer.generator, trainer.encoder, batch_size=1).maps(batch)
-    np.testing.assert_allclose(small[FANOGAN_METHOD], m, atol=1e-6)
+    np.testing.assert_allclose(small[FANOGAN], m, atol=1e-6)
     with pytest.raises(ValueError, match="16, 16"):
         method.reconstruct(np.zeros((1, 8, 8), np.float32))
 
@@ -259,7 +259,7 @@ def test_maps_are_deterministic_for_a_fixed_seed():
         trainer = FAnoGANTrainer.create(dataclasses.replace(CONFIG, seed=seed))
         trainer.train_gan_epoch(_batches(2), epoch=1)
         trainer.train_encoder_epoch(_batches(2), epoch=1)
-        return FAnoGANMethod(trainer.generator, trainer.encoder).maps(_slice_batch())[FANOGAN_METHOD]
+        return FAnoGANMethod(trainer.generator, trainer.encoder).maps(_slice_batch())[FANOGAN]
 
     first = maps_after_training(0)
     np.testing.assert_array_equal(first, maps_after_training(0))
@@ -273,7 +273,7 @@ def test_saved_folder_gives_identical_maps(trained):
     trainer, folder = trained
     in_memory = FAnoGANMethod(trainer.generator, trainer.encoder).maps(_slice_batch())
     loaded = FAnoGANMethod.from_folder(folder).maps(_slice_batch())
-    np.testing.assert_array_equal(in_memory[FANOGAN_METHOD], loaded[FANOGAN_METHOD])
+    np.testing.assert_array_equal(in_memory[FANOGAN], loaded[FANOGAN])
     models = load_fanogan(folder)
     assert models.config == CONFIG and models.encoder_trained
     assert not models.generator.training and _same(_state(models.critic), _state(trainer.critic))
