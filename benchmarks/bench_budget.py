@@ -10,7 +10,7 @@ paper's |x − x̂| map, the chosen map's w = 0 control, raw intensity and 41 % 
 in ⌈DSC⌉, Dice at the calibrated τ and AUPRC. Test is only scored, never chosen on.
 
     python benchmarks/bench_budget.py --config configs/demo.yaml --data runs/seeds/seed0/data \\
-        --steps 375,750,1500,3000 --output runs/budget
+        --steps 750,1500,3000 --strides 50,10 --output runs/budget
 
 (the demo trains ~750 steps). Budgets already saved under ``--output`` are not retrained; tuning
 results already there are re-used. Writes ``<output>/curve.csv`` (every cohort),
@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import yaml
 from bench_condition import train_milestones
 from bench_seeds import INTERNAL, METRICS, label_chosen
 
@@ -48,6 +49,17 @@ def test_slices(data: Path) -> dict[str, np.ndarray]:
     if frame.empty:
         raise SystemExit(f"error: {folder} has no unhealthy slice to score")
     return {c: frame[c].to_numpy() for c in frame.columns}
+
+
+def with_stride(config: Path, stride: int, folder: Path) -> Path:
+    """``config`` with its tune and infer stride set to ``stride``, written into ``folder``."""
+    data = yaml.safe_load(config.read_text()) or {}
+    for section in ("tune", "infer"):
+        data.setdefault(section, {})["stride"] = int(stride)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{config.stem}_s{stride}.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
 
 
 def tune(checkpoint: Path, data: Path, config: Path, output: Path) -> dict:
@@ -85,13 +97,14 @@ def markdown(curve: pd.DataFrame) -> str:
     pooled = curve[curve["group"] == INTERNAL]
     parts = []
     for metric in METRICS:
-        table = pooled.pivot_table(index=["steps", "map_kind", "D", "w"], columns="method",
+        table = pooled.pivot_table(index=["steps", "stride", "map_kind", "D", "w"], columns="method",
                                    values=metric)
         shown = [m for m in SHOWN if m in table.columns]
         lines = [f"#### {metric.removesuffix('_mean')} ({INTERNAL})", "",
-                 "| steps | map kind | D | w | " + " | ".join(shown) + " |", "|---" * (4 + len(shown)) + "|"]
-        for (steps, kind, noise, w), row in table[shown].iterrows():
-            lines.append(f"| {steps} | {kind} | {noise} | {w:g} | "
+                 "| steps | s | map kind | D | w | " + " | ".join(shown) + " |",
+                 "|---" * (5 + len(shown)) + "|"]
+        for (steps, stride, kind, noise, w), row in table[shown].iterrows():
+            lines.append(f"| {steps} | {stride} | {kind} | {noise} | {w:g} | "
                          + " | ".join(f"{row[m]:.3f}" for m in shown) + " |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
@@ -106,10 +119,16 @@ def plot(curve: pd.DataFrame, path: Path) -> None:
 
     pooled = curve[curve["group"] == INTERNAL]
     figure, axis = plt.subplots(figsize=(5, 3.5))
-    for method in SHOWN:
-        rows = pooled[pooled["method"] == method].sort_values("steps")
-        if len(rows):
-            axis.plot(rows["steps"], rows["dsc_max_mean"], marker="o", label=method)
+    for (stride, method), rows in pooled.groupby(["stride", "method"]):
+        # IgCONDA's maps per stride; the baselines do not depend on it: drawn once.
+        if method in ("chosen", "control"):
+            label = f"{method} (s = {stride})"
+        elif method in ("intensity", "threshold_41") and stride == pooled["stride"].min():
+            label = method
+        else:
+            continue
+        rows = rows.sort_values("steps")
+        axis.plot(rows["steps"], rows["dsc_max_mean"], marker="o", label=label)
     axis.set_xscale("log", base=2)
     axis.set_xlabel("optimiser steps (batch 32)")
     axis.set_ylabel("mean ⌈DSC⌉, internal test")
@@ -125,11 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, type=Path, help="preprocessed data folder")
     p.add_argument("--steps", default="375,750,1500,3000", help="training budgets, optimiser steps")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strides", default=None,
+                   help="DDIM strides to tune and score each budget at (comma-separated; "
+                        "default: the config's tune.stride)")
     p.add_argument("--output", required=True, type=Path)
     args = p.parse_args(argv)
     budgets = sorted({int(s) for s in args.steps.split(",")})
     if not budgets or budgets[0] < 1:
         raise SystemExit("error: --steps must list positive step counts")
+    strides = ([int(s) for s in args.strides.split(",")] if args.strides
+               else [int(yaml.safe_load(args.config.read_text())["tune"]["stride"])])
     folders = {n: args.output / f"steps{n}" for n in budgets}
     if not all((f / "checkpoint" / "model.safetensors").is_file() for f in folders.values()):
         rate = train_milestones(args.config, {}, args.data, {n: f / "checkpoint" for n, f in folders.items()},
@@ -139,13 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"scoring {len(batch['image'])} unhealthy test slices", flush=True)
     frames = []
     for n, folder in folders.items():
-        best = tune(folder / "checkpoint", args.data, args.config, folder / "tune")
-        summary = score(folder / "checkpoint", best, batch)
-        frames.append(summary.assign(steps=n, seed=args.seed, map_kind=best["map_kind"],
-                                     D=best["noise_level"], w=best["guidance_scale"]))
-        pooled = summary[summary["group"] == INTERNAL].set_index("method")["dsc_max_mean"]
-        print(f"{n} steps ({best['map_kind']}, D={best['noise_level']}, w={best['guidance_scale']:g}): "
-              + "  ".join(f"{m} {pooled[m]:.3f}" for m in SHOWN if m in pooled.index), flush=True)
+        for stride in strides:
+            # One tuning folder per stride (re-used when present).
+            config = with_stride(args.config, stride, args.output)
+            best = tune(folder / "checkpoint", args.data, config, folder / f"tune_s{stride}")
+            summary = score(folder / "checkpoint", best, batch)
+            frames.append(summary.assign(steps=n, seed=args.seed, map_kind=best["map_kind"],
+                                         D=best["noise_level"], w=best["guidance_scale"],
+                                         stride=best["stride"]))
+            pooled = summary[summary["group"] == INTERNAL].set_index("method")["dsc_max_mean"]
+            print(f"{n} steps, s={best['stride']} ({best['map_kind']}, D={best['noise_level']}, "
+                  f"w={best['guidance_scale']:g}): "
+                  + "  ".join(f"{m} {pooled[m]:.3f}" for m in SHOWN if m in pooled.index), flush=True)
     curve = pd.concat(frames, ignore_index=True)
     curve.to_csv(args.output / "curve.csv", index=False)
     text = f"seed {args.seed}, config {args.config}\n\n" + markdown(curve)

@@ -113,11 +113,31 @@ def test_budget_scores_test_slices_with_the_tuned_settings(tmp_path, test_config
     assert pooled.at["chosen", "dsc_max_mean"] == pooled.at["igconda_hot", "dsc_max_mean"]
     assert pooled.at["control", "dsc_max_mean"] == pooled.at["igconda_w0_hot", "dsc_max_mean"]
     assert pooled.at["chosen", "tau"] == 0.3 and np.isnan(pooled.at["igconda_abs", "dice_tau_mean"])
-    curve = summary.assign(steps=10, map_kind="hot", D=4, w=3.0)
-    assert "| 10 | hot | 4 | 3 |" in bench.markdown(curve)
+    curve = summary.assign(steps=10, stride=2, map_kind="hot", D=4, w=3.0)
+    assert "| 10 | 2 | hot | 4 | 3 |" in bench.markdown(curve)
 
 
 def test_budget_refuses_data_without_test_slices(tmp_path):
     bench = _load("bench_budget")
     with pytest.raises(SystemExit, match="does not exist"):
         bench.test_slices(tmp_path)
+
+
+def test_budget_plot_and_stride_config(tmp_path):
+    bench = _load("bench_budget")
+    config = bench.with_stride(Path("configs/demo.yaml"), 10, tmp_path)
+    import yaml
+
+    data = yaml.safe_load(config.read_text())
+    assert data["tune"]["stride"] == 10 and data["infer"]["stride"] == 10
+    assert data["model"] == yaml.safe_load(Path("configs/demo.yaml").read_text())["model"]
+    rows = [{"group": "internal (all)", "method": m, "stride": s, "steps": n, "dsc_max_mean": 0.3}
+            for m in ("chosen", "control", "intensity") for s in (10, 50) for n in (1, 2)]
+    bench.plot(pd.DataFrame(rows), tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_rescore_refuses_a_seed_without_a_model(tmp_path):
+    bench = _load("bench_rescore")
+    with pytest.raises(SystemExit, match="no trained model"):
+        bench.rescore_seed(tmp_path, 0, Path("configs/demo.yaml"), tmp_path / "out")
