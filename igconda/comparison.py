@@ -114,14 +114,15 @@ def _read_scores(tracking_uri: str, run_id: str, folder: Path) -> pd.DataFrame |
     if SCORES_ARTIFACT not in tracking.list_artifacts(tracking_uri, run_id, "scores"):
         return f"no {SCORES_ARTIFACT} artifact"
     local = tracking.download_artifact(tracking_uri, run_id, SCORES_ARTIFACT, folder)
-    frame = pq.read_table(local).to_pandas()
     try:
-        validate_scores(frame)
-    except ValueError as err:
+        frame = pq.read_table(local).to_pandas()
+        validate_scores(frame)  # ValueError names the missing or non-numeric column
+    except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError
         return f"{SCORES_ARTIFACT} breaks the contract: {err}"
-    missing = [c for c in LESION_COLUMNS if c not in frame.columns]
+    missing = [c for c in LESION_COLUMNS
+               if c not in frame.columns or not pd.api.types.is_numeric_dtype(frame[c])]
     if missing:
-        return f"{SCORES_ARTIFACT} lacks the lesion columns {missing}"
+        return f"{SCORES_ARTIFACT} lacks the numeric lesion columns {missing}"
     if frame.empty:
         return f"{SCORES_ARTIFACT} has no rows"
     return frame

@@ -77,7 +77,7 @@ def score_frame(method: str, dsc, hd95, auprc_shift, detected, tau) -> pd.DataFr
 
 def log_score_run(client: MlflowClient, experiment_id: str, folder, method: str, variant: str,
                   version: str, frame: pd.DataFrame | None, start: int, status: str = "FINISHED") -> str:
-    """One score run as the score jobs write it."""
+    """One score run as the score jobs write it (``frame`` None: no artifact)."""
     run = client.create_run(experiment_id, start_time=start, run_name=f"score-{method}-{variant}",
                             tags={"igconda.stage": "score", "igconda.method": method,
                                   "igconda.variant": variant, "igconda.data_version": version})
@@ -85,7 +85,8 @@ def log_score_run(client: MlflowClient, experiment_id: str, folder, method: str,
     if frame is not None:
         local = folder / run_id
         local.mkdir()
-        pq.write_table(pa.Table.from_pandas(frame, schema=OUT_SCHEMA, preserve_index=False),
+        schema = pa.schema([f for f in OUT_SCHEMA if f.name in frame.columns])
+        pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False),
                        local / "per_slice_scores.parquet")
         frame.groupby("cohort")[["dsc_max"]].mean().to_csv(local / "summary.csv")
         client.log_artifacts(run_id, str(local), artifact_path="scores")
@@ -95,8 +96,8 @@ def log_score_run(client: MlflowClient, experiment_id: str, folder, method: str,
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One SQLite store: ``study`` (five methods, a superseded rerun, a run without scores, a
-    failed run) and ``mixed`` (two data versions)."""
+    """One SQLite store: ``study`` (five methods, a superseded rerun, a run without scores, one
+    whose scores lack a lesion column, a failed run) and ``mixed`` (two data versions)."""
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -108,6 +109,8 @@ def store(tmp_path_factory):
         ids[(method, variant)] = log_score_run(client, study, root, method, variant, "v1",
                                                score_frame(method, *values), 2000 + n)
     ids["no_artifact"] = log_score_run(client, study, root, "fanogan", "", "v1", None, 3000)
+    no_suv = score_frame("intensity", *METHODS[("hirescam", "")]).drop(columns="lesion_suv_mean_norm")
+    ids["no_suv"] = log_score_run(client, study, root, "intensity", "", "v1", no_suv, 3002)
     ids["failed"] = log_score_run(client, study, root, "dpm_cg", "", "v1",
                                   score_frame("dpm_cg", *METHODS[("hirescam", "")]), 3001, "FAILED")
     mixed = tracking.get_or_create_experiment(uri, MIXED)
@@ -132,7 +135,9 @@ def test_loads_every_scored_method_with_its_label_and_skips_the_rest(store, scor
     assert reasons[ids["no_artifact"]] == f"no {SCORES_ARTIFACT} artifact"
     assert reasons[ids["failed"]] == "run status FAILED"
     assert reasons[ids["superseded"]].startswith(f"superseded by the newer run {ids[('threshold_41', '')]}")
-    assert len(reasons) == 3
+    assert reasons[ids["no_suv"]] == (f"{SCORES_ARTIFACT} lacks the numeric lesion columns "
+                                      "['lesion_suv_mean_norm']")
+    assert len(reasons) == 4
 
 
 def test_mixed_data_versions_are_refused_unless_one_is_chosen(store):
