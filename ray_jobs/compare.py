@@ -10,18 +10,19 @@ writes Tables 1–4 (+ Dice@τ), Figs. 4 and 6 and ``comparison.html`` into ``--
 ``igconda.stage = comparison``) with those files as artifacts. No Ray: the work is a few
 thousand rows per method.
 
-Exit status: 0 when written (a tracking outage while logging is only a warning), 2 when there
-is nothing to compare or the runs mix data versions.
+Exit status: 0 when written (a tracking outage while logging is only a warning), 2 when no
+store is named (``--tracking-uri``, else ``MLFLOW_TRACKING_URI``), there is nothing to compare,
+the runs mix data versions or a ``--heatmap-method`` names no method.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from igconda import tracking
-from igconda.argtypes import TRACKING_URI_HELP
 from igconda.comparison import (
     COMPARISON_STAGE,
     STAGE_TAG,
@@ -34,9 +35,11 @@ from igconda.comparison_report import write_comparison
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ray_jobs.compare",
-                                description=__doc__.split("\n\n")[0],
+                                description=__doc__.split("::")[0] + ".",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+    p.add_argument("--tracking-uri", default=None,
+                   help="the study's MLflow store: a URI, or the folder of its mlflow.db "
+                        f"(default ${tracking.TRACKING_URI_ENV})")
     p.add_argument("--experiment", required=True, help="the study's MLflow experiment")
     p.add_argument("--output", required=True, help="folder for the tables, figures and page")
     p.add_argument("--data-version", default=None,
@@ -67,7 +70,11 @@ def log_comparison(uri: str, experiment: str, output: Path, scored: ScoredRuns) 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output = Path(args.output)
-    uri = tracking.resolve_tracking_uri(args.tracking_uri, output)
+    given = args.tracking_uri or os.environ.get(tracking.TRACKING_URI_ENV, "").strip()
+    if not given:  # the jobs' fallback, a new mlflow.db in --output, would hold no score runs
+        print(f"error: give --tracking-uri (or set {tracking.TRACKING_URI_ENV})", file=sys.stderr)
+        return 2
+    uri = tracking.resolve_tracking_uri(given, output)
     try:
         scored = load_scored_runs(uri, args.experiment, data_version=args.data_version,
                                   allow_mixed=args.allow_mixed_data_versions)
