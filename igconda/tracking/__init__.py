@@ -257,6 +257,12 @@ def list_artifacts(tracking_uri: str, run_id: str, path: str | None = None) -> l
     return [a.path for a in MlflowClient(tracking_uri).list_artifacts(run_id, path)]
 
 
+def download_artifact(tracking_uri: str, run_id: str, path: str, dst_dir: str | Path) -> Path:
+    """Copy one artifact (file or folder) of a run into the existing folder ``dst_dir``;
+    returns its local path."""
+    return Path(MlflowClient(tracking_uri).download_artifacts(run_id, path, str(dst_dir)))
+
+
 def find_runs(tracking_uri: str, experiment: str, filter_string: str = "") -> list[dict[str, Any]]:
     """Runs of ``experiment`` matching an MLflow ``filter_string`` (newest first), as dicts."""
     client = MlflowClient(tracking_uri)
