@@ -37,7 +37,7 @@ from igconda.comparison_figures import (
 )
 from igconda.evaluation import METRIC_TITLES
 from igconda.io_utils import atomic_write
-from igconda.report import _CSS, _figure_png, software_versions
+from igconda.report import PAGE_CSS, figure_png, software_versions
 
 #: What the figures show, for captions and notes (the contract's definitions).
 DEFINITIONS = (
@@ -113,7 +113,7 @@ def write_comparison_page(path: str | Path, *, title: str, tables: Sequence[Metr
     sections = [(f"Table {t.number}: {METRIC_TITLES.get(t.metric, t.metric)}", table_html(t))
                 for t in tables]
     for name, figure in figures.items():
-        data = base64.b64encode(_figure_png(figure)).decode("ascii")
+        data = base64.b64encode(figure_png(figure)).decode("ascii")
         sections.append((name, f'<figure><img alt="{esc(name)}" src="data:image/png;base64,{data}">'
                                f"<figcaption>{esc(name)}</figcaption></figure>"))
     sections.append(("Score runs used", _frame_html(scored.runs)))
@@ -124,7 +124,7 @@ def write_comparison_page(path: str | Path, *, title: str, tables: Sequence[Metr
     sections.append(("Software versions", f"<table>{versions}</table>"))
     created = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+             f"<title>{esc(title)}</title><style>{PAGE_CSS}</style></head><body>",
              f"<h1>{esc(title)}</h1>", f"<p>Generated {esc(created)} by igconda.comparison.</p>"]
     if notes:
         items = "".join(f"<li>{esc(n)}</li>" for n in notes)

@@ -136,7 +136,7 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def _figure_png(figure: Any) -> bytes:
+def figure_png(figure: Any) -> bytes:
     if isinstance(figure, Figure):
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -150,7 +150,7 @@ def _figure_png(figure: Any) -> bytes:
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
          ".gif": "image/gif"}
 
-_CSS = """
+PAGE_CSS = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
        max-width: 1200px; color: #222; padding: 0 1em; }
 h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
@@ -213,7 +213,7 @@ def write_html_report(
     for name, figure in figures.items():
         suffix = ".png" if isinstance(figure, Figure) else Path(figure).suffix.lower()
         mime = _MIME.get(suffix, "image/png")
-        data = base64.b64encode(_figure_png(figure)).decode("ascii")
+        data = base64.b64encode(figure_png(figure)).decode("ascii")
         sections.append((f"Figure: {name}", f'<figure><img alt="{esc(name)}" '
                                             f'src="data:{mime};base64,{data}">'
                                             f"<figcaption>{esc(name)}</figcaption></figure>"))
@@ -227,7 +227,7 @@ def write_html_report(
     parts = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{esc(title)}</title><style>{PAGE_CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>", f"<p>Generated {esc(created)} by igconda.report.</p>",
     ]
     if notes:
