@@ -60,6 +60,7 @@ from ray_jobs.train_runs import (  # noqa: F401  (the helpers other modules impo
     _latest_checkpoint,
     _storage_path,
     _tree_bytes,
+    check_resume,
     default_cpus_per_worker,
     default_storage_path,
     export_best,
@@ -212,17 +213,8 @@ def run(args: argparse.Namespace) -> Path:
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     storage_path = _storage_path(args, output)
-    exists = has_run(storage_path, args.run_name)
-    if exists and not args.resume:
-        raise UsageError(f"{_join(storage_path, args.run_name)} already holds a training run; "
-                         "pass --resume to continue it, or choose another --output/--run-name")
-    if args.resume and not exists:
-        raise UsageError(f"--resume: no checkpoints found under {_join(storage_path, args.run_name)}")
-    if args.resume:
-        latest = _latest_checkpoint(storage_path, args.run_name)
-        if latest is not None:
-            # On the workers a damaged checkpoint would fail every restart attempt in turn.
-            ckpt.check_checkpoint(latest, resume=True)
+    check_resume(storage_path, args.run_name, args.resume,
+                 lambda latest: ckpt.check_checkpoint(latest, resume=True))
 
     data_hash = dataset_version(args.data)
     mlflow_cfg = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,30 @@ def has_run(storage_path: str, run_name: str = "train") -> bool:
 def latest_checkpoint(storage_path: str, run_name: str = "train") -> Path | None:
     """The local checkpoint folder a ``--resume`` continues from (see :func:`_latest_checkpoint`)."""
     return _latest_checkpoint(storage_path, run_name)
+
+
+def check_resume(storage_path: str, run_name: str, resume: bool,
+                 check_latest: Callable[[Path], None]) -> None:
+    """Refuse to start over an existing run without ``--resume``, or to resume none.
+
+    Args:
+        check_latest: called with the local folder of the checkpoint a resume continues from
+            (when known); raises for a damaged one, which on the workers would fail every
+            restart attempt in turn.
+
+    Raises:
+        UsageError: a run exists and ``resume`` is False, or none exists and it is True.
+    """
+    exists = has_run(storage_path, run_name)
+    if exists and not resume:
+        raise UsageError(f"{_join(storage_path, run_name)} already holds a training run; "
+                         "pass --resume to continue it, or choose another --output/--run-name")
+    if resume and not exists:
+        raise UsageError(f"--resume: no checkpoints found under {_join(storage_path, run_name)}")
+    if resume:
+        latest = _latest_checkpoint(storage_path, run_name)
+        if latest is not None:
+            check_latest(latest)
 
 
 def read_splits(data: str, columns: dict[str, tuple[str, ...]], *, materialize_max_mb: int,
