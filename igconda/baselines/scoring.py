@@ -109,11 +109,15 @@ def unhealthy_maps(method: AnomalyMethod, batch: Mapping[str, Any]) -> dict[str,
 
 def scores_table(rows: pd.DataFrame) -> pa.Table:
     """Score rows as an Arrow table of :data:`COMPARISON_SCORE_SCHEMA` (validated)."""
-    validate_scores(rows)
-    missing = [c for c in LESION_STAT_COLUMNS if c not in rows]
+    missing = [c for c in COMPARISON_SCORE_SCHEMA.names if c not in rows]
     if missing:
-        raise ValueError(f"score rows lack the lesion statistics {missing}")
+        raise ValueError(f"score rows lack the columns {missing}")
     frame = rows[list(COMPARISON_SCORE_SCHEMA.names)].reset_index(drop=True)
+    for field in COMPARISON_SCORE_SCHEMA:
+        if pa.types.is_floating(field.type):
+            # A metric that is NaN in every row (HD95 when no map reaches τ*) comes back from
+            # Ray Data's Arrow blocks typed null, i.e. as an object column of None.
+            frame[field.name] = pd.to_numeric(frame[field.name]).astype(np.float64)
     table = pa.Table.from_pandas(frame, schema=COMPARISON_SCORE_SCHEMA, preserve_index=False)
     validate_scores(table)
     return table
