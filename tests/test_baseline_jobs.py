@@ -19,7 +19,7 @@ from tests.helpers import make_dataset
 
 pytestmark = pytest.mark.ray
 
-CONFIG = "configs/test.yaml"
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "test.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +41,12 @@ def _train_args(method: str, data: Path, output: Path, *extra: str) -> list[str]
 
 
 @pytest.fixture(scope="module")
-def trained(ray_session, data, tmp_path_factory, repo_root) -> dict[str, Path]:
-    """Each method trained for one epoch through the job (and the DPM of dpm_cg by ray_jobs.train)."""
-    import os
+def trained(ray_session, data, tmp_path_factory) -> dict[str, Path]:
+    """Each method trained for one epoch through the job (and the DPM of dpm_cg by ray_jobs.train).
 
+    test_resume_continues_from_the_latest_checkpoint trains ``supervised`` on: it runs last."""
     from ray_jobs import train, train_baseline
 
-    os.chdir(repo_root)
     root = tmp_path_factory.mktemp("baselines")
     outputs = {}
     for method in ("hirescam", "supervised", "fanogan", "dpm_classifier"):
