@@ -1,7 +1,8 @@
 """Study configuration: one frozen dataclass per stage, loaded from YAML and validated.
 
 A YAML file has one optional mapping per section (``phantoms``, ``preprocess``, ``model``,
-``train``, ``infer``, ``tune``, ``tracking``); anything left out keeps the defaults below, which
+``train``, ``infer``, ``tune``, ``tracking``, ``baselines``; the last is declared in
+:mod:`igconda.baselines.settings`); anything left out keeps the defaults below, which
 are the paper's settings (Ahamed & Rahmim 2025, see ``configs/paper.yaml`` for section
 references). Unknown keys and out-of-range values raise :class:`ConfigError` naming the file,
 the key and the problem, so a typo never silently falls back to a default.
@@ -18,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from igconda.baselines.settings import BaselinesConfig, validate_baselines
 from igconda.io_utils import atomic_write
 from igconda.map_kinds import MAP_KINDS
 
@@ -201,6 +203,7 @@ class StudyConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -428,3 +431,4 @@ def validate(cfg: StudyConfig) -> None:
     _check(cfg.phantoms.scan_length in ("anatomical", "fixed"),
            f"phantoms.scan_length {cfg.phantoms.scan_length!r} must be 'anatomical' or 'fixed'")
     _check(all(n >= 1 for n in cfg.phantoms.cohorts.values()), "phantoms.cohorts: counts must be >= 1")
+    validate_baselines(cfg.baselines, cfg.train.num_train_timesteps, _check)

@@ -42,8 +42,6 @@ Exit status: 0 on success, 2 on a usage or config error, 1 if training failed.
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,21 +51,30 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
-from igconda.io_utils import replace_dir
-from igconda.train_loop import SCORE_METRIC, TRAIN_COLUMNS, VALID_COLUMNS, dataset_version
+from igconda.train_loop import TRAIN_COLUMNS, VALID_COLUMNS, dataset_version
+from ray_jobs.train_runs import (  # noqa: F401  (the helpers other modules import from here)
+    UsageError,
+    _filesystem,
+    _fs_exists,
+    _join,
+    _latest_checkpoint,
+    _storage_path,
+    _tree_bytes,
+    check_resume,
+    default_cpus_per_worker,
+    default_storage_path,
+    export_best,
+    has_run,
+    latest_checkpoint,
+    read_splits,
+    torch_trainer,
+)
 from ray_jobs.train_tracking import (  # noqa: F401  (RUN_RECORD: re-exported)
     RUN_RECORD,
     finish_mlflow_run,
     open_mlflow_run,
 )
 from ray_jobs.train_worker import train_func
-
-# Ray Train's record of reported checkpoints; its presence means a run exists to resume.
-_SNAPSHOT = "checkpoint_manager_snapshot.json"
-
-
-class UsageError(ValueError):
-    """Bad command-line arguments or inputs; reported without a traceback."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,47 +121,6 @@ def resolve_config(args: argparse.Namespace) -> StudyConfig:
     return load_config(args.config, overrides={"train": train} if train else None)
 
 
-def default_cpus_per_worker(num_workers: int, cluster_cpus: float) -> float:
-    """One CPU per worker, unless that would leave no CPU for Ray Data's read tasks.
-
-    Training workers hold their CPUs for the whole run; if they took every CPU, the Parquet read
-    tasks feeding them could never be scheduled and the run would wait forever.
-    """
-    if num_workers + 1 <= cluster_cpus:
-        return 1.0
-    return max(0.1, round((cluster_cpus - 1.0) / num_workers, 2)) if cluster_cpus > 1 else 0.5 / num_workers
-
-
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
-
-
-def _filesystem(uri: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path) for a local path or a pyarrow-filesystem URI (e.g. s3://)."""
-    import pyarrow.fs as pafs
-
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
-def _fs_exists(uri: str, want_dir: bool = False) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = _filesystem(uri)
-    info = fs.get_file_info(path)
-    return info.type == (pafs.FileType.Directory if want_dir else pafs.FileType.File)
-
-
-def _tree_bytes(uri: str) -> int:
-    """Total size of the files under a local folder or a pyarrow-filesystem URI (e.g. s3://)."""
-    import pyarrow.fs as pafs
-
-    fs, path = _filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
-
-
 def _label_counts(uri: str) -> dict[int, int]:
     """Slices per label in a Parquet split, from the ``label`` column alone (cheap at any size)."""
     import pyarrow.compute as pc
@@ -188,44 +154,6 @@ def oversample_unhealthy(train: Any, counts: dict[int, int]) -> tuple[Any, int]:
     return train.filter(expr=f"label == {HEALTHY}").union(*([minority] * repeats)), repeats
 
 
-def _latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
-    """The local folder of the checkpoint Ray Train resumes a run from, or None if unknown.
-
-    Read from Ray's ``checkpoint_manager_snapshot.json`` (``latest_checkpoint_result``); None for
-    remote storage (s3://…, not read here) or a snapshot in a layout this code does not know,
-    in which case the workers' own restore still names a damaged file.
-    """
-    if "://" in storage_path:
-        return None
-    try:
-        snapshot = json.loads(Path(storage_path, run_name, _SNAPSHOT).read_text())
-        name = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return Path(storage_path, run_name, name) if isinstance(name, str) and name else None
-
-
-def _storage_path(args: argparse.Namespace, output: Path) -> str:
-    if args.storage_path:
-        return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
-    return default_storage_path(output)
-
-
-def default_storage_path(output: str | Path) -> str:
-    """Where Ray Train's checkpoints go without ``--storage-path``: ``<output>/ray_results``."""
-    return str(Path(output).resolve() / "ray_results")
-
-
-def has_run(storage_path: str, run_name: str = "train") -> bool:
-    """True if ``<storage_path>/<run_name>`` holds a Ray Train run (one to ``--resume``)."""
-    return _fs_exists(_join(storage_path, run_name, _SNAPSHOT))
-
-
-def latest_checkpoint(storage_path: str, run_name: str = "train") -> Path | None:
-    """The local checkpoint folder a ``--resume`` continues from (see :func:`_latest_checkpoint`)."""
-    return _latest_checkpoint(storage_path, run_name)
-
-
 def build_trainer(
     config: StudyConfig,
     *,
@@ -255,30 +183,10 @@ def build_trainer(
         fault: test hook, see :func:`ray_jobs.train_worker._maybe_inject_fault`.
         data_version: recorded in each checkpoint's metadata.
     """
-    import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     train_cfg = config.train
-    splits = {}
-    parquet_bytes = 0
-    for split, columns in (("train", TRAIN_COLUMNS), ("valid", VALID_COLUMNS)):
-        path = _join(data, "slices", split)
-        if not _fs_exists(path, want_dir=True):
-            raise UsageError(f"{path}: no {split} split; run ray_jobs.preprocess first")
-        splits[split] = ray.data.read_parquet(path).select_columns(list(columns))
-        parquet_bytes += _tree_bytes(path)
-    if smoke_test:
-        rows = 2 * train_cfg.batch_size * train_cfg.num_workers
-        splits = {k: v.limit(rows) for k, v in splits.items()}
-    if parquet_bytes <= train_cfg.materialize_max_mb * 2**20:
-        # Small splits: read them once into the object store. Streaming them re-runs the Parquet
-        # read every epoch, and on a small machine those read tasks compete with the training
-        # threads for the same cores (measured on 2 cores: Ray Train at 0.64x a plain loop when
-        # streaming; see benchmarks/RESULTS.md). Large splits keep streaming.
-        print(f"reading the train/valid splits ({parquet_bytes / 2**20:.1f} MiB of Parquet) into "
-              "the object store once", flush=True)
-        splits = {k: v.materialize() for k, v in splits.items()}
+    splits = read_splits(data, {"train": TRAIN_COLUMNS, "valid": VALID_COLUMNS},
+                         materialize_max_mb=train_cfg.materialize_max_mb,
+                         limit_rows=2 * train_cfg.batch_size * train_cfg.num_workers if smoke_test else None)
     if train_cfg.balance_classes:
         splits["train"], repeats = oversample_unhealthy(
             splits["train"], _label_counts(_join(data, "slices", "train")))
@@ -293,51 +201,10 @@ def build_trainer(
         "data_version": data_version,
         "fault": fault,
     }
-    return TorchTrainer(
-        train_func,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=train_cfg.use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage_path,
-            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints,
-                                               checkpoint_score_attribute=SCORE_METRIC,
-                                               checkpoint_score_order="min"),
-        ),
-        datasets=splits,
-        # Shard only train; every worker sees all of valid and scores the rows hashed to its rank
-        # (streaming_split(equal=True) would drop rows to even the shards out).
-        dataset_config=DataConfig(datasets_to_split=["train"]),
-    )
-
-
-def export_best(result: Any, output: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Copy the lowest-valid-loss checkpoint to ``<output>/best`` and write its pointer file.
-
-    Returns:
-        ``<output>/best``.
-    """
-    best = result.get_best_checkpoint(SCORE_METRIC, "min")
-    if best is None:
-        raise RuntimeError("training reported no checkpoint with a validation loss")
-    metrics = next((m for c, m in (result.best_checkpoints or []) if c.path == best.path), {})
-    target = output / ckpt.BEST_DIR
-    staging = output / f".{ckpt.BEST_DIR}.incoming"
-    shutil.rmtree(staging, ignore_errors=True)
-    best.to_directory(str(staging))
-    replace_dir(staging, target)  # the previous best stays until the new one is in place
-    meta = ckpt.load_metadata(target)
-    ckpt.write_best_pointer(output, {
-        "uri": best.path if "://" in best.path else str(Path(best.path).resolve()),
-        "filesystem": type(best.filesystem).__name__,
-        "local_copy": str(target.resolve()),
-        "epoch": meta.get("epoch", metrics.get("epoch")),
-        "valid_loss": meta.get("valid_loss", metrics.get(SCORE_METRIC)),
-        **(extra or {}),
-    })
-    return target
+    return torch_trainer(train_func, loop_config, splits, num_workers=train_cfg.num_workers,
+                         use_gpu=train_cfg.use_gpu, cpus_per_worker=cpus_per_worker,
+                         storage_path=storage_path, run_name=run_name,
+                         max_failures=train_cfg.max_failures, keep_checkpoints=keep_checkpoints)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -346,17 +213,8 @@ def run(args: argparse.Namespace) -> Path:
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     storage_path = _storage_path(args, output)
-    exists = has_run(storage_path, args.run_name)
-    if exists and not args.resume:
-        raise UsageError(f"{_join(storage_path, args.run_name)} already holds a training run; "
-                         "pass --resume to continue it, or choose another --output/--run-name")
-    if args.resume and not exists:
-        raise UsageError(f"--resume: no checkpoints found under {_join(storage_path, args.run_name)}")
-    if args.resume:
-        latest = _latest_checkpoint(storage_path, args.run_name)
-        if latest is not None:
-            # On the workers a damaged checkpoint would fail every restart attempt in turn.
-            ckpt.check_checkpoint(latest, resume=True)
+    check_resume(storage_path, args.run_name, args.resume,
+                 lambda latest: ckpt.check_checkpoint(latest, resume=True))
 
     data_hash = dataset_version(args.data)
     mlflow_cfg = None

@@ -21,24 +21,37 @@ RUN_RECORD = "mlflow_run.json"
 
 
 def open_mlflow_run(args: argparse.Namespace, config: StudyConfig, output: Path, tracking_uri: str,
-                     storage_path: str, data_hash: str) -> dict[str, str]:
+                    storage_path: str, data_hash: str) -> dict[str, str]:
     """Create the training's MLflow run (or reopen it on --resume) and log params and tags."""
-    record = output / RUN_RECORD
-    if args.resume and record.is_file():
+    tags = {"igconda.stage": "train", "model.attention": config.model.attention,
+            "model.variant": f"({config.model.attention})", "data.version": data_hash,
+            "data.path": args.data}
+    params = {**config.flat(), "job.data": args.data, "job.storage_path": storage_path,
+              "job.run_name": args.run_name, "job.cpus_per_worker": args.cpus_per_worker,
+              "job.smoke_test": args.smoke_test}
+    return create_or_reopen_run(output / RUN_RECORD, resume=args.resume, tracking_uri=tracking_uri,
+                                experiment=args.experiment or config.tracking.experiment,
+                                run_name=f"train-{config.model.attention}", tags=tags,
+                                params=params, parent_run_id=args.parent_run_id)
+
+
+def create_or_reopen_run(record: Path, *, resume: bool, tracking_uri: str, experiment: str,
+                         run_name: str, tags: dict[str, str], params: dict[str, object],
+                         parent_run_id: str | None) -> dict[str, str]:
+    """A training job's MLflow run: on ``resume``, the run ``record`` names (same store), tagged
+    ``igconda.resumed``; else a new one with ``tags`` and ``params``, written to ``record``.
+
+    Returns:
+        ``{"tracking_uri", "run_id"}`` (what the workers' rank 0 logs to).
+    """
+    if resume and record.is_file():
         saved = json.loads(record.read_text())
         if saved.get("tracking_uri") == tracking_uri:
             tracking.RunLogger(tracking_uri, saved["run_id"]).set_tags({"igconda.resumed": "true"})
             return {"tracking_uri": tracking_uri, "run_id": saved["run_id"]}
-    experiment = args.experiment or config.tracking.experiment
-    tags = {"igconda.stage": "train", "model.attention": config.model.attention,
-            "model.variant": f"({config.model.attention})", "data.version": data_hash,
-            "data.path": args.data}
-    run_id = tracking.create_run(tracking_uri, experiment, f"train-{config.model.attention}",
-                                 tags=tags, parent_run_id=args.parent_run_id)
-    logger = tracking.RunLogger(tracking_uri, run_id)
-    logger.log_params({**config.flat(), "job.data": args.data, "job.storage_path": storage_path,
-                       "job.run_name": args.run_name, "job.cpus_per_worker": args.cpus_per_worker,
-                       "job.smoke_test": args.smoke_test})
+    run_id = tracking.create_run(tracking_uri, experiment, run_name, tags=tags,
+                                 parent_run_id=parent_run_id)
+    tracking.RunLogger(tracking_uri, run_id).log_params(params)
     text = json.dumps({"tracking_uri": tracking_uri, "run_id": run_id, "experiment": experiment}, indent=2)
     # --resume reads it back: a half-written record would fail that, or start a second run.
     atomic_write(record, lambda tmp: tmp.write_text(text), suffix=".tmp")
@@ -53,7 +66,7 @@ def finish_mlflow_run(args: argparse.Namespace, tracking_uri: str, run_id: str, 
     logger.log_artifact(output / ckpt.BEST_POINTER)
     logger.set_tags({"best_checkpoint.uri": pointer["uri"], "best_checkpoint.epoch": str(pointer["epoch"])})
     logger.log_metrics({"best/valid_loss": float(pointer["valid_loss"])}, step=int(pointer["epoch"]))
-    if args.register_model:
+    if getattr(args, "register_model", None):
         # An MLflow pyfunc model (not the raw folder), so mlflow.pyfunc.load_model can run it.
         from igconda.tracking.model import log_model_folder
 

@@ -36,14 +36,14 @@ from igconda.train_loop import (
 )
 
 
-def make_collate_fn() -> Any:
+def make_collate_fn(mask: bool = False) -> Any:
     """A Ray Data ``ArrowBatchCollateFn`` that applies
-    :func:`igconda.train_loop.decode_slice_batch` to each Arrow batch of a shard."""
+    :func:`igconda.train_loop.decode_slice_batch` (with ``mask``) to each Arrow batch of a shard."""
     from ray.data.collate_fn import ArrowBatchCollateFn
 
     class _SliceCollate(ArrowBatchCollateFn):
         def __call__(self, batch: pa.Table) -> dict[str, torch.Tensor]:
-            return decode_slice_batch(batch)
+            return decode_slice_batch(batch, mask=mask)
 
     return _SliceCollate()
 
@@ -112,14 +112,14 @@ def _log(logger: Any, metrics: dict[str, float], step: int) -> None:
 
 
 def _batches(shard: Any, batch_size: int, device: torch.device, *, shuffle_seed: int | None,
-             columns: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+             columns: tuple[str, ...], mask: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     del columns  # the driver selects columns before sharding; kept for readability at call sites
     kwargs: dict[str, Any] = {}
     if shuffle_seed is not None:
         # A local shuffle buffer mixes slices of different patients inside a batch (each Parquet
         # file holds one patient, so unshuffled batches would be single-patient).
         kwargs = {"local_shuffle_buffer_size": max(8 * batch_size, 256), "local_shuffle_seed": shuffle_seed}
-    return iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=make_collate_fn(),
+    return iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=make_collate_fn(mask),
                                          device="cpu", **kwargs))
 
 

@@ -26,10 +26,10 @@ slice labels; :func:`validation_sums` on held-out ones), then :func:`recompute_b
 Labels follow :mod:`igconda.data.schema`: 1 healthy, 2 unhealthy; the network's class index is
 ``label - 1``, so logit 1 is "unhealthy".
 
-What remains (issue 10): the Ray Train job that runs :func:`train_epoch` over Ray Data shards of
-``slices/train`` (the columns of :data:`igconda.train_loop.TRAIN_COLUMNS`) with DDP and keeps the
-checkpoint of the lowest validation loss; and the comparison stage that scores
-:class:`HiResCamMethod` beside the other methods on the test split, its τ calibrated on tune.
+``python -m ray_jobs.train_baseline --method hirescam`` trains it with DDP over Ray Data shards
+(:class:`igconda.baselines.trainers.HiResCamTrainer`) and ``python -m ray_jobs.score_method
+--method hirescam`` scores it on the test split with a τ calibrated on tune; what remains (issue
+10) is the comparison stage that reads every method's scores back.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ Differences from the reference code (github.com/tSchlegl/f-AnoGAN, TensorFlow, 6
 
 What is built: the networks, their training (per batch and per epoch, without Ray), the saved
 folder, and :class:`FAnoGANMethod` (an :class:`igconda.evaluation.AnomalyMethod` named
-``fanogan``). What remains for the paper's comparison (issue 10): a Ray Train job that trains
-f-AnoGAN on ``<data>/slices/train`` (healthy rows) and saves the folder, and the comparison stage
-that scores :class:`FAnoGANMethod` beside IgCONDA with a τ calibrated on the tune split.
+``fanogan``), trained by ``python -m ray_jobs.train_baseline --method fanogan``
+(:class:`igconda.baselines.trainers.FAnoGANBaseline`) and scored by ``python -m
+ray_jobs.score_method --method fanogan``; what remains (issue 10) is the comparison stage.
 
 Saved folder (written by :meth:`FAnoGANTrainer.save
 <igconda.baselines.fanogan_training.FAnoGANTrainer.save>`)::

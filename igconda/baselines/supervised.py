@@ -16,10 +16,10 @@ slices when it has the answer to learn from. Its map is the sigmoid probability 
   (:func:`igconda.checkpoint.save_baseline_checkpoint`);
 * :class:`SupervisedMethod`: the :class:`igconda.evaluation.AnomalyMethod` named ``supervised``.
 
-What remains (issue 10): the Ray Train job that runs :func:`train_epoch` over Ray Data shards of
-``slices/train`` with DDP and keeps the checkpoint of the lowest :func:`validation_sums` on
-``slices/valid``; and the comparison stage that scores :class:`SupervisedMethod` beside the other
-methods on the test split, with its τ calibrated on the tune split.
+``python -m ray_jobs.train_baseline --method supervised`` trains it with DDP over Ray Data shards
+(:class:`igconda.baselines.trainers.SupervisedTrainer`) and ``python -m ray_jobs.score_method
+--method supervised`` scores it on the test split with a τ calibrated on tune; what remains
+(issue 10) is the comparison stage that reads every method's scores back.
 """
 
 from __future__ import annotations

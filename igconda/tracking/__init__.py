@@ -274,6 +274,18 @@ def find_runs(tracking_uri: str, experiment: str, filter_string: str = "") -> li
     return [get_run(tracking_uri, r.info.run_id) for r in runs]
 
 
+#: Tags of the runs the method comparison reads back (docs/CONTRACTS.md, "Method runs").
+STAGE_TAG, METHOD_TAG, VARIANT_TAG, DATA_VERSION_TAG = (
+    "igconda.stage", "igconda.method", "igconda.variant", "igconda.data_version")
+
+
+def method_run_tags(stage: str, method: str, variant: str, data_version: str) -> dict[str, str]:
+    """The tags of a baseline training (``stage="train_baseline"``) or scoring (``"score"``) run:
+    the stage, the method as named in score tables, free-text variant, and the dataset version
+    (:func:`igconda.train_loop.dataset_version`)."""
+    return {STAGE_TAG: stage, METHOD_TAG: method, VARIANT_TAG: variant, DATA_VERSION_TAG: data_version}
+
+
 class RunLogger:
     """Log to one existing run by id, without MLflow's global active-run state.
 

@@ -1,0 +1,123 @@
+"""Scoring a trained baseline for the method comparison (no Ray): load it, score slices.
+
+``python -m ray_jobs.score_method`` runs :func:`load_method` once per Ray Data actor and
+:func:`score_slices` per batch; both run in a plain process as well.
+
+Checkpoints per method (what ``python -m ray_jobs.train_baseline`` leaves in ``OUT/best``):
+``hirescam``, ``supervised``, ``fanogan`` take one folder; ``dpm_cg`` takes the noisy
+classifier's folder and, second, the unconditional DPM's (``ray_jobs.train`` with
+``model.conditioning: none``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from igconda.baselines.settings import BaselinesConfig
+from igconda.config import ConfigError
+from igconda.data.schema import SCORE_SCHEMA, validate_scores
+from igconda.evaluation import DPM_CG, FANOGAN, HIRESCAM, SUPERVISED, AnomalyMethod, score_methods
+from igconda.lesion_stats import LESION_STAT_COLUMNS, with_lesion_stats
+
+#: ``--method`` values of the scoring job (``igconda.evaluation`` method names).
+SCORED_METHODS = (HIRESCAM, SUPERVISED, FANOGAN, DPM_CG)
+#: Slice columns scoring reads (IDs copied into the score rows, image and mask).
+SCORE_INPUT_COLUMNS = ("patient_id", "cohort", "role", "tracer", "slice_index", "label",
+                       "lesion_pixels", "height", "width", "image", "mask")
+#: The per-slice score table: :data:`~igconda.data.schema.SCORE_SCHEMA` and the lesion statistics.
+COMPARISON_SCORE_SCHEMA = pa.schema([*SCORE_SCHEMA,
+                                     *(pa.field(c, pa.float64()) for c in LESION_STAT_COLUMNS)])
+
+
+def load_method(method: str, checkpoint: str | Path, checkpoint2: str | Path | None = None, *,
+                settings: BaselinesConfig | None = None, device: str = "cpu") -> AnomalyMethod:
+    """The :class:`~igconda.evaluation.AnomalyMethod` of a trained baseline's checkpoint(s).
+
+    Args:
+        method: one of :data:`SCORED_METHODS`.
+        checkpoint: its folder (``dpm_cg``: the noisy classifier's).
+        checkpoint2: ``dpm_cg`` only: the unconditional DPM's folder.
+        settings: ``score_batch_size`` and the ``dpm_cg_*`` decoding (default: the defaults).
+        device: where the networks run.
+
+    Raises:
+        ConfigError: unknown method, or checkpoint2 missing / given where it has no use.
+        CheckpointError: a folder that is not the method's.
+    """
+    settings = settings or BaselinesConfig()
+    if method not in SCORED_METHODS:
+        raise ConfigError(f"unknown method {method!r}; known: {', '.join(SCORED_METHODS)}")
+    if (method == DPM_CG) != (checkpoint2 is not None):
+        raise ConfigError(f"--checkpoint2 (the unconditional DPM) is needed for {DPM_CG} and only "
+                          f"for it; method {method!r} got {checkpoint2!r}")
+    batch = settings.score_batch_size
+    if method == HIRESCAM:
+        from igconda.baselines.classifier_cam import HiResCamMethod
+
+        return HiResCamMethod.from_checkpoint(checkpoint, device=device, batch_size=batch)
+    if method == SUPERVISED:
+        from igconda.baselines.supervised import SupervisedMethod
+
+        return SupervisedMethod.from_checkpoint(checkpoint, device=device, batch_size=batch)
+    if method == FANOGAN:
+        from igconda.baselines.fanogan import FAnoGANMethod
+
+        return FAnoGANMethod.from_folder(checkpoint, device, batch_size=batch)
+    from igconda.baselines.dpm_classifier_guidance import DPMClassifierGuidanceMethod
+    from igconda.checkpoint import load_checkpoint_config
+
+    steps = load_checkpoint_config(checkpoint2).train.num_train_timesteps
+    noise_level, stride, scale = settings.dpm_cg_decoding(steps)
+    return DPMClassifierGuidanceMethod.from_checkpoints(
+        checkpoint2, checkpoint, device=device, noise_level=noise_level, stride=stride, scale=scale)
+
+
+def score_slices(method: AnomalyMethod, batch: Mapping[str, Any],
+                 taus: Mapping[str, float] | None = None) -> pd.DataFrame:
+    """One batch of slices → its score rows with the lesion statistics.
+
+    Args:
+        method: the anomaly method.
+        batch: numpy columns of :data:`SCORE_INPUT_COLUMNS`.
+        taus: ``{method name: calibrated τ}`` for ``dice_tau``.
+
+    Returns:
+        One row per unhealthy slice and map name, columns of :data:`COMPARISON_SCORE_SCHEMA`.
+    """
+    rows = score_methods(batch, method.maps(batch), taus)
+    return with_lesion_stats(rows, batch) if len(rows) else rows
+
+
+def unhealthy_maps(method: AnomalyMethod, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The maps of a batch's unhealthy slices and their masks, for τ calibration:
+    ``{"map": (N, H·W) float32, "mask": (N, H·W) uint8}`` (one map name per method)."""
+    from igconda.evaluation import batch_images
+
+    (name,) = method.names
+    maps = method.maps(batch)[name]
+    masks = batch_images(batch, "mask", maps.shape[1:], np.uint8)
+    keep = masks.reshape(len(masks), -1).any(axis=1)
+    return {"map": maps[keep].reshape(int(keep.sum()), -1).astype(np.float32),
+            "mask": masks[keep].reshape(int(keep.sum()), -1)}
+
+
+def scores_table(rows: pd.DataFrame) -> pa.Table:
+    """Score rows as an Arrow table of :data:`COMPARISON_SCORE_SCHEMA` (validated)."""
+    missing = [c for c in COMPARISON_SCORE_SCHEMA.names if c not in rows]
+    if missing:
+        raise ValueError(f"score rows lack the columns {missing}")
+    frame = rows[list(COMPARISON_SCORE_SCHEMA.names)].reset_index(drop=True)
+    for field in COMPARISON_SCORE_SCHEMA:
+        if pa.types.is_floating(field.type):
+            # A metric that is NaN in every row (HD95 when no map reaches τ*) comes back from
+            # Ray Data's Arrow blocks typed null, i.e. as an object column of None.
+            frame[field.name] = pd.to_numeric(frame[field.name]).astype(np.float64)
+    table = pa.Table.from_pandas(frame, schema=COMPARISON_SCORE_SCHEMA, preserve_index=False)
+    validate_scores(table)
+    return table

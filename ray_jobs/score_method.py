@@ -1,0 +1,238 @@
+"""Score a trained baseline on a split, for the method comparison (Ray Data batch inference).
+
+::
+
+    python -m ray_jobs.score_method --method hirescam --checkpoint <study>/baselines/hirescam/best \\
+        --data <study>/data --output <study>/scores/hirescam [--split test] [--tune-split tune] \\
+        [--config configs/demo.yaml] [--variant TEXT] [--tracking-uri U] [--experiment E]
+    python -m ray_jobs.score_method --method dpm_cg --checkpoint <classifier>/best \\
+        --checkpoint2 <dpm>/best --data ... --output ...
+
+1. τ: the method's maps of every unhealthy slice of ``--tune-split`` give the one threshold a
+   user would apply (:func:`igconda.evaluation.calibrate_threshold`);
+2. scores: Ray Data reads the unhealthy slices of ``--split`` and ``map_batches`` runs an actor
+   holding the method (loaded once per actor, as ``ray_jobs.infer`` does) that scores each
+   batch (:func:`igconda.baselines.scoring.score_slices`: the paper's metrics, Dice at τ, and
+   the lesion statistics of :mod:`igconda.lesion_stats`);
+3. writes, under ``--output``: ``per_slice_scores.parquet``
+   (:data:`igconda.baselines.scoring.COMPARISON_SCORE_SCHEMA`: ``SCORE_SCHEMA`` plus
+   ``lesion_size_norm`` and ``lesion_suv_mean_norm``) and ``summary.csv``
+   (:func:`igconda.evaluation.summarize` per cohort, with the internal/external rows);
+4. logs one MLflow run (the contract of docs/CONTRACTS.md, "Method runs"): tags
+   ``igconda.stage=score``, ``igconda.method``, ``igconda.variant``, ``igconda.data_version``;
+   params; metrics ``dsc_max_mean``, ``dice_tau_mean``, ``auprc_mean``, ``hd95_mean``,
+   ``sensitivity_mean`` of the ``internal (all)`` row and ``tau``; artifacts
+   ``scores/per_slice_scores.parquet`` and ``scores/summary.csv``.
+
+Settings (``score_batch_size``; for ``dpm_cg`` D, s and the gradient scale) come from the
+``baselines`` section of ``--config``, else, for ``dpm_cg``, of the study stored in the
+classifier's checkpoint, else the defaults. Exit status 0, 2 on a usage, config or checkpoint
+error; a tracking outage only warns (the files are on disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from igconda import tracking
+from igconda.argtypes import TRACKING_URI_HELP, non_negative_float, positive_int
+from igconda.baselines.scoring import (
+    SCORE_INPUT_COLUMNS,
+    SCORED_METHODS,
+    load_method,
+    score_slices,
+    scores_table,
+    unhealthy_maps,
+)
+from igconda.checkpoint import CheckpointError, load_checkpoint_config
+from igconda.config import ConfigError, StudyConfig, load_config
+from igconda.data.schema import SPLITS, UNHEALTHY
+from igconda.evaluation import DPM_CG, calibrate_threshold, summarize
+from igconda.io_utils import atomic_write
+from igconda.train_loop import dataset_version
+from ray_jobs.train_runs import UsageError, _fs_exists, _join
+
+SCORES_FILE, SUMMARY_FILE = "per_slice_scores.parquet", "summary.csv"
+#: The metrics logged from the summary's ``internal (all)`` row.
+SUMMARY_RUN_METRICS = ("dsc_max_mean", "dice_tau_mean", "auprc_mean", "hd95_mean", "sensitivity_mean")
+INTERNAL_ROW = "internal (all)"
+
+
+class MethodActor:
+    """A Ray Data ``map_batches`` actor holding one loaded method.
+
+    Args:
+        method, checkpoint, checkpoint2, baselines (``BaselinesConfig`` as a dict), device: what
+            :func:`igconda.baselines.scoring.load_method` takes.
+        taus: ``{method: τ}`` to score batches with; None returns the maps of unhealthy slices
+            for calibration instead (:func:`~igconda.baselines.scoring.unhealthy_maps`).
+    """
+
+    def __init__(self, method: str, checkpoint: str, checkpoint2: str | None,
+                 baselines: dict[str, Any], device: str, taus: dict[str, float] | None) -> None:
+        from igconda.baselines.settings import BaselinesConfig
+        from igconda.config import from_dict
+
+        settings = from_dict({"baselines": baselines}).baselines if baselines else BaselinesConfig()
+        self.method = load_method(method, checkpoint, checkpoint2, settings=settings, device=device)
+        self.taus = taus
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        if self.taus is None:
+            return unhealthy_maps(self.method, batch)
+        return score_slices(self.method, batch, self.taus)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.score_method",
+                                description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, help=f"one of {', '.join(SCORED_METHODS)}")
+    p.add_argument("--checkpoint", required=True, help="the method's checkpoint (dpm_cg: the classifier's)")
+    p.add_argument("--checkpoint2", default=None, help="dpm_cg only: the unconditional DPM's checkpoint")
+    p.add_argument("--data", required=True, help="preprocessed dataset folder (slices/<split>/)")
+    p.add_argument("--split", default="test", choices=SPLITS, help="split to score")
+    p.add_argument("--tune-split", default="tune", choices=SPLITS, help="split τ is calibrated on")
+    p.add_argument("--output", required=True, help="folder for per_slice_scores.parquet, summary.csv")
+    p.add_argument("--config", default=None, help="study YAML (its baselines and tracking sections)")
+    p.add_argument("--concurrency", type=positive_int, default=1, help="scoring actors")
+    p.add_argument("--num-cpus", type=non_negative_float, default=1.0, help="CPUs per actor")
+    p.add_argument("--num-gpus", type=non_negative_float, default=0.0, help="GPUs per actor")
+    p.add_argument("--device", default=None, help="torch device in the actors (default: cuda if a GPU)")
+    p.add_argument("--variant", default="", help="free text tagged igconda.variant (default: empty)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment)")
+    p.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this run")
+    p.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> StudyConfig:
+    """``--config``, else (dpm_cg) the classifier checkpoint's study, else the defaults."""
+    if args.config:
+        return load_config(args.config)
+    if args.method == DPM_CG:
+        return load_checkpoint_config(args.checkpoint)
+    return load_config(None)
+
+
+def _run_actors(args: argparse.Namespace, config: StudyConfig, split: str,
+                taus: dict[str, float] | None) -> Any:
+    """The Ray Dataset of :class:`MethodActor` results over the unhealthy slices of ``split``."""
+    import ray
+
+    path = _join(args.data, "slices", split)
+    if not _fs_exists(path, want_dir=True):
+        raise UsageError(f"{path}: no {split} split; run ray_jobs.preprocess first")
+    device = args.device or ("cuda" if args.num_gpus > 0 else "cpu")
+    ds = ray.data.read_parquet(path).select_columns(list(SCORE_INPUT_COLUMNS))
+    # Only unhealthy slices are scored (and calibrate τ); healthy ones need no network pass.
+    ds = ds.filter(expr=f"label == {UNHEALTHY}")
+    return ds.map_batches(
+        MethodActor,
+        fn_constructor_kwargs={"method": args.method, "checkpoint": str(args.checkpoint),
+                               "checkpoint2": str(args.checkpoint2) if args.checkpoint2 else None,
+                               "baselines": config.to_dict()["baselines"], "device": device,
+                               "taus": taus},
+        batch_size=config.baselines.score_batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=args.concurrency),
+        num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+
+
+def calibrate(args: argparse.Namespace, config: StudyConfig) -> tuple[float, float]:
+    """(τ, mean Dice at τ) on the tune split's unhealthy slices."""
+    maps, masks = [], []
+    for batch in _run_actors(args, config, args.tune_split, None).iter_batches(
+            batch_size=None, batch_format="numpy"):
+        maps.append(np.asarray(batch["map"]))
+        masks.append(np.asarray(batch["mask"]))
+    if not maps or not sum(len(m) for m in maps):
+        raise UsageError(f"split {args.tune_split!r} of {args.data} has no unhealthy slice to "
+                         "calibrate τ on")
+    tau, dice = calibrate_threshold(np.concatenate(maps)[:, None], np.concatenate(masks)[:, None])
+    print(f"{args.method}: τ = {tau:g} on {sum(len(m) for m in maps)} unhealthy "
+          f"{args.tune_split} slices (mean Dice {dice:.3f})", flush=True)
+    return tau, dice
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole job; returns ``{"tau", "summary", "run_id", "output"}``."""
+    import ray
+
+    if args.method not in SCORED_METHODS:
+        raise UsageError(f"unknown --method {args.method!r}; known: {', '.join(SCORED_METHODS)}")
+    for split in (args.tune_split, args.split):
+        if not _fs_exists(_join(args.data, "slices", split), want_dir=True):
+            raise UsageError(f"{_join(args.data, 'slices', split)}: no {split} split")
+    config = resolve_config(args)
+    # Load once here: a wrong or damaged folder fails with its name, not inside every actor.
+    load_method(args.method, args.checkpoint, args.checkpoint2, settings=config.baselines)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+
+    started = time.perf_counter()
+    tau, tune_dice = calibrate(args, config)
+    frames, slices = [], 0
+    for frame in _run_actors(args, config, args.split, {args.method: tau}).iter_batches(
+            batch_size=None, batch_format="pandas"):
+        frames.append(frame)
+        slices += len(frame)
+        print(f"    scored {slices} unhealthy {args.split} slice(s)", flush=True)
+    if not slices:
+        raise UsageError(f"split {args.split!r} of {args.data} has no unhealthy slice to score")
+    per_slice = pd.concat(frames, ignore_index=True).sort_values(["patient_id", "slice_index"])
+    table = scores_table(per_slice)
+    summary = summarize(per_slice, by=("cohort",))
+    atomic_write(output / SCORES_FILE, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
+    atomic_write(output / SUMMARY_FILE, lambda tmp: tmp.write_text(summary.to_csv(index=False)),
+                 suffix=".tmp")
+    print(f"{args.method}: {len(per_slice)} slices scored in {time.perf_counter() - started:.1f} s; "
+          f"wrote {output / SCORES_FILE} and {output / SUMMARY_FILE}", flush=True)
+
+    internal = summary[summary["group"] == INTERNAL_ROW]
+    metrics = {k: float(internal.iloc[0][k]) for k in SUMMARY_RUN_METRICS
+               if len(internal) and k in internal and np.isfinite(internal.iloc[0][k])}
+    params = {"method": args.method, "checkpoint": str(Path(args.checkpoint).resolve()),
+              "checkpoint2": str(Path(args.checkpoint2).resolve()) if args.checkpoint2 else "",
+              "split": args.split, "tune_split": args.tune_split, "tau": tau,
+              "tune_dice_at_tau": tune_dice, "data": str(args.data),
+              **{k: v for k, v in config.flat().items() if k.startswith("baselines.")}}
+    uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
+    run_id = None
+    data_version = dataset_version(str(args.data))
+    with tracking.outage_tolerant("logging the scoring run", uri, on_disk=str(output)):
+        with tracking.start_run(uri, args.experiment or config.tracking.experiment,
+                                f"score-{args.method}",
+                                tags=tracking.method_run_tags("score", args.method, args.variant,
+                                                              data_version),
+                                parent_run_id=args.parent_run_id) as run_id:
+            tracking.log_params(params)
+            tracking.log_metrics({**metrics, "tau": tau, "n_slices": float(len(per_slice))})
+            tracking.log_artifact(output / SCORES_FILE, "scores")
+            tracking.log_artifact(output / SUMMARY_FILE, "scores")
+    print(f"{args.method}: MLflow run {run_id or 'not logged'}", flush=True)
+    return {"tau": tau, "summary": summary, "run_id": run_id, "output": output}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, UsageError, CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

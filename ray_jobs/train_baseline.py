@@ -1,0 +1,221 @@
+"""Train a baseline of the paper's comparison with Ray Train (DDP over Ray Data shards).
+
+One job for every trained baseline (``--method``): the ResNet-18 of ``hirescam``, the supervised
+UNet (``supervised``), ``fanogan`` (WGAN-GP epochs, then encoder epochs) and the noisy
+classifier of DPM + classifier guidance (``dpm_classifier``)::
+
+    python -m ray_jobs.train_baseline --method hirescam --data runs/demo/data \\
+        --output runs/demo/baselines/hirescam --config configs/demo.yaml [--epochs 20] \\
+        [--num-workers 2] [--use-gpu] [--tracking-uri U] [--experiment E] [--parent-run-id P]
+
+Continue an interrupted run (same ``--output``) from its latest checkpoint::
+
+    python -m ray_jobs.train_baseline --method hirescam ... --resume [--epochs 30]
+
+The settings (epochs, batch size, learning rates, widths) are the study config's ``baselines``
+section (:mod:`igconda.baselines.settings`; ``--epochs`` overrides ``baselines.epochs``, for
+f-AnoGAN the WGAN-GP stage's). Workers and GPUs are the ``train`` section's, as for IgCONDA.
+
+**The unconditional DPM of ``dpm_cg``** is no baseline job of its own: it is the IgCONDA
+training job on a config whose model has no class input. Write a copy of the study YAML with
+``model: {conditioning: none}`` (everything else, the noise schedule above all, unchanged) and::
+
+    python -m ray_jobs.train --data DATA --output <study>/baselines/dpm --config dpm.yaml
+
+then score ``dpm_cg`` with ``--checkpoint <classifier>/best --checkpoint2 <study>/baselines/dpm/best``
+(``python -m ray_jobs.score_method``).
+
+What it writes under ``--output`` (as ``ray_jobs.train``)::
+
+    ray_results/<method>/checkpoint_epoch_NNNNNN/   every epoch's checkpoint (the best few by
+                                                    valid_loss and the latest are kept)
+    best/                    the lowest validation loss (the method's checkpoint folder)
+    best_checkpoint.json     its URI, epoch, valid_loss, MLflow run id
+    mlflow_run.json          the MLflow run (reused by --resume); mlflow.db, mlartifacts/ by default
+
+MLflow: one run in the study's experiment, tags ``igconda.stage`` = ``train_baseline``,
+``igconda.method`` (the method it is scored as: ``dpm_cg`` for ``dpm_classifier``),
+``igconda.train_method`` (``--method``), ``igconda.variant``, ``igconda.data_version``; params
+``baselines.*`` and ``settings.*`` (the method's network settings); per-epoch metrics; the best
+checkpoint as artifact ``best_checkpoint/``.
+
+Exit status: 0 on success, 2 on a usage or config error, 1 if training failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from igconda import checkpoint as ckpt
+from igconda import tracking
+from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
+from igconda.baselines.trainers import (
+    TRAINED_METHODS,
+    check_resumable,
+    method_settings,
+    trainer_class,
+)
+from igconda.config import ConfigError, StudyConfig, load_config
+from igconda.evaluation import DPM_CG
+from igconda.train_loop import dataset_version
+from ray_jobs.train_baseline_worker import train_baseline_func
+from ray_jobs.train_runs import (
+    UsageError,
+    _filesystem,
+    _fs_exists,
+    _join,
+    check_resume,
+    default_cpus_per_worker,
+    default_storage_path,
+    export_best,
+    read_splits,
+    torch_trainer,
+)
+from ray_jobs.train_tracking import RUN_RECORD, create_or_reopen_run, finish_mlflow_run
+
+#: The method each ``--method`` is scored as (``igconda.evaluation`` names).
+SCORED_AS = {"hirescam": "hirescam", "supervised": "supervised", "fanogan": "fanogan",
+             "dpm_classifier": DPM_CG}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.train_baseline",
+                                description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, help=f"one of {', '.join(TRAINED_METHODS)}")
+    p.add_argument("--data", required=True, help="preprocessed dataset folder or URI (has slices/)")
+    p.add_argument("--output", required=True, help="local/NFS folder for best/, records, MLflow store")
+    p.add_argument("--config", default=None, help="study YAML (its baselines, train, tracking sections)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="override baselines.epochs")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--num-workers", type=positive_int, default=None,
+                   help="DDP workers (default: train.num_workers)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--cpus-per-worker", type=positive_float, default=None,
+                   help="CPUs Ray reserves per worker (default: 1, less on a small machine)")
+    p.add_argument("--torch-threads", type=positive_int, default=None,
+                   help="intra-op threads per worker (default: max(1, cpus-per-worker))")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=3,
+                   help="best checkpoints to keep by valid_loss (the latest is always kept)")
+    p.add_argument("--variant", default="", help="free text tagged igconda.variant (default: empty)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+    p.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment)")
+    p.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this run")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--address", default=None, help="Ray address (default: auto / start local Ray)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> StudyConfig:
+    """The study config with the command line's overrides (validated)."""
+    overrides: dict[str, Any] = {}
+    if args.epochs is not None:
+        overrides["baselines"] = {"epochs": args.epochs}
+    train: dict[str, Any] = {}
+    if args.num_workers is not None:
+        train["num_workers"] = args.num_workers
+    if args.use_gpu:
+        train["use_gpu"] = True
+    if train:
+        overrides["train"] = train
+    return load_config(args.config, overrides=overrides or None)
+
+
+def slice_size(data: str) -> tuple[int, int]:
+    """(H, W) of the train split's slices, from the first row's ``height``/``width``."""
+    import pyarrow.dataset as pads
+
+    fs, path = _filesystem(_join(data, "slices", "train"))
+    head = pads.dataset(path, filesystem=fs, format="parquet").head(1, columns=["height", "width"])
+    if head.num_rows == 0:
+        raise UsageError(f"{_join(data, 'slices', 'train')}: the train split has no slices")
+    return int(head["height"][0].as_py()), int(head["width"][0].as_py())
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Train as the arguments say; returns ``<output>/best``."""
+    trainer_cls = trainer_class(args.method)
+    config = resolve_config(args)
+    for split in ("train", "valid"):
+        if not _fs_exists(_join(args.data, "slices", split), want_dir=True):
+            raise UsageError(f"{_join(args.data, 'slices', split)}: no {split} split; "
+                             "run ray_jobs.preprocess first")
+    size = slice_size(args.data)
+    settings = method_settings(config, args.method, size)  # a bad setting fails before Ray starts
+    output = Path(args.output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    storage_path, run_name = default_storage_path(output), args.method
+    check_resume(storage_path, run_name, args.resume, check_resumable)
+
+    data_hash = dataset_version(args.data)
+    mlflow_cfg, tracking_uri = None, ""
+    outage = {"on_disk": str(output)}
+    if not args.no_tracking:
+        tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
+        params = {**{k: v for k, v in config.flat().items() if k.startswith(("baselines.", "train."))},
+                  **{f"settings.{k}": v for k, v in dataclasses.asdict(settings).items()},
+                  "job.method": args.method, "job.data": args.data, "job.slice_size": list(size)}
+        tags = {**tracking.method_run_tags("train_baseline", SCORED_AS[args.method], args.variant, data_hash),
+                "igconda.train_method": args.method}
+        with tracking.outage_tolerant("opening the training run; training goes on without MLflow",
+                                      tracking_uri, **outage):
+            mlflow_cfg = create_or_reopen_run(
+                output / RUN_RECORD, resume=args.resume, tracking_uri=tracking_uri,
+                experiment=args.experiment or config.tracking.experiment,
+                run_name=f"train_baseline-{args.method}", tags=tags, params=params,
+                parent_run_id=args.parent_run_id)
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    workers = config.train.num_workers
+    cpus = args.cpus_per_worker or default_cpus_per_worker(workers, ray.cluster_resources().get("CPU", 1.0))
+    print(f"{args.method}: {workers} worker(s), {cpus:g} CPU each, slices {size[0]}x{size[1]}", flush=True)
+    splits = read_splits(args.data, {"train": trainer_cls.train_columns, "valid": trainer_cls.valid_columns},
+                         materialize_max_mb=config.train.materialize_max_mb,
+                         filters={"train": trainer_cls.train_filter} if trainer_cls.train_filter else None)
+    splits["train"] = splits["train"].randomize_block_order()
+    loop_config = {"method": args.method, "study": config.to_dict(), "slice_size": list(size),
+                   "mlflow": mlflow_cfg, "data_version": data_hash,
+                   "torch_threads": args.torch_threads or max(1, int(cpus))}
+    trainer = torch_trainer(train_baseline_func, loop_config, splits, num_workers=workers,
+                            use_gpu=config.train.use_gpu, cpus_per_worker=cpus,
+                            storage_path=storage_path, run_name=run_name,
+                            max_failures=config.train.max_failures,
+                            keep_checkpoints=args.keep_checkpoints)
+    status = "FAILED"
+    try:
+        result = trainer.fit()
+        best = export_best(result, output, {"method": args.method,
+                                            "mlflow_run_id": mlflow_cfg and mlflow_cfg["run_id"],
+                                            "tracking_uri": tracking_uri or None})
+        status = "FINISHED"
+    finally:
+        # As ray_jobs.train: the run ends FINISHED once best/ is saved, else FAILED, and an
+        # outage while logging costs the MLflow run, never the saved model.
+        if mlflow_cfg:
+            if status == "FINISHED":
+                with tracking.outage_tolerant("logging the best checkpoint", tracking_uri, **outage):
+                    finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
+            tracking.end_run_quietly(tracking_uri, mlflow_cfg["run_id"], status, **outage)
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        best = run(args)
+    except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
