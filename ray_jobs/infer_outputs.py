@@ -20,9 +20,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from igconda import evaluation as E
+from igconda.baselines.scoring import SCORES_FILE, SUMMARY_FILE, run_metrics, write_method_scores
 from igconda.data.schema import UNHEALTHY, stack_images, validate_predictions, validate_scores
 from igconda.io_utils import atomic_write
+from igconda.lesion_stats import with_lesion_stats
 from igconda.map_kinds import FORMULAS
+
+#: Under ``tables/``: one folder per scored method with its method-run files.
+METHOD_SCORES = "scores"
 
 #: Slice-schema columns the baselines need beside the stored predictions.
 _SUV_COLUMNS = ("slice_index", "suv_max", "scale_min", "scale_max")
@@ -57,7 +62,8 @@ def score_patient(slice_file: Path, input_file: Path, taus: Mapping[str, float])
     maps: dict[str, np.ndarray] = {}
     for method in [E.StoredCounterfactualMethod(), *E.baseline_methods()]:
         maps.update(method.maps(batch))
-    return E.score_methods(batch, maps, taus)
+    # The lesion size and brightness per slice: the comparison's Figs. 4 and 6 need them.
+    return with_lesion_stats(E.score_methods(batch, maps, taus), batch)
 
 
 def metric_name(*parts: str) -> str:
@@ -101,6 +107,10 @@ def write_tables(per_slice: pd.DataFrame, tables: Path, chosen: str) -> tuple[pd
         write_text(tables / "baselines_per_cohort.csv", others.to_csv(index=False))
         write_text(tables / "baselines_per_cohort.md", E.format_table(others))
     write_text(tables / "per_slice_metrics.csv", per_slice.to_csv(index=False))
+    # One method run's files per method (docs/CONTRACTS.md, "Method runs"): what the comparison
+    # stage reads back from MLflow, as it does for the trained baselines' scoring runs.
+    for method, rows in per_slice.groupby("method", sort=True):
+        write_method_scores(rows, tables / METHOD_SCORES / str(method))
     return summary, summary_metrics(summary)
 
 
@@ -156,6 +166,25 @@ def log_infer_run(output: Path, summary: Mapping[str, Any], *, volumes: bool = T
         from igconda.tracking.model import log_dataset
 
         log_dataset(summary["data"], summary["split"])
+    log_method_runs(output / "tables" / METHOD_SCORES, summary.get("data_version") or "")
+
+
+def log_method_runs(folder: Path, data_version: str) -> list[str]:
+    """One child run per scored method (``folder/<method>/``, :func:`write_tables`) under the
+    active run, tagged and filled as the method-run contract says; returns their ids."""
+    from igconda import tracking
+
+    ids = []
+    for method_folder in sorted(p for p in folder.glob("*") if (p / SCORES_FILE).is_file()):
+        method = method_folder.name
+        with tracking.child_run(f"score-{method}",
+                                tracking.method_run_tags("score", method, "", data_version)) as run_id:
+            summary = pd.read_csv(method_folder / SUMMARY_FILE)
+            tracking.log_metrics(run_metrics(summary))
+            tracking.log_artifact(method_folder / SCORES_FILE, "scores")
+            tracking.log_artifact(method_folder / SUMMARY_FILE, "scores")
+            ids.append(run_id)
+    return ids
 
 
 def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],

@@ -40,30 +40,26 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, non_negative_float, positive_int
 from igconda.baselines.scoring import (
     SCORE_INPUT_COLUMNS,
     SCORED_METHODS,
+    SCORES_FILE,
+    SUMMARY_FILE,
     load_method,
+    run_metrics,
     score_slices,
-    scores_table,
     unhealthy_maps,
+    write_method_scores,
 )
 from igconda.checkpoint import CheckpointError, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import SPLITS, UNHEALTHY
-from igconda.evaluation import DPM_CG, calibrate_threshold, summarize
-from igconda.io_utils import atomic_write
+from igconda.evaluation import DPM_CG, calibrate_threshold
 from igconda.train_loop import dataset_version
 from ray_jobs.train_runs import UsageError, _fs_exists, _join
-
-SCORES_FILE, SUMMARY_FILE = "per_slice_scores.parquet", "summary.csv"
-#: The metrics logged from the summary's ``internal (all)`` row.
-SUMMARY_RUN_METRICS = ("dsc_max_mean", "dice_tau_mean", "auprc_mean", "hd95_mean", "sensitivity_mean")
-INTERNAL_ROW = "internal (all)"
 
 
 class MethodActor:
@@ -191,17 +187,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not slices:
         raise UsageError(f"split {args.split!r} of {args.data} has no unhealthy slice to score")
     per_slice = pd.concat(frames, ignore_index=True).sort_values(["patient_id", "slice_index"])
-    table = scores_table(per_slice)
-    summary = summarize(per_slice, by=("cohort",))
-    atomic_write(output / SCORES_FILE, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
-    atomic_write(output / SUMMARY_FILE, lambda tmp: tmp.write_text(summary.to_csv(index=False)),
-                 suffix=".tmp")
+    summary = write_method_scores(per_slice, output)
     print(f"{args.method}: {len(per_slice)} slices scored in {time.perf_counter() - started:.1f} s; "
           f"wrote {output / SCORES_FILE} and {output / SUMMARY_FILE}", flush=True)
 
-    internal = summary[summary["group"] == INTERNAL_ROW]
-    metrics = {k: float(internal.iloc[0][k]) for k in SUMMARY_RUN_METRICS
-               if len(internal) and k in internal and np.isfinite(internal.iloc[0][k])}
+    metrics = run_metrics(summary)
     params = {"method": args.method, "checkpoint": str(Path(args.checkpoint).resolve()),
               "checkpoint2": str(Path(args.checkpoint2).resolve()) if args.checkpoint2 else "",
               "split": args.split, "tune_split": args.tune_split, "tau": tau,

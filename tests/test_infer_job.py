@@ -211,6 +211,16 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
                 "igconda_w0/lung/dsc_max_mean", "threshold_41/external_all/dsc_max_mean",
                 "intensity/lymphoma/auprc_mean"):
         assert key in run.data.metrics, sorted(run.data.metrics)[:20]
+    # One method run per scored method, as the comparison stage reads them back.
+    from igconda.comparison import load_scored_runs
+
+    uri = resolve_tracking_uri(str(root / "mlruns"), root)
+    experiment = MlflowClient(uri).get_experiment(run.info.experiment_id).name
+    scores = load_scored_runs(uri, experiment).scores
+    assert {"igconda_abs", "igconda_w0", "threshold_41", "intensity"} <= set(scores["method"])
+    assert scores["lesion_size_norm"].between(0, 1).all()
+    pooled = methods[(methods.method == "igconda_abs") & methods.group.str.endswith("(all)")]
+    assert (scores["method"] == "igconda_abs").sum() == pooled["n_slices"].sum()
 
     # A crash lost one patient's output: only that patient is recomputed.
     before = {pid: (output / "slices" / f"{pid}.parquet").stat().st_mtime_ns for pid in PATIENTS}

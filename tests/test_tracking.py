@@ -96,6 +96,18 @@ def test_start_run_leaves_the_exported_tracking_uri_as_it_found_it(local_store, 
         pass
     assert os.environ[tracking.TRACKING_URI_ENV] == "http://example.invalid:5000"
 
+def test_child_run_nests_in_the_active_runs_experiment(local_store):
+    with pytest.raises(RuntimeError, match="active run"):
+        with tracking.child_run("orphan"):
+            pass
+    with tracking.start_run(local_store, "exp4", "infer") as parent:
+        with tracking.child_run("score-x", {"igconda.method": "x"}) as child:
+            tracking.log_metrics({"dsc_max_mean": 0.5})
+    runs = {r["run_id"]: r for r in tracking.find_runs(local_store, "exp4")}
+    assert runs[child]["tags"]["mlflow.parentRunId"] == parent
+    assert runs[child]["tags"]["igconda.method"] == "x"
+    assert runs[child]["metrics"]["dsc_max_mean"] == 0.5 and "dsc_max_mean" not in runs[parent]["metrics"]
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -30,6 +30,11 @@ SCORED_METHODS = (HIRESCAM, SUPERVISED, FANOGAN, DPM_CG)
 #: Slice columns scoring reads (IDs copied into the score rows, image and mask).
 SCORE_INPUT_COLUMNS = ("patient_id", "cohort", "role", "tracer", "slice_index", "label",
                        "lesion_pixels", "height", "width", "image", "mask")
+#: A method run's files (``docs/CONTRACTS.md``, "Method runs"), logged under ``scores/``.
+SCORES_FILE, SUMMARY_FILE = "per_slice_scores.parquet", "summary.csv"
+#: The metrics a method run logs from its summary's ``internal (all)`` row.
+SUMMARY_RUN_METRICS = ("dsc_max_mean", "dice_tau_mean", "auprc_mean", "hd95_mean", "sensitivity_mean")
+INTERNAL_ROW = "internal (all)"
 #: The per-slice score table: :data:`~igconda.data.schema.SCORE_SCHEMA` and the lesion statistics.
 COMPARISON_SCORE_SCHEMA = pa.schema([*SCORE_SCHEMA,
                                      *(pa.field(c, pa.float64()) for c in LESION_STAT_COLUMNS)])
@@ -121,3 +126,30 @@ def scores_table(rows: pd.DataFrame) -> pa.Table:
     table = pa.Table.from_pandas(frame, schema=COMPARISON_SCORE_SCHEMA, preserve_index=False)
     validate_scores(table)
     return table
+
+
+def write_method_scores(rows: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """One method's score rows as a method run's files: ``folder/``:data:`SCORES_FILE`
+    (validated :data:`COMPARISON_SCORE_SCHEMA`) and ``folder/``:data:`SUMMARY_FILE`; returns the
+    per-cohort summary (:func:`igconda.evaluation.summarize`)."""
+    import pyarrow.parquet as pq
+
+    from igconda.evaluation import summarize
+    from igconda.io_utils import atomic_write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    table = scores_table(rows)
+    summary = summarize(rows, by=("cohort",))
+    atomic_write(folder / SCORES_FILE, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
+    atomic_write(folder / SUMMARY_FILE, lambda tmp: tmp.write_text(summary.to_csv(index=False)),
+                 suffix=".tmp")
+    return summary
+
+
+def run_metrics(summary: pd.DataFrame) -> dict[str, float]:
+    """The finite :data:`SUMMARY_RUN_METRICS` of a summary's :data:`INTERNAL_ROW`."""
+    internal = summary[summary["group"] == INTERNAL_ROW]
+    if internal.empty:
+        return {}
+    row = internal.iloc[0]
+    return {k: float(row[k]) for k in SUMMARY_RUN_METRICS if k in row and np.isfinite(row[k])}

@@ -196,6 +196,19 @@ def start_run(
         mlflow.set_tracking_uri(exported_before)  # None unsets the variable again
 
 
+@contextlib.contextmanager
+def child_run(run_name: str, tags: dict[str, str] | None = None) -> Iterator[str]:
+    """A run nested under this process's active run (:func:`start_run`), in the same store and
+    experiment; yields its id. For results that are runs of their own inside a stage's run, e.g.
+    each method the inference job scores (the method-run contract of the comparison stage)."""
+    parent = mlflow.active_run()
+    if parent is None:
+        raise RuntimeError("child_run needs an active run (open one with start_run)")
+    with mlflow.start_run(experiment_id=parent.info.experiment_id, run_name=run_name, nested=True,
+                          tags={**(tags or {}), "mlflow.parentRunId": parent.info.run_id}) as run:
+        yield run.info.run_id
+
+
 def create_run(
     tracking_uri: str,
     experiment: str,
