@@ -183,6 +183,8 @@ def start_run(
     # would send a later job of this process, which was told nothing, to this run's store.
     exported_before = os.environ.get(TRACKING_URI_ENV)
     mlflow.set_tracking_uri(tracking_uri)
+    # set_tracking_uri exports only when the URI changes; export it whatever mlflow held before.
+    os.environ[TRACKING_URI_ENV] = tracking_uri
     try:
         if run_id:  # an existing run: its experiment and tags are already set
             experiment_id, all_tags = None, dict(tags or {})
@@ -194,6 +196,10 @@ def start_run(
             yield run.info.run_id
     finally:
         mlflow.set_tracking_uri(exported_before)  # None unsets the variable again
+        if exported_before is None:
+            os.environ.pop(TRACKING_URI_ENV, None)
+        else:
+            os.environ[TRACKING_URI_ENV] = exported_before
 
 
 @contextlib.contextmanager
