@@ -187,14 +187,21 @@ def save_baseline_checkpoint(
     method: str,
     settings: Any,
     model: torch.nn.Module,
-    train_state: dict[str, Any] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    epoch: int = 0,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write a baseline network's checkpoint folder (same files; no EMA).
 
     ``config.yaml`` holds ``{baseline: <method>, settings: {...}}``, where ``settings`` is the
-    frozen dataclass the network is built from (tuples stored as lists).
+    frozen dataclass the network is built from (tuples stored as lists); ``train_state.pt``
+    holds ``{epoch, optimizer}`` to resume; ``metadata.json`` the epoch, torch version and
+    ``metadata``.
     """
+    train_state: dict[str, Any] = {"epoch": int(epoch)}
+    if optimizer is not None:
+        train_state["optimizer"] = optimizer.state_dict()
+    metadata = {"epoch": int(epoch), "torch_version": torch.__version__, **(metadata or {})}
     text = yaml.safe_dump({BASELINE_KEY: method, "settings": to_plain(dataclasses.asdict(settings))},
                           sort_keys=False)
     return _write_folder(directory, lambda path: path.write_text(text), model, None, train_state,

@@ -26,7 +26,8 @@ from igconda.io_utils import atomic_write
 from igconda.lesion_stats import with_lesion_stats
 from igconda.map_kinds import FORMULAS
 
-#: Under ``tables/``: one folder per scored method with its method-run files.
+#: Beside ``tables/`` (not inside it: the infer run uploads ``tables/``, each method run its own
+#: files): one folder per scored method with its method-run files.
 METHOD_SCORES = "scores"
 
 #: Slice-schema columns the baselines need beside the stored predictions.
@@ -91,7 +92,8 @@ def write_tables(per_slice: pd.DataFrame, tables: Path, chosen: str) -> tuple[pd
     Writes ``methods.{csv,md}`` (every method, :func:`igconda.evaluation.summarize` /
     :func:`~igconda.evaluation.format_table`), ``per_cohort.{csv,md}`` (the chosen IgCONDA map),
     ``baselines_per_cohort.{csv,md}`` (every other method, the w = 0 control and the paper's map
-    among them) and ``per_slice_metrics.csv`` (validated against the score schema).
+    among them), ``per_slice_metrics.csv`` (validated against the score schema) and, beside
+    ``tables``, one method run's files per method (:data:`METHOD_SCORES`).
     """
     validate_scores(per_slice)
     tables.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,7 @@ def write_tables(per_slice: pd.DataFrame, tables: Path, chosen: str) -> tuple[pd
     # One method run's files per method (docs/CONTRACTS.md, "Method runs"): what the comparison
     # stage reads back from MLflow, as it does for the trained baselines' scoring runs.
     for method, rows in per_slice.groupby("method", sort=True):
-        write_method_scores(rows, tables / METHOD_SCORES / str(method))
+        write_method_scores(rows, tables.parent / METHOD_SCORES / str(method))
     return summary, summary_metrics(summary)
 
 
@@ -166,7 +168,7 @@ def log_infer_run(output: Path, summary: Mapping[str, Any], *, volumes: bool = T
         from igconda.tracking.model import log_dataset
 
         log_dataset(summary["data"], summary["split"])
-    log_method_runs(output / "tables" / METHOD_SCORES, summary.get("data_version") or "")
+    log_method_runs(output / METHOD_SCORES, summary.get("data_version") or "")
 
 
 def log_method_runs(folder: Path, data_version: str) -> list[str]:

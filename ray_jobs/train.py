@@ -71,7 +71,7 @@ from ray_jobs.train_runs import (  # noqa: F401  (the helpers other modules impo
 )
 from ray_jobs.train_tracking import (  # noqa: F401  (RUN_RECORD: re-exported)
     RUN_RECORD,
-    finish_mlflow_run,
+    fit_and_finish,
     open_mlflow_run,
 )
 from ray_jobs.train_worker import train_func
@@ -239,21 +239,8 @@ def run(args: argparse.Namespace) -> Path:
                             mlflow=mlflow_cfg, cpus_per_worker=cpus,
                             torch_threads=args.torch_threads, keep_checkpoints=args.keep_checkpoints,
                             smoke_test=args.smoke_test, data_version=data_hash)
-    status = "FAILED"
-    try:
-        result = trainer.fit()
-        best = export_best(result, output, {"mlflow_run_id": mlflow_cfg and mlflow_cfg["run_id"],
-                                            "tracking_uri": tracking_uri or None})
-        status = "FINISHED"
-    finally:
-        # The run always ends, FINISHED once the best checkpoint is saved, else FAILED; and
-        # an outage while logging the result costs the MLflow run, not the saved model.
-        if mlflow_cfg:
-            if status == "FINISHED":
-                with tracking.outage_tolerant("logging the best checkpoint", tracking_uri, **outage):
-                    finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
-            tracking.end_run_quietly(tracking_uri, mlflow_cfg["run_id"], status, **outage)
-    return best
+    return fit_and_finish(trainer, args, output, {}, tracking_uri=tracking_uri,
+                          mlflow_cfg=mlflow_cfg, outage=outage)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,11 +71,10 @@ from ray_jobs.train_runs import (
     check_resume,
     default_cpus_per_worker,
     default_storage_path,
-    export_best,
     read_splits,
     torch_trainer,
 )
-from ray_jobs.train_tracking import RUN_RECORD, create_or_reopen_run, finish_mlflow_run
+from ray_jobs.train_tracking import RUN_RECORD, create_or_reopen_run, fit_and_finish
 
 #: The method each ``--method`` is scored as (``igconda.evaluation`` names).
 SCORED_AS = {"hirescam": "hirescam", "supervised": "supervised", "fanogan": "fanogan",
@@ -188,22 +187,8 @@ def run(args: argparse.Namespace) -> Path:
                             storage_path=storage_path, run_name=run_name,
                             max_failures=config.train.max_failures,
                             keep_checkpoints=args.keep_checkpoints)
-    status = "FAILED"
-    try:
-        result = trainer.fit()
-        best = export_best(result, output, {"method": args.method,
-                                            "mlflow_run_id": mlflow_cfg and mlflow_cfg["run_id"],
-                                            "tracking_uri": tracking_uri or None})
-        status = "FINISHED"
-    finally:
-        # As ray_jobs.train: the run ends FINISHED once best/ is saved, else FAILED, and an
-        # outage while logging costs the MLflow run, never the saved model.
-        if mlflow_cfg:
-            if status == "FINISHED":
-                with tracking.outage_tolerant("logging the best checkpoint", tracking_uri, **outage):
-                    finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
-            tracking.end_run_quietly(tracking_uri, mlflow_cfg["run_id"], status, **outage)
-    return best
+    return fit_and_finish(trainer, args, output, {"method": args.method}, tracking_uri=tracking_uri,
+                          mlflow_cfg=mlflow_cfg, outage=outage)
 
 
 def main(argv: list[str] | None = None) -> int:

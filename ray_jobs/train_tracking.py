@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 from igconda import checkpoint as ckpt
 from igconda import tracking
@@ -72,3 +73,29 @@ def finish_mlflow_run(args: argparse.Namespace, tracking_uri: str, run_id: str, 
 
         with tracking.start_run(tracking_uri, "", "", run_id=run_id):
             log_model_folder(best, registered_model_name=args.register_model)
+
+
+def fit_and_finish(trainer: Any, args: argparse.Namespace, output: Path, record: dict[str, Any], *,
+                   tracking_uri: str, mlflow_cfg: dict[str, Any] | None,
+                   outage: dict[str, str]) -> Path:
+    """Fit ``trainer``, copy its best checkpoint to ``output/best`` (``record`` goes into its
+    pointer file) and end the training's MLflow run; returns the local best checkpoint.
+
+    The run always ends, FINISHED once the best checkpoint is saved (and logged), else FAILED;
+    an outage while logging costs the MLflow run, never the saved model.
+    """
+    from ray_jobs.train_runs import export_best
+
+    status = "FAILED"
+    try:
+        best = export_best(trainer.fit(), output, {
+            **record, "mlflow_run_id": mlflow_cfg and mlflow_cfg["run_id"],
+            "tracking_uri": tracking_uri or None})
+        status = "FINISHED"
+    finally:
+        if mlflow_cfg:
+            if status == "FINISHED":
+                with tracking.outage_tolerant("logging the best checkpoint", tracking_uri, **outage):
+                    finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
+            tracking.end_run_quietly(tracking_uri, mlflow_cfg["run_id"], status, **outage)
+    return best

@@ -146,12 +146,8 @@ def save_supervised(directory: str | Path, model: nn.Module, config: SupervisedC
                     optimizer: torch.optim.Optimizer | None = None, epoch: int = 0,
                     metadata: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint folder: weights, ``config``, and ``{epoch, optimizer}`` to resume."""
-    state: dict[str, Any] = {"epoch": int(epoch)}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
-    meta = {"epoch": int(epoch), "torch_version": torch.__version__, **(metadata or {})}
-    return ckpt.save_baseline_checkpoint(directory, method=SUPERVISED, settings=config,
-                                         model=model, train_state=state, metadata=meta)
+    return ckpt.save_baseline_checkpoint(directory, method=SUPERVISED, settings=config, model=model,
+                                         optimizer=optimizer, epoch=epoch, metadata=metadata)
 
 
 def load_supervised(directory: str | Path, device: torch.device | str = "cpu",
