@@ -93,7 +93,9 @@ def test_a_tracking_server_down_costs_neither_the_model_nor_the_exit_status(
     def upload_fails(*args, **kwargs):
         raise ConnectionError("server went away")
 
-    monkeypatch.setattr(job, "finish_mlflow_run", upload_fails)
+    import ray_jobs.train_tracking as train_tracking  # where fit_and_finish looks it up
+
+    monkeypatch.setattr(train_tracking, "finish_mlflow_run", upload_fails)
     second = tmp_path / "second"
     assert job.main(_job_args(dataset, second, "--epochs", "1")) == 0
     assert (second / ckpt.BEST_DIR / "model.safetensors").is_file()
