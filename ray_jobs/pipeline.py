@@ -45,7 +45,7 @@ from pathlib import Path
 
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
-from igconda.config import ConfigError, load_config
+from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.io_utils import atomic_write
 
 STAGES = ("cohorts", "preprocess", "train", "tune", "model", "infer", "report")
@@ -100,7 +100,7 @@ def _banner(message: str) -> None:
     print(f"\n==> {message}", flush=True)
 
 
-def _discard(folder: Path) -> None:
+def discard(folder: Path) -> None:
     """Remove a stage's folder; renamed aside first, so that a kill half-way through the delete
     never leaves a half-deleted folder that looks like an interrupted run to resume."""
     if not folder.exists():
@@ -123,7 +123,68 @@ def train_plan(paths: StudyPaths, forced: bool) -> str:
     return "resume" if has_run(default_storage_path(paths.train)) else "fresh"
 
 
-def _run_job(module: str, argv: list[str]) -> None:
+def training_argv(data: Path, output: Path, config_file: str, *, num_workers: int,
+                  use_gpu: bool, local: bool) -> list[str]:
+    """The arguments ``ray_jobs.train`` and ``ray_jobs.train_baseline`` share."""
+    argv = ["--data", str(data), "--output", str(output), "--config", str(config_file),
+            "--num-workers", str(num_workers)]
+    if local and not use_gpu:
+        # On a local CPU machine give the workers every core as intra-op threads: Ray would
+        # otherwise cap torch at the worker's CPU reservation (below one CPU on 2 cores).
+        argv += ["--torch-threads", str(max(1, (os.cpu_count() or 1) // num_workers))]
+    if use_gpu:
+        argv.append("--use-gpu")
+    return argv
+
+
+def run_training(paths: StudyPaths, train_argv: list[str], *, forced: bool = False) -> None:
+    """Run ``ray_jobs.train`` into ``paths.train`` as :func:`train_plan` says: nothing when a
+    finished ``best`` is there, ``--resume`` an interrupted run, else train from scratch
+    (discarding what an earlier run left)."""
+    from ray_jobs.train import default_storage_path, latest_checkpoint
+
+    plan = train_plan(paths, forced=forced)
+    if plan == "skip":
+        print(f"    train: {paths.best_checkpoint} found, skipping", flush=True)
+        return
+    if plan == "resume":
+        latest = latest_checkpoint(default_storage_path(paths.train))
+        print(f"    train: resuming the interrupted training in {paths.train} from its "
+              f"latest checkpoint ({latest.name if latest else 'as Ray Train recorded it'})",
+              flush=True)
+        run_job("train", train_argv + ["--resume"])
+        return
+    if paths.train.exists():
+        # Forced (or a folder without a run): the old checkpoints, best/ and MLflow
+        # record must go, or the train job would refuse the existing run.
+        print(f"    train: discarding the previous training in {paths.train} and "
+              "training from scratch", flush=True)
+        discard(paths.train)
+    run_job("train", train_argv)
+
+
+def write_study_model(paths: StudyPaths, config: StudyConfig, config_file: str, *,
+                      tuned: bool = True) -> Path:
+    """The study's model folder: ``train/best`` and the settings tuning chose for it
+    (``tune/best.json``), or the config's untuned ``infer`` defaults (``tuned`` False or no
+    tuning result); :mod:`igconda.tuned_model`."""
+    from igconda.tuned_model import tuned_settings, write_model_folder
+    from tuning.results import read_best
+
+    best = read_best(paths.tuned) if tuned and paths.tuned.is_file() else None
+    source = {"checkpoint": str(paths.best_checkpoint), "config": str(config_file),
+              "tuning": str(paths.tuned) if best else "none: infer defaults of the config",
+              "tune_mlflow_run_id": (best or {}).get("mlflow_run_id")}
+    settings = tuned_settings(best, config.infer, source)
+    write_model_folder(paths.best_checkpoint, settings, paths.model)
+    state = "tuned" if best else "UNTUNED (tuning skipped)"
+    print(f"    model: {paths.model} ({state}: D={settings['noise_level']} "
+          f"w={settings['guidance_scale']:g} s={settings['stride']} "
+          f"map={settings['map_kind']} τ={settings['threshold']:g})", flush=True)
+    return paths.model
+
+
+def run_job(module: str, argv: list[str]) -> None:
     """Run ``ray_jobs.<module>.main(argv)`` in this process (sharing its Ray runtime)."""
     job = importlib.import_module(f"ray_jobs.{module}")
     code = job.main(argv)
@@ -262,71 +323,32 @@ def main(argv: list[str] | None = None) -> int:
 
             log_dataset(paths.data, "study")
 
-        stage("preprocess", (paths.data / "dataset.json").is_file(), lambda: _run_job(
+        stage("preprocess", (paths.data / "dataset.json").is_file(), lambda: run_job(
             "preprocess",
             ["--manifest", str(manifest), "--output", str(paths.data), "--config", args.config]
             + (["--address", args.address] if args.address else []),
         ), log_dataset)
 
         # 3. Train.
-        train_argv = ["--data", str(paths.data), "--output", str(paths.train),
-                      "--config", args.config] + child
-        num_workers = args.num_workers or config.train.num_workers
-        train_argv += ["--num-workers", str(num_workers)]
-        if not args.address and not args.use_gpu:
-            # On a local CPU machine give the workers every core as intra-op threads: Ray would
-            # otherwise cap torch at the worker's CPU reservation (below one CPU on 2 cores).
-            threads = max(1, (os.cpu_count() or 1) // num_workers)
-            train_argv += ["--torch-threads", str(threads)]
-        if args.use_gpu:
-            train_argv.append("--use-gpu")
-
-        def train() -> None:
-            from ray_jobs.train import default_storage_path, latest_checkpoint
-
-            plan = train_plan(paths, forced=STAGES.index("train") >= forced)
-            if plan == "resume":
-                latest = latest_checkpoint(default_storage_path(paths.train))
-                print(f"    train: resuming the interrupted training in {paths.train} from its "
-                      f"latest checkpoint ({latest.name if latest else 'as Ray Train recorded it'})",
-                      flush=True)
-                _run_job("train", train_argv + ["--resume"])
-                return
-            if paths.train.exists():
-                # Forced (or a folder without a run): the old checkpoints, best/ and MLflow
-                # record must go, or the train job would refuse the existing run.
-                print(f"    train: discarding the previous training in {paths.train} and "
-                      "training from scratch", flush=True)
-                _discard(paths.train)
-            _run_job("train", train_argv)
-
-        stage("train", (paths.best_checkpoint / "model.safetensors").is_file(), train)
+        train_argv = training_argv(paths.data, paths.train, args.config,
+                                   num_workers=args.num_workers or config.train.num_workers,
+                                   use_gpu=args.use_gpu, local=not args.address) + child
+        stage("train", (paths.best_checkpoint / "model.safetensors").is_file(),
+              lambda: run_training(paths, train_argv, forced=STAGES.index("train") >= forced))
 
         # 4. Tune (D, w) on the tune split.
         def tune() -> None:
             if args.skip_tune:
                 print("    tuning skipped: using infer.noise_level / guidance_scale from the config")
                 return
-            _run_job("tune", ["--checkpoint", str(paths.best_checkpoint), "--data", str(paths.data),
+            run_job("tune", ["--checkpoint", str(paths.best_checkpoint), "--data", str(paths.data),
                               "--output", str(paths.tune), "--config", args.config] + child)
 
         stage("tune", args.skip_tune or paths.tuned.is_file(), tune)
 
         # 5. The model folder: the best checkpoint and the settings tuning chose for it.
         def model() -> None:
-            from igconda.tuned_model import tuned_settings, write_model_folder
-            from tuning.results import read_best
-
-            tuned = None if args.skip_tune or not paths.tuned.is_file() else read_best(paths.tuned)
-            source = {"checkpoint": str(paths.best_checkpoint), "config": str(args.config),
-                      "tuning": str(paths.tuned) if tuned else "none: infer defaults of the config",
-                      "tune_mlflow_run_id": (tuned or {}).get("mlflow_run_id")}
-            settings = tuned_settings(tuned, config.infer, source)
-            write_model_folder(paths.best_checkpoint, settings, paths.model)
-            state = "tuned" if tuned else "UNTUNED (tuning skipped)"
-            print(f"    model: {paths.model} ({state}: D={settings['noise_level']} "
-                  f"w={settings['guidance_scale']:g} s={settings['stride']} "
-                  f"map={settings['map_kind']} τ={settings['threshold']:g})", flush=True)
+            write_study_model(paths, config, args.config, tuned=not args.skip_tune)
 
         def log_model() -> None:
             from igconda.tracking.model import log_model_folder
@@ -343,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if paths.tuned.is_file() and not args.skip_tune:
             infer_argv += ["--tuned", str(paths.tuned)]
         stage("infer", (paths.infer / "tables" / "methods.csv").is_file(),
-              lambda: _run_job("infer", infer_argv))
+              lambda: run_job("infer", infer_argv))
 
         # 7. Report.
         def report() -> None:

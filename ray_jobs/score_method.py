@@ -1,4 +1,4 @@
-"""Score a trained baseline on a split, for the method comparison (Ray Data batch inference).
+"""Score one method on a split, for the method comparison (Ray Data batch inference).
 
 ::
 
@@ -7,6 +7,12 @@
         [--config configs/demo.yaml] [--variant TEXT] [--tracking-uri U] [--experiment E]
     python -m ray_jobs.score_method --method dpm_cg --checkpoint <classifier>/best \\
         --checkpoint2 <dpm>/best --data ... --output ...
+    python -m ray_jobs.score_method --method igconda --checkpoint <study>/model --variant 011 ...
+    python -m ray_jobs.score_method --method threshold_41 --data ... --output ...
+
+``igconda`` scores the map kind a study's model folder was tuned to (``igconda_control``: its
+w = 0 control); ``threshold_41`` and ``intensity`` take no checkpoint
+(:func:`igconda.baselines.scoring.load_method`).
 
 1. τ: the method's maps of every unhealthy slice of ``--tune-split`` give the one threshold a
    user would apply (:func:`igconda.evaluation.calibrate_threshold`);
@@ -22,7 +28,8 @@
    ``igconda.stage=score``, ``igconda.method``, ``igconda.variant``, ``igconda.data_version``;
    params; metrics ``dsc_max_mean``, ``dice_tau_mean``, ``auprc_mean``, ``hd95_mean``,
    ``sensitivity_mean`` of the ``internal (all)`` row and ``tau``; artifacts
-   ``scores/per_slice_scores.parquet`` and ``scores/summary.csv``.
+   ``scores/per_slice_scores.parquet`` and ``scores/summary.csv``; then ``score_run.json``
+   (the run id, method and variant) marks the folder finished (:func:`finished_run`).
 
 Settings (``score_batch_size``; for ``dpm_cg`` D, s and the gradient scale) come from the
 ``baselines`` section of ``--config``, else, for ``dpm_cg``, of the study stored in the
@@ -33,6 +40,7 @@ error; a tracking outage only warns (the files are on disk).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -44,6 +52,8 @@ import pandas as pd
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, non_negative_float, positive_int
 from igconda.baselines.scoring import (
+    IGCONDA,
+    IGCONDA_CONTROL,
     SCORE_INPUT_COLUMNS,
     SCORED_METHODS,
     SCORES_FILE,
@@ -58,8 +68,12 @@ from igconda.checkpoint import CheckpointError, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import SPLITS, UNHEALTHY
 from igconda.evaluation import DPM_CG, calibrate_threshold
+from igconda.io_utils import atomic_write
 from igconda.train_loop import dataset_version
 from ray_jobs.train_runs import UsageError, _fs_exists, _join
+
+#: Written last into ``--output``: the folder's scores are finished and logged.
+RUN_RECORD = "score_run.json"
 
 
 class MethodActor:
@@ -68,11 +82,11 @@ class MethodActor:
     Args:
         method, checkpoint, checkpoint2, baselines (``BaselinesConfig`` as a dict), device: what
             :func:`igconda.baselines.scoring.load_method` takes.
-        taus: ``{method: τ}`` to score batches with; None returns the maps of unhealthy slices
+        taus: ``{map name: τ}`` to score batches with; None returns the maps of unhealthy slices
             for calibration instead (:func:`~igconda.baselines.scoring.unhealthy_maps`).
     """
 
-    def __init__(self, method: str, checkpoint: str, checkpoint2: str | None,
+    def __init__(self, method: str, checkpoint: str | None, checkpoint2: str | None,
                  baselines: dict[str, Any], device: str, taus: dict[str, float] | None) -> None:
         from igconda.baselines.settings import BaselinesConfig
         from igconda.config import from_dict
@@ -92,7 +106,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, help=f"one of {', '.join(SCORED_METHODS)}")
-    p.add_argument("--checkpoint", required=True, help="the method's checkpoint (dpm_cg: the classifier's)")
+    p.add_argument("--checkpoint", default=None,
+                   help="the method's checkpoint (dpm_cg: the classifier's; igconda: the study's "
+                        "model folder; none for threshold_41 and intensity)")
     p.add_argument("--checkpoint2", default=None, help="dpm_cg only: the unconditional DPM's checkpoint")
     p.add_argument("--data", required=True, help="preprocessed dataset folder (slices/<split>/)")
     p.add_argument("--split", default="test", choices=SPLITS, help="split to score")
@@ -112,12 +128,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> StudyConfig:
-    """``--config``, else (dpm_cg) the classifier checkpoint's study, else the defaults."""
+    """``--config``, else the checkpoint's study (``dpm_cg``: the classifier's; ``igconda``:
+    the model folder's), else the defaults."""
     if args.config:
         return load_config(args.config)
-    if args.method == DPM_CG:
+    if args.method in (DPM_CG, IGCONDA, IGCONDA_CONTROL):
         return load_checkpoint_config(args.checkpoint)
     return load_config(None)
+
+
+def finished_run(output: str | Path) -> dict[str, Any] | None:
+    """The MLflow run a finished scoring left in ``output`` (its ``score_run.json``), or None
+    when the folder was never scored, is half-written, or its run was not logged."""
+    path = Path(output) / RUN_RECORD
+    if not (path.is_file() and (Path(output) / SCORES_FILE).is_file()):
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("run_id") else None
 
 
 def _run_actors(args: argparse.Namespace, config: StudyConfig, split: str,
@@ -134,7 +164,7 @@ def _run_actors(args: argparse.Namespace, config: StudyConfig, split: str,
     ds = ds.filter(expr=f"label == {UNHEALTHY}")
     return ds.map_batches(
         MethodActor,
-        fn_constructor_kwargs={"method": args.method, "checkpoint": str(args.checkpoint),
+        fn_constructor_kwargs={"method": args.method, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
                                "checkpoint2": str(args.checkpoint2) if args.checkpoint2 else None,
                                "baselines": config.to_dict()["baselines"], "device": device,
                                "taus": taus},
@@ -170,8 +200,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{_join(args.data, 'slices', split)}: no {split} split")
     config = resolve_config(args)
     # Load once here: a wrong or damaged folder fails with its name, not inside every actor.
-    load_method(args.method, args.checkpoint, args.checkpoint2, settings=config.baselines)
+    (name,) = load_method(args.method, args.checkpoint, args.checkpoint2,
+                          settings=config.baselines).names
     output = Path(args.output)
+    (output / RUN_RECORD).unlink(missing_ok=True)  # re-scoring: not finished until logged again
     output.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(address=args.address)
@@ -179,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     tau, tune_dice = calibrate(args, config)
     frames, slices = [], 0
-    for frame in _run_actors(args, config, args.split, {args.method: tau}).iter_batches(
+    for frame in _run_actors(args, config, args.split, {name: tau}).iter_batches(
             batch_size=None, batch_format="pandas"):
         frames.append(frame)
         slices += len(frame)
@@ -192,7 +224,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           f"wrote {output / SCORES_FILE} and {output / SUMMARY_FILE}", flush=True)
 
     metrics = run_metrics(summary)
-    params = {"method": args.method, "checkpoint": str(Path(args.checkpoint).resolve()),
+    params = {"method": name, "score_method": args.method,
+              "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else "",
               "checkpoint2": str(Path(args.checkpoint2).resolve()) if args.checkpoint2 else "",
               "split": args.split, "tune_split": args.tune_split, "tau": tau,
               "tune_dice_at_tau": tune_dice, "data": str(args.data),
@@ -202,15 +235,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data_version = dataset_version(str(args.data))
     with tracking.outage_tolerant("logging the scoring run", uri, on_disk=str(output)):
         with tracking.start_run(uri, args.experiment or config.tracking.experiment,
-                                f"score-{args.method}",
-                                tags=tracking.method_run_tags("score", args.method, args.variant,
+                                f"score-{name}" + (f"-{args.variant}" if args.variant else ""),
+                                tags=tracking.method_run_tags("score", name, args.variant,
                                                               data_version),
                                 parent_run_id=args.parent_run_id) as run_id:
             tracking.log_params(params)
             tracking.log_metrics({**metrics, "tau": tau, "n_slices": float(len(per_slice))})
             tracking.log_artifact(output / SCORES_FILE, "scores")
             tracking.log_artifact(output / SUMMARY_FILE, "scores")
-    print(f"{args.method}: MLflow run {run_id or 'not logged'}", flush=True)
+    print(f"{name}: MLflow run {run_id or 'not logged'}", flush=True)
+    if run_id:
+        record = {"run_id": run_id, "method": name, "variant": args.variant,
+                  "data_version": data_version, "tracking_uri": uri}
+        atomic_write(output / RUN_RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=2)),
+                     suffix=".tmp")
     return {"tau": tau, "summary": summary, "run_id": run_id, "output": output}
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from igconda import checkpoint as ckpt
 from igconda import tracking
-from igconda.config import StudyConfig
+from igconda.config import UNCONDITIONED, StudyConfig
 from igconda.io_utils import atomic_write
 
 RUN_RECORD = "mlflow_run.json"
@@ -24,7 +24,11 @@ RUN_RECORD = "mlflow_run.json"
 def open_mlflow_run(args: argparse.Namespace, config: StudyConfig, output: Path, tracking_uri: str,
                     storage_path: str, data_hash: str) -> dict[str, str]:
     """Create the training's MLflow run (or reopen it on --resume) and log params and tags."""
-    tags = {"igconda.stage": "train", "model.attention": config.model.attention,
+    # The method-run tags of docs/CONTRACTS.md beside the older ones: an unconditional network
+    # (model.conditioning none) is the DPM of DPM + classifier guidance, not an IgCONDA variant.
+    method = "dpm" if config.model.conditioning == UNCONDITIONED else "igconda"
+    tags = {**tracking.method_run_tags("train", method, config.model.attention, data_hash),
+            "model.attention": config.model.attention,
             "model.variant": f"({config.model.attention})", "data.version": data_hash,
             "data.path": args.data}
     params = {**config.flat(), "job.data": args.data, "job.storage_path": storage_path,

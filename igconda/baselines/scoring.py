@@ -1,4 +1,4 @@
-"""Scoring a trained baseline for the method comparison (no Ray): load it, score slices.
+"""Scoring one method of the comparison (no Ray): load it, score slices.
 
 ``python -m ray_jobs.score_method`` runs :func:`load_method` once per Ray Data actor and
 :func:`score_slices` per batch; both run in a plain process as well.
@@ -6,7 +6,10 @@
 Checkpoints per method (what ``python -m ray_jobs.train_baseline`` leaves in ``OUT/best``):
 ``hirescam``, ``supervised``, ``fanogan`` take one folder; ``dpm_cg`` takes the noisy
 classifier's folder and, second, the unconditional DPM's (``ray_jobs.train`` with
-``model.conditioning: none``).
+``model.conditioning: none``). ``igconda`` takes a study's model folder (checkpoint +
+``tuning.json``: D, w, s and the map kind tuning chose) and scores that map;
+``igconda_control`` scores the same folder's w = 0 control of the map's sign (the DDIM round
+trip alone, :mod:`igconda.map_kinds`). ``threshold_41`` and ``intensity`` need no checkpoint.
 """
 
 from __future__ import annotations
@@ -22,14 +25,29 @@ import pyarrow as pa
 from igconda.baselines.settings import BaselinesConfig
 from igconda.config import ConfigError
 from igconda.data.schema import SCORE_SCHEMA, validate_scores
-from igconda.evaluation import DPM_CG, FANOGAN, HIRESCAM, SUPERVISED, AnomalyMethod, score_methods
+from igconda.evaluation import (
+    DPM_CG,
+    FANOGAN,
+    HIRESCAM,
+    INTENSITY,
+    SUPERVISED,
+    THRESHOLD_41,
+    AnomalyMethod,
+    score_methods,
+)
 from igconda.lesion_stats import LESION_STAT_COLUMNS, with_lesion_stats
 
-#: ``--method`` values of the scoring job (``igconda.evaluation`` method names).
-SCORED_METHODS = (HIRESCAM, SUPERVISED, FANOGAN, DPM_CG)
-#: Slice columns scoring reads (IDs copied into the score rows, image and mask).
+#: ``--method`` values that score a study's IgCONDA model folder: its tuned map, its w = 0 control.
+IGCONDA, IGCONDA_CONTROL = "igconda", "igconda_control"
+#: Methods scored without any checkpoint (the controls every comparison reports).
+CHECKPOINT_FREE = (THRESHOLD_41, INTENSITY)
+#: ``--method`` values of the scoring job (``igconda.evaluation`` method names, and the two above).
+SCORED_METHODS = (HIRESCAM, SUPERVISED, FANOGAN, DPM_CG, IGCONDA, IGCONDA_CONTROL, *CHECKPOINT_FREE)
+#: Slice columns scoring reads (IDs copied into the score rows, image and mask; the SUV
+#: scaling for 41 % SUVmax thresholding).
 SCORE_INPUT_COLUMNS = ("patient_id", "cohort", "role", "tracer", "slice_index", "label",
-                       "lesion_pixels", "height", "width", "image", "mask")
+                       "lesion_pixels", "height", "width", "image", "mask",
+                       "suv_max", "scale_min", "scale_max")
 #: A method run's files (``docs/CONTRACTS.md``, "Method runs"), logged under ``scores/``.
 SCORES_FILE, SUMMARY_FILE = "per_slice_scores.parquet", "summary.csv"
 #: The metrics a method run logs from its summary's ``internal (all)`` row.
@@ -40,27 +58,74 @@ COMPARISON_SCORE_SCHEMA = pa.schema([*SCORE_SCHEMA,
                                      *(pa.field(c, pa.float64()) for c in LESION_STAT_COLUMNS)])
 
 
-def load_method(method: str, checkpoint: str | Path, checkpoint2: str | Path | None = None, *,
+class OneMap:
+    """One named map of a method that computes several (IgCONDA decodes its map and the w = 0
+    control in one pass; the comparison scores each as its own run)."""
+
+    def __init__(self, method: AnomalyMethod, name: str) -> None:
+        if name not in method.names:
+            raise ValueError(f"{name!r} is not one of the method's maps {method.names}")
+        self.method, self.names = method, (name,)
+
+    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        return {self.names[0]: self.method.maps(batch)[self.names[0]]}
+
+
+def load_igconda(model_folder: str | Path, *, control: bool = False,
+                 device: str = "cpu") -> AnomalyMethod:
+    """A study model folder's IgCONDA map (the tuned D, w, s and map kind of its
+    ``tuning.json``, :func:`igconda.tuned_model.model_settings`), or with ``control`` its w = 0
+    control of the same sign; the network autocasts as the folder's ``infer.use_amp`` says."""
+    from igconda.checkpoint import load_model
+    from igconda.diffusion.schedule import NoiseSchedule
+    from igconda.evaluation import IgCondaMethod, igconda_method
+    from igconda.map_kinds import matching_control
+    from igconda.tuned_model import model_settings
+
+    model, config = load_model(model_folder, device)
+    settings, _ = model_settings(model_folder, config)
+    kind = settings["map_kind"]
+    method = IgCondaMethod(model, NoiseSchedule.from_config(config.train),
+                           noise_level=settings["noise_level"], stride=settings["stride"],
+                           guidance_scale=settings["guidance_scale"], kinds=(kind,),
+                           device=device, amp=config.infer.use_amp)
+    return OneMap(method, igconda_method(matching_control(kind) if control else kind))
+
+
+def load_method(method: str, checkpoint: str | Path | None = None,
+                checkpoint2: str | Path | None = None, *,
                 settings: BaselinesConfig | None = None, device: str = "cpu") -> AnomalyMethod:
-    """The :class:`~igconda.evaluation.AnomalyMethod` of a trained baseline's checkpoint(s).
+    """The :class:`~igconda.evaluation.AnomalyMethod` of a method of :data:`SCORED_METHODS`.
 
     Args:
         method: one of :data:`SCORED_METHODS`.
-        checkpoint: its folder (``dpm_cg``: the noisy classifier's).
+        checkpoint: its folder (``dpm_cg``: the noisy classifier's; ``igconda``,
+            ``igconda_control``: the study's model folder; none for :data:`CHECKPOINT_FREE`).
         checkpoint2: ``dpm_cg`` only: the unconditional DPM's folder.
         settings: ``score_batch_size`` and the ``dpm_cg_*`` decoding (default: the defaults).
         device: where the networks run.
 
     Raises:
-        ConfigError: unknown method, or checkpoint2 missing / given where it has no use.
+        ConfigError: unknown method, or a checkpoint missing / given where it has no use.
         CheckpointError: a folder that is not the method's.
     """
+    from igconda.evaluation import IntensityMethod, ThresholdMethod
+
     settings = settings or BaselinesConfig()
     if method not in SCORED_METHODS:
         raise ConfigError(f"unknown method {method!r}; known: {', '.join(SCORED_METHODS)}")
     if (method == DPM_CG) != (checkpoint2 is not None):
         raise ConfigError(f"--checkpoint2 (the unconditional DPM) is needed for {DPM_CG} and only "
                           f"for it; method {method!r} got {checkpoint2!r}")
+    if (method in CHECKPOINT_FREE) != (checkpoint is None):
+        raise ConfigError(f"method {method!r} " + ("takes no checkpoint" if checkpoint is not None
+                                                    else "needs --checkpoint"))
+    if method == THRESHOLD_41:
+        return ThresholdMethod()
+    if method == INTENSITY:
+        return IntensityMethod()
+    if method in (IGCONDA, IGCONDA_CONTROL):
+        return load_igconda(checkpoint, control=method == IGCONDA_CONTROL, device=device)
     batch = settings.score_batch_size
     if method == HIRESCAM:
         from igconda.baselines.classifier_cam import HiResCamMethod

@@ -1,0 +1,319 @@
+"""The paper's whole comparison in one command: every method trained on one study's Parquet
+splits through Ray Train, scored by the same batch scoring, then Tables 1–4 and Figs. 4 and 6
+built from the runs in MLflow.
+
+Run it on the built-in phantoms (CPU-sized: ``configs/comparison.yaml``) or on your cohorts::
+
+    python -m ray_jobs.comparison_study --config configs/comparison.yaml --output runs/comparison
+    python -m ray_jobs.comparison_study --config configs/comparison.yaml \\
+        --manifest cohorts/manifest.csv --output runs/mycomparison
+
+What it runs, in order, each step skipped when its finished output is there (so a rerun
+resumes; an interrupted training continues from its latest checkpoint)::
+
+    1. data        the study pipeline's cohorts + preprocess stages       <output>/cohorts, data
+    2. IgCONDA     per --variants V (model.attention = V, nothing else    <output>/igconda_V/
+                   changed): train, tune (D, w, map kind), model folder    train, tune, model
+    3. baselines   ray_jobs.train_baseline per method; DPM + CG: the       <output>/baselines/<m>
+                   unconditional DPM (ray_jobs.train, model.conditioning
+                   none) and its noisy classifier (dpm_classifier)
+    4. scores      ray_jobs.score_method per method (τ calibrated on the   <output>/scores/<m>
+                   tune split, every unhealthy test slice scored, one
+                   MLflow run each): each variant's tuned map and its
+                   w = 0 control, 41 % SUVmax, raw intensity, baselines
+    5. comparison  ray_jobs.compare: the score runs read back from MLflow  <output>/comparison
+
+Every run goes to one MLflow experiment (``tracking`` section; store ``<output>/mlflow.db`` by
+default) with the method-run tags of docs/CONTRACTS.md. A step that fails is reported and the
+others go on; the comparison then covers the methods that were scored, and the exit status is 1.
+Exit status 0 when every step succeeded, 2 on a usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from igconda import tracking
+from igconda.argtypes import TRACKING_URI_HELP, positive_int
+from igconda.config import UNCONDITIONED, ConfigError, StudyConfig, load_config, save_config
+from igconda.io_utils import atomic_write
+
+#: The trained baselines, in the order they run (``dpm_cg`` trains the DPM and the classifier).
+BASELINES = ("hirescam", "fanogan", "dpm_cg", "supervised")
+#: The paper's attention variants of IgCONDA (one digit per UNet level, 1 = attention).
+VARIANTS = ("000", "001", "011")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ray_jobs.comparison_study",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/comparison.yaml", help="study config YAML")
+    p.add_argument("--output", required=True, help="comparison folder (created; reruns resume)")
+    p.add_argument("--manifest", help="use these cohorts instead of generating phantoms")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="IgCONDA attention variants, comma-separated (default %(default)s)")
+    p.add_argument("--baselines", default=",".join(BASELINES),
+                   help=f"trained baselines, comma-separated, of {', '.join(BASELINES)} "
+                        "(default all; '' for none)")
+    p.add_argument("--num-workers", type=positive_int, default=None, help="training workers")
+    p.add_argument("--use-gpu", action="store_true", help="train and score on GPUs")
+    p.add_argument("--address", help="Ray address (default: start a local Ray)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+    p.add_argument("--experiment", default=None, help="MLflow experiment name")
+    return p.parse_args(argv)
+
+
+def parse_choices(text: str, known: tuple[str, ...] | None, what: str) -> list[str]:
+    """A comma-separated option as a list; unknown entries (``known``) are a usage error."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if known is not None and t not in known]
+    if bad:
+        raise ConfigError(f"unknown {what} {bad}; known: {', '.join(known or ())}")
+    if len(set(items)) != len(items):
+        raise ConfigError(f"{what} listed twice in {text!r}")
+    return items
+
+
+def variant_config(config: StudyConfig, attention: str) -> StudyConfig:
+    """The study with IgCONDA's attention levels set to ``attention`` (validated)."""
+    changed = config.replace("model", attention=attention)
+    # Round-trip through the validating loader: a variant that does not fit the channels fails
+    # here, with its name, before anything trains.
+    from igconda.config import from_dict
+
+    return from_dict(changed.to_dict())
+
+
+class Study:
+    """The folders, shared job arguments and step bookkeeping of one comparison."""
+
+    def __init__(self, args: argparse.Namespace, config: StudyConfig) -> None:
+        self.args, self.config = args, config
+        self.root = Path(args.output).resolve()
+        self.data = self.root / "data"
+        self.config_path = self.root / "configs" / "study.yaml"  # written by run()
+        self.tracking_uri = tracking.resolve_tracking_uri(
+            args.tracking_uri or config.tracking.tracking_uri, self.root)
+        self.experiment = args.experiment or config.tracking.experiment
+        self.common = ["--tracking-uri", self.tracking_uri, "--experiment", self.experiment]
+        if args.address:
+            self.common += ["--address", args.address]
+        self.timings: dict[str, float] = {}
+        self.failed: dict[str, str] = {}
+
+    def config_file(self, name: str, config: StudyConfig) -> Path:
+        """``config`` written as ``<output>/configs/<name>.yaml`` (what that step's jobs read)."""
+        path = self.root / "configs" / f"{name}.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_config(config, path)
+        return path
+
+    def train_argv(self, output: Path, config_file: Path) -> list[str]:
+        from ray_jobs.pipeline import training_argv
+
+        return training_argv(self.data, output, str(config_file),
+                             num_workers=self.args.num_workers or self.config.train.num_workers,
+                             use_gpu=self.args.use_gpu, local=not self.args.address) + self.common
+
+    def step(self, name: str, body: Callable[[], None], needs: tuple[str, ...] = ()) -> bool:
+        """Run one step; a failure is recorded (with the error) and the study goes on.
+        Skipped (False) when a step it ``needs`` failed."""
+        lost = [n for n in needs if n in self.failed]
+        if lost:
+            self.failed[name] = f"not run: {', '.join(lost)} failed"
+            print(f"\n==> {name}: not run ({', '.join(lost)} failed)", flush=True)
+            return False
+        print(f"\n==> {name}", flush=True)
+        started = time.perf_counter()
+        try:
+            body()
+        except (Exception, SystemExit) as err:  # run_job raises SystemExit on a job's exit code
+            traceback.print_exc()
+            self.failed[name] = f"{type(err).__name__}: {err}"
+            print(f"    {name}: FAILED ({self.failed[name]}); going on with the other methods",
+                  flush=True)
+            return False
+        self.timings[name] = time.perf_counter() - started
+        print(f"    {name}: done in {self.timings[name]:.0f} s", flush=True)
+        return True
+
+
+def igconda_variant(study: Study, attention: str) -> str:
+    """Train, tune and write the model folder of one attention variant; the step's name."""
+    from ray_jobs.pipeline import StudyPaths, run_job, run_training, write_study_model
+
+    config = variant_config(study.config, attention)
+    config_file = study.config_file(f"igconda_{attention}", config)
+    paths = StudyPaths(study.root / f"igconda_{attention}")
+    name = f"igconda_{attention}"
+
+    def body() -> None:
+        run_training(paths, study.train_argv(paths.train, config_file))
+        if not paths.tuned.is_file():
+            run_job("tune", ["--checkpoint", str(paths.best_checkpoint), "--data", str(study.data),
+                             "--output", str(paths.tune), "--config", str(config_file)]
+                    + study.common)
+        if not (paths.model / "tuning.json").is_file():
+            write_study_model(paths, config, str(config_file))
+
+    study.step(name, body)
+    return name
+
+
+def train_baseline(study: Study, method: str, config_file: Path) -> str:
+    """Train one ``ray_jobs.train_baseline`` method into ``baselines/<method>``; the step's name."""
+    from igconda import checkpoint as ckpt
+    from ray_jobs.pipeline import discard, run_job
+    from ray_jobs.train_runs import default_storage_path, has_run
+
+    output = study.root / "baselines" / method
+
+    def body() -> None:
+        if (output / ckpt.BEST_POINTER).is_file():
+            print(f"    {output / ckpt.BEST_POINTER} found, skipping", flush=True)
+            return
+        argv = ["--method", method] + study.train_argv(output, config_file)
+        if has_run(default_storage_path(output), method):
+            print(f"    resuming the interrupted training in {output}", flush=True)
+            run_job("train_baseline", argv + ["--resume"])
+            return
+        if output.exists():
+            discard(output)
+        run_job("train_baseline", argv)
+
+    name = f"train {method}"
+    study.step(name, body)
+    return name
+
+
+def score(study: Study, method: str, *, checkpoint: Path | None = None,
+          checkpoint2: Path | None = None, variant: str = "", needs: tuple[str, ...] = ()) -> None:
+    """Score one method into ``scores/<method>[-<variant>]`` unless finished there (the study
+    config's ``baselines`` section sets the scoring batch and the DPM + CG decoding)."""
+    from ray_jobs.pipeline import run_job
+    from ray_jobs.score_method import finished_run
+
+    folder = study.root / "scores" / (f"{method}-{variant}" if variant else method)
+
+    def body() -> None:
+        done = finished_run(folder)
+        if done and done.get("tracking_uri") == study.tracking_uri:
+            print(f"    scored already (MLflow run {done['run_id']}), skipping", flush=True)
+            return
+        argv = ["--method", method, "--data", str(study.data), "--output", str(folder),
+                "--variant", variant, "--config", str(study.config_path)]
+        argv += study.common
+        argv += ["--checkpoint", str(checkpoint)] if checkpoint else []
+        argv += ["--checkpoint2", str(checkpoint2)] if checkpoint2 else []
+        if study.args.use_gpu:
+            argv += ["--num-gpus", "1"]
+        run_job("score_method", argv)
+
+    study.step(f"score {folder.name}", body, needs)
+
+
+def dpm_classifier_guidance(study: Study, config_file: Path) -> None:
+    """DPM + classifier guidance: the unconditional DPM (IgCONDA's network and noise schedule
+    without any class input, ``ray_jobs.train``), its noisy classifier, then the scoring."""
+    from igconda import checkpoint as ckpt
+    from ray_jobs.pipeline import StudyPaths, run_training
+
+    dpm = StudyPaths(study.root / "baselines" / "dpm")
+    dpm_config = study.config_file("dpm", study.config.replace("model", conditioning=UNCONDITIONED))
+    study.step("train dpm", lambda: run_training(dpm, study.train_argv(dpm.train, dpm_config)))
+    classifier = train_baseline(study, "dpm_classifier", config_file)
+    score(study, "dpm_cg", checkpoint=study.root / "baselines" / "dpm_classifier" / ckpt.BEST_DIR,
+          checkpoint2=dpm.best_checkpoint, needs=("train dpm", classifier))
+
+
+def run(study: Study, variants: list[str], baselines: list[str]) -> None:
+    """Steps 1–5 of the module docstring."""
+    from igconda import checkpoint as ckpt
+    from igconda.train_loop import dataset_version
+    from ray_jobs.pipeline import run_job
+
+    args = study.args
+    base_config = study.config_file("study", study.config)  # = study.config_path
+
+    def data() -> None:
+        run_job("pipeline", ["--config", str(base_config), "--output", str(study.root),
+                             "--stop-after", "preprocess"] + study.common
+                + (["--manifest", str(Path(args.manifest).resolve())] if args.manifest else []))
+
+    if not study.step("data", data):
+        return
+    for attention in variants:
+        step = igconda_variant(study, attention)
+        model = study.root / step / "model"
+        score(study, "igconda", checkpoint=model, variant=attention, needs=(step,))
+        score(study, "igconda_control", checkpoint=model, variant=attention, needs=(step,))
+    score(study, "threshold_41")
+    score(study, "intensity")
+
+    for method in baselines:
+        if method == "dpm_cg":
+            dpm_classifier_guidance(study, base_config)
+            continue
+        step = train_baseline(study, method, base_config)
+        score(study, method, checkpoint=study.root / "baselines" / method / ckpt.BEST_DIR,
+              needs=(step,))
+
+    version = dataset_version(str(study.data))
+    study.step("comparison", lambda: run_job(
+        "compare", ["--tracking-uri", study.tracking_uri, "--experiment", study.experiment,
+                    "--output", str(study.root / "comparison"), "--data-version", version]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config)
+        variants = parse_choices(args.variants, None, "variants")
+        baselines = parse_choices(args.baselines, BASELINES, "baselines")
+        for attention in variants:
+            variant_config(config, attention)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    study = Study(args, config)
+    study.root.mkdir(parents=True, exist_ok=True)
+
+    import ray
+    import ray.data
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=args.address, log_to_driver=True)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    started = time.perf_counter()
+    try:
+        run(study, variants, baselines)
+    finally:
+        if started_here:
+            ray.shutdown()
+    total = time.perf_counter() - started
+    record = {"timings_s": {**study.timings, "total": total}, "failed": study.failed,
+              "variants": variants, "baselines": baselines, "config": str(args.config)}
+    atomic_write(study.root / "comparison_study.json",
+                 lambda tmp: tmp.write_text(json.dumps(record, indent=2)), suffix=".tmp")
+    print(f"\n==> comparison study finished in {total / 60:.1f} min", flush=True)
+    print(f"    tables and figures: {study.root / 'comparison' / 'comparison.html'}")
+    print(f"    MLflow:  mlflow ui --backend-store-uri {study.tracking_uri}")
+    if study.failed:
+        print("    FAILED steps:\n" + "\n".join(f"      {k}: {v}" for k, v in study.failed.items()),
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
