@@ -16,7 +16,9 @@ resumes; an interrupted training continues from its latest checkpoint)::
                    changed): train, tune (D, w, map kind), model folder    train, tune, model
     3. baselines   ray_jobs.train_baseline per method; DPM + CG: the       <output>/baselines/<m>
                    unconditional DPM (ray_jobs.train, model.conditioning
-                   none) and its noisy classifier (dpm_classifier)
+                   none), its noisy classifier (dpm_classifier) and its
+                   (D, scale) tuned on the tune split (ray_jobs.tune
+                   --method dpm_cg; baselines.dpm_cg_noise_levels/_scales)
     4. scores      ray_jobs.score_method per method (τ calibrated on the   <output>/scores/<m>
                    tune split, every unhealthy test slice scored, one
                    MLflow run each): each variant's tuned map and its
@@ -195,26 +197,29 @@ def train_baseline(study: Study, method: str, config_file: Path) -> str:
 
 
 def score(study: Study, method: str, *, checkpoint: Path | None = None,
-          checkpoint2: Path | None = None, variant: str = "", needs: tuple[str, ...] = ()) -> None:
+          checkpoint2: Path | None = None, variant: str = "", tuned: Path | None = None,
+          needs: tuple[str, ...] = ()) -> None:
     """Score one method into ``scores/<method>[-<variant>]`` unless finished there (the study
     config's ``baselines`` section sets the scoring batch and the DPM + CG decoding)."""
     from ray_jobs.pipeline import run_job
-    from ray_jobs.score_method import finished_run
+    from ray_jobs.score_method import finished_run, score_inputs
+    from ray_jobs.score_method import parse_args as parse_score_args
 
     folder = study.root / "scores" / (f"{method}-{variant}" if variant else method)
 
     def body() -> None:
-        done = finished_run(folder)
-        if done and done.get("tracking_uri") == study.tracking_uri:
-            print(f"    scored already (MLflow run {done['run_id']}), skipping", flush=True)
-            return
         argv = ["--method", method, "--data", str(study.data), "--output", str(folder),
                 "--variant", variant, "--config", str(study.config_path)]
         argv += study.common
         argv += ["--checkpoint", str(checkpoint)] if checkpoint else []
         argv += ["--checkpoint2", str(checkpoint2)] if checkpoint2 else []
+        argv += ["--tuned", str(tuned)] if tuned else []
         if study.args.use_gpu:
             argv += ["--num-gpus", "1"]
+        done = finished_run(folder, score_inputs(parse_score_args(argv)))
+        if done and done.get("tracking_uri") == study.tracking_uri:
+            print(f"    scored already (MLflow run {done['run_id']}), skipping", flush=True)
+            return
         run_job("score_method", argv)
 
     study.step(f"score {folder.name}", body, needs)
@@ -222,16 +227,35 @@ def score(study: Study, method: str, *, checkpoint: Path | None = None,
 
 def dpm_classifier_guidance(study: Study, config_file: Path) -> None:
     """DPM + classifier guidance: the unconditional DPM (IgCONDA's network and noise schedule
-    without any class input, ``ray_jobs.train``), its noisy classifier, then the scoring."""
+    without any class input, ``ray_jobs.train``), its noisy classifier, the (D, scale) search
+    on the tune split (``ray_jobs.tune --method dpm_cg``, when the config has a grid), then the
+    scoring at the chosen pair."""
     from igconda import checkpoint as ckpt
-    from ray_jobs.pipeline import StudyPaths, run_training
+    from ray_jobs.pipeline import StudyPaths, run_job, run_training
 
     dpm = StudyPaths(study.root / "baselines" / "dpm")
     dpm_config = study.config_file("dpm", study.config.replace("model", conditioning=UNCONDITIONED))
     study.step("train dpm", lambda: run_training(dpm, study.train_argv(dpm.train, dpm_config)))
     classifier = train_baseline(study, "dpm_classifier", config_file)
-    score(study, "dpm_cg", checkpoint=study.root / "baselines" / "dpm_classifier" / ckpt.BEST_DIR,
-          checkpoint2=dpm.best_checkpoint, needs=("train dpm", classifier))
+    classifier_best = study.root / "baselines" / "dpm_classifier" / ckpt.BEST_DIR
+    needs = ("train dpm", classifier)
+    tuned = None
+    if study.config.baselines.dpm_cg_noise_levels:
+        tuned = study.root / "baselines" / "tune_dpm_cg" / "best.json"
+
+        def tune() -> None:
+            if tuned.is_file():
+                print(f"    {tuned} found, skipping", flush=True)
+                return
+            run_job("tune", ["--method", "dpm_cg", "--checkpoint", str(classifier_best),
+                             "--checkpoint2", str(dpm.best_checkpoint), "--data", str(study.data),
+                             "--output", str(tuned.parent), "--config", str(config_file)]
+                    + study.common)
+
+        study.step("tune dpm_cg", tune, needs)
+        needs = (*needs, "tune dpm_cg")
+    score(study, "dpm_cg", checkpoint=classifier_best, checkpoint2=dpm.best_checkpoint,
+          tuned=tuned, needs=needs)
 
 
 def run(study: Study, variants: list[str], baselines: list[str]) -> None:

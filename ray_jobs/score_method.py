@@ -110,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the method's checkpoint (dpm_cg: the classifier's; igconda: the study's "
                         "model folder; none for threshold_41 and intensity)")
     p.add_argument("--checkpoint2", default=None, help="dpm_cg only: the unconditional DPM's checkpoint")
+    p.add_argument("--tuned", default=None,
+                   help="dpm_cg: best.json of `ray_jobs.tune --method dpm_cg` (its D and scale "
+                        "replace the config's baselines.dpm_cg_noise_level / dpm_cg_scale)")
     p.add_argument("--data", required=True, help="preprocessed dataset folder (slices/<split>/)")
     p.add_argument("--split", default="test", choices=SPLITS, help="split to score")
     p.add_argument("--tune-split", default="tune", choices=SPLITS, help="split τ is calibrated on")
@@ -129,17 +132,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> StudyConfig:
     """``--config``, else the checkpoint's study (``dpm_cg``: the classifier's; ``igconda``:
-    the model folder's), else the defaults."""
+    the model folder's), else the defaults; for ``dpm_cg`` with ``--tuned``, the tuned D and
+    scale in place of the config's."""
     if args.config:
-        return load_config(args.config)
-    if args.method in (DPM_CG, IGCONDA, IGCONDA_CONTROL):
-        return load_checkpoint_config(args.checkpoint)
-    return load_config(None)
+        config = load_config(args.config)
+    elif args.method in (DPM_CG, IGCONDA, IGCONDA_CONTROL):
+        config = load_checkpoint_config(args.checkpoint)
+    else:
+        config = load_config(None)
+    if args.tuned is None:
+        return config
+    if args.method != DPM_CG:
+        raise UsageError(f"--tuned is for {DPM_CG}; {args.method!r} reads its own settings")
+    try:
+        best = json.loads(Path(args.tuned).read_text())
+        changes = {"dpm_cg_noise_level": int(best["noise_level"]),
+                   "dpm_cg_scale": float(best["scale"]), "dpm_cg_stride": int(best["stride"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"--tuned {args.tuned}: not a dpm_cg tuning result ({err!r})") from None
+    return config.replace("baselines", **changes)
 
 
-def finished_run(output: str | Path) -> dict[str, Any] | None:
+def score_inputs(args: argparse.Namespace) -> dict[str, str]:
+    """What a scoring's result depends on: the method, the resolved checkpoint, data and tuning
+    paths, the splits, the variant, and a digest of the config file's text."""
+    import hashlib
+
+    def resolved(path: str | None) -> str:
+        return str(Path(path).resolve()) if path else ""
+
+    config = (hashlib.sha256(Path(args.config).read_bytes()).hexdigest()[:16]
+              if args.config and Path(args.config).is_file() else "")
+    return {"method": args.method, "checkpoint": resolved(args.checkpoint),
+            "checkpoint2": resolved(args.checkpoint2), "tuned": resolved(args.tuned),
+            "data": str(args.data), "split": args.split, "tune_split": args.tune_split,
+            "variant": args.variant, "config_sha256": config}
+
+
+def finished_run(output: str | Path, inputs: dict[str, str] | None = None) -> dict[str, Any] | None:
     """The MLflow run a finished scoring left in ``output`` (its ``score_run.json``), or None
-    when the folder was never scored, is half-written, or its run was not logged."""
+    when the folder was never scored, is half-written, its run was not logged, or (with
+    ``inputs``, :func:`score_inputs`) it was scored from other inputs: a stale result."""
     path = Path(output) / RUN_RECORD
     if not (path.is_file() and (Path(output) / SCORES_FILE).is_file()):
         return None
@@ -147,7 +180,9 @@ def finished_run(output: str | Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("run_id") else None
+    if not (isinstance(record, dict) and record.get("run_id")):
+        return None
+    return record if inputs is None or record.get("inputs") == inputs else None
 
 
 def _run_actors(args: argparse.Namespace, config: StudyConfig, split: str,
@@ -227,6 +262,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     params = {"method": name, "score_method": args.method,
               "checkpoint": str(Path(args.checkpoint).resolve()) if args.checkpoint else "",
               "checkpoint2": str(Path(args.checkpoint2).resolve()) if args.checkpoint2 else "",
+              "tuned": str(args.tuned or ""),
               "split": args.split, "tune_split": args.tune_split, "tau": tau,
               "tune_dice_at_tau": tune_dice, "data": str(args.data),
               **{k: v for k, v in config.flat().items() if k.startswith("baselines.")}}
@@ -246,7 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{name}: MLflow run {run_id or 'not logged'}", flush=True)
     if run_id:
         record = {"run_id": run_id, "method": name, "variant": args.variant,
-                  "data_version": data_version, "tracking_uri": uri}
+                  "data_version": data_version, "tracking_uri": uri, "inputs": score_inputs(args)}
         atomic_write(output / RUN_RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=2)),
                      suffix=".tmp")
     return {"tau": tau, "summary": summary, "run_id": run_id, "output": output}

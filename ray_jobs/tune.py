@@ -14,6 +14,14 @@ It writes ``<output>/best.json`` (the chosen (D, w); ``python -m ray_jobs.infer 
 <output>/best.json`` uses it), ``grid.csv`` and ``heatmap.png``, and logs an MLflow ``tune`` run
 with one child run per (D, w). The search space is the config's ``tune`` section (without
 ``--config``, the one stored in the checkpoint).
+
+The DPM + classifier guidance baseline's D and gradient scale are searched by the same job on
+the same tune slices (grid: the config's ``baselines.dpm_cg_noise_levels`` × ``dpm_cg_scales``;
+:mod:`tuning.dpm_cg`)::
+
+    python -m ray_jobs.tune --method dpm_cg --checkpoint <classifier>/best \
+        --checkpoint2 <dpm>/best --data runs/demo/data --output runs/demo/tune_dpm_cg \
+        --config configs/comparison.yaml
 """
 
 from __future__ import annotations
@@ -32,7 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder (train/best)")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder (train/best; dpm_cg: the noisy classifier's)")
+    parser.add_argument("--method", choices=("igconda", "dpm_cg"), default="igconda",
+                        help="what to tune (default %(default)s)")
+    parser.add_argument("--checkpoint2", default=None, help="dpm_cg: the unconditional DPM's checkpoint")
     parser.add_argument("--data", required=True, help="preprocessed data folder (with slices/tune)")
     parser.add_argument("--output", required=True, help="output folder (created)")
     parser.add_argument("--config", help="study YAML whose tune section applies "
@@ -50,26 +62,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if (args.method == "dpm_cg") != (args.checkpoint2 is not None):
+        print("error: --checkpoint2 (the unconditional DPM) is needed with --method dpm_cg and "
+              "only there", file=sys.stderr)
+        return 2
     try:
         study = load_config(args.config) if args.config else load_checkpoint_config(args.checkpoint)
         if args.max_slices is not None:
             study = study.replace("tune", max_slices=args.max_slices)
         check_checkpoint(args.checkpoint)  # before the trials each load it
+        if args.checkpoint2:
+            check_checkpoint(args.checkpoint2)
     except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
     import ray
 
+    from tuning.dpm_cg import run_dpm_cg_tuning
     from tuning.driver import TuningError, run_tuning
 
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=args.address)
     try:
-        run_tuning(args.checkpoint, args.data, args.output, study=study,
-                   tracking_uri=args.tracking_uri, experiment=args.experiment,
-                   parent_run_id=args.parent_run_id, share_encoding=not args.trial_per_pair)
+        if args.method == "dpm_cg":
+            run_dpm_cg_tuning(args.checkpoint, args.checkpoint2, args.data, args.output,
+                              study=study, tracking_uri=args.tracking_uri,
+                              experiment=args.experiment, parent_run_id=args.parent_run_id)
+        else:
+            run_tuning(args.checkpoint, args.data, args.output, study=study,
+                       tracking_uri=args.tracking_uri, experiment=args.experiment,
+                       parent_run_id=args.parent_run_id, share_encoding=not args.trial_per_pair)
     except (ConfigError, CheckpointError, TuningError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

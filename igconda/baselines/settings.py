@@ -29,7 +29,9 @@ class BaselinesConfig:
     UNet upper bound. ``fanogan_*``: f-AnoGAN; ``fanogan_encoder_epochs`` is its izi_f encoder
     stage, run after the WGAN-GP stage (0 = as many as ``epochs``). ``classifier_*``: the noisy
     classifier of DPM + classifier guidance. ``dpm_cg_*``: its decoding at scoring time, D
-    (``dpm_cg_noise_level``, 0 = T / 5, the paper's 200 of T = 1000), stride s, gradient scale.
+    (``dpm_cg_noise_level``, 0 = T / 5, the paper's 200 of T = 1000), stride s, gradient scale;
+    ``dpm_cg_noise_levels`` × ``dpm_cg_scales``: the grid ``python -m ray_jobs.tune --method
+    dpm_cg`` searches on the tune split (empty: not tuned, the single values above are used).
     """
 
     epochs: int = 10
@@ -57,6 +59,8 @@ class BaselinesConfig:
     dpm_cg_noise_level: int = 0
     dpm_cg_stride: int = 1
     dpm_cg_scale: float = 6.0
+    dpm_cg_noise_levels: tuple[int, ...] = ()
+    dpm_cg_scales: tuple[float, ...] = ()
 
     @property
     def encoder_epochs(self) -> int:
@@ -84,6 +88,12 @@ def validate_baselines(b: BaselinesConfig, num_train_timesteps: int,
                 "fanogan_encoder_lr", "classifier_lr", "dpm_cg_scale"):
         check(getattr(b, key) > 0, f"baselines.{key} {getattr(b, key)} must be positive")
     d, s, _ = b.dpm_cg_decoding(num_train_timesteps)
-    check(s >= 1 and 0 < d < num_train_timesteps and d % s == 0,
-          f"baselines.dpm_cg_noise_level D={d} must be in (0, {num_train_timesteps}) "
-          f"(train.num_train_timesteps) and a multiple of baselines.dpm_cg_stride s={s}")
+    for level in (d, *b.dpm_cg_noise_levels):
+        check(s >= 1 and 0 < level < num_train_timesteps and level % s == 0,
+              f"baselines.dpm_cg_noise_level(s) D={level} must be in (0, {num_train_timesteps}) "
+              f"(train.num_train_timesteps) and a multiple of baselines.dpm_cg_stride s={s}")
+    check(all(scale > 0 for scale in b.dpm_cg_scales),
+          f"baselines.dpm_cg_scales {list(b.dpm_cg_scales)} must be positive")
+    check(bool(b.dpm_cg_noise_levels) == bool(b.dpm_cg_scales),
+          "baselines.dpm_cg_noise_levels and dpm_cg_scales are the tuning grid: give both or "
+          "neither")

@@ -1,0 +1,103 @@
+"""``ray_jobs.comparison_study``: one command trains and scores every method of a tiny study,
+logs each as a method run, builds the comparison from MLflow, and a rerun resumes (skips what
+is finished); bad options are usage errors; a failing step is reported and the others go on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from igconda import tracking
+from igconda.config import ConfigError, load_config
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "test.yaml")
+
+
+def test_bad_options_are_usage_errors(tmp_path, capsys):
+    from ray_jobs import comparison_study
+
+    base = ["--config", CONFIG, "--output", str(tmp_path / "c")]
+    assert comparison_study.main([*base, "--baselines", "hirescam,resnet"]) == 2
+    assert "unknown baselines ['resnet']" in capsys.readouterr().err
+    # configs/test.yaml has two UNet levels: a three-digit variant does not fit it.
+    assert comparison_study.main([*base, "--variants", "011"]) == 2
+    assert "one 0/1 digit per level" in capsys.readouterr().err
+    assert comparison_study.main([*base, "--variants", "01,01"]) == 2
+    assert "listed twice" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_variant_config_changes_only_the_attention_levels():
+    from ray_jobs.comparison_study import variant_config
+
+    study = load_config(CONFIG)
+    variant = variant_config(study, "00")
+    assert variant.model.attention == "00"
+    assert variant.replace("model", attention=study.model.attention) == study
+    with pytest.raises(ConfigError):
+        variant_config(study, "0a")
+
+
+def test_a_failed_step_is_recorded_and_the_steps_that_need_it_do_not_run(tmp_path, capsys):
+    from ray_jobs.comparison_study import Study
+
+    args = argparse.Namespace(output=str(tmp_path), tracking_uri=None, experiment=None,
+                              address=None, num_workers=None, use_gpu=False)
+    study = Study(args, load_config(CONFIG))
+    ran = []
+
+    def broken() -> None:
+        raise SystemExit("stage 'train' failed with exit code 1")
+
+    assert not study.step("train a", broken)
+    assert not study.step("score a", lambda: ran.append("a"), needs=("train a",))
+    assert study.step("score b", lambda: ran.append("b"))
+    assert ran == ["b"] and set(study.failed) == {"train a", "score a"}
+    assert "exit code 1" in study.failed["train a"] and "train a failed" in study.failed["score a"]
+    assert "going on with the other methods" in capsys.readouterr().out
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_one_command_scores_every_method_and_resumes(tmp_path, ray_session, capsys):
+    from ray_jobs import comparison_study
+
+    out = tmp_path / "study"
+    argv = ["--config", CONFIG, "--output", str(out), "--variants", "01",
+            "--baselines", "hirescam"]
+    assert comparison_study.main(argv) == 0
+    record = json.loads((out / "comparison_study.json").read_text())
+    assert record["failed"] == {} and record["variants"] == ["01"]
+
+    uri = tracking.resolve_tracking_uri(None, out)
+    runs = tracking.find_runs(uri, "igconda", "tags.`igconda.stage` = 'score'")
+    by_method = {r["tags"]["igconda.method"]: r for r in runs}
+    kind = json.loads((out / "igconda_01" / "model" / "tuning.json").read_text())["map_kind"]
+    control = "igconda_w0_hot" if kind == "hot" else "igconda_w0"
+    assert set(by_method) == {f"igconda_{kind}", control, "threshold_41", "intensity", "hirescam"}
+    assert len(runs) == 5
+    assert by_method[f"igconda_{kind}"]["tags"]["igconda.variant"] == "01"
+    assert by_method[control]["tags"]["igconda.variant"] == "01"
+    versions = {r["tags"]["igconda.data_version"] for r in runs}
+    assert len(versions) == 1  # every method scored the same data
+    (train,) = tracking.find_runs(uri, "igconda", "tags.`igconda.stage` = 'train'")
+    assert train["tags"]["igconda.method"] == "igconda" and train["tags"]["igconda.variant"] == "01"
+    assert train["tags"]["igconda.data_version"] in versions
+
+    # The comparison was read back from those runs: every method is in every table.
+    (comparison,) = tracking.find_runs(uri, "igconda", "tags.`igconda.stage` = 'comparison'")
+    assert int(comparison["params"]["score_runs"]) == 5
+    page = (out / "comparison" / "comparison.md").read_text()
+    for label in ("(01)", "41% SUVmax", "raw intensity", "ResNet-18 HiResCAM", "w = 0 control"):
+        assert label in page, label
+
+    # A rerun resumes: nothing is trained or scored again; only the comparison is rebuilt.
+    capsys.readouterr()
+    assert comparison_study.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("scored already") == 5 and "found, skipping" in printed
+    assert len(tracking.find_runs(uri, "igconda", "tags.`igconda.stage` = 'score'")) == 5
+    assert len(tracking.find_runs(uri, "igconda", "tags.`igconda.stage` = 'comparison'")) == 2
