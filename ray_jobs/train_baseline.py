@@ -124,6 +124,14 @@ def resolve_config(args: argparse.Namespace) -> StudyConfig:
     return load_config(args.config, overrides=overrides or None)
 
 
+def initial_weights(config: StudyConfig, method: str) -> str:
+    """Where the network's initial weights come from, for the run's ``igconda.init`` tag:
+    ``pretrained:<file name>`` (``baselines.hirescam_weights``, a local ImageNet ResNet-18; its
+    SHA-256 is stored with the checkpoint) or ``scratch``."""
+    weights = config.baselines.hirescam_weights if method == "hirescam" else ""
+    return f"pretrained:{Path(weights).name}" if weights else "scratch"
+
+
 def slice_size(data: str) -> tuple[int, int]:
     """(H, W) of the train split's slices, from the first row's ``height``/``width``."""
     import pyarrow.dataset as pads
@@ -159,7 +167,7 @@ def run(args: argparse.Namespace) -> Path:
                   **{f"settings.{k}": v for k, v in dataclasses.asdict(settings).items()},
                   "job.method": args.method, "job.data": args.data, "job.slice_size": list(size)}
         tags = {**tracking.method_run_tags("train_baseline", SCORED_AS[args.method], args.variant, data_hash),
-                "igconda.train_method": args.method}
+                "igconda.train_method": args.method, "igconda.init": initial_weights(config, args.method)}
         with tracking.outage_tolerant("opening the training run; training goes on without MLflow",
                                       tracking_uri, **outage):
             mlflow_cfg = create_or_reopen_run(

@@ -74,6 +74,7 @@ def test_every_method_trains_an_epoch_and_leaves_its_best_checkpoint(trained):
         record = tracking.get_run(*_run_of(trained[method]))
         assert record["tags"]["igconda.stage"] == "train_baseline"
         assert record["tags"]["igconda.method"] == scored_as and record["status"] == "FINISHED"
+        assert record["tags"]["igconda.init"] == "scratch"  # no local ImageNet weights given
         assert "best/valid_loss" in record["metrics"] and "baselines.epochs" in record["params"]
     dpm_cg = load_method("dpm_cg", trained["dpm_classifier"] / ckpt.BEST_DIR,
                          trained["dpm"] / ckpt.BEST_DIR)
@@ -117,6 +118,46 @@ def test_score_method_writes_scores_and_the_comparison_run(trained, data, tmp_pa
     assert float(run["params"]["tau"]) == pytest.approx(frame["tau"].iloc[0])
     assert sorted(tracking.list_artifacts(uri, run["run_id"], "scores")) == [
         "scores/per_slice_scores.parquet", "scores/summary.csv"]
+
+
+def test_dpm_cg_is_tuned_by_the_tune_job_and_scored_at_the_chosen_pair(trained, data, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from ray_jobs import score_method, tune
+
+    study = yaml.safe_load(Path(CONFIG).read_text())
+    study["baselines"].update(dpm_cg_noise_levels=[2, 4], dpm_cg_scales=[1.0, 6.0])
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(study))
+    classifier = str(trained["dpm_classifier"] / ckpt.BEST_DIR)
+    dpm = str(trained["dpm"] / ckpt.BEST_DIR)
+    out = tmp_path / "tune"
+    pair = ["--checkpoint", classifier, "--checkpoint2", dpm, "--data", str(data)]
+    assert tune.main(["--method", "dpm_cg", *pair, "--output", str(out), "--config", str(config)]) == 0
+    grid = pd.read_csv(out / "grid.csv")
+    pairs = sorted(zip(grid["noise_level"], grid["guidance_scale"], strict=True))
+    assert pairs == [(2, 1.0), (2, 6.0), (4, 1.0), (4, 6.0)]
+    assert set(grid["map_kind"]) == {"dpm_cg"} and grid["num_slices"].gt(0).all()
+    best = json.loads((out / "best.json").read_text())
+    top = grid[grid["mean_dsc"] == grid["mean_dsc"].max()].iloc[0]  # ties: smaller D, then scale
+    assert (best["noise_level"], best["scale"]) == (int(top["noise_level"]), float(top["guidance_scale"]))
+    (run,) = tracking.find_runs(tracking.resolve_tracking_uri(None, out), "igconda",
+                                "tags.`igconda.method` = 'dpm_cg'")
+    assert run["tags"]["igconda.stage"] == "tune" and "tune/grid.csv" in tracking.list_artifacts(
+        tracking.resolve_tracking_uri(None, out), run["run_id"], "tune")
+
+    scores = tmp_path / "scores"
+    assert score_method.main(["--method", "dpm_cg", *pair, "--tuned", str(out / "best.json"),
+                              "--output", str(scores), "--config", CONFIG, "--num-cpus", "0.5"]) == 0
+    (scored,) = tracking.find_runs(tracking.resolve_tracking_uri(None, scores), "igconda",
+                                   "tags.`igconda.stage` = 'score'")
+    assert int(scored["params"]["baselines.dpm_cg_noise_level"]) == best["noise_level"]
+    assert float(scored["params"]["baselines.dpm_cg_scale"]) == best["scale"]
+    # --checkpoint2 belongs to dpm_cg and is needed there.
+    assert tune.main(["--method", "dpm_cg", *pair[:2], "--data", str(data), "--output",
+                      str(tmp_path / "x")]) == 2
 
 
 def test_bad_method_and_missing_data_exit_2(ray_session, data, tmp_path, capsys):

@@ -101,3 +101,18 @@ def test_one_command_scores_every_method_and_resumes(tmp_path, ray_session, caps
     assert printed.count("scored already") == 5 and "found, skipping" in printed
     assert len(tracking.find_runs(uri, "igconda", "tags.`igconda.stage` = 'score'")) == 5
     assert len(tracking.find_runs(uri, "igconda", "tags.`igconda.stage` = 'comparison'")) == 2
+
+
+def test_a_score_record_is_finished_only_for_the_inputs_it_was_scored_from(tmp_path):
+    from ray_jobs.score_method import RUN_RECORD, finished_run, parse_args, score_inputs
+
+    argv = ["--method", "intensity", "--data", str(tmp_path / "data"), "--output", str(tmp_path)]
+    inputs = score_inputs(parse_args(argv))
+    assert finished_run(tmp_path, inputs) is None  # nothing scored
+    (tmp_path / "per_slice_scores.parquet").write_bytes(b"PAR1")
+    (tmp_path / RUN_RECORD).write_text(json.dumps({"run_id": "r1", "inputs": inputs}))
+    assert finished_run(tmp_path, inputs)["run_id"] == "r1"
+    other = score_inputs(parse_args([*argv, "--variant", "011"]))
+    assert finished_run(tmp_path, other) is None  # stale: scored from other inputs
+    (tmp_path / RUN_RECORD).write_text("{half")
+    assert finished_run(tmp_path, inputs) is None
