@@ -23,7 +23,15 @@ import torch
 from igconda.baselines.trainers import create_trainer, rows_of_rank
 from igconda.config import from_dict
 from igconda.train_loop import SCORE_METRIC
-from ray_jobs.train_worker import _all_reduce_max, _all_reduce_sum, _batches, _log, _make_logger
+from ray_jobs.train_worker import (
+    _all_reduce_max,
+    _all_reduce_sum,
+    _batches,
+    _log,
+    _make_logger,
+    console_line,
+    epoch_line,
+)
 
 
 def _average_gradients_before_step(optimizer: torch.optim.Optimizer, world_size: int) -> None:
@@ -94,7 +102,7 @@ def train_baseline_func(config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as directory:
             trainer.restore(Path(directory))
-        print(f"[rank {rank}] resumed from {restored.path} after epoch {trainer.epoch}", flush=True)
+        console_line(f"[rank {rank}] resumed from {restored.path} after epoch {trainer.epoch}")
     for name in trainer.ddp_modules:
         # prepare_model broadcasts rank 0's weights and wraps in DDP (gloo on CPU, NCCL on GPU).
         setattr(trainer, name, ray.train.torch.prepare_model(getattr(trainer, name)))
@@ -143,8 +151,7 @@ def train_baseline_func(config: dict[str, Any]) -> None:
         # MLflow refuses non-finite values; +inf only marks "no validation loss yet".
         _log(logger, {k: v for k, v in metrics.items() if k != "epoch" and math.isfinite(v)}, epoch)
         if rank == 0:
-            print(f"{config['method']} epoch {epoch}/{total} " + " ".join(
-                f"{k}={v:.5g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+            console_line(epoch_line(f"{config['method']} epoch {epoch}/{total}", metrics))
         name = f"checkpoint_epoch_{epoch:06d}"
         if rank != 0:  # only rank 0 writes; every rank reports (Ray syncs the folder name)
             ray.train.report(metrics, checkpoint_dir_name=name)

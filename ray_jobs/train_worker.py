@@ -15,6 +15,7 @@ importing the job's module for its plain helpers does not start Ray's import.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -87,6 +88,21 @@ def _maybe_inject_fault(fault: dict[str, Any] | None, epoch: int, rank: int) -> 
     os._exit(1)
 
 
+def console_line(text: str) -> None:
+    """Write one line to the worker's stdout, which Ray forwards to the driver once.
+
+    Not ``print``: Ray Train patches ``print`` in its workers to log the message *and*, where
+    Ray has replaced ``sys.stdout``, to print it as well, so every line reached the driver twice.
+    """
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def epoch_line(prefix: str, metrics: dict[str, Any]) -> str:
+    """``"<prefix> key=value ..."`` of an epoch's metrics (without ``epoch``)."""
+    return prefix + " " + " ".join(f"{k}={v:.5g}" for k, v in metrics.items() if k != "epoch")
+
+
 def _make_logger(mlflow_cfg: dict[str, Any] | None, rank: int) -> Any:
     if rank != 0 or not mlflow_cfg or not mlflow_cfg.get("run_id"):
         return None
@@ -156,7 +172,7 @@ def train_func(config: dict[str, Any]) -> None:
     if restored is not None:
         with restored.as_directory() as directory:
             session.restore(directory)
-        print(f"[rank {rank}] resumed from {restored.path} after epoch {session.epoch}", flush=True)
+        console_line(f"[rank {rank}] resumed from {restored.path} after epoch {session.epoch}")
     # prepare_model broadcasts rank 0's weights and wraps in DDP (gloo on CPU, NCCL on GPU).
     session.model = ray.train.torch.prepare_model(session.model)
 
@@ -203,8 +219,7 @@ def train_func(config: dict[str, Any]) -> None:
             metrics["replica_checksum_spread"] = spread
         _log(logger, {k: v for k, v in metrics.items() if k != "epoch"}, epoch)
         if rank == 0:
-            print(f"epoch {epoch}/{train_cfg.epochs} " + " ".join(
-                f"{k}={v:.5g}" for k, v in metrics.items() if k != "epoch"), flush=True)
+            console_line(epoch_line(f"epoch {epoch}/{train_cfg.epochs}", metrics))
 
         if not do_checkpoint:
             ray.train.report(metrics)

@@ -82,6 +82,24 @@ def test_every_method_trains_an_epoch_and_leaves_its_best_checkpoint(trained):
     assert dpm_cg.names == ("dpm_cg",)
 
 
+@pytest.mark.parametrize("method", ["hirescam", "fanogan"])
+def test_two_workers_train_on_shards_that_cover_the_split_once(ray_session, data, tmp_path, method):
+    """DDP over two Ray Train workers: each epoch's reduced sample count is every training row
+    of the method exactly once (f-AnoGAN: the healthy ones), and the checkpoint says 2 workers."""
+    from ray_jobs import train_baseline
+
+    out = tmp_path / method
+    args = _train_args(method, data, out)
+    args[args.index("--num-workers") + 1] = "2"
+    args[args.index("--cpus-per-worker") + 1] = "0.5"  # 2 × 0.5: one CPU left for the readers
+    assert train_baseline.main(args) == 0
+    rows = pq.read_table(data / "slices" / "train", columns=["label"]).column("label").to_numpy()
+    expected = int((rows == 1).sum()) if method == "fanogan" else len(rows)
+    meta = ckpt.load_metadata(out / ckpt.BEST_DIR)
+    assert meta["world_size"] == 2
+    assert [h["samples"] for h in meta["history"]][:1] == [expected]
+
+
 def _run_of(output: Path) -> tuple[str, str]:
     import json
 
