@@ -90,13 +90,16 @@ def size_figure(binned: pd.DataFrame, *, limit: float = SIZE_LIMIT) -> Figure:
     SEM per size bin, one line per method label."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), squeeze=False)
     labels = list(dict.fromkeys(binned["method_label"]))
-    colours = {label: plt.get_cmap("tab10")(i % 10) for i, label in enumerate(labels)}
+    # tab10 repeats after 10 methods (a comparison has 12+): the line style tells the next ten apart.
+    styles = {label: (plt.get_cmap("tab10")(i % 10), ("-", "--", ":")[(i // 10) % 3])
+              for i, label in enumerate(labels)}
     for ax, metric in zip(axes.ravel(), FIGURE_METRICS, strict=True):
         for label in labels:
             rows = binned[(binned["method_label"] == label) & (binned["metric"] == metric)]
             if not rows.empty:
-                ax.errorbar(rows["centre"], rows["mean"], yerr=rows["sem"].fillna(0.0), fmt="-o",
-                            ms=3, capsize=2, color=colours[label], label=label)
+                colour, style = styles[label]
+                ax.errorbar(rows["centre"], rows["mean"], yerr=rows["sem"].fillna(0.0), fmt="o",
+                            ls=style, ms=3, capsize=2, color=colour, label=label)
         ax.set_xlim(0.0, limit)
         ax.set_xlabel("normalised lesion size (lesion / body pixels)")
         ax.set_ylabel(METRIC_TITLES.get(metric, metric))
