@@ -46,6 +46,14 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import UNCONDITIONED, ConfigError, StudyConfig, load_config, save_config
 from igconda.io_utils import atomic_write
+from ray_jobs.pipeline import (
+    StudyPaths,
+    discard,
+    run_job,
+    run_training,
+    training_argv,
+    write_study_model,
+)
 
 #: The trained baselines, in the order they run (``dpm_cg`` trains the DPM and the classifier).
 BASELINES = ("hirescam", "fanogan", "dpm_cg", "supervised")
@@ -85,13 +93,9 @@ def parse_choices(text: str, known: tuple[str, ...] | None, what: str) -> list[s
 
 
 def variant_config(config: StudyConfig, attention: str) -> StudyConfig:
-    """The study with IgCONDA's attention levels set to ``attention`` (validated)."""
-    changed = config.replace("model", attention=attention)
-    # Round-trip through the validating loader: a variant that does not fit the channels fails
-    # here, with its name, before anything trains.
-    from igconda.config import from_dict
-
-    return from_dict(changed.to_dict())
+    """The study with IgCONDA's attention levels set to ``attention``; ``StudyConfig.replace``
+    validates, so a variant that does not fit the channels fails before anything trains."""
+    return config.replace("model", attention=attention)
 
 
 class Study:
@@ -100,7 +104,7 @@ class Study:
     def __init__(self, args: argparse.Namespace, config: StudyConfig) -> None:
         self.args, self.config = args, config
         self.root = Path(args.output).resolve()
-        self.data = self.root / "data"
+        self.data = StudyPaths(self.root).data  # the pipeline's data stage writes it
         self.config_path = self.root / "configs" / "study.yaml"  # written by run()
         self.tracking_uri = tracking.resolve_tracking_uri(
             args.tracking_uri or config.tracking.tracking_uri, self.root)
@@ -118,8 +122,11 @@ class Study:
         save_config(config, path)
         return path
 
+    def baseline_dir(self, method: str) -> Path:
+        """Where a baseline's network is trained: ``<output>/baselines/<method>``."""
+        return self.root / "baselines" / method
+
     def train_argv(self, output: Path, config_file: Path) -> list[str]:
-        from ray_jobs.pipeline import training_argv
 
         return training_argv(self.data, output, str(config_file),
                              num_workers=self.args.num_workers or self.config.train.num_workers,
@@ -148,9 +155,10 @@ class Study:
         return True
 
 
-def igconda_variant(study: Study, attention: str) -> str:
-    """Train, tune and write the model folder of one attention variant; the step's name."""
-    from ray_jobs.pipeline import StudyPaths, run_job, run_training, write_study_model
+def igconda_variant(study: Study, attention: str) -> tuple[str, Path]:
+    """Train, tune and write the model folder of one attention variant; the step's name and
+    the model folder."""
+    from igconda.tuned_model import TUNING_FILE
 
     config = variant_config(study.config, attention)
     config_file = study.config_file(f"igconda_{attention}", config)
@@ -163,26 +171,26 @@ def igconda_variant(study: Study, attention: str) -> str:
             run_job("tune", ["--checkpoint", str(paths.best_checkpoint), "--data", str(study.data),
                              "--output", str(paths.tune), "--config", str(config_file)]
                     + study.common)
-        if not (paths.model / "tuning.json").is_file():
+        if not (paths.model / TUNING_FILE).is_file():
             write_study_model(paths, config, str(config_file))
 
     study.step(name, body)
-    return name
+    return name, paths.model
 
 
-def train_baseline(study: Study, method: str, config_file: Path) -> str:
-    """Train one ``ray_jobs.train_baseline`` method into ``baselines/<method>``; the step's name."""
+def train_baseline(study: Study, method: str) -> tuple[str, Path]:
+    """Train one ``ray_jobs.train_baseline`` method into :meth:`Study.baseline_dir`; the step's
+    name and the best checkpoint it leaves."""
     from igconda import checkpoint as ckpt
-    from ray_jobs.pipeline import discard, run_job
     from ray_jobs.train_runs import default_storage_path, has_run
 
-    output = study.root / "baselines" / method
+    output = study.baseline_dir(method)
 
     def body() -> None:
         if (output / ckpt.BEST_POINTER).is_file():
             print(f"    {output / ckpt.BEST_POINTER} found, skipping", flush=True)
             return
-        argv = ["--method", method] + study.train_argv(output, config_file)
+        argv = ["--method", method] + study.train_argv(output, study.config_path)
         if has_run(default_storage_path(output), method):
             print(f"    resuming the interrupted training in {output}", flush=True)
             run_job("train_baseline", argv + ["--resume"])
@@ -193,7 +201,7 @@ def train_baseline(study: Study, method: str, config_file: Path) -> str:
 
     name = f"train {method}"
     study.step(name, body)
-    return name
+    return name, output / ckpt.BEST_DIR
 
 
 def score(study: Study, method: str, *, checkpoint: Path | None = None,
@@ -201,7 +209,6 @@ def score(study: Study, method: str, *, checkpoint: Path | None = None,
           needs: tuple[str, ...] = ()) -> None:
     """Score one method into ``scores/<method>[-<variant>]`` unless finished there (the study
     config's ``baselines`` section sets the scoring batch and the DPM + CG decoding)."""
-    from ray_jobs.pipeline import run_job
     from ray_jobs.score_method import finished_run, score_inputs
     from ray_jobs.score_method import parse_args as parse_score_args
 
@@ -225,23 +232,21 @@ def score(study: Study, method: str, *, checkpoint: Path | None = None,
     study.step(f"score {folder.name}", body, needs)
 
 
-def dpm_classifier_guidance(study: Study, config_file: Path) -> None:
+def dpm_classifier_guidance(study: Study) -> None:
     """DPM + classifier guidance: the unconditional DPM (IgCONDA's network and noise schedule
     without any class input, ``ray_jobs.train``), its noisy classifier, the (D, scale) search
     on the tune split (``ray_jobs.tune --method dpm_cg``, when the config has a grid), then the
     scoring at the chosen pair."""
-    from igconda import checkpoint as ckpt
-    from ray_jobs.pipeline import StudyPaths, run_job, run_training
+    from tuning.driver import BEST_FILE
 
-    dpm = StudyPaths(study.root / "baselines" / "dpm")
+    dpm = StudyPaths(study.baseline_dir("dpm"))
     dpm_config = study.config_file("dpm", study.config.replace("model", conditioning=UNCONDITIONED))
     study.step("train dpm", lambda: run_training(dpm, study.train_argv(dpm.train, dpm_config)))
-    classifier = train_baseline(study, "dpm_classifier", config_file)
-    classifier_best = study.root / "baselines" / "dpm_classifier" / ckpt.BEST_DIR
+    classifier, classifier_best = train_baseline(study, "dpm_classifier")
     needs = ("train dpm", classifier)
     tuned = None
     if study.config.baselines.dpm_cg_noise_levels:
-        tuned = study.root / "baselines" / "tune_dpm_cg" / "best.json"
+        tuned = study.baseline_dir("tune_dpm_cg") / BEST_FILE
 
         def tune() -> None:
             if tuned.is_file():
@@ -249,7 +254,7 @@ def dpm_classifier_guidance(study: Study, config_file: Path) -> None:
                 return
             run_job("tune", ["--method", "dpm_cg", "--checkpoint", str(classifier_best),
                              "--checkpoint2", str(dpm.best_checkpoint), "--data", str(study.data),
-                             "--output", str(tuned.parent), "--config", str(config_file)]
+                             "--output", str(tuned.parent), "--config", str(study.config_path)]
                     + study.common)
 
         study.step("tune dpm_cg", tune, needs)
@@ -260,9 +265,7 @@ def dpm_classifier_guidance(study: Study, config_file: Path) -> None:
 
 def run(study: Study, variants: list[str], baselines: list[str]) -> None:
     """Steps 1–5 of the module docstring."""
-    from igconda import checkpoint as ckpt
     from igconda.train_loop import dataset_version
-    from ray_jobs.pipeline import run_job
 
     args = study.args
     base_config = study.config_file("study", study.config)  # = study.config_path
@@ -275,8 +278,7 @@ def run(study: Study, variants: list[str], baselines: list[str]) -> None:
     if not study.step("data", data):
         return
     for attention in variants:
-        step = igconda_variant(study, attention)
-        model = study.root / step / "model"
+        step, model = igconda_variant(study, attention)
         score(study, "igconda", checkpoint=model, variant=attention, needs=(step,))
         score(study, "igconda_control", checkpoint=model, variant=attention, needs=(step,))
     score(study, "threshold_41")
@@ -284,10 +286,10 @@ def run(study: Study, variants: list[str], baselines: list[str]) -> None:
 
     for method in baselines:
         if method == "dpm_cg":
-            dpm_classifier_guidance(study, base_config)
+            dpm_classifier_guidance(study)
             continue
-        step = train_baseline(study, method, base_config)
-        score(study, method, checkpoint=study.root / "baselines" / method / ckpt.BEST_DIR,
+        step, best = train_baseline(study, method)
+        score(study, method, checkpoint=best,
               needs=(step,))
 
     version = dataset_version(str(study.data))

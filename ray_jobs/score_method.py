@@ -144,13 +144,12 @@ def resolve_config(args: argparse.Namespace) -> StudyConfig:
         return config
     if args.method != DPM_CG:
         raise UsageError(f"--tuned is for {DPM_CG}; {args.method!r} reads its own settings")
+    from tuning.dpm_cg import read_dpm_cg_best
+
     try:
-        best = json.loads(Path(args.tuned).read_text())
-        changes = {"dpm_cg_noise_level": int(best["noise_level"]),
-                   "dpm_cg_scale": float(best["scale"]), "dpm_cg_stride": int(best["stride"])}
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"--tuned {args.tuned}: not a dpm_cg tuning result ({err!r})") from None
-    return config.replace("baselines", **changes)
+        return config.replace("baselines", **read_dpm_cg_best(args.tuned))
+    except ValueError as err:
+        raise UsageError(f"--tuned: {err}") from None
 
 
 def score_inputs(args: argparse.Namespace) -> dict[str, str]:

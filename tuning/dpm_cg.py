@@ -29,6 +29,23 @@ from tuning.results import METRIC, collect_grid
 from tuning.trial import TuneSlices, TuningError, load_tune_slices, score_row
 
 
+def read_dpm_cg_best(path: str | Path) -> dict[str, Any]:
+    """The ``baselines`` settings a dpm_cg ``best.json`` chose: ``{dpm_cg_noise_level,
+    dpm_cg_scale, dpm_cg_stride}`` (for ``StudyConfig.replace("baselines", ...)``).
+
+    Raises:
+        ValueError: unreadable, or not a dpm_cg tuning result; the message names the file.
+    """
+    import json
+
+    try:
+        best = json.loads(Path(path).read_text())
+        return {"dpm_cg_noise_level": int(best["noise_level"]),
+                "dpm_cg_scale": float(best["scale"]), "dpm_cg_stride": int(best["stride"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a dpm_cg tuning result ({err!r})") from None
+
+
 def dpm_cg_trial(config: dict[str, Any], *, slices_ref: Any, classifier: str, dpm: str, stride: int,
                  batch_size: int, use_gpu: bool, amp: bool, num_threads: int = 1) -> None:
     """The Tune function trainable of one (D, scale): loads both networks, decodes every tune
