@@ -65,6 +65,7 @@ from ray_jobs.train_runs import (  # noqa: F401  (the helpers other modules impo
     default_storage_path,
     export_best,
     has_run,
+    label_counts,
     latest_checkpoint,
     read_splits,
     torch_trainer,
@@ -121,16 +122,6 @@ def resolve_config(args: argparse.Namespace) -> StudyConfig:
     return load_config(args.config, overrides={"train": train} if train else None)
 
 
-def _label_counts(uri: str) -> dict[int, int]:
-    """Slices per label in a Parquet split, from the ``label`` column alone (cheap at any size)."""
-    import pyarrow.compute as pc
-    import pyarrow.dataset as pads
-
-    fs, path = _filesystem(uri)
-    labels = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["label"])["label"]
-    return {int(row["values"]): int(row["counts"]) for row in pc.value_counts(labels).to_pylist()}
-
-
 def oversample_unhealthy(train: Any, counts: dict[int, int]) -> tuple[Any, int]:
     """Repeat the unhealthy slices of a training split so the classes are about balanced.
 
@@ -141,7 +132,7 @@ def oversample_unhealthy(train: Any, counts: dict[int, int]) -> tuple[Any, int]:
 
     Args:
         train: the train split (a Ray Dataset with a ``label`` column).
-        counts: slices per label (:func:`_label_counts`).
+        counts: slices per label (:func:`ray_jobs.train_runs.label_counts`).
 
     Returns:
         The oversampled dataset and k (1 = unchanged: no unhealthy slice or already balanced).
@@ -189,7 +180,7 @@ def build_trainer(
                          limit_rows=2 * train_cfg.batch_size * train_cfg.num_workers if smoke_test else None)
     if train_cfg.balance_classes:
         splits["train"], repeats = oversample_unhealthy(
-            splits["train"], _label_counts(_join(data, "slices", "train")))
+            splits["train"], label_counts(_join(data, "slices", "train")))
         print(f"class balance: each unhealthy train slice shown {repeats}x per epoch", flush=True)
     # A fresh block order each epoch; rows are further mixed by each worker's local shuffle buffer.
     splits["train"] = splits["train"].randomize_block_order()

@@ -71,6 +71,7 @@ from ray_jobs.train_runs import (
     check_resume,
     default_cpus_per_worker,
     default_storage_path,
+    label_counts,
     read_splits,
     torch_trainer,
 )
@@ -152,7 +153,9 @@ def run(args: argparse.Namespace) -> Path:
             raise UsageError(f"{_join(args.data, 'slices', split)}: no {split} split; "
                              "run ray_jobs.preprocess first")
     size = slice_size(args.data)
-    settings = method_settings(config, args.method, size)  # a bad setting fails before Ray starts
+    class_counts = label_counts(_join(args.data, "slices", "train"))
+    # A bad setting fails before Ray starts.
+    settings = method_settings(config, args.method, size, class_counts)
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     storage_path, run_name = default_storage_path(output), args.method
@@ -188,6 +191,7 @@ def run(args: argparse.Namespace) -> Path:
                          filters={"train": trainer_cls.train_filter} if trainer_cls.train_filter else None)
     splits["train"] = splits["train"].randomize_block_order()
     loop_config = {"method": args.method, "study": config.to_dict(), "slice_size": list(size),
+                   "class_counts": class_counts,
                    "mlflow": mlflow_cfg, "data_version": data_hash,
                    "torch_threads": args.torch_threads or max(1, int(cpus))}
     trainer = torch_trainer(train_baseline_func, loop_config, splits, num_workers=workers,

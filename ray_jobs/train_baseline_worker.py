@@ -81,7 +81,8 @@ def train_baseline_func(config: dict[str, Any]) -> None:
 
     Args:
         config: ``method`` (a ``--method``), ``study`` (``StudyConfig.to_dict()``),
-            ``slice_size`` (H, W), ``mlflow`` (``tracking_uri`` and ``run_id`` for rank 0, or
+            ``slice_size`` (H, W), ``class_counts`` (slices per label of the train split, for
+            the classes' loss weights), ``mlflow`` (``tracking_uri`` and ``run_id`` for rank 0, or
             None), ``torch_threads`` (0 = torch's default), ``data_version``.
 
     Reports to Ray Train every epoch: ``epoch``, ``train_loss`` (and the method's other training
@@ -97,7 +98,8 @@ def train_baseline_func(config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    trainer = create_trainer(config["method"], study, tuple(config["slice_size"]), device, rank)
+    trainer = create_trainer(config["method"], study, tuple(config["slice_size"]), device, rank,
+                             class_counts=config.get("class_counts"))
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as directory:

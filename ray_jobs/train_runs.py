@@ -53,6 +53,17 @@ def _filesystem(uri: str) -> tuple[Any, str]:
     return pafs.LocalFileSystem(), str(Path(uri).resolve())
 
 
+def label_counts(uri: str) -> dict[int, int]:
+    """Slices per schema label in a Parquet split, from the ``label`` column alone (cheap at any
+    size): what class balancing (IgCONDA's oversampling, the classifiers' loss weights) needs."""
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
+
+    fs, path = _filesystem(uri)
+    labels = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["label"])["label"]
+    return {int(row["values"]): int(row["counts"]) for row in pc.value_counts(labels).to_pylist()}
+
+
 def _fs_exists(uri: str, want_dir: bool = False) -> bool:
     import pyarrow.fs as pafs
 

@@ -125,10 +125,11 @@ def test_small_splits_are_materialized_large_ones_streamed(ray_session, dataset,
 def test_unhealthy_slices_are_oversampled_to_balance_the_classes(ray_session, dataset):
     import ray.data
 
-    from ray_jobs.train import _label_counts, oversample_unhealthy
+    from ray_jobs.train import oversample_unhealthy
+    from ray_jobs.train_runs import label_counts
 
     path = str(Path(dataset) / "slices" / "train")
-    counts = _label_counts(path)
+    counts = label_counts(path)
     labels = pq.read_table(path, columns=["label"])["label"].to_numpy()
     assert counts == {int(k): int((labels == k).sum()) for k in np.unique(labels)}
     healthy, unhealthy = counts[1], counts[2]

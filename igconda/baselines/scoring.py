@@ -102,7 +102,8 @@ def load_method(method: str, checkpoint: str | Path | None = None,
         checkpoint: its folder (``dpm_cg``: the noisy classifier's; ``igconda``,
             ``igconda_control``: the study's model folder; none for :data:`CHECKPOINT_FREE`).
         checkpoint2: ``dpm_cg`` only: the unconditional DPM's folder.
-        settings: ``score_batch_size`` and the ``dpm_cg_*`` decoding (default: the defaults).
+        settings: ``score_batch_size``, ``hirescam_target_layer`` and the ``dpm_cg_*`` decoding
+            (default: the defaults).
         device: where the networks run.
 
     Raises:
@@ -130,7 +131,8 @@ def load_method(method: str, checkpoint: str | Path | None = None,
     if method == HIRESCAM:
         from igconda.baselines.classifier_cam import HiResCamMethod
 
-        return HiResCamMethod.from_checkpoint(checkpoint, device=device, batch_size=batch)
+        return HiResCamMethod.from_checkpoint(checkpoint, device=device, batch_size=batch,
+                                              target_layer=settings.hirescam_target_layer)
     if method == SUPERVISED:
         from igconda.baselines.supervised import SupervisedMethod
 

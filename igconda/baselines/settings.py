@@ -18,6 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
+#: The ResNet-18 stages ``baselines.hirescam_target_layer`` may name.
+HIRESCAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")
+
+
 @dataclass(frozen=True)
 class BaselinesConfig:
     """Training and scoring settings of the trained baselines (paper §3.3).
@@ -25,8 +29,11 @@ class BaselinesConfig:
     Common: ``epochs`` (f-AnoGAN: its WGAN-GP stage), ``batch_size`` (slices per step per
     worker), ``seed`` (initial weights and draws), ``score_batch_size`` (slices per scoring call).
     ``hirescam_*``: ResNet-18 classifier (``hirescam_weights``: a local torchvision ``resnet18``
-    state dict to start from, "" = from scratch; never downloaded). ``supervised_*``: the MONAI
-    UNet upper bound. ``fanogan_*``: f-AnoGAN; ``fanogan_encoder_epochs`` is its izi_f encoder
+    state dict to start from, "" = from scratch; never downloaded; ``hirescam_target_layer``: the
+    stage HiResCAM explains at scoring time, ``layer4`` the paper's last one, which is H/16 × W/16:
+    4 × 4 at the paper's 64 × 64 slices but 2 × 2 at 32 × 32, where ``layer3`` keeps the paper's
+    4 × 4 grid). ``supervised_*``: the MONAI UNet upper bound (``supervised_epochs``: its own
+    budget, 0 = as many as ``epochs``). ``fanogan_*``: f-AnoGAN; ``fanogan_encoder_epochs`` is its izi_f encoder
     stage, run after the WGAN-GP stage (0 = as many as ``epochs``). ``classifier_*``: the noisy
     classifier of DPM + classifier guidance. ``dpm_cg_*``: its decoding at scoring time, D
     (``dpm_cg_noise_level``, 0 = T / 5, the paper's 200 of T = 1000), stride s, gradient scale;
@@ -41,6 +48,8 @@ class BaselinesConfig:
     hirescam_lr: float = 1e-3
     hirescam_widen_factor: float = 1.0
     hirescam_weights: str = ""
+    hirescam_target_layer: str = "layer4"
+    supervised_epochs: int = 0
     supervised_lr: float = 1e-3
     supervised_channels: tuple[int, ...] = (32, 64, 128, 256)
     supervised_strides: tuple[int, ...] = (2, 2, 2)
@@ -76,9 +85,13 @@ class BaselinesConfig:
 def validate_baselines(b: BaselinesConfig, num_train_timesteps: int,
                        check: Callable[[bool, str], None]) -> None:
     """Range checks of the section; ``check(ok, message)`` raises the config's error."""
-    check(b.epochs >= 1 and b.fanogan_encoder_epochs >= 0,
+    check(b.epochs >= 1 and b.fanogan_encoder_epochs >= 0 and b.supervised_epochs >= 0,
           f"baselines.epochs {b.epochs} must be >= 1 and baselines.fanogan_encoder_epochs "
-          f"{b.fanogan_encoder_epochs} >= 0 (0 = as many as epochs)")
+          f"{b.fanogan_encoder_epochs}, supervised_epochs {b.supervised_epochs} >= 0 "
+          "(0 = as many as epochs)")
+    check(b.hirescam_target_layer in HIRESCAM_LAYERS,
+          f"baselines.hirescam_target_layer {b.hirescam_target_layer!r} must be one of "
+          f"{', '.join(HIRESCAM_LAYERS)} (the ResNet-18's stages)")
     # BatchNorm of the ResNet-18 needs 2 values per channel at 1 × 1 (16 × 16 slices).
     check(b.batch_size >= 2 and b.score_batch_size >= 1,
           f"baselines.batch_size {b.batch_size} must be >= 2, score_batch_size "

@@ -44,7 +44,7 @@ from igconda.baselines.fanogan_training import (
 )
 from igconda.baselines.fitting import seeded
 from igconda.config import ConfigError, StudyConfig
-from igconda.data.schema import HEALTHY
+from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.diffusion.classifier_training import evaluate_classifier, train_classifier_epoch
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.models.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
@@ -55,13 +55,26 @@ TRAINED_METHODS = ("hirescam", "supervised", "fanogan", "dpm_classifier")
 Sums = dict[str, tuple[float, float]]
 
 
-def method_settings(study: StudyConfig, method: str, slice_size: tuple[int, int]) -> Any:
+def unhealthy_weight(study: StudyConfig, class_counts: Mapping[int, int] | None) -> float:
+    """The loss weight of an unhealthy slice that balances the classes of a train split with
+    ``class_counts`` (slices per schema label) when ``train.balance_classes``, else 1."""
+    counts = class_counts or {}
+    healthy, unhealthy = counts.get(HEALTHY, 0), counts.get(UNHEALTHY, 0)
+    if not study.train.balance_classes or not healthy or not unhealthy:
+        return 1.0
+    return healthy / unhealthy
+
+
+def method_settings(study: StudyConfig, method: str, slice_size: tuple[int, int],
+                    class_counts: Mapping[int, int] | None = None) -> Any:
     """The method's settings dataclass from the study's ``baselines`` section.
 
     Args:
         study: the study config. method: one of :data:`TRAINED_METHODS`.
         slice_size: (H, W) of the data's slices (f-AnoGAN and the noisy classifier are sized
             for it).
+        class_counts: slices per schema label of the train split; with ``train.balance_classes``
+            the HiResCAM classifier's loss weighs the classes by them (:func:`unhealthy_weight`).
 
     Raises:
         ConfigError: the settings do not build (the message names the ``baselines`` keys).
@@ -69,8 +82,9 @@ def method_settings(study: StudyConfig, method: str, slice_size: tuple[int, int]
     b = study.baselines
     try:
         if method == "hirescam":
-            return classifier_cam.ClassifierConfig(widen_factor=b.hirescam_widen_factor,
-                                                   lr=b.hirescam_lr, seed=b.seed)
+            return classifier_cam.ClassifierConfig(
+                widen_factor=b.hirescam_widen_factor, lr=b.hirescam_lr, seed=b.seed,
+                unhealthy_weight=unhealthy_weight(study, class_counts))
         if method == "supervised":
             return supervised.SupervisedConfig(channels=b.supervised_channels,
                                                strides=b.supervised_strides,
@@ -175,14 +189,20 @@ class _NetworkTrainer(BaselineTrainer):
     module: Any  # classifier_cam or supervised
     save_fn: Any
 
+    def loss_options(self) -> dict[str, Any]:
+        """Keyword arguments of the module's ``train_epoch`` / ``validation_sums``."""
+        return {}
+
     def train_epoch(self, batches, epoch):
         batches = (b for b in batches if len(b["image"]) >= self.min_batch_rows)
-        stats = self.module.train_epoch(self.model, self.optimizer, batches, device=self.device)
+        stats = self.module.train_epoch(self.model, self.optimizer, batches, device=self.device,
+                                        **self.loss_options())
         self.epoch = epoch
         return {"train_loss": (stats.loss_sum, stats.samples)}
 
     def validation_sums(self, batches):
-        return self.module.validation_sums(self.model, batches, device=self.device)
+        return self.module.validation_sums(self.model, batches, device=self.device,
+                                           **self.loss_options())
 
     def save(self, directory, metadata):
         return type(self).save_fn(directory, self.model, self.settings, optimizer=self.optimizer,
@@ -198,7 +218,8 @@ class _NetworkTrainer(BaselineTrainer):
 
 
 class HiResCamTrainer(_NetworkTrainer):
-    """ResNet-18 on the slice labels (cross-entropy); BatchNorm refreshed before validation."""
+    """ResNet-18 on the slice labels (cross-entropy, the classes weighted as its settings say);
+    BatchNorm refreshed before validation."""
 
     method, module = classifier_cam.HIRESCAM, classifier_cam
     save_fn = staticmethod(classifier_cam.save_classifier)
@@ -210,6 +231,9 @@ class HiResCamTrainer(_NetworkTrainer):
         weights = study.baselines.hirescam_weights or None
         self.model, self.optimizer, self.settings = classifier_cam.create_training(
             settings, weights=weights, device=device)
+
+    def loss_options(self):
+        return {"unhealthy_weight": self.settings.unhealthy_weight}
 
     def recompute_batchnorm(self, batches):
         classifier_cam.recompute_batchnorm(self.model, batches, device=self.device)
@@ -227,6 +251,10 @@ class SupervisedTrainer(_NetworkTrainer):
     def __init__(self, study, settings, device, rank):
         super().__init__(study, settings, device, rank)
         self.model, self.optimizer = supervised.create_training(settings, device)
+
+    @property
+    def total_epochs(self) -> int:
+        return self.study.baselines.supervised_epochs or self.study.baselines.epochs
 
 
 class FAnoGANBaseline(BaselineTrainer):
@@ -364,9 +392,11 @@ def trainer_class(method: str) -> type[BaselineTrainer]:
 
 
 def create_trainer(method: str, study: StudyConfig, slice_size: tuple[int, int],
-                   device: torch.device | str = "cpu", rank: int = 0) -> BaselineTrainer:
-    """A fresh trainer (initial weights from ``baselines.seed``, the same on every rank)."""
-    return trainer_class(method)(study, method_settings(study, method, slice_size),
+                   device: torch.device | str = "cpu", rank: int = 0,
+                   class_counts: Mapping[int, int] | None = None) -> BaselineTrainer:
+    """A fresh trainer (initial weights from ``baselines.seed``, the same on every rank);
+    ``class_counts`` as :func:`method_settings` takes them."""
+    return trainer_class(method)(study, method_settings(study, method, slice_size, class_counts),
                                  torch.device(device), rank)
 
 
