@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-
 #: The ResNet-18 stages ``baselines.hirescam_target_layer`` may name.
 HIRESCAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")
 
