@@ -98,9 +98,9 @@ def run_dpm_cg_tuning(classifier: str | Path, dpm: str | Path, data_dir: str | P
         BEST_FILE,
         GRID_FILE,
         HEATMAP_FILE,
-        _atomic_save_figure,
-        _atomic_write_text,
-        _write_best,
+        save_result_figure,
+        write_best,
+        write_result_text,
     )
 
     b = study.baselines
@@ -150,11 +150,11 @@ def run_dpm_cg_tuning(classifier: str | Path, dpm: str | Path, data_dir: str | P
             "tuning_seconds": time.perf_counter() - started}
     from igconda.figures import heatmap_figure
 
-    _atomic_write_text(output_dir / GRID_FILE, grid.to_csv(index=False))
+    write_result_text(output_dir / GRID_FILE, grid.to_csv(index=False))
     figure = heatmap_figure(grid)
     figure.axes[0].set_xlabel("classifier gradient scale")
-    _atomic_save_figure(figure, output_dir / HEATMAP_FILE)
-    _write_best(output_dir / BEST_FILE, best)  # on disk before MLflow is asked for anything
+    save_result_figure(figure, output_dir / HEATMAP_FILE)
+    write_best(output_dir / BEST_FILE, best)  # on disk before MLflow is asked for anything
     uri = tracking.resolve_tracking_uri(tracking_uri or study.tracking.tracking_uri, output_dir)
     with tracking.outage_tolerant("logging the dpm_cg tuning run", uri, on_disk=str(output_dir)):
         with tracking.start_run(uri, experiment or study.tracking.experiment, "tune-dpm_cg",

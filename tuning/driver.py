@@ -64,13 +64,15 @@ GRID_FILE = "grid.csv"
 HEATMAP_FILE = "heatmap.png"
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def write_result_text(path: Path, text: str) -> None:
+    """Write a tuning result file whole or not at all (a reader never sees half of it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     # 0644 whatever the umask: results are read by other users and jobs.
     atomic_write(path, lambda tmp: tmp.write_text(text), mode=0o644)
 
 
-def _atomic_save_figure(figure: Any, path: Path) -> None:
+def save_result_figure(figure: Any, path: Path) -> None:
+    """Save a matplotlib figure whole or not at all."""
     # The temp name keeps the suffix (matplotlib picks the format from it); 0644 as above.
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=120), mode=0o644)
 
@@ -91,8 +93,9 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-def _write_best(path: Path, best: dict[str, Any]) -> None:
-    _atomic_write_text(path, json.dumps({k: _json_value(v) for k, v in best.items()}, indent=2) + "\n")
+def write_best(path: Path, best: dict[str, Any]) -> None:
+    """Write the chosen settings as ``best.json`` (non-finite floats as null)."""
+    write_result_text(path, json.dumps({k: _json_value(v) for k, v in best.items()}, indent=2) + "\n")
 
 
 def log_tuning_run(output_dir: Path, best: dict[str, Any], grid: pd.DataFrame, tracking_uri: str,
@@ -241,16 +244,16 @@ def run_tuning(
 
     grid_path, best_path, heatmap_path = (output_dir / GRID_FILE, output_dir / BEST_FILE,
                                           output_dir / HEATMAP_FILE)
-    _atomic_write_text(grid_path, grid.to_csv(index=False))
+    write_result_text(grid_path, grid.to_csv(index=False))
     figure = heatmap_figure(grid[grid["map_kind"] == best["map_kind"]])
-    _atomic_save_figure(figure, heatmap_path)
+    save_result_figure(figure, heatmap_path)
     import matplotlib.pyplot as plt
 
     plt.close(figure)
 
     # The result lands on disk before MLflow is asked for anything: a tracking server that is
     # down must not cost the tuning. best.json is rewritten with the run id once it is logged.
-    _write_best(best_path, best)
+    write_best(best_path, best)
     uri = tracking.resolve_tracking_uri(tracking_uri or study.tracking.tracking_uri, output_dir)
     run_id = None
     with tracking.outage_tolerant("logging the tuning run", uri, on_disk=str(output_dir),
@@ -260,7 +263,7 @@ def run_tuning(
             tracking.log_params({f"tune.{k}": v for k, v in study.to_dict()["tune"].items()})
             tracking.log_params({"num_slices": len(slices), "share_encoding": share_encoding})
             best["mlflow_run_id"] = run_id
-            _write_best(best_path, best)
+            write_best(best_path, best)
             log_tuning_run(output_dir, best, grid, uri, experiment or study.tracking.experiment)
     control = best.get("control", {}).get("mean_dsc", float("nan"))
     print(f"tune: best D={best['noise_level']} w={best['guidance_scale']:g} "
