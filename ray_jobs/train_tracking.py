@@ -24,12 +24,10 @@ RUN_RECORD = "mlflow_run.json"
 def open_mlflow_run(args: argparse.Namespace, config: StudyConfig, output: Path, tracking_uri: str,
                     storage_path: str, data_hash: str) -> dict[str, str]:
     """Create the training's MLflow run (or reopen it on --resume) and log params and tags."""
-    # The method-run tags of docs/CONTRACTS.md beside the older ones: an unconditional network
-    # (model.conditioning none) is the DPM of DPM + classifier guidance, not an IgCONDA variant.
+    # The method-run tags of docs/CONTRACTS.md (variant = model.attention): an unconditional
+    # network (model.conditioning none) is the DPM of DPM + classifier guidance, not IgCONDA.
     method = "dpm" if config.model.conditioning == UNCONDITIONED else "igconda"
     tags = {**tracking.method_run_tags("train", method, config.model.attention, data_hash),
-            "model.attention": config.model.attention,
-            "model.variant": f"({config.model.attention})", "data.version": data_hash,
             "data.path": args.data}
     params = {**config.flat(), "job.data": args.data, "job.storage_path": storage_path,
               "job.run_name": args.run_name, "job.cpus_per_worker": args.cpus_per_worker,

@@ -56,8 +56,9 @@ def test_two_workers_train_checkpoint_log_and_resume(ray_session, dataset, tmp_p
     run = tracking.get_run(uri, run_id)
     assert run["status"] == "FINISHED"
     assert set(config.flat()) <= set(run["params"])
-    assert run["tags"]["model.attention"] == "01"
-    assert run["tags"]["data.version"].startswith("files:")
+    assert run["tags"]["igconda.variant"] == "01" and run["tags"]["igconda.method"] == "igconda"
+    assert run["tags"]["igconda.data_version"].startswith("files:")
+    assert not {"model.attention", "model.variant", "data.version"} & set(run["tags"])
     assert "best_checkpoint/model.safetensors" in tracking.list_artifacts(uri, run_id, "best_checkpoint")
     assert run["metrics"]["samples_per_s"] > 0
 
