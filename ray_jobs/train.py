@@ -50,7 +50,6 @@ from igconda import checkpoint as ckpt
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
-from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.train_loop import TRAIN_COLUMNS, VALID_COLUMNS, dataset_version
 from ray_jobs.train_runs import (  # noqa: F401  (the helpers other modules import from here)
     UsageError,
@@ -67,6 +66,7 @@ from ray_jobs.train_runs import (  # noqa: F401  (the helpers other modules impo
     has_run,
     label_counts,
     latest_checkpoint,
+    oversample_unhealthy,
     read_splits,
     torch_trainer,
 )
@@ -120,29 +120,6 @@ def resolve_config(args: argparse.Namespace) -> StudyConfig:
     if args.use_gpu:
         train["use_gpu"] = True
     return load_config(args.config, overrides={"train": train} if train else None)
-
-
-def oversample_unhealthy(train: Any, counts: dict[int, int]) -> tuple[Any, int]:
-    """Repeat the unhealthy slices of a training split so the classes are about balanced.
-
-    Unhealthy slices are a minority of a whole-body scan (about 10 % in the demo cohorts). The
-    guidance direction ε(x, healthy) − ε(x, ∅) is only as good as what the network learned of
-    unhealthy slices, so each epoch shows every healthy slice once and every unhealthy slice
-    k = round(n_healthy / n_unhealthy) times.
-
-    Args:
-        train: the train split (a Ray Dataset with a ``label`` column).
-        counts: slices per label (:func:`ray_jobs.train_runs.label_counts`).
-
-    Returns:
-        The oversampled dataset and k (1 = unchanged: no unhealthy slice or already balanced).
-    """
-    healthy, unhealthy = counts.get(HEALTHY, 0), counts.get(UNHEALTHY, 0)
-    repeats = max(1, round(healthy / unhealthy)) if unhealthy else 1
-    if repeats == 1:
-        return train, 1
-    minority = train.filter(expr=f"label == {UNHEALTHY}")
-    return train.filter(expr=f"label == {HEALTHY}").union(*([minority] * repeats)), repeats
 
 
 def build_trainer(

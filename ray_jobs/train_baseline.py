@@ -72,6 +72,7 @@ from ray_jobs.train_runs import (
     default_cpus_per_worker,
     default_storage_path,
     label_counts,
+    oversample_unhealthy,
     read_splits,
     torch_trainer,
 )
@@ -189,6 +190,9 @@ def run(args: argparse.Namespace) -> Path:
     splits = read_splits(args.data, {"train": trainer_cls.train_columns, "valid": trainer_cls.valid_columns},
                          materialize_max_mb=config.train.materialize_max_mb,
                          filters={"train": trainer_cls.train_filter} if trainer_cls.train_filter else None)
+    if trainer_cls.oversample and config.train.balance_classes:
+        splits["train"], repeats = oversample_unhealthy(splits["train"], class_counts)
+        print(f"class balance: each unhealthy train slice shown {repeats}x per epoch", flush=True)
     splits["train"] = splits["train"].randomize_block_order()
     loop_config = {"method": args.method, "study": config.to_dict(), "slice_size": list(size),
                    "class_counts": class_counts,

@@ -126,8 +126,7 @@ def test_small_splits_are_materialized_large_ones_streamed(ray_session, dataset,
 def test_unhealthy_slices_are_oversampled_to_balance_the_classes(ray_session, dataset):
     import ray.data
 
-    from ray_jobs.train import oversample_unhealthy
-    from ray_jobs.train_runs import label_counts
+    from ray_jobs.train_runs import label_counts, oversample_unhealthy
 
     path = str(Path(dataset) / "slices" / "train")
     counts = label_counts(path)

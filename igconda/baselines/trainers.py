@@ -128,6 +128,9 @@ class BaselineTrainer:
         min_batch_rows: smaller training batches are skipped (BatchNorm needs 2 rows).
         train_filter: a Ray Data expression the train split is filtered by before sharding, or
             None.
+        oversample: with ``train.balance_classes``, each epoch repeats the unhealthy slices to
+            balance the classes, as IgCONDA's training does (for a network whose loss has no
+            class weight: the supervised UNet learns lesions only from unhealthy slices).
         ddp_modules: attribute names of the networks the job wraps in DDP.
         sync_optimizers: optimizers whose gradients the job averages over workers before each
             step (for networks DDP cannot wrap).
@@ -139,6 +142,7 @@ class BaselineTrainer:
     valid_columns: tuple[str, ...] = VALID_COLUMNS
     min_batch_rows = 1
     train_filter: str | None = None
+    oversample = False
     ddp_modules: tuple[str, ...] = ("model",)
     needs_batchnorm_pass = False
 
@@ -245,6 +249,7 @@ class SupervisedTrainer(_NetworkTrainer):
     method, module = supervised.SUPERVISED, supervised
     save_fn = staticmethod(supervised.save_supervised)
     with_mask = True
+    oversample = True
     train_columns = (*TRAIN_COLUMNS, "mask")
     valid_columns = (*VALID_COLUMNS, "mask")
 
