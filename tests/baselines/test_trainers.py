@@ -38,3 +38,13 @@ def test_the_supervised_unet_has_its_own_epoch_budget(test_config, supervised_ep
     study = test_config.replace("baselines", epochs=2, supervised_epochs=supervised_epochs)
     assert create_trainer("supervised", study, (16, 16)).total_epochs == expected
     assert create_trainer("hirescam", study, (16, 16)).total_epochs == 2
+
+
+def test_each_labelled_network_is_balanced_once():
+    """Oversampling and a class weight would balance twice: the classifier is weighted, the
+    supervised UNet (no class weight in its loss) oversampled, f-AnoGAN sees healthy slices only."""
+    from igconda.baselines.trainers import TRAINED_METHODS, trainer_class
+
+    oversampled = {m for m in TRAINED_METHODS if trainer_class(m).oversample}
+    assert oversampled == {"supervised"}
+    assert trainer_class("fanogan").train_filter == f"label == {HEALTHY}"
