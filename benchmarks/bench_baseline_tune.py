@@ -1,0 +1,64 @@
+"""A trained baseline's maps on the TUNE split's unhealthy slices: how the comparison's baseline
+settings are chosen without looking at test (benchmarks/RESULTS.md, "Making the baselines fair").
+
+    python benchmarks/bench_baseline_tune.py --method hirescam --checkpoint <study>/baselines/hirescam/best \\
+        --data <study>/data [--layers layer2,layer3,layer4]
+    python benchmarks/bench_baseline_tune.py --method supervised --checkpoint <...>/best --data <study>/data
+
+Prints mean ⌈DSC⌉ and AUPRC (``igconda.metrics``) over the split's unhealthy slices; for HiResCAM
+once per explained stage, with the classifier's mean p(unhealthy) and the share of empty CAMs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from igconda.baselines.scoring import SCORED_METHODS, load_method
+from igconda.baselines.settings import HIRESCAM_LAYERS, BaselinesConfig
+from igconda.data.io import read_split
+from igconda.data.schema import UNHEALTHY
+from igconda.evaluation import batch_images
+from igconda.metrics import auprc, optimal_dice
+
+
+def unhealthy_batch(data: str, split: str) -> dict[str, np.ndarray]:
+    """The split's unhealthy slices as a numpy batch (the columns the methods read)."""
+    table = read_split(data, split, columns=["image", "mask", "label", "height", "width"])
+    keep = np.flatnonzero(table.column("label").to_numpy() == UNHEALTHY)
+    table = table.take(keep)
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", required=True, choices=[m for m in SCORED_METHODS if m != "dpm_cg"])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="tune")
+    parser.add_argument("--layers", default=",".join(HIRESCAM_LAYERS[1:]),
+                        help="HiResCAM stages to explain (comma-separated)")
+    args = parser.parse_args(argv)
+    batch = unhealthy_batch(args.data, args.split)
+    masks = batch_images(batch, "mask") > 0
+    layers = args.layers.split(",") if args.method == "hirescam" else ["layer4"]
+    for layer in layers:
+        method = load_method(args.method, args.checkpoint,
+                             settings=BaselinesConfig(hirescam_target_layer=layer))
+        maps = method.maps(batch)[args.method]
+        line = (f"{args.method}{' ' + layer if args.method == 'hirescam' else ''}: "
+                f"{len(masks)} unhealthy {args.split} slices, "
+                f"mean ⌈DSC⌉ {np.nanmean(optimal_dice(maps, masks)[0]):.3f}, "
+                f"mean AUPRC {np.nanmean(auprc(maps, masks)):.3f}")
+        if args.method == "hirescam":
+            with torch.no_grad():
+                logits = method.model(torch.as_tensor(batch_images(batch))[:, None])
+            line += (f", mean p(unhealthy) {torch.softmax(logits, 1)[:, 1].mean():.3f}, "
+                     f"empty maps {(maps.max(axis=(1, 2)) == 0).mean():.0%}")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
