@@ -244,7 +244,8 @@ class HiResCamTrainer(_NetworkTrainer):
 
 
 class SupervisedTrainer(_NetworkTrainer):
-    """The MONAI UNet on the lesion masks (Dice + BCE)."""
+    """The MONAI UNet on the lesion masks (Dice + BCE), for ``baselines.supervised_epochs``
+    (0: ``baselines.epochs``), its unhealthy slices oversampled with ``train.balance_classes``."""
 
     method, module = supervised.SUPERVISED, supervised
     save_fn = staticmethod(supervised.save_supervised)
