@@ -16,12 +16,15 @@ import argparse
 import numpy as np
 import torch
 
-from igconda.baselines.scoring import SCORED_METHODS, load_method
+from igconda.baselines.scoring import load_method
 from igconda.baselines.settings import HIRESCAM_LAYERS, BaselinesConfig
 from igconda.data.io import read_split
 from igconda.data.schema import UNHEALTHY
 from igconda.evaluation import batch_images
 from igconda.metrics import auprc, optimal_dice
+
+#: The trained baselines scored from one checkpoint folder (dpm_cg needs two).
+ONE_CHECKPOINT_BASELINES = ("hirescam", "supervised", "fanogan")
 
 
 def unhealthy_batch(data: str, split: str) -> dict[str, np.ndarray]:
@@ -34,7 +37,7 @@ def unhealthy_batch(data: str, split: str) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--method", required=True, choices=[m for m in SCORED_METHODS if m != "dpm_cg"])
+    parser.add_argument("--method", required=True, choices=ONE_CHECKPOINT_BASELINES)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="tune")
@@ -43,20 +46,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     batch = unhealthy_batch(args.data, args.split)
     masks = batch_images(batch, "mask") > 0
-    layers = args.layers.split(",") if args.method == "hirescam" else ["layer4"]
-    for layer in layers:
+    hirescam = args.method == "hirescam"
+    classifier_note = ""
+    if hirescam:  # the classifier's output does not depend on the explained stage
+        model = load_method(args.method, args.checkpoint).model
+        with torch.no_grad():
+            logits = model(torch.as_tensor(batch_images(batch))[:, None])
+        classifier_note = f", mean p(unhealthy) {torch.softmax(logits, 1)[:, 1].mean():.3f}"
+    for layer in args.layers.split(",") if hirescam else ["layer4"]:
         method = load_method(args.method, args.checkpoint,
                              settings=BaselinesConfig(hirescam_target_layer=layer))
         maps = method.maps(batch)[args.method]
-        line = (f"{args.method}{' ' + layer if args.method == 'hirescam' else ''}: "
+        line = (f"{args.method}{' ' + layer if hirescam else ''}: "
                 f"{len(masks)} unhealthy {args.split} slices, "
                 f"mean ⌈DSC⌉ {np.nanmean(optimal_dice(maps, masks)[0]):.3f}, "
                 f"mean AUPRC {np.nanmean(auprc(maps, masks)):.3f}")
-        if args.method == "hirescam":
-            with torch.no_grad():
-                logits = method.model(torch.as_tensor(batch_images(batch))[:, None])
-            line += (f", mean p(unhealthy) {torch.softmax(logits, 1)[:, 1].mean():.3f}, "
-                     f"empty maps {(maps.max(axis=(1, 2)) == 0).mean():.0%}")
+        if hirescam:
+            line += f"{classifier_note}, empty maps {(maps.max(axis=(1, 2)) == 0).mean():.0%}"
         print(line, flush=True)
 
 

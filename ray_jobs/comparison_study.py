@@ -127,7 +127,6 @@ class Study:
         return self.root / "baselines" / method
 
     def train_argv(self, output: Path, config_file: Path) -> list[str]:
-
         return training_argv(self.data, output, str(config_file),
                              num_workers=self.args.num_workers or self.config.train.num_workers,
                              use_gpu=self.args.use_gpu, local=not self.args.address) + self.common
@@ -289,8 +288,7 @@ def run(study: Study, variants: list[str], baselines: list[str]) -> None:
             dpm_classifier_guidance(study)
             continue
         step, best = train_baseline(study, method)
-        score(study, method, checkpoint=best,
-              needs=(step,))
+        score(study, method, checkpoint=best, needs=(step,))
 
     version = dataset_version(str(study.data))
     study.step("comparison", lambda: run_job(

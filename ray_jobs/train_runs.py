@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from igconda import checkpoint as ckpt
-from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.data.schema import HEALTHY, UNHEALTHY, healthy_per_unhealthy
 from igconda.io_utils import replace_dir
 from igconda.train_loop import SCORE_METRIC
 
@@ -80,8 +80,8 @@ def oversample_unhealthy(train: Any, counts: dict[int, int]) -> tuple[Any, int]:
     Returns:
         The oversampled dataset and k (1 = unchanged: no unhealthy slice or already balanced).
     """
-    healthy, unhealthy = counts.get(HEALTHY, 0), counts.get(UNHEALTHY, 0)
-    repeats = max(1, round(healthy / unhealthy)) if unhealthy else 1
+    ratio = healthy_per_unhealthy(counts)
+    repeats = max(1, round(ratio)) if ratio else 1
     if repeats == 1:
         return train, 1
     minority = train.filter(expr=f"label == {UNHEALTHY}")

@@ -44,7 +44,7 @@ from igconda.baselines.fanogan_training import (
 )
 from igconda.baselines.fitting import seeded
 from igconda.config import ConfigError, StudyConfig
-from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.data.schema import HEALTHY, healthy_per_unhealthy
 from igconda.diffusion.classifier_training import evaluate_classifier, train_classifier_epoch
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.models.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
@@ -58,11 +58,8 @@ Sums = dict[str, tuple[float, float]]
 def unhealthy_weight(study: StudyConfig, class_counts: Mapping[int, int] | None) -> float:
     """The loss weight of an unhealthy slice that balances the classes of a train split with
     ``class_counts`` (slices per schema label) when ``train.balance_classes``, else 1."""
-    counts = class_counts or {}
-    healthy, unhealthy = counts.get(HEALTHY, 0), counts.get(UNHEALTHY, 0)
-    if not study.train.balance_classes or not healthy or not unhealthy:
-        return 1.0
-    return healthy / unhealthy
+    ratio = healthy_per_unhealthy(class_counts or {})
+    return ratio if study.train.balance_classes and ratio else 1.0
 
 
 def method_settings(study: StudyConfig, method: str, slice_size: tuple[int, int],

@@ -42,6 +42,13 @@ SPLITS = ("train", "valid", "tune", "test")
 ROLES = ("internal", "external", "negative_control")
 HEALTHY, UNHEALTHY = 1, 2
 
+
+def healthy_per_unhealthy(counts: dict[int, int]) -> float | None:
+    """n_healthy / n_unhealthy of a split's slices per label, the ratio class balancing uses
+    (oversampling and loss weights alike); None when either class is absent."""
+    healthy, unhealthy = counts.get(HEALTHY, 0), counts.get(UNHEALTHY, 0)
+    return healthy / unhealthy if healthy and unhealthy else None
+
 #: Keys of the ``geometry`` JSON: enough to map a slice back into the original scan.
 #: ``output_affine`` is the 4×4 voxel→world (RAS, mm) affine of the preprocessed (X, Y, Z)
 #: volume; ``original_affine``/``original_shape`` describe the source NIfTI grid.
