@@ -46,7 +46,7 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import UNCONDITIONED, ConfigError, StudyConfig, load_config, save_config
 from igconda.io_utils import atomic_write
-from ray_jobs.pipeline import (
+from ray_jobs.study_steps import (
     StudyPaths,
     discard,
     run_job,

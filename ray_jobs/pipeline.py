@@ -24,6 +24,9 @@ Every stage writes into its own folder under ``--output`` and is skipped when it
 output is already there, so an interrupted study resumes where it stopped: an interrupted
 training (checkpoints under ``train/ray_results`` but no ``train/best``) continues from its latest
 checkpoint in the same MLflow run, and inference keeps every patient already predicted.
+A stage whose output was made with other settings (the config sections it reads, the manifest,
+or a stage before it changed) is re-run with every stage after it, saying what changed
+(:mod:`ray_jobs.stage_records`, ``<output>/stages.json``): a re-run never reuses a stale output.
 ``--force STAGE`` re-runs one stage and everything after it from scratch (``--force train``
 discards the previous training's checkpoints); ``--stop-after STAGE`` stops once STAGE is done.
 """
@@ -32,164 +35,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
-import shutil
 import sys
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
-from igconda.config import ConfigError, StudyConfig, load_config
+from igconda.config import ConfigError, load_config
 from igconda.io_utils import atomic_write
+from ray_jobs import stage_records
+from ray_jobs.study_steps import (
+    STAGES,
+    StudyPaths,
+    run_job,
+    run_training,
+    training_argv,
+    write_study_model,
+)
 
-STAGES = ("cohorts", "preprocess", "train", "tune", "model", "infer", "report")
 SELF_LOGGING_STAGES = ("train", "tune", "infer")
-
-
-@dataclass(frozen=True)
-class StudyPaths:
-    """Where each stage of a study writes; one folder per stage under the study folder."""
-
-    root: Path
-
-    @property
-    def cohorts(self) -> Path:
-        return self.root / "cohorts"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def train(self) -> Path:
-        return self.root / "train"
-
-    @property
-    def tune(self) -> Path:
-        return self.root / "tune"
-
-    @property
-    def infer(self) -> Path:
-        return self.root / "infer"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.html"
-
-    @property
-    def model(self) -> Path:
-        """The study's model folder: the best checkpoint with its tuned settings."""
-        return self.root / "model"
-
-    @property
-    def best_checkpoint(self) -> Path:
-        return self.train / "best"
-
-    @property
-    def tuned(self) -> Path:
-        return self.tune / "best.json"
 
 
 def _banner(message: str) -> None:
     print(f"\n==> {message}", flush=True)
-
-
-def discard(folder: Path) -> None:
-    """Remove a stage's folder; renamed aside first, so that a kill half-way through the delete
-    never leaves a half-deleted folder that looks like an interrupted run to resume."""
-    if not folder.exists():
-        return
-    aside = folder.with_name(f".{folder.name}.discarded-{uuid.uuid4().hex[:8]}")
-    folder.rename(aside)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def train_plan(paths: StudyPaths, forced: bool) -> str:
-    """How the pipeline runs its train stage: ``"skip"`` (a finished ``train/best`` exists and
-    the stage is not forced), ``"fresh"`` (forced, or nothing there yet) or ``"resume"`` (a
-    Ray Train run with checkpoints but no finished best: an interrupted training)."""
-    from ray_jobs.train import default_storage_path, has_run
-
-    if forced:
-        return "fresh"
-    if (paths.best_checkpoint / "model.safetensors").is_file():
-        return "skip"
-    return "resume" if has_run(default_storage_path(paths.train)) else "fresh"
-
-
-def training_argv(data: Path, output: Path, config_file: str, *, num_workers: int,
-                  use_gpu: bool, local: bool) -> list[str]:
-    """The arguments ``ray_jobs.train`` and ``ray_jobs.train_baseline`` share."""
-    argv = ["--data", str(data), "--output", str(output), "--config", str(config_file),
-            "--num-workers", str(num_workers)]
-    if local and not use_gpu:
-        # On a local CPU machine give the workers every core as intra-op threads: Ray would
-        # otherwise cap torch at the worker's CPU reservation (below one CPU on 2 cores).
-        argv += ["--torch-threads", str(max(1, (os.cpu_count() or 1) // num_workers))]
-    if use_gpu:
-        argv.append("--use-gpu")
-    return argv
-
-
-def run_training(paths: StudyPaths, train_argv: list[str], *, forced: bool = False) -> None:
-    """Run ``ray_jobs.train`` into ``paths.train`` as :func:`train_plan` says: nothing when a
-    finished ``best`` is there, ``--resume`` an interrupted run, else train from scratch
-    (discarding what an earlier run left)."""
-    from ray_jobs.train import default_storage_path, latest_checkpoint
-
-    plan = train_plan(paths, forced=forced)
-    if plan == "skip":
-        print(f"    train: {paths.best_checkpoint} found, skipping", flush=True)
-        return
-    if plan == "resume":
-        latest = latest_checkpoint(default_storage_path(paths.train))
-        print(f"    train: resuming the interrupted training in {paths.train} from its "
-              f"latest checkpoint ({latest.name if latest else 'as Ray Train recorded it'})",
-              flush=True)
-        run_job("train", train_argv + ["--resume"])
-        return
-    if paths.train.exists():
-        # Forced (or a folder without a run): the old checkpoints, best/ and MLflow
-        # record must go, or the train job would refuse the existing run.
-        print(f"    train: discarding the previous training in {paths.train} and "
-              "training from scratch", flush=True)
-        discard(paths.train)
-    run_job("train", train_argv)
-
-
-def write_study_model(paths: StudyPaths, config: StudyConfig, config_file: str, *,
-                      tuned: bool = True) -> Path:
-    """The study's model folder: ``train/best`` and the settings tuning chose for it
-    (``tune/best.json``), or the config's untuned ``infer`` defaults (``tuned`` False or no
-    tuning result); :mod:`igconda.tuned_model`."""
-    from igconda.tuned_model import tuned_settings, write_model_folder
-    from tuning.results import read_best
-
-    best = read_best(paths.tuned) if tuned and paths.tuned.is_file() else None
-    source = {"checkpoint": str(paths.best_checkpoint), "config": str(config_file),
-              "tuning": str(paths.tuned) if best else "none: infer defaults of the config",
-              "tune_mlflow_run_id": (best or {}).get("mlflow_run_id")}
-    settings = tuned_settings(best, config.infer, source)
-    write_model_folder(paths.best_checkpoint, settings, paths.model)
-    state = "tuned" if best else "UNTUNED (tuning skipped)"
-    print(f"    model: {paths.model} ({state}: D={settings['noise_level']} "
-          f"w={settings['guidance_scale']:g} s={settings['stride']} "
-          f"map={settings['map_kind']} τ={settings['threshold']:g})", flush=True)
-    return paths.model
-
-
-def run_job(module: str, argv: list[str]) -> None:
-    """Run ``ray_jobs.<module>.main(argv)`` in this process (sharing its Ray runtime)."""
-    job = importlib.import_module(f"ray_jobs.{module}")
-    code = job.main(argv)
-    if code:
-        raise SystemExit(f"stage {module!r} failed with exit code {code}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -231,11 +102,32 @@ def main(argv: list[str] | None = None) -> int:
         args.tracking_uri or config.tracking.tracking_uri, paths.root
     )
     experiment = args.experiment or config.tracking.experiment
-    forced = STAGES.index(args.force) if args.force else len(STAGES)
+    settings = stage_records.stage_settings(config, manifest=args.manifest, skip_tune=args.skip_tune)
+    keys = stage_records.stage_keys(settings)
+    try:
+        records = stage_records.read_records(paths.root)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # The first stage re-run from scratch: --force, or lowered to the first stale stage.
+    first_forced = [STAGES.index(args.force) if args.force else len(STAGES)]
     last = STAGES.index(args.stop_after) if args.stop_after else len(STAGES) - 1
 
     def should_skip(stage: str, done: bool) -> bool:
-        if done and STAGES.index(stage) < forced:
+        """Whether ``stage`` keeps its output; marks a stale stage (and those after it) forced."""
+        index, recorded = STAGES.index(stage), records.get(stage)
+        if recorded is None and done and index < first_forced[0]:
+            print(f"    {stage}: no record of the settings its output was made with (made by an "
+                  f"older igconda?); keeping it (use --force {stage} to re-run)")
+            stage_records.record(paths.root, stage, keys[stage], settings[stage], finished=True)
+            recorded = records[stage] = {"key": keys[stage], "finished": True}
+        if recorded is not None and recorded.get("key") != keys[stage] and index < first_forced[0]:
+            print(f"    {stage}: its output was made with other settings "
+                  f"({stage_records.describe_change(stage, recorded, settings[stage])}); "
+                  "re-running it and the stages after it")
+            first_forced[0] = index
+        finished = done and recorded is not None and recorded.get("finished", False)
+        if finished and index < first_forced[0]:
             print(f"    {stage}: output found, skipping (use --force {stage} to re-run)")
             return True
         return False
@@ -294,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             _banner(f"[{STAGES.index(name) + 1}/{len(STAGES)}] {name}")
             if should_skip(name, done):
                 return
+            stage_records.record(paths.root, name, keys[name], settings[name], finished=False)
             t0 = time.perf_counter()
             body()  # a self-logging job opens its own child run under --parent-run-id
             timings[name] = time.perf_counter() - t0
+            stage_records.record(paths.root, name, keys[name], settings[name], finished=True)
+            # What this stage made is new: every later stage runs again on it.
+            first_forced[0] = min(first_forced[0], STAGES.index(name) + 1)
             with track(f"logging stage {name}"):
                 if name not in SELF_LOGGING_STAGES:
                     with tracking.start_run(tracking_uri, experiment, name, parent_run_id=parent_id,
@@ -311,10 +207,19 @@ def main(argv: list[str] | None = None) -> int:
         manifest = Path(args.manifest).resolve() if args.manifest else paths.cohorts / "manifest.csv"
 
         def make_cohorts() -> None:
+            if args.manifest:
+                print(f"    cohorts: the manifest {manifest}")
+                return
             from igconda.data.phantoms import generate_study
 
             generate_study(paths.cohorts, config.phantoms)
 
+        if args.manifest and "cohorts" not in records:
+            # The user's cohorts: nothing of the study's own to keep or to make; recorded so
+            # that a changed manifest (or its files) re-runs everything after it.
+            stage_records.record(paths.root, "cohorts", keys["cohorts"], settings["cohorts"],
+                                 finished=True)
+            records["cohorts"] = {"key": keys["cohorts"], "finished": True}
         stage("cohorts", args.manifest is not None or manifest.is_file(), make_cohorts)
 
         # 2. Preprocess to Parquet slices.
@@ -334,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                                    num_workers=args.num_workers or config.train.num_workers,
                                    use_gpu=args.use_gpu, local=not args.address) + child
         stage("train", (paths.best_checkpoint / "model.safetensors").is_file(),
-              lambda: run_training(paths, train_argv, forced=STAGES.index("train") >= forced))
+              lambda: run_training(paths, train_argv, forced=STAGES.index("train") >= first_forced[0]))
 
         # 4. Tune (D, w) on the tune split.
         def tune() -> None:

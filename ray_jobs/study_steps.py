@@ -1,0 +1,155 @@
+"""The steps a study's stages share, used by the pipeline (:mod:`ray_jobs.pipeline`) and the
+method comparison (:mod:`ray_jobs.comparison_study`): where each stage writes
+(:class:`StudyPaths`), running a job in-process (:func:`run_job`), a training that resumes or
+starts afresh (:func:`run_training`), and the study's model folder (:func:`write_study_model`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from igconda.config import StudyConfig
+
+#: A study's stages, in the order they run; each reads the output of the one before it.
+STAGES = ("cohorts", "preprocess", "train", "tune", "model", "infer", "report")
+
+
+@dataclass(frozen=True)
+class StudyPaths:
+    """Where each stage of a study writes; one folder per stage under the study folder."""
+
+    root: Path
+
+    @property
+    def cohorts(self) -> Path:
+        return self.root / "cohorts"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def infer(self) -> Path:
+        return self.root / "infer"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def model(self) -> Path:
+        """The study's model folder: the best checkpoint with its tuned settings."""
+        return self.root / "model"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.train / "best"
+
+    @property
+    def tuned(self) -> Path:
+        return self.tune / "best.json"
+
+
+def discard(folder: Path) -> None:
+    """Remove a stage's folder; renamed aside first, so that a kill half-way through the delete
+    never leaves a half-deleted folder that looks like an interrupted run to resume."""
+    if not folder.exists():
+        return
+    aside = folder.with_name(f".{folder.name}.discarded-{uuid.uuid4().hex[:8]}")
+    folder.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def train_plan(paths: StudyPaths, forced: bool) -> str:
+    """How the pipeline runs its train stage: ``"skip"`` (a finished ``train/best`` exists and
+    the stage is not forced), ``"fresh"`` (forced, or nothing there yet) or ``"resume"`` (a
+    Ray Train run with checkpoints but no finished best: an interrupted training)."""
+    from ray_jobs.train import default_storage_path, has_run
+
+    if forced:
+        return "fresh"
+    if (paths.best_checkpoint / "model.safetensors").is_file():
+        return "skip"
+    return "resume" if has_run(default_storage_path(paths.train)) else "fresh"
+
+
+def training_argv(data: Path, output: Path, config_file: str, *, num_workers: int,
+                  use_gpu: bool, local: bool) -> list[str]:
+    """The arguments ``ray_jobs.train`` and ``ray_jobs.train_baseline`` share."""
+    argv = ["--data", str(data), "--output", str(output), "--config", str(config_file),
+            "--num-workers", str(num_workers)]
+    if local and not use_gpu:
+        # On a local CPU machine give the workers every core as intra-op threads: Ray would
+        # otherwise cap torch at the worker's CPU reservation (below one CPU on 2 cores).
+        argv += ["--torch-threads", str(max(1, (os.cpu_count() or 1) // num_workers))]
+    if use_gpu:
+        argv.append("--use-gpu")
+    return argv
+
+
+def run_training(paths: StudyPaths, train_argv: list[str], *, forced: bool = False) -> None:
+    """Run ``ray_jobs.train`` into ``paths.train`` as :func:`train_plan` says: nothing when a
+    finished ``best`` is there, ``--resume`` an interrupted run, else train from scratch
+    (discarding what an earlier run left)."""
+    from ray_jobs.train import default_storage_path, latest_checkpoint
+
+    plan = train_plan(paths, forced=forced)
+    if plan == "skip":
+        print(f"    train: {paths.best_checkpoint} found, skipping", flush=True)
+        return
+    if plan == "resume":
+        latest = latest_checkpoint(default_storage_path(paths.train))
+        print(f"    train: resuming the interrupted training in {paths.train} from its "
+              f"latest checkpoint ({latest.name if latest else 'as Ray Train recorded it'})",
+              flush=True)
+        run_job("train", train_argv + ["--resume"])
+        return
+    if paths.train.exists():
+        # Forced (or a folder without a run): the old checkpoints, best/ and MLflow
+        # record must go, or the train job would refuse the existing run.
+        print(f"    train: discarding the previous training in {paths.train} and "
+              "training from scratch", flush=True)
+        discard(paths.train)
+    run_job("train", train_argv)
+
+
+def write_study_model(paths: StudyPaths, config: StudyConfig, config_file: str, *,
+                      tuned: bool = True) -> Path:
+    """The study's model folder: ``train/best`` and the settings tuning chose for it
+    (``tune/best.json``), or the config's untuned ``infer`` defaults (``tuned`` False or no
+    tuning result); :mod:`igconda.tuned_model`."""
+    from igconda.tuned_model import tuned_settings, write_model_folder
+    from tuning.results import read_best
+
+    best = read_best(paths.tuned) if tuned and paths.tuned.is_file() else None
+    source = {"checkpoint": str(paths.best_checkpoint), "config": str(config_file),
+              "tuning": str(paths.tuned) if best else "none: infer defaults of the config",
+              "tune_mlflow_run_id": (best or {}).get("mlflow_run_id")}
+    settings = tuned_settings(best, config.infer, source)
+    write_model_folder(paths.best_checkpoint, settings, paths.model)
+    state = "tuned" if best else "UNTUNED (tuning skipped)"
+    print(f"    model: {paths.model} ({state}: D={settings['noise_level']} "
+          f"w={settings['guidance_scale']:g} s={settings['stride']} "
+          f"map={settings['map_kind']} τ={settings['threshold']:g})", flush=True)
+    return paths.model
+
+
+def run_job(module: str, argv: list[str]) -> None:
+    """Run ``ray_jobs.<module>.main(argv)`` in this process (sharing its Ray runtime)."""
+    job = importlib.import_module(f"ray_jobs.{module}")
+    code = job.main(argv)
+    if code:
+        raise SystemExit(f"stage {module!r} failed with exit code {code}")
