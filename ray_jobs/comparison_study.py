@@ -8,8 +8,10 @@ Run it on the built-in phantoms (CPU-sized: ``configs/comparison.yaml``) or on y
     python -m ray_jobs.comparison_study --config configs/comparison.yaml \\
         --manifest cohorts/manifest.csv --output runs/mycomparison
 
-What it runs, in order, each step skipped when its finished output is there (so a rerun
-resumes; an interrupted training continues from its latest checkpoint)::
+What it runs, in order, each step skipped when its finished output is there and was made with
+this run's settings (so a rerun resumes; an interrupted training continues from its latest
+checkpoint; a training, tuning or model made with other settings or data is discarded and made
+again, with what changed printed: ``ray_jobs.stage_records``, ``<output>/stages.json``)::
 
     1. data        the study pipeline's cohorts + preprocess stages       <output>/cohorts, data
     2. IgCONDA     per --variants V (model.attention = V, nothing else    <output>/igconda_V/
@@ -46,6 +48,7 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import UNCONDITIONED, ConfigError, StudyConfig, load_config, save_config
 from igconda.io_utils import atomic_write
+from ray_jobs import stage_records
 from ray_jobs.study_steps import (
     StudyPaths,
     discard,
@@ -114,6 +117,7 @@ class Study:
             self.common += ["--address", args.address]
         self.timings: dict[str, float] = {}
         self.failed: dict[str, str] = {}
+        self.data_version = ""  # set once the data step is done (the trainings' key)
 
     def config_file(self, name: str, config: StudyConfig) -> Path:
         """``config`` written as ``<output>/configs/<name>.yaml`` (what that step's jobs read)."""
@@ -130,6 +134,20 @@ class Study:
         return training_argv(self.data, output, str(config_file),
                              num_workers=self.args.num_workers or self.config.train.num_workers,
                              use_gpu=self.args.use_gpu, local=not self.args.address) + self.common
+
+    def fresh(self, step: str, settings: dict, upstream: str, *outputs: Path) -> str:
+        """Before ``step`` makes ``outputs``: discard them when the step was recorded with other
+        settings or inputs (``upstream``: the data version or the key of the step it reads),
+        then record this run's key, which is returned for the steps that read these outputs."""
+        key = stage_records.key_of(settings, upstream)
+        reason = stage_records.stale_reason(self.root, step, key, settings)
+        if reason:
+            print(f"    {step}: made with other settings ({reason}); discarding "
+                  f"{', '.join(str(o) for o in outputs if o.exists()) or 'nothing yet'}", flush=True)
+            for output in outputs:
+                discard(output)
+        stage_records.record(self.root, step, key, settings, finished=False)
+        return key
 
     def step(self, name: str, body: Callable[[], None], needs: tuple[str, ...] = ()) -> bool:
         """Run one step; a failure is recorded (with the error) and the study goes on.
@@ -165,6 +183,10 @@ def igconda_variant(study: Study, attention: str) -> tuple[str, Path]:
     name = f"igconda_{attention}"
 
     def body() -> None:
+        trained = study.fresh(f"train {name}", stage_records.section_settings(
+            config, ("model", "train")), study.data_version, paths.train, paths.tune, paths.model)
+        study.fresh(f"tune {name}", stage_records.section_settings(config, ("tune", "infer")),
+                    trained, paths.tune, paths.model)
         run_training(paths, study.train_argv(paths.train, config_file))
         if not paths.tuned.is_file():
             run_job("tune", ["--checkpoint", str(paths.best_checkpoint), "--data", str(study.data),
@@ -177,15 +199,20 @@ def igconda_variant(study: Study, attention: str) -> tuple[str, Path]:
     return name, paths.model
 
 
-def train_baseline(study: Study, method: str) -> tuple[str, Path]:
+def train_baseline(study: Study, method: str, keys: dict[str, str] | None = None
+                   ) -> tuple[str, Path]:
     """Train one ``ray_jobs.train_baseline`` method into :meth:`Study.baseline_dir`; the step's
-    name and the best checkpoint it leaves."""
+    name and the best checkpoint it leaves (``keys[method]``: the training's key, when given)."""
     from igconda import checkpoint as ckpt
     from ray_jobs.train_runs import default_storage_path, has_run
 
     output = study.baseline_dir(method)
+    keys = {} if keys is None else keys
+    name = f"train {method}"
 
     def body() -> None:
+        keys[method] = study.fresh(name, stage_records.section_settings(
+            study.config, ("train", "baselines")), study.data_version, output)
         if (output / ckpt.BEST_POINTER).is_file():
             print(f"    {output / ckpt.BEST_POINTER} found, skipping", flush=True)
             return
@@ -198,7 +225,6 @@ def train_baseline(study: Study, method: str) -> tuple[str, Path]:
             discard(output)
         run_job("train_baseline", argv)
 
-    name = f"train {method}"
     study.step(name, body)
     return name, output / ckpt.BEST_DIR
 
@@ -239,15 +265,26 @@ def dpm_classifier_guidance(study: Study) -> None:
     from tuning.driver import BEST_FILE
 
     dpm = StudyPaths(study.baseline_dir("dpm"))
-    dpm_config = study.config_file("dpm", study.config.replace("model", conditioning=UNCONDITIONED))
-    study.step("train dpm", lambda: run_training(dpm, study.train_argv(dpm.train, dpm_config)))
-    classifier, classifier_best = train_baseline(study, "dpm_classifier")
+    dpm_settings = study.config.replace("model", conditioning=UNCONDITIONED)
+    dpm_config = study.config_file("dpm", dpm_settings)
+    keys: dict[str, str] = {}
+
+    def train_dpm() -> None:
+        keys["dpm"] = study.fresh("train dpm", stage_records.section_settings(
+            dpm_settings, ("model", "train")), study.data_version, dpm.root)
+        run_training(dpm, study.train_argv(dpm.train, dpm_config))
+
+    study.step("train dpm", train_dpm)
+    classifier, classifier_best = train_baseline(study, "dpm_classifier", keys)
     needs = ("train dpm", classifier)
     tuned = None
     if study.config.baselines.dpm_cg_noise_levels:
         tuned = study.baseline_dir("tune_dpm_cg") / BEST_FILE
 
         def tune() -> None:
+            study.fresh("tune dpm_cg", stage_records.section_settings(
+                study.config, ("baselines", "infer")),
+                f"{keys.get('dpm')}+{keys.get('dpm_classifier')}", tuned.parent)
             if tuned.is_file():
                 print(f"    {tuned} found, skipping", flush=True)
                 return
@@ -276,6 +313,7 @@ def run(study: Study, variants: list[str], baselines: list[str]) -> None:
 
     if not study.step("data", data):
         return
+    study.data_version = dataset_version(str(study.data))
     for attention in variants:
         step, model = igconda_variant(study, attention)
         score(study, "igconda", checkpoint=model, variant=attention, needs=(step,))
@@ -290,10 +328,10 @@ def run(study: Study, variants: list[str], baselines: list[str]) -> None:
         step, best = train_baseline(study, method)
         score(study, method, checkpoint=best, needs=(step,))
 
-    version = dataset_version(str(study.data))
     study.step("comparison", lambda: run_job(
         "compare", ["--tracking-uri", study.tracking_uri, "--experiment", study.experiment,
-                    "--output", str(study.root / "comparison"), "--data-version", version]))
+                    "--output", str(study.root / "comparison"),
+                    "--data-version", study.data_version]))
 
 
 def main(argv: list[str] | None = None) -> int:

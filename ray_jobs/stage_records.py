@@ -96,10 +96,7 @@ def stage_settings(config: StudyConfig, *, manifest: str | Path | None = None,
         skip_tune: the pipeline's ``--skip-tune`` (the model then takes the config's ``infer``
             defaults instead of a tuning result).
     """
-    sections = config.to_dict()
-    settings = {stage: {f"{section}.{k}": v for section in names
-                        for k, v in sections[section].items()}
-                for stage, names in STAGE_SECTIONS.items()}
+    settings = {stage: section_settings(config, names) for stage, names in STAGE_SECTIONS.items()}
     if manifest is not None:
         settings["cohorts"] = {"manifest": str(Path(manifest).resolve()),
                                "manifest.fingerprint": manifest_fingerprint(manifest)}
@@ -108,15 +105,24 @@ def stage_settings(config: StudyConfig, *, manifest: str | Path | None = None,
     return settings
 
 
+def key_of(settings: dict[str, Any], upstream: str | None) -> str:
+    """A step's key: a digest of its settings and of the key of what it reads (or None)."""
+    text = json.dumps({"settings": settings, "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def stage_keys(settings: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Each stage's key: a digest of its settings and of its upstream stage's key."""
     keys: dict[str, str] = {}
     for stage, upstream in UPSTREAM.items():  # in STAGES order: upstream keys come first
-        text = json.dumps({"settings": settings[stage],
-                           "upstream": keys[upstream] if upstream else None},
-                          sort_keys=True, default=str)
-        keys[stage] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        keys[stage] = key_of(settings[stage], keys[upstream] if upstream else None)
     return keys
+
+
+def section_settings(config: StudyConfig, sections: tuple[str, ...]) -> dict[str, Any]:
+    """``{"section.key": value}`` of some of a study's config sections."""
+    all_sections = config.to_dict()
+    return {f"{section}.{k}": v for section in sections for k, v in all_sections[section].items()}
 
 
 def read_records(root: Path) -> dict[str, dict[str, Any]]:
@@ -154,4 +160,13 @@ def describe_change(stage: str, recorded: dict[str, Any], settings: dict[str, An
                for k in sorted(set(old) | set(settings)) if old.get(k) != settings.get(k)]
     if changed:
         return "; ".join(changed)
-    return f"the output it reads from ({UPSTREAM[stage]}) is made with other settings"
+    return f"the output it reads from ({UPSTREAM.get(stage) or 'upstream'}) changed"
+
+
+def stale_reason(root: Path, step: str, key: str, settings: dict[str, Any]) -> str | None:
+    """Why the output of ``step`` recorded under ``root`` is stale (the settings that changed),
+    or None when it was recorded with ``key`` or never recorded."""
+    recorded = read_records(root).get(step)
+    if recorded is None or recorded.get("key") == key:
+        return None
+    return describe_change(step, recorded, settings)

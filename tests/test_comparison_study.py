@@ -60,6 +60,59 @@ def test_a_failed_step_is_recorded_and_the_steps_that_need_it_do_not_run(tmp_pat
     assert "going on with the other methods" in capsys.readouterr().out
 
 
+def test_a_training_made_with_other_settings_is_made_again(tmp_path, monkeypatch, capsys):
+    """A rerun after a config change must not keep the old variant's training, tuning and model
+    (the steps skip by presence of their outputs); an unchanged rerun keeps them."""
+    from ray_jobs import comparison_study
+    from ray_jobs.comparison_study import Study, igconda_variant
+
+    trained = []
+
+    def fake_training(paths, argv, **_):
+        best = paths.best_checkpoint / "model.safetensors"
+        if not best.is_file():
+            trained.append(paths.root.name)
+            best.parent.mkdir(parents=True)
+            best.write_bytes(b"weights")
+
+    def fake_tune(module, argv):
+        out = Path(argv[argv.index("--output") + 1])
+        out.mkdir(parents=True)
+        (out / "best.json").write_text("{}")
+
+    def fake_model(paths, config, config_file, **_):
+        (paths.model).mkdir(parents=True)
+        (paths.model / "tuning.json").write_text("{}")
+
+    monkeypatch.setattr(comparison_study, "run_training", fake_training)
+    monkeypatch.setattr(comparison_study, "run_job", fake_tune)
+    monkeypatch.setattr(comparison_study, "write_study_model", fake_model)
+    args = argparse.Namespace(output=str(tmp_path), tracking_uri=None, experiment=None,
+                              address=None, num_workers=None, use_gpu=False)
+
+    def run(config) -> None:
+        study = Study(args, config)
+        study.data_version = "dataset.json:0123"
+        igconda_variant(study, "01")
+        assert not study.failed
+
+    config = load_config(CONFIG)
+    run(config)
+    run(config)
+    assert trained == ["igconda_01"]
+    capsys.readouterr()
+    run(config.replace("train", epochs=config.train.epochs + 1))
+    assert trained == ["igconda_01", "igconda_01"]
+    out = capsys.readouterr().out
+    assert "train igconda_01: made with other settings (train.epochs: 2 -> 3)" in out
+    # A tuning setting keeps the training but makes the tuning and the model again.
+    tuned = tmp_path / "igconda_01" / "tune" / "best.json"
+    tuned.write_text('{"stale": true}')
+    run(config.replace("train", epochs=config.train.epochs + 1).replace("tune", stride=1))
+    assert trained == ["igconda_01", "igconda_01"]
+    assert json.loads(tuned.read_text()) == {}
+
+
 @pytest.mark.ray
 @pytest.mark.e2e
 def test_one_command_scores_every_method_and_resumes(tmp_path, ray_session, capsys):

@@ -73,7 +73,7 @@ def test_records_round_trip_and_a_damaged_file_is_named(tmp_path):
     assert records["tune"]["finished"] is True
     assert stage_records.describe_change("train", records["train"], {"train.epochs": 3}) == \
         "train.epochs: 2 -> 3"
-    assert "made with other settings" in stage_records.describe_change("tune", records["tune"], {})
+    assert "(train) changed" in stage_records.describe_change("tune", records["tune"], {})
     (tmp_path / stage_records.RECORDS_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="stages.json"):
         stage_records.read_records(tmp_path)
