@@ -68,7 +68,8 @@ def local_head(num_cpus: int = 2) -> Iterator[tuple[str, dict[str, str]]]:
              f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     try:
         subprocess.run(start, check=True, env=env, timeout=300, capture_output=True)
-        yield f"http://127.0.0.1:{ports['dashboard']}", env
+        # A driver started with this environment (``ray.init()``) joins this head.
+        yield f"http://127.0.0.1:{ports['dashboard']}", {**env, "RAY_ADDRESS": f"127.0.0.1:{ports['gcs']}"}
     finally:
         stop_own_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,85 @@
+"""Fault suite: a batch-inference driver SIGKILLed mid-way on a Ray cluster, then re-run.
+
+The re-run computes only the patients whose outputs the killed run had not finished, and the
+outputs equal those of an undisturbed run: every test slice exactly once, no half-written file.
+The driver is a real process connected to a real head (tests/ray_head.py), killed with SIGKILL
+(no handler, no cleanup), as a spot node's or a user's ``kill -9`` would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.helpers import make_checkpoint, make_dataset
+from tests.ray_head import local_head
+
+# Enough patients that the kill lands between the first finished patient and the last.
+PATIENTS = {f"P{k}": (("lymphoma", "lung", "melanoma")[k % 3], "internal") for k in range(8)}
+ARRAYS = ("anomaly_map", "counterfactual", "counterfactual_w0")
+
+
+def written(folder: Path) -> list[str]:
+    return sorted(p.stem for p in (folder / "slices").glob("*.parquet")) if folder.exists() else []
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_a_killed_inference_driver_reruns_only_the_missing_patients(tmp_path, test_config,
+                                                                     repo_root):
+    checkpoint = make_checkpoint(tmp_path / "ckpt", test_config)
+    data = make_dataset(tmp_path / "data", test_config, PATIENTS)
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+
+    def job(output: Path) -> list[str]:
+        return [sys.executable, "-m", "ray_jobs.infer", "--checkpoint", str(checkpoint),
+                "--data", str(data), "--output", str(output), "--tracking-uri",
+                str(tmp_path / "mlruns.db"), "--batch-size", "4", "--concurrency", "1",
+                "--no-volumes"]
+
+    with local_head() as (_, env):
+        done = subprocess.run(job(reference), cwd=repo_root, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert written(reference) == sorted(PATIENTS)
+
+        driver = subprocess.Popen(job(killed), cwd=repo_root, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 600
+        while not written(killed) and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(driver.pid, signal.SIGKILL)
+        assert driver.wait(timeout=60) == -signal.SIGKILL, "the job ended before it was killed"
+        survivors = written(killed)
+        assert 1 <= len(survivors) < len(PATIENTS), survivors
+        kept = {pid: (killed / "slices" / f"{pid}.parquet").stat().st_mtime_ns for pid in survivors}
+
+        again = subprocess.run(job(killed), cwd=repo_root, env=env, capture_output=True,
+                               text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"{len(survivors)} already complete, {len(PATIENTS) - len(survivors)} to run" in \
+        again.stdout + again.stderr
+
+    # Exactly the undisturbed run's outputs: the same patients, slices and values.
+    assert written(killed) == sorted(PATIENTS)
+    leftovers = [p.name for p in killed.rglob("*") if p.is_file() and ".tmp" in p.name]
+    assert leftovers == []
+    for pid in PATIENTS:
+        ours = pq.read_table(killed / "slices" / f"{pid}.parquet").to_pandas()
+        theirs = pq.read_table(reference / "slices" / f"{pid}.parquet").to_pandas()
+        assert ours["slice_index"].tolist() == theirs["slice_index"].tolist()
+        assert ours["slice_index"].is_unique
+        for column in ARRAYS:
+            np.testing.assert_allclose(np.stack(ours[column]), np.stack(theirs[column]),
+                                       atol=1e-5, err_msg=f"{pid} {column}")
+    # The survivors were kept as the killed run left them, not recomputed.
+    assert {pid: (killed / "slices" / f"{pid}.parquet").stat().st_mtime_ns for pid in survivors} == kept
+    assert (killed / "tables" / "methods.csv").is_file()
