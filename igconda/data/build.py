@@ -13,10 +13,11 @@ output path is moved aside only once the new one is complete, and deleted after 
 failed or interrupted run never leaves a partial dataset that looks complete and never destroys
 a complete one. Workers write their Parquet files directly into that folder, so the output must
 be on a filesystem every Ray node sees (local disk for a single machine, NFS on a cluster). The
-driver trusts no task's "ok": before anything else is written it checks that every reported file
-is there, from its own view, with the rows the task reported (:func:`_check_written`), so a task
-on a node that does not share the folder fails the build instead of leaving a dataset short by
-those patients (``ray_jobs.shared_storage`` refuses such a folder before any work starts).
+driver trusts no task's report: before anything else is written it checks, from its own view,
+that every file a task reported is there with the task's rows and that no PET/mask file a task
+reported missing is there after all (:func:`_check_visible`), so a task on a node that does not
+share the folder or the inputs fails the build instead of leaving a dataset short by those
+patients (``ray_jobs.shared_storage`` refuses a non-shared output folder before any work starts).
 
 Bad patients (manifest rows or volumes that fail validation) are skipped, logged and listed in
 ``rejects.csv``; splits are computed on the patients that survived, so a rejected file does not
@@ -188,18 +189,23 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]])
         writer.writerows(rows)
 
 
-def _check_written(root: Path, good: list[dict[str, Any]]) -> None:
-    """Every file a task reported written is here, as the driver sees it, with the task's rows.
+def _check_visible(root: Path, results: list[dict[str, Any]]) -> None:
+    """What the tasks reported holds here, as the driver sees it: every file reported written is
+    there with the task's rows, and no input reported missing is here after all.
 
     A task on a node that does not share ``root`` writes to that node's own disk and still
-    reports ok; without this check the dataset would be short by those patients and exit 0.
-    Reads only each file's Parquet footer.
+    reports ok, and one on a node without the manifest's files reports them missing; either
+    way the dataset would be short by those patients and exit 0. Reads only Parquet footers.
 
     Raises:
-        PreprocessingError: naming the missing or short files (at most five) and the fix.
+        PreprocessingError: naming the files (at most five) and the fix.
     """
     problems = []
-    for r in good:
+    for r in results:
+        if not r["ok"]:
+            if r["problem"] == "file not found" and Path(r["file"]).is_file():
+                problems.append(f"{r['file']}: its task found no such file; the driver sees it")
+            continue
         path = _slice_file(root, r["split"], r["patient_id"])
         try:
             rows = pq.read_metadata(path).num_rows
@@ -211,10 +217,11 @@ def _check_written(root: Path, good: list[dict[str, Any]]) -> None:
     if problems:
         more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
         raise PreprocessingError(
-            f"{len(problems)} of {len(good)} patient file(s) that the preprocessing tasks reported "
-            f"written are missing or incomplete here: {'; '.join(problems[:5])}{more}. The output "
-            f"folder's parent ({root.parent}) must be shared storage (NFS/EFS) that every Ray node "
-            f"sees at the same path (see docs/cluster.md); no dataset was written")
+            f"{len(problems)} of {len(results)} patient(s) are not what their preprocessing task "
+            f"reported: {'; '.join(problems[:5])}{more}. The output folder's parent "
+            f"({root.parent}) and the manifest's PET/mask files must be on shared storage "
+            f"(NFS/EFS) that every Ray node sees at the same path (see docs/cluster.md); no "
+            f"dataset was written")
 
 
 def _check_output(output: Path) -> None:
@@ -287,6 +294,7 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
                 elif r["notes"]:
                     log.info("%s: %s", r["patient_id"], r["notes"])
             bar.close()
+        _check_visible(tmp, results)
         good = sorted((r for r in results if r["ok"]), key=lambda r: r["patient_id"])
         rejects += [{k: r.get(k, "") for k in REJECT_COLUMNS} for r in results if not r["ok"]]
         rejects.sort(key=lambda r: (r.get("row") or 0))
@@ -296,7 +304,6 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
         if strict and rejects:
             raise PreprocessingError(f"{manifest}: {len(rejects)} patient(s) rejected with --strict, "
                                      f"no dataset written: {_describe(rejects)}")
-        _check_written(tmp, good)
 
         # Re-split on the survivors so a rejected scan does not leave a cohort short of tune
         # patients; move only the files whose split changed.

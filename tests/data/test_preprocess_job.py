@@ -170,31 +170,36 @@ def test_the_map_is_called_once_with_every_planned_patient(tmp_path):
     assert config == CONFIG and Path(root).name.startswith(".data.tmp-")  # built aside, then moved
 
 
-@pytest.mark.parametrize("fault", ["elsewhere", "short"])
-def test_a_file_the_driver_cannot_see_fails_the_build_and_writes_nothing(tmp_path, fault):
-    # A task on a node that does not share the output folder writes to its own disk and reports
-    # ok: the stand-in writes every second patient elsewhere ("another node's disk"), or reports
-    # more slices than its file holds (a file cut short).
-    elsewhere = tmp_path / "other_node" / ".data.tmp"
+@pytest.mark.parametrize("fault", ["elsewhere", "short", "no_input"])
+def test_a_task_report_the_driver_cannot_confirm_fails_the_build_and_writes_nothing(tmp_path, fault):
+    # Tasks on a node that does not share the folders still report as if all were well. The
+    # stand-in runs every second patient as such a task: it writes "on another node's disk", or
+    # reports more slices than its file holds, or finds no PET file where the driver sees one.
+    elsewhere = tmp_path / "other_node"
 
     def node_local_map(items, config, root):
         for n, item in enumerate(items):
             if n % 2 == 0:
                 yield process_patient(item, config, root)
             elif fault == "elsewhere":
-                yield process_patient(item, config, elsewhere)
-            else:
+                yield process_patient(item, config, elsewhere / ".data.tmp")
+            elif fault == "short":
                 r = process_patient(item, config, root)
                 yield {**r, "slices": r["slices"] + 1}
+            else:
+                r = process_patient({**item, "pet_path": str(elsewhere / "pet.nii.gz")}, config, root)
+                yield {**r, "file": item["pet_path"]}
 
     out = tmp_path / "data"
     with pytest.raises(PreprocessingError) as err:
         build_dataset(make_study(tmp_path / "study", bad=False), out, CONFIG,
                       map_patients=node_local_map, progress=False)
     message = str(err.value)
-    assert "6 of 12 patient file(s)" in message and "must be shared storage" in message
-    assert "docs/cluster.md" in message and "(+1 more)" in message
-    assert ("FileNotFoundError" if fault == "elsewhere" else "rows, its task wrote") in message
+    assert "6 of 12 patient(s) are not what their preprocessing task reported" in message
+    assert "must be on shared storage" in message and "docs/cluster.md" in message
+    assert "(+1 more)" in message
+    assert {"elsewhere": "FileNotFoundError", "short": "rows, its task wrote",
+            "no_input": "its task found no such file; the driver sees it"}[fault] in message
     assert not out.exists() and no_leftovers(out)  # no dataset.json, no half-built folder
 
 
