@@ -86,7 +86,7 @@ def _node_views(path: Path, nodes: dict[str, str], read: Callable[[str], bytes |
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    task = ray.remote(num_cpus=0, max_retries=0)(_node_digest)  # zero CPUs: never queued
+    task = ray.remote(num_cpus=0, max_retries=0)(_node_digest)  # zero CPUs: not queued behind busy ones
     refs = {task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
             .remote(str(path), read): node for node in nodes}
     ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
