@@ -44,6 +44,10 @@ checkpoint's own config. Outputs under ``--output``::
     volumes/<patient_id>_anomaly.nii.gz anomaly map on the original scan's grid and affine
     summary.json                        settings, counts, timings
 
+The actors only compute: the driver writes every output above. What every node must see is what
+the workers read, ``--data`` and ``--checkpoint``; on a multi-node cluster the job checks both
+before predicting (:func:`ray_jobs.shared_storage.preflight`, exit status 2).
+
 Everything is also logged to MLflow (params D, w, s, map kind, τ's; metrics
 ``<method>/<cohort>/<metric>_mean``, ``dice_tau`` included; tables, figures and volumes as
 artifacts), after every output is on disk: if the tracking server is down the job warns, exits
@@ -97,6 +101,7 @@ from ray_jobs.infer_patients import (  # noqa: F401  (re-exported for callers of
     weights_digest,
     write_patient,
 )
+from ray_jobs.shared_storage import SharedStorageError, preflight
 
 logger = logging.getLogger("ray_jobs.infer")
 
@@ -341,6 +346,9 @@ def run(args: argparse.Namespace) -> InferResult:
     if todo:
         if not ray.is_initialized():
             ray.init(address=args.address)
+        # Only the driver writes under --output; the actors load the checkpoint and Ray Data's
+        # readers read --data on their own nodes, so those are what every node must see.
+        preflight(data=data, checkpoints={"--checkpoint": settings.checkpoint})
         result.computed = predict_patients(todo, expected, config, settings, slices_dir,
                                            args.device, digests)
     timings["predict_s"] = time.perf_counter() - started
@@ -399,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except InferError as err:
+    except (InferError, SharedStorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -11,7 +11,9 @@ Run locally (starts a local Ray) or on a cluster::
 Writes ``<output>/slices/<split>/<patient_id>.parquet``, ``splits.csv``, ``rejects.csv`` and
 ``dataset.json`` (see docs/data.md). Bad patients are skipped and listed in ``rejects.csv``.
 Exit status: 0 on success; 1 if nothing survived or, with ``--strict``, if any patient was
-rejected (then nothing is written); 2 for an unusable manifest or config.
+rejected, or a task's report does not hold from the driver's view (then nothing is written); 2
+for an unusable manifest or config, or, on a multi-node cluster, an output folder not every
+node sees (:func:`ray_jobs.shared_storage.check_shared`, before any work).
 
 The job is Ray Data's map over the patients (:func:`map_on_ray_data`, one task per volume)
 handed to :func:`igconda.data.build.build_dataset`, which plans the splits, writes the files and
@@ -120,8 +122,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from ray_jobs.shared_storage import SharedStorageError, check_shared
+
     if not ray.is_initialized():
         ray.init(address=args.address)
+    try:
+        # The tasks write into a hidden sibling of --output, so its parent is what they must see.
+        check_shared(Path(args.output).expanduser().absolute().parent,
+                     f"the folder holding --output {args.output} (every preprocessing task writes "
+                     f"its patient's Parquet file there)")
+    except SharedStorageError as err:
+        log.error("%s", err)
+        return 2
     try:
         summary = run_preprocessing(args.manifest, args.output, config, strict=args.strict,
                                     num_cpus_per_volume=args.num_cpus_per_volume,

@@ -27,7 +27,11 @@ Quick check that everything is wired (one epoch on a few batches)::
     python -m ray_jobs.train --data DATA --output /tmp/smoke --config configs/test.yaml --smoke-test
 
 What it writes (``--output`` must be a local or NFS folder; ``--storage-path`` may be any
-``pyarrow.fs`` URI and defaults to ``<output>/ray_results``)::
+``pyarrow.fs`` URI and defaults to ``<output>/ray_results``, so that by default the checkpoints
+are on the study's storage). On a cluster of more than one node, both (and ``--data``) must be
+the same for every node: rank 0 writes the checkpoints and, with the default local MLflow store,
+logs to ``<output>/mlflow.db``; the job refuses paths not every node sees before it starts
+(:func:`ray_jobs.shared_storage.preflight`, exit status 2)::
 
     <storage-path>/<run-name>/checkpoint_epoch_NNNNNN/   Ray Train checkpoints (igconda.checkpoint
                                                          layout), the best few by valid_loss + latest
@@ -51,6 +55,7 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.train_loop import TRAIN_COLUMNS, VALID_COLUMNS, dataset_version
+from ray_jobs.shared_storage import SharedStorageError, preflight
 from ray_jobs.train_runs import (  # noqa: F401  (the helpers other modules import from here)
     UsageError,
     _filesystem,
@@ -181,6 +186,18 @@ def run(args: argparse.Namespace) -> Path:
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     storage_path = _storage_path(args, output)
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    # Before anything is opened or started: rank 0 writes the checkpoints into the storage path
+    # and (default store) logs to <output>/mlflow.db; every worker reads --data.
+    own_storage = "://" not in storage_path and not Path(storage_path).is_relative_to(output)
+    preflight(outputs={"the training's --output (rank 0 logs to its MLflow store)": output,
+                       "--storage-path (rank 0 writes the checkpoints there)":
+                           storage_path if own_storage else None},  # else checked with --output
+              data=args.data)
     check_resume(storage_path, args.run_name, args.resume,
                  lambda latest: ckpt.check_checkpoint(latest, resume=True))
 
@@ -196,10 +213,6 @@ def run(args: argparse.Namespace) -> Path:
                                       tracking_uri, **outage):
             mlflow_cfg = open_mlflow_run(args, config, output, tracking_uri, storage_path, data_hash)
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=args.address)
     cpus = args.cpus_per_worker or default_cpus_per_worker(
         config.train.num_workers, ray.cluster_resources().get("CPU", 1.0))
     print(f"{config.train.num_workers} worker(s), {cpus:g} CPU each", flush=True)
@@ -215,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         best = run(args)
-    except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError, SharedStorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"best checkpoint: {best}")

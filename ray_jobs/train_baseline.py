@@ -33,6 +33,10 @@ What it writes under ``--output`` (as ``ray_jobs.train``)::
     best_checkpoint.json     its URI, epoch, valid_loss, MLflow run id
     mlflow_run.json          the MLflow run (reused by --resume); mlflow.db, mlartifacts/ by default
 
+On a Ray cluster of more than one node, ``--output`` and ``--data`` must be the same for every
+node (rank 0 writes the checkpoints there, every worker reads the data); the job refuses them
+before it starts otherwise (:func:`ray_jobs.shared_storage.preflight`, exit status 2).
+
 MLflow: one run in the study's experiment, tags ``igconda.stage`` = ``train_baseline``,
 ``igconda.method`` (the method it is scored as: ``dpm_cg`` for ``dpm_classifier``),
 ``igconda.train_method`` (``--method``), ``igconda.variant``, ``igconda.data_version``; params
@@ -62,6 +66,7 @@ from igconda.baselines.trainers import (
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.evaluation import DPM_CG
 from igconda.train_loop import dataset_version
+from ray_jobs.shared_storage import SharedStorageError, preflight
 from ray_jobs.train_baseline_worker import train_baseline_func
 from ray_jobs.train_runs import (
     UsageError,
@@ -160,6 +165,15 @@ def run(args: argparse.Namespace) -> Path:
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     storage_path, run_name = default_storage_path(output), args.method
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    # Before anything is opened or started: rank 0 writes the checkpoints under --output
+    # (ray_results/) and (default store) logs to <output>/mlflow.db; every worker reads --data.
+    preflight(outputs={"the baseline's --output (rank 0 writes its checkpoints and MLflow "
+                       "store there)": output}, data=args.data)
     check_resume(storage_path, run_name, args.resume, check_resumable)
 
     data_hash = dataset_version(args.data)
@@ -180,10 +194,6 @@ def run(args: argparse.Namespace) -> Path:
                 run_name=f"train_baseline-{args.method}", tags=tags, params=params,
                 parent_run_id=args.parent_run_id)
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=args.address)
     workers = config.train.num_workers
     cpus = args.cpus_per_worker or default_cpus_per_worker(workers, ray.cluster_resources().get("CPU", 1.0))
     print(f"{args.method}: {workers} worker(s), {cpus:g} CPU each, slices {size[0]}x{size[1]}", flush=True)
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         best = run(args)
-    except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError, SharedStorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"best checkpoint: {best}")

@@ -13,7 +13,10 @@ or on a Ray cluster, with trials sharing GPUs (``tune.gpus_per_trial: 0.25`` in 
 It writes ``<output>/best.json`` (the chosen (D, w); ``python -m ray_jobs.infer --tuned
 <output>/best.json`` uses it), ``grid.csv`` and ``heatmap.png``, and logs an MLflow ``tune`` run
 with one child run per (D, w). The search space is the config's ``tune`` section (without
-``--config``, the one stored in the checkpoint).
+``--config``, the one stored in the checkpoint). Tune's own trial folders go to
+``<output>/ray_results`` (the study's storage); on a Ray cluster of more than one node,
+``--output`` and the checkpoints must be the same for every node, and the job refuses them
+before any trial otherwise (:func:`ray_jobs.shared_storage.preflight`, exit status 2).
 
 The DPM + classifier guidance baseline's D and gradient scale are searched by the same job on
 the same tune slices (grid: the config's ``baselines.dpm_cg_noise_levels`` × ``dpm_cg_scales``;
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from ray_jobs.shared_storage import SharedStorageError, preflight
     from tuning.dpm_cg import run_dpm_cg_tuning
     from tuning.driver import TuningError, run_tuning
 
@@ -86,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     if started_here:
         ray.init(address=args.address)
     try:
+        # Trials write their results under <output>/ray_results and load the checkpoints on
+        # their node; the driver reads the tune slices itself and hands them to the trials.
+        preflight(outputs={"the tuning's --output (Tune's trial results, ray_results/)": args.output},
+                  checkpoints={"--checkpoint": args.checkpoint, "--checkpoint2": args.checkpoint2})
         if args.method == "dpm_cg":
             run_dpm_cg_tuning(args.checkpoint, args.checkpoint2, args.data, args.output,
                               study=study, tracking_uri=args.tracking_uri,
@@ -94,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             run_tuning(args.checkpoint, args.data, args.output, study=study,
                        tracking_uri=args.tracking_uri, experiment=args.experiment,
                        parent_run_id=args.parent_run_id, share_encoding=not args.trial_per_pair)
+    except SharedStorageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except (ConfigError, CheckpointError, TuningError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -58,14 +58,19 @@ def sts_crops() -> Path:
     return path
 
 
+#: ``ray.init`` arguments of the tests' local Ray runtime (a test that needs another runtime, e.g.
+#: a two-node cluster, restarts this one afterwards with them).
+# address="local": a runtime of its own, never a cluster another process started on this machine.
+LOCAL_RAY = {"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
+             "runtime_env": {"env_vars": {"PYTHONPATH": str(REPO)}}}
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray runtime for every Ray-marked test (started once: it costs seconds)."""
     import ray
 
     if not ray.is_initialized():
-        # address="local": a runtime of its own, never a cluster another process started here.
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+        ray.init(**LOCAL_RAY)
     yield ray
     ray.shutdown()

@@ -83,3 +83,50 @@ def test_a_killed_inference_driver_reruns_only_the_missing_patients(tmp_path, te
     # The survivors were kept as the killed run left them, not recomputed.
     assert {pid: (killed / "slices" / f"{pid}.parquet").stat().st_mtime_ns for pid in survivors} == kept
     assert (killed / "tables" / "methods.csv").is_file()
+
+
+@pytest.mark.ray
+@pytest.mark.e2e
+def test_a_pipeline_killed_during_training_resumes_to_the_undisturbed_weights(tmp_path, repo_root):
+    """Killed after its first checkpoint, the re-run pipeline resumes the training (it does not
+    start again) and ends with the weights of a training that was never interrupted."""
+    from safetensors.numpy import load_file
+
+    from igconda import checkpoint as ckpt
+
+    def pipeline(output: Path) -> list[str]:
+        return [sys.executable, "-m", "ray_jobs.pipeline", "--config", "configs/test.yaml",
+                "--output", str(output), "--stop-after", "train", "--num-workers", "1",
+                "--tracking-uri", str(output)]
+
+    from ray_jobs.train_runs import default_storage_path, has_run
+
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    with local_head() as (_, env):
+        done = subprocess.run(pipeline(reference), cwd=repo_root, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+        driver = subprocess.Popen(pipeline(killed), cwd=repo_root, env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  start_new_session=True)
+        deadline = time.time() + 900
+        # Killed once Ray Train has registered the first checkpoint (before that, there is no
+        # run to resume and the re-run rightly trains from scratch).
+        while not has_run(default_storage_path(killed / "train")) and driver.poll() is None \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(driver.pid, signal.SIGKILL)
+        assert driver.wait(timeout=60) == -signal.SIGKILL, "the pipeline ended before it was killed"
+        assert not (killed / "train" / "best").exists()
+
+        again = subprocess.run(pipeline(killed), cwd=repo_root, env=env, capture_output=True,
+                               text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resuming the interrupted training" in again.stdout
+    assert "preprocess: output found, skipping" in again.stdout
+    ours = load_file(str(killed / "train" / "best" / ckpt.MODEL_FILE))
+    theirs = load_file(str(reference / "train" / "best" / ckpt.MODEL_FILE))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=0, atol=1e-6, err_msg=name)

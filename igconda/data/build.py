@@ -12,13 +12,18 @@ place only at the end, after ``dataset.json`` (written last) exists. An existing
 output path is moved aside only once the new one is complete, and deleted after the swap, so a
 failed or interrupted run never leaves a partial dataset that looks complete and never destroys
 a complete one. Workers write their Parquet files directly into that folder, so the output must
-be on a filesystem every Ray node sees (local disk for a single machine, NFS on a cluster).
+be on a filesystem every Ray node sees (local disk for a single machine, NFS on a cluster). The
+driver trusts no task's report: before anything else is written it checks, from its own view,
+that every file a task reported is there with the task's rows and that no PET/mask file a task
+reported missing is there after all (:func:`_check_visible`), so a task on a node that does not
+share the folder or the inputs fails the build instead of leaving a dataset short by those
+patients (``ray_jobs.shared_storage`` refuses a non-shared output folder before any work starts).
 
 Bad patients (manifest rows or volumes that fail validation) are skipped, logged and listed in
 ``rejects.csv``; splits are computed on the patients that survived, so a rejected file does not
 leave a cohort short of tuning patients.
 
-Coverage: ``dataset.json`` records, per patient and per cohort, the lesion voxels that fall
+Coverage (:mod:`igconda.data.summary`): ``dataset.json`` records, per patient and per cohort, the lesion voxels that fall
 outside the preprocessed field of view (a crop that silently drops a cohort's lesions would
 otherwise only show as a poor score), the number of unhealthy slices per split and cohort, and a
 warning for every lesion cohort left without an unhealthy slice in a split it belongs to; both
@@ -46,8 +51,14 @@ import pyarrow.parquet as pq
 from igconda.config import PreprocessConfig, StudyConfig
 from igconda.data.manifest import ManifestEntry, parse_manifest
 from igconda.data.preprocess import preprocess_volume
-from igconda.data.schema import HEALTHY, SPLITS, UNHEALTHY, volume_to_rows
+from igconda.data.schema import SPLITS, UNHEALTHY, volume_to_rows
 from igconda.data.splits import assign_splits
+from igconda.data.summary import (
+    lesion_coverage_summary,
+    lesion_warnings,
+    split_counts,
+    unhealthy_table,
+)
 from igconda.data.volumes import VolumeError
 from igconda.io_utils import replace_dir
 
@@ -55,9 +66,6 @@ log = logging.getLogger(__name__)
 
 REJECT_COLUMNS = ("row", "patient_id", "cohort", "tracer", "role", "pet_path", "mask_path", "file", "problem")
 SPLIT_COLUMNS = ("patient_id", "subject_id", "cohort", "tracer", "role", "split")
-#: The splits in which a cohort of each role should have unhealthy slices (negative controls
-#: have none by definition).
-LESION_SPLITS = {"internal": ("train", "valid", "tune", "test"), "external": ("test",)}
 
 
 #: ``map_patients(items, config, root)``: apply :func:`process_patient` to every item (a manifest
@@ -181,61 +189,39 @@ def _write_csv(path: Path, columns: tuple[str, ...], rows: list[dict[str, Any]])
         writer.writerows(rows)
 
 
-def _counts(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per split, and per split and cohort: patients, slices, healthy/unhealthy slices."""
-    def block(rs: list[dict[str, Any]]) -> dict[str, int]:
-        slices = sum(r["slices"] for r in rs)
-        unhealthy = sum(r["unhealthy"] for r in rs)
-        return {"patients": len(rs), "slices": slices, f"label_{HEALTHY}": slices - unhealthy,
-                f"label_{UNHEALTHY}": unhealthy}
+def _check_visible(root: Path, results: list[dict[str, Any]]) -> None:
+    """What the tasks reported holds here, as the driver sees it: every file reported written is
+    there with the task's rows, and no input reported missing is here after all.
 
-    out: dict[str, Any] = {}
-    for split in SPLITS:
-        rs = [r for r in results if r["split"] == split]
-        cohorts = sorted({r["cohort"] for r in rs})
-        out[split] = {**block(rs), "cohorts": {c: block([r for r in rs if r["cohort"] == c]) for c in cohorts}}
-    return out
+    A task on a node that does not share ``root`` writes to that node's own disk and still
+    reports ok, and one on a node without the manifest's files reports them missing; either
+    way the dataset would be short by those patients and exit 0. Reads only Parquet footers.
 
-
-def _coverage(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lesion voxels outside the field of view, per patient and per cohort (source voxels)."""
-    def block(rs: list[dict[str, Any]]) -> dict[str, Any]:
-        total = sum(r["lesion_voxels"] for r in rs)
-        outside = sum(r["lesion_voxels_outside"] for r in rs)
-        return {"lesion_voxels": total, "lesion_voxels_outside": outside,
-                "fraction_outside": round(outside / total, 6) if total else 0.0}
-
-    patients = {r["patient_id"]: {**block([r]), "input_slices": r["input_slices"], "slices": r["slices"]}
-                for r in results}
-    cohorts = {c: {**block([r for r in results if r["cohort"] == c]),
-                   "patients_with_lesions_outside": sum(1 for r in results
-                                                        if r["cohort"] == c and r["lesion_voxels_outside"])}
-               for c in sorted({r["cohort"] for r in results})}
-    return {"cohorts": cohorts, "patients": patients}
-
-
-def _unhealthy_table(results: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Unhealthy slices per split and cohort (every cohort listed in every split, 0 included)."""
-    cohorts = sorted({r["cohort"] for r in results})
-    return {split: {c: sum(r["unhealthy"] for r in results if r["split"] == split and r["cohort"] == c)
-                    for c in cohorts} for split in SPLITS}
-
-
-def _lesion_warnings(results: list[dict[str, Any]]) -> list[str]:
-    """One line per lesion cohort without an unhealthy slice in a split it belongs to."""
-    warnings = []
-    for cohort in sorted({r["cohort"] for r in results}):
-        rows = [r for r in results if r["cohort"] == cohort]
-        for role in sorted({r["role"] for r in rows} & set(LESION_SPLITS)):
-            for split in LESION_SPLITS[role]:
-                rs = [r for r in rows if r["role"] == role and r["split"] == split]
-                if sum(r["unhealthy"] for r in rs) == 0:
-                    outside = sum(r["lesion_voxels_outside"] for r in rs)
-                    why = (f"{len(rs)} patient(s), none with a lesion slice"
-                           + (f"; {outside} lesion voxels lie outside the field of view" if outside else "")
-                           if rs else "no patient")
-                    warnings.append(f"cohort {cohort!r} ({role}) has no unhealthy slice in {split} ({why})")
-    return warnings
+    Raises:
+        PreprocessingError: naming the files (at most five) and the fix.
+    """
+    problems = []
+    for r in results:
+        if not r["ok"]:
+            if r["problem"] == "file not found" and Path(r["file"]).is_file():
+                problems.append(f"{r['file']}: its task found no such file; the driver sees it")
+            continue
+        path = _slice_file(root, r["split"], r["patient_id"])
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowException) as err:  # missing, or not a whole Parquet file
+            problems.append(f"{path}: {type(err).__name__}: {err}")
+            continue
+        if rows != r["slices"]:
+            problems.append(f"{path}: {rows} rows, its task wrote {r['slices']}")
+    if problems:
+        more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise PreprocessingError(
+            f"{len(problems)} of {len(results)} patient(s) are not what their preprocessing task "
+            f"reported: {'; '.join(problems[:5])}{more}. The output folder's parent "
+            f"({root.parent}) and the manifest's PET/mask files must be on shared storage "
+            f"(NFS/EFS) that every Ray node sees at the same path (see docs/cluster.md); no "
+            f"dataset was written")
 
 
 def _check_output(output: Path) -> None:
@@ -308,6 +294,7 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
                 elif r["notes"]:
                     log.info("%s: %s", r["patient_id"], r["notes"])
             bar.close()
+        _check_visible(tmp, results)
         good = sorted((r for r in results if r["ok"]), key=lambda r: r["patient_id"])
         rejects += [{k: r.get(k, "") for k in REJECT_COLUMNS} for r in results if not r["ok"]]
         rejects.sort(key=lambda r: (r.get("row") or 0))
@@ -330,9 +317,9 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
 
         _write_csv(tmp / "splits.csv", SPLIT_COLUMNS, good)
         _write_csv(tmp / "rejects.csv", REJECT_COLUMNS, rejects)
-        counts = _counts(good)
-        coverage = _coverage(good)
-        warnings = _lesion_warnings(good)
+        counts = split_counts(good)
+        coverage = lesion_coverage_summary(good)
+        warnings = lesion_warnings(good)
         for cohort, c in coverage["cohorts"].items():
             if c["lesion_voxels_outside"]:
                 log.warning("cohort %s: %d of %d lesion voxels (%.1f %%) lie outside the field of view, "
@@ -355,7 +342,7 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
             "slices_per_volume": {"min": min(depths), "max": max(depths),
                                   "mean": round(float(np.mean(depths)), 2)},
             "splits": counts,
-            "unhealthy_slices": _unhealthy_table(good),
+            "unhealthy_slices": unhealthy_table(good),
             "coverage": coverage,
             "warnings": warnings,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(pcfg).items()},

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from igconda.config import PreprocessConfig
-from igconda.data import build
+from igconda.data import build, summary
 from igconda.data.build import PreprocessingError, build_dataset, process_patient
 from igconda.data.io import read_dataset_info, read_split, split_path
 from igconda.data.schema import SPLITS, UNHEALTHY, stack_images, validate_table
@@ -115,19 +115,19 @@ def test_coverage_and_warnings_name_the_cohort_and_the_split():
                _result("a3", "hn", "internal", "valid", 1), _result("a4", "hn", "internal", "tune", 2),
                _result("s1", "sarc", "external", "test", 0, 40, 30), _result("n1", "neg", "negative_control",
                                                                                "train", 0, 0, 0)]
-    cov = build._coverage(results)
+    cov = summary.lesion_coverage_summary(results)
     assert cov["cohorts"]["sarc"] == {"lesion_voxels": 40, "lesion_voxels_outside": 30, "fraction_outside": 0.75,
                                       "patients_with_lesions_outside": 1}
     assert cov["cohorts"]["hn"]["lesion_voxels_outside"] == 10 and cov["patients"]["a2"]["fraction_outside"] == 1.0
-    warnings = build._lesion_warnings(results)
+    warnings = summary.lesion_warnings(results)
     assert warnings == ["cohort 'hn' (internal) has no unhealthy slice in test (1 patient(s), none with a "
                         "lesion slice; 10 lesion voxels lie outside the field of view)",
                         "cohort 'sarc' (external) has no unhealthy slice in test (1 patient(s), none with a "
                         "lesion slice; 30 lesion voxels lie outside the field of view)"]
-    table = build._unhealthy_table(results)
+    table = summary.unhealthy_table(results)
     assert table["test"] == {"hn": 0, "neg": 0, "sarc": 0} and table["train"]["hn"] == 3
     # a cohort with no patient at all in a split it belongs to is reported too
-    assert build._lesion_warnings(results[:1]) == [
+    assert summary.lesion_warnings(results[:1]) == [
         f"cohort 'hn' (internal) has no unhealthy slice in {s} (no patient)" for s in ("valid", "tune", "test")]
 
 
@@ -168,6 +168,39 @@ def test_the_map_is_called_once_with_every_planned_patient(tmp_path):
     ids, config, root = calls[0]
     assert sorted(ids) == sorted(pd.read_csv(tmp_path / "data" / "splits.csv").patient_id)
     assert config == CONFIG and Path(root).name.startswith(".data.tmp-")  # built aside, then moved
+
+
+@pytest.mark.parametrize("fault", ["elsewhere", "short", "no_input"])
+def test_a_task_report_the_driver_cannot_confirm_fails_the_build_and_writes_nothing(tmp_path, fault):
+    # Tasks on a node that does not share the folders still report as if all were well. The
+    # stand-in runs every second patient as such a task: it writes "on another node's disk", or
+    # reports more slices than its file holds, or finds no PET file where the driver sees one.
+    elsewhere = tmp_path / "other_node"
+
+    def node_local_map(items, config, root):
+        for n, item in enumerate(items):
+            if n % 2 == 0:
+                yield process_patient(item, config, root)
+            elif fault == "elsewhere":
+                yield process_patient(item, config, elsewhere / ".data.tmp")
+            elif fault == "short":
+                r = process_patient(item, config, root)
+                yield {**r, "slices": r["slices"] + 1}
+            else:
+                r = process_patient({**item, "pet_path": str(elsewhere / "pet.nii.gz")}, config, root)
+                yield {**r, "file": item["pet_path"]}
+
+    out = tmp_path / "data"
+    with pytest.raises(PreprocessingError) as err:
+        build_dataset(make_study(tmp_path / "study", bad=False), out, CONFIG,
+                      map_patients=node_local_map, progress=False)
+    message = str(err.value)
+    assert "6 of 12 patient(s) are not what their preprocessing task reported" in message
+    assert "must be on shared storage" in message and "docs/cluster.md" in message
+    assert "(+1 more)" in message
+    assert {"elsewhere": "FileNotFoundError", "short": "rows, its task wrote",
+            "no_input": "its task found no such file; the driver sees it"}[fault] in message
+    assert not out.exists() and no_leftovers(out)  # no dataset.json, no half-built folder
 
 
 def test_split_path_and_unknown_split(tmp_path):
