@@ -86,18 +86,21 @@ def reference_maps(model, config, images: np.ndarray, noise_level: int, w: float
     return np.concatenate(maps)
 
 
-def igconda_maps(checkpoint: Path, images: np.ndarray, batch: int, **overrides) -> tuple[np.ndarray, float, dict]:
-    """The predictor's chosen map, the start-up seconds, and the settings it ran with."""
+def igconda_maps(checkpoint: Path, images: np.ndarray, batch: int, *, amp: bool | None = None,
+                 **overrides) -> tuple[np.ndarray, float, dict]:
+    """The predictor's chosen map, the start-up seconds, and the settings it ran with
+    (``amp``: the checkpoint's ``infer.use_amp`` unless given)."""
     from igconda.checkpoint import load_checkpoint_config
 
     infer = load_checkpoint_config(checkpoint).infer
+    amp = infer.use_amp if amp is None else amp
     settings = {"noise_level": infer.noise_level, "stride": infer.stride,
                 "guidance_scale": infer.guidance_scale, "map_kind": infer.map_kind}
     settings.update({k: v for k, v in overrides.items() if v is not None})
     start = time.perf_counter()
-    predictor = CounterfactualPredictor(checkpoint, device="cpu", amp=infer.use_amp, score=False, **settings)
+    predictor = CounterfactualPredictor(checkpoint, device="cpu", amp=amp, score=False, **settings)
     startup = time.perf_counter() - start
-    settings["autocast"] = str(autocast_dtype("cpu", infer.use_amp))
+    settings["autocast"] = str(autocast_dtype("cpu", amp))
     maps = [predictor({"image": images[i:i + batch]})["anomaly_map"] for i in range(0, len(images), batch)]
     return np.concatenate(maps).reshape(images.shape), startup, settings
 

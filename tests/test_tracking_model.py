@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -18,6 +21,25 @@ from tests.helpers import make_dataset
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    # MLflow's default store is ./mlflow.db: whatever falls back to it lands in tmp, not the repo.
+    monkeypatch.chdir(tmp_path)
+
+
+@contextlib.contextmanager
+def store(uri: str) -> Iterator[None]:
+    """MLflow pointed at ``uri``, as a user loading the model would point it (tracking.start_run
+    leaves the process-wide tracking URI as it found it, so a test must not rely on an earlier
+    test's)."""
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
 def test_registered_model_loads_through_mlflow_and_runs_on_slices(checkpoint, test_config, tmp_path):
     settings = {"noise_level": 4, "guidance_scale": 2.0, "stride": 2, "map_kind": "guidance",
                 "threshold": 0.05, "thresholds": {}, "tuned": True, "source": {}}
@@ -29,7 +51,8 @@ def test_registered_model_loads_through_mlflow_and_runs_on_slices(checkpoint, te
         log_dataset(data, "test")
 
     # Loaded by MLflow alone, from the registry, in this process.
-    loaded = mlflow.pyfunc.load_model("models:/igconda-test/1")
+    with store(uri):
+        loaded = mlflow.pyfunc.load_model("models:/igconda-test/1")
     slices = pq.read_table(data / "slices" / "test" / "P1.parquet").to_pandas()
     batch = slices[["patient_id", "slice_index", "height", "width", "image"]].head(3)
     out = loaded.predict(batch)
@@ -67,6 +90,7 @@ def test_predict_needs_an_image_column(checkpoint, tmp_path):
     uri = tracking.resolve_tracking_uri("", tmp_path / "store")
     with tracking.start_run(uri, "exp", "model"):
         model_uri = log_model_folder(checkpoint)
-    loaded = mlflow.pyfunc.load_model(model_uri)
+    with store(uri):
+        loaded = mlflow.pyfunc.load_model(model_uri)
     with pytest.raises(Exception, match="no 'image' column"):
         loaded.predict(pd.DataFrame({"slice_index": [0]}))
