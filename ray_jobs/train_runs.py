@@ -184,6 +184,20 @@ def read_splits(data: str, columns: dict[str, tuple[str, ...]], *, materialize_m
     """
     import ray.data
 
+    # A dataset copies the DataContext when it is created: keep the rows' order (ordered_ingest).
+    options = ray.data.DataContext.get_current().execution_options
+    ordered, options.preserve_order = options.preserve_order, True
+    try:
+        return _read_splits(data, columns, materialize_max_mb=materialize_max_mb,
+                            limit_rows=limit_rows, filters=filters)
+    finally:
+        options.preserve_order = ordered
+
+
+def _read_splits(data: str, columns: dict[str, tuple[str, ...]], *, materialize_max_mb: int,
+                 limit_rows: int | None, filters: dict[str, Any] | None) -> dict[str, Any]:
+    import ray.data
+
     splits, parquet_bytes = {}, 0
     for split, names in columns.items():
         path = _join(data, "slices", split)
@@ -204,6 +218,22 @@ def read_splits(data: str, columns: dict[str, tuple[str, ...]], *, materialize_m
               "into the object store once", flush=True)
         splits = {k: v.materialize() for k, v in splits.items()}
     return splits
+
+
+def ordered_ingest() -> Any:
+    """Ray Data options for the training shards: Ray Train's defaults with the rows' order kept.
+
+    Ray Data hands blocks on as their read tasks finish, so without ``preserve_order`` the order
+    of the rows, and with it the seeded shuffle's batches, changes from run to run: the same seed
+    gave a different model, and a training resumed after a crash did not end where the
+    uninterrupted one does. With one worker the order is now a function of the data and the
+    seed; with several, Ray still deals the blocks to the workers as they ask for them.
+    """
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 def torch_trainer(func: Any, loop_config: dict[str, Any], datasets: dict[str, Any], *,
@@ -231,7 +261,7 @@ def torch_trainer(func: Any, loop_config: dict[str, Any], datasets: dict[str, An
         datasets=datasets,
         # Shard only train; every worker sees all of valid and scores the rows hashed to its rank
         # (streaming_split(equal=True) would drop rows to even the shards out).
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ordered_ingest()),
     )
 
 
