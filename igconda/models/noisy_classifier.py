@@ -44,7 +44,7 @@ class NoisyClassifierConfig:
         norm_num_groups: GroupNorm groups. 16, not MONAI's 32: with 32 groups the 32-channel level
             has one channel per group, and that norm subtracts the timestep embedding (added as a
             per-channel bias right before it) exactly, so the level would never see t (the same
-            trap :func:`igconda.config.validate` refuses for the UNet).
+            trap :func:`igconda.config_rules.validate` refuses for the UNet).
     """
 
     image_size: tuple[int, int]
