@@ -144,7 +144,7 @@ class NetworkTrainer(BaselineTrainer):
 
 def train_state(directory: str | Path) -> dict[str, Any]:
     """The checkpoint's ``train_state.pt`` (optimizer, epoch); CheckpointError when absent."""
-    state = ckpt.loadtrain_state(directory)
+    state = ckpt.load_train_state(directory)
     if state is None:
         raise ckpt.CheckpointError(f"{directory}: no {ckpt.STATE_FILE}; cannot resume training")
     return state
