@@ -46,7 +46,7 @@ from igconda.config import load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.diffusion.ddim import ddim_decode, ddim_encode
 from igconda.diffusion.schedule import NoiseSchedule
-from igconda.inference import stack_column
+from igconda.evaluation import stack_column
 from igconda.metrics import auprc, optimal_dice
 from igconda.train_loop import TRAIN_COLUMNS, TrainingSession, decode_slice_batch
 

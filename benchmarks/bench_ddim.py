@@ -30,7 +30,8 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 
 from igconda.config import load_config
-from igconda.diffusion.ddim import ddim_decode, ddim_encode, network_evaluations
+from igconda.ddim_grid import network_evaluations
+from igconda.diffusion.ddim import ddim_decode, ddim_encode
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.models import build_unet
 

@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from igconda.accel import accelerate_for_inference, compile_in_place, flops_per_evaluation  # noqa: E402
 from igconda.config import load_config  # noqa: E402
-from igconda.diffusion.ddim import counterfactual_pair  # noqa: E402
+from igconda.diffusion.counterfactual import counterfactual_pair  # noqa: E402
 from igconda.diffusion.schedule import NoiseSchedule  # noqa: E402
 from igconda.diffusion.training import train_step  # noqa: E402
 from igconda.models import build_unet  # noqa: E402

@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 
 from igconda.checkpoint import load_checkpoint_config
 from igconda.data.schema import UNHEALTHY
+from igconda.ddim_grid import check_grid
 from igconda.inference import CounterfactualPredictor
 
 DEFAULT_STRIDES = (1, 2, 5, 10, 20, 40)
@@ -63,8 +64,10 @@ def run(checkpoint: Path, batch: dict[str, np.ndarray], *, noise_level: int, gui
     rows = []
     n = len(batch["image"])
     for stride in strides:
-        if noise_level % stride:
-            print(f"  s={stride}: skipped (does not divide D={noise_level})", file=sys.stderr)
+        try:
+            check_grid(noise_level, stride)
+        except ValueError as err:
+            print(f"  s={stride}: skipped ({err})", file=sys.stderr)
             continue
         predictor = CounterfactualPredictor(checkpoint, noise_level=noise_level,
                                             guidance_scale=guidance_scale, stride=stride, device=device)

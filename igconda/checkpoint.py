@@ -11,7 +11,7 @@ Layout of a checkpoint directory::
 Ray Train wraps this folder as a ``ray.train.Checkpoint``; the same folder is what
 ``igconda detect --checkpoint`` and the inference job load.
 
-The trained baselines (:mod:`igconda.baselines.supervised`, :mod:`igconda.baselines.classifier_cam`)
+The trained baselines (:mod:`igconda.baselines.supervised`, :mod:`igconda.baselines.resnet_classifier`)
 use the same files without ``ema.safetensors``; their ``config.yaml`` is ``{baseline: <method>,
 settings: {...}}`` (:func:`save_baseline_checkpoint`), which :func:`load_checkpoint_config` refuses.
 

@@ -10,7 +10,7 @@ as CSV), and one self-contained HTML page with the best cell of each column in b
     figures/fig4_lesion_size.{png,csv}  mean ± SEM per size bin, one line per method label
     figures/fig6_size_suv.{png,csv}     mean per (size, SUVmean) cell, one row per method label
 
-The page's images and style come from :mod:`igconda.report` (its own page writer escapes every
+The page's images and style come from :mod:`igconda.report_html` (its own page writer escapes every
 cell, so it cannot show the bold best cells).
 """
 
@@ -37,7 +37,7 @@ from igconda.comparison_figures import (
 )
 from igconda.evaluation import METRIC_TITLES
 from igconda.io_utils import atomic_write
-from igconda.report import PAGE_CSS, figure_png, software_versions
+from igconda.report_html import PAGE_CSS, figure_png, software_versions
 
 #: What the figures show, for captions and notes (the contract's definitions).
 DEFINITIONS = (

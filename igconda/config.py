@@ -6,6 +6,10 @@ A YAML file has one optional mapping per section (``phantoms``, ``preprocess``, 
 are the paper's settings (Ahamed & Rahmim 2025, see ``configs/paper.yaml`` for section
 references). Unknown keys and out-of-range values raise :class:`ConfigError` naming the file,
 the key and the problem, so a typo never silently falls back to a default.
+
+This module owns the sections (one dataclass each, their defaults and what each key means),
+:class:`StudyConfig`, and reading and writing YAML; the allowed values and ranges of the keys
+are :mod:`igconda.config_rules`' (run on every :class:`StudyConfig` built).
 """
 
 from __future__ import annotations
@@ -19,16 +23,10 @@ from typing import Any
 
 import yaml
 
-from igconda.baselines.settings import BaselinesConfig, validate_baselines
+from igconda.baselines.settings import BaselinesConfig
+from igconda.config_rules import validate
 from igconda.io_utils import atomic_write
 from igconda.map_kinds import MAP_KINDS
-
-#: The class-conditioning paths of ``model.conditioning`` (see :class:`ModelConfig`).
-CONDITIONINGS = ("cross_attention", "class_embedding", "both")
-#: The other value of ``model.conditioning``: no class input (the unconditional DPM of the
-#: DPM + classifier guidance baseline, paper §3.3); kept apart from :data:`CONDITIONINGS`, whose
-#: every path must make the class matter.
-UNCONDITIONED = "none"
 
 
 class ConfigError(ValueError):
@@ -96,7 +94,7 @@ class ModelConfig:
     num_res_blocks: int = 1
     num_head_channels: int = 16
     embedding_dim: int = 64  # class token and cross-attention dimension
-    # GroupNorm groups; every group must hold >= 2 channels (see validate: a one-channel group
+    # GroupNorm groups; every group must hold >= 2 channels (igconda.config_rules: a one-channel group
     # erases the timestep and class embeddings, which MONAI adds as a per-channel bias).
     norm_num_groups: int = 32
     use_flash_attention: bool = False
@@ -206,7 +204,10 @@ class StudyConfig:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
     def __post_init__(self) -> None:
-        validate(self)
+        try:
+            validate(self)  # igconda.config_rules
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def replace(self, section: str, **changes: Any) -> StudyConfig:
         """A copy with some values of one section changed (validated)."""
@@ -326,109 +327,3 @@ def save_config(config: StudyConfig, path: str | Path) -> None:
     """Write ``config`` as YAML (atomically: temp file then rename)."""
     text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     atomic_write(path, lambda tmp: tmp.write_text(text), suffix=".tmp")
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def validate(cfg: StudyConfig) -> None:
-    """Cross-field checks; raises ConfigError with the offending key."""
-    p = cfg.preprocess
-    _check(all(s > 0 for s in p.spacing_mm), "preprocess.spacing_mm must be positive")
-    _check(all(c > 0 for c in p.crop_size), "preprocess.crop_size must be positive")
-    _check(all(o > 0 for o in p.output_size), "preprocess.output_size must be positive")
-    _check(0 < p.train_fraction < 1, "preprocess.train_fraction must be in (0, 1)")
-    _check(0 <= p.valid_fraction < 1, "preprocess.valid_fraction must be in [0, 1)")
-    # Training selects its best checkpoint by the validation loss: with no valid patients it would
-    # train a whole epoch and then fail on the workers (train_loop: "the valid split is empty").
-    _check(p.valid_fraction > 0,
-           f"preprocess.valid_fraction {p.valid_fraction} leaves no validation patients, which training "
-           f"needs to select its checkpoint: set it > 0 (the paper's is 0.056)")
-    _check(p.train_fraction + p.valid_fraction < 1, "preprocess: train + valid fractions must be < 1")
-    _check(p.tune_per_cohort >= 0, "preprocess.tune_per_cohort must be >= 0")
-    _check(p.output_size[0] == p.output_size[1], "preprocess.output_size: slices must be square")
-    _check(p.axial_extent in ("whole", "crop"),
-           f"preprocess.axial_extent {p.axial_extent!r} must be 'whole' or 'crop'")
-    _check(p.fov_centre in ("body", "array"),
-           f"preprocess.fov_centre {p.fov_centre!r} must be 'body' or 'array'")
-    _check(p.num_cpus_per_volume >= 0,
-           f"preprocess.num_cpus_per_volume {p.num_cpus_per_volume} must be >= 0 (Ray CPUs per task)")
-    m = cfg.model
-    _check(len(m.attention) == len(m.channels) and set(m.attention) <= {"0", "1"},
-           f"model.attention {m.attention!r} must have one 0/1 digit per level of channels {m.channels}")
-    _check(all(c % m.norm_num_groups == 0 for c in m.channels),
-           f"model.channels {m.channels} must be multiples of norm_num_groups {m.norm_num_groups}")
-    # MONAI's ResnetBlock adds the timestep (+ class) embedding as a per-channel bias right before
-    # a GroupNorm. With one channel per group the norm subtracts that bias exactly, so the network
-    # never sees t nor the class embedding (measured: outputs at t = 50 and t = 400 differ by
-    # 1e-6 relative, with channels = groups = 32), and the class token only leaks in through
-    # zero-padded borders. Two or more channels per group keep the differences between them.
-    _check(all(c // m.norm_num_groups >= 2 for c in m.channels),
-           f"model.norm_num_groups {m.norm_num_groups} leaves one channel per GroupNorm group at "
-           f"channels {m.channels}: that norm erases the timestep and class embeddings; use at most "
-           f"{min(m.channels) // 2} groups (e.g. {max(1, min(m.channels) // 4)})")
-    _check(all(c % m.num_head_channels == 0 for c in m.channels),
-           f"model.channels {m.channels} must be multiples of num_head_channels {m.num_head_channels}")
-    _check(m.conditioning in (*CONDITIONINGS, UNCONDITIONED),
-           f"model.conditioning {m.conditioning!r} must be one of "
-           f"{', '.join((*CONDITIONINGS, UNCONDITIONED))}")
-    downsample = 2 ** (len(m.channels) - 1)
-    _check(p.output_size[0] % downsample == 0,
-           f"preprocess.output_size {p.output_size[:2]} must be divisible by {downsample} for {len(m.channels)} levels")
-    t = cfg.train
-    _check(t.epochs >= 1, "train.epochs must be >= 1")
-    _check(t.batch_size >= 1, "train.batch_size must be >= 1")
-    _check(t.lr > 0, "train.lr must be positive")
-    _check(t.num_train_timesteps >= 2, "train.num_train_timesteps must be >= 2")
-    _check(0 < t.beta_start < t.beta_end < 1, "train: need 0 < beta_start < beta_end < 1")
-    _check(0 <= t.cond_drop_prob < 1, "train.cond_drop_prob must be in [0, 1)")
-    _check(0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)")
-    _check(t.valid_every >= 1 and t.checkpoint_every >= 1, "train: valid_every and checkpoint_every must be >= 1")
-    _check(t.num_workers >= 1, "train.num_workers must be >= 1")
-    _check(t.materialize_max_mb >= 0, "train.materialize_max_mb must be >= 0 (0 = always stream)")
-    _check(t.max_timestep == 0 or 2 <= t.max_timestep <= t.num_train_timesteps,
-           f"train.max_timestep {t.max_timestep} must be 0 (all) or in [2, {t.num_train_timesteps}]")
-    trained = t.max_timestep or t.num_train_timesteps
-    i = cfg.infer
-    _check(0 < i.noise_level < trained,
-           f"infer.noise_level D={i.noise_level} must be in (0, {trained}): the model is trained on "
-           f"t < {trained} (train.max_timestep / num_train_timesteps)")
-    _check(i.stride >= 1 and i.noise_level % i.stride == 0,
-           f"infer.stride s={i.stride} must be >= 1 and divide noise_level D={i.noise_level}")
-    _check(i.guidance_scale >= 0, "infer.guidance_scale must be >= 0")
-    _check(i.batch_size >= 1 and i.concurrency >= 1, "infer: batch_size and concurrency must be >= 1")
-    _check(i.num_gpus_per_actor >= 0 and i.num_cpus_per_actor >= 0,
-           f"infer: num_gpus_per_actor {i.num_gpus_per_actor} and num_cpus_per_actor "
-           f"{i.num_cpus_per_actor} must be >= 0 (Ray resources per inference actor)")
-    _check(0 <= i.memory_fraction < 1, f"infer.memory_fraction {i.memory_fraction} must be in [0, 1) (0 = off)")
-    _check(i.map_kind in MAP_KINDS, f"infer.map_kind {i.map_kind!r} must be one of {list(MAP_KINDS)}")
-    _check(0 < i.threshold <= 1, f"infer.threshold τ={i.threshold} must be in (0, 1] (maps are in [0, 1])")
-    u = cfg.tune
-    _check(len(u.noise_levels) > 0 and len(u.guidance_scales) > 0, "tune: empty search space")
-    # Checked before the noise levels, whose divisibility test would divide by a zero stride.
-    _check(u.stride >= 1, f"tune.stride s={u.stride} must be >= 1 (DDIM steps every s timesteps)")
-    _check(u.num_samples >= 1,
-           f"tune.num_samples {u.num_samples} must be >= 1 (trials per grid point or random draws)")
-    _check(u.gpus_per_trial >= 0 and u.cpus_per_trial >= 0,
-           f"tune: gpus_per_trial {u.gpus_per_trial} and cpus_per_trial {u.cpus_per_trial} must be "
-           f">= 0 (Ray resources per trial)")
-    for d in u.noise_levels:
-        _check(0 < d < trained and d % u.stride == 0,
-               f"tune.noise_levels: D={d} must be in (0, {trained}) (trained timesteps) and divisible "
-               f"by tune.stride={u.stride}")
-    _check(u.search in ("grid", "random"), f"tune.search {u.search!r} must be 'grid' or 'random'")
-    _check(u.max_slices >= 0, "tune.max_slices must be >= 0")
-    _check(len(u.map_kinds) > 0 and set(u.map_kinds) <= set(MAP_KINDS)
-           and len(set(u.map_kinds)) == len(u.map_kinds),
-           f"tune.map_kinds {list(u.map_kinds)} must be distinct values of {list(MAP_KINDS)}")
-    for section in ("phantoms", "preprocess", "train"):
-        seed = getattr(cfg, section).seed
-        # numpy's generators refuse negative seeds, deep inside a Ray task.
-        _check(seed >= 0, f"{section}.seed {seed} must be >= 0")
-    _check(cfg.phantoms.negative_controls >= 0, "phantoms.negative_controls must be >= 0")
-    _check(cfg.phantoms.scan_length in ("anatomical", "fixed"),
-           f"phantoms.scan_length {cfg.phantoms.scan_length!r} must be 'anatomical' or 'fixed'")
-    _check(all(n >= 1 for n in cfg.phantoms.cohorts.values()), "phantoms.cohorts: counts must be >= 1")
-    validate_baselines(cfg.baselines, cfg.train.num_train_timesteps, _check)

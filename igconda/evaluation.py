@@ -17,7 +17,7 @@ Tuning (``tuning/``), batch inference (``ray_jobs.infer``), ``igconda detect`` a
 call these; nothing here imports Ray.
 
 Method names, as they appear in the ``method`` column: ``igconda_<kind>`` for each map kind of
-:data:`igconda.diffusion.ddim.MAP_KINDS` (``igconda_abs`` is the paper's), ``igconda_w0`` for the
+:data:`igconda.map_kinds.MAP_KINDS` (``igconda_abs`` is the paper's), ``igconda_w0`` for the
 w = 0 control |x − x̂_∅|, ``threshold_41`` and ``intensity``; the trained baselines add
 ``hirescam`` (:mod:`igconda.baselines.classifier_cam`), ``supervised``, the upper bound
 trained on pixel masks (:mod:`igconda.baselines.supervised`), ``fanogan``
@@ -34,8 +34,7 @@ import pandas as pd
 import torch
 
 from igconda.data.schema import HEALTHY, UNHEALTHY
-from igconda.diffusion.ddim import CONTROL, CONTROL_HOT, MAP_KINDS
-from igconda.map_kinds import CONTROLS
+from igconda.map_kinds import CONTROL, CONTROL_HOT, CONTROLS, MAP_KINDS
 from igconda.metrics import METRIC_KEYS, dice_curve, score_batch
 
 #: Method name of the 41 % SUVmax rule and of the raw-intensity control.
@@ -217,12 +216,12 @@ def igconda_maps(images: np.ndarray, guided: np.ndarray, unguided: np.ndarray,
         images: (N, H, W) slices x in [0, 1].
         guided: (N, H, W) healthy counterfactuals x̂_w.
         unguided: (N, H, W) unguided decodes x̂_∅ of the same encodings.
-        kinds: map kinds of :data:`~igconda.diffusion.ddim.MAP_KINDS`.
+        kinds: map kinds of :data:`~igconda.map_kinds.MAP_KINDS`.
 
     Returns:
         ``{"igconda_<kind>": (N, H, W) float32}`` for each kind, and ``"igconda_w0"``.
     """
-    from igconda.diffusion.ddim import anomaly_maps
+    from igconda.diffusion.counterfactual import anomaly_maps
 
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.require(a, np.float32, ["C", "W"])).unsqueeze(1)
@@ -256,7 +255,7 @@ class IgCondaMethod:
         kinds: the map kinds to return (the w = 0 control is always returned).
         device: where the network runs.
         amp: autocast the network where it pays (:mod:`igconda.precision`).
-        counterfactual_fn: replaces :func:`igconda.diffusion.ddim.counterfactual_pair` (tests).
+        counterfactual_fn: replaces :func:`igconda.diffusion.counterfactual.counterfactual_pair` (tests).
     """
 
     def __init__(self, model: torch.nn.Module, schedule: Any, *, noise_level: int, stride: int,
@@ -265,7 +264,7 @@ class IgCondaMethod:
                  counterfactual_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
                  ) -> None:
         if counterfactual_fn is None:
-            from igconda.diffusion.ddim import counterfactual_pair as counterfactual_fn
+            from igconda.diffusion.counterfactual import counterfactual_pair as counterfactual_fn
         self.model, self.schedule = model, schedule
         self.noise_level, self.stride = int(noise_level), int(stride)
         self.guidance_scale = float(guidance_scale)

@@ -13,9 +13,9 @@ For each slice the predictor produces (paper §2.4, §3.4; the columns of
 * ``counterfactual`` x̂_w — the healthy counterfactual of x (DDIM encoding to level D with the
   unconditional model, decoding guided towards c = 1), and ``counterfactual_w0`` x̂_∅ — the
   unguided decode of the same encoding, batched with it
-  (:func:`igconda.diffusion.ddim.counterfactual_pair`);
+  (:func:`igconda.diffusion.counterfactual.counterfactual_pair`);
 * ``anomaly_map`` — the chosen map kind (``map_kind``: ``abs`` |x − x̂_w|, the paper's; ``hot``;
-  ``guidance``; ``guidance_abs``; see :func:`igconda.diffusion.ddim.anomaly_maps`);
+  ``guidance``; ``guidance_abs``; see :func:`igconda.diffusion.counterfactual.anomaly_maps`);
 * with ``score=True``, the paper's metrics of the chosen map for unhealthy slices (label 2):
   ``dsc_max`` (⌈DSC⌉), ``tau_star``, ``hd95``, ``auprc``, ``n_lesions``, ``n_detected``,
   ``sensitivity``, ``dice_tau`` (Dice at ``threshold``); healthy slices get NaN, since the paper's
@@ -37,7 +37,7 @@ import torch
 
 from igconda.accel import accelerate_for_inference, batch_size_for_memory, measure_slice_bytes
 from igconda.data.schema import UNHEALTHY
-from igconda.diffusion.ddim import MAP_KINDS
+from igconda.ddim_grid import check_counterfactual_params
 from igconda.evaluation import (
     IgCondaMethod,
     batch_images,
@@ -46,15 +46,13 @@ from igconda.evaluation import (
     igconda_method,
     score_maps,
     slice_shape,
-    stack_column,
 )
-from igconda.map_kinds import CONTROLS
+from igconda.map_kinds import CONTROLS, MAP_KINDS
 from igconda.precision import autocast_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MAP_KINDS", "METRIC_COLUMNS", "PASSTHROUGH_COLUMNS", "CounterfactualPredictor",
-           "check_counterfactual_params", "resolve_device", "stack_column"]
+__all__ = ["METRIC_COLUMNS", "PASSTHROUGH_COLUMNS", "CounterfactualPredictor", "resolve_device"]
 
 #: Columns copied from the input batch to the output, when present.
 PASSTHROUGH_COLUMNS = (
@@ -74,26 +72,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return torch.device(device)
 
 
-def check_counterfactual_params(noise_level: int, stride: int, guidance_scale: float,
-                                num_train_timesteps: int) -> None:
-    """Raise ValueError unless 0 < D < T, s ≥ 1 divides D, and w ≥ 0.
-
-    D must be a multiple of s so that encoding and decoding walk the same timestep grid
-    t = 0, s, 2s, …, D (see :mod:`igconda.diffusion.ddim`).
-    """
-    if isinstance(noise_level, bool) or not isinstance(noise_level, (int, np.integer)):
-        raise ValueError(f"noise level D must be an integer, got {noise_level!r}")
-    if isinstance(stride, bool) or not isinstance(stride, (int, np.integer)):
-        raise ValueError(f"stride s must be an integer, got {stride!r}")
-    if not 0 < noise_level < num_train_timesteps:
-        raise ValueError(f"noise level D={noise_level} must be in (0, {num_train_timesteps}) for a "
-                         f"model trained with T={num_train_timesteps} timesteps")
-    if stride < 1 or noise_level % stride:
-        raise ValueError(f"stride s={stride} must be >= 1 and divide the noise level D={noise_level}")
-    if not np.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance scale w={guidance_scale} must be a finite number >= 0")
-
-
 class CounterfactualPredictor:
     """Healthy counterfactuals, anomaly maps and metrics for batches of slices.
 
@@ -103,7 +81,7 @@ class CounterfactualPredictor:
         guidance_scale: w, the reference code's form ε_u + w (ε_c − ε_u), w ≥ 0.
         stride: s, a divisor of D; the encoder makes D/s network evaluations per slice and the
             guided/unguided pair 3·D/s (one batched pass of 3B per step).
-        map_kind: one of :data:`~igconda.diffusion.ddim.MAP_KINDS`; it decides the
+        map_kind: one of :data:`~igconda.map_kinds.MAP_KINDS`; it decides the
             ``anomaly_map`` column and the metric columns.
         threshold: the calibrated τ of ``map_kind`` (``dice_tau`` is the Dice of
             ``anomaly_map >= threshold``); None leaves ``dice_tau`` NaN.
@@ -114,7 +92,8 @@ class CounterfactualPredictor:
             through the same :func:`igconda.evaluation.score_methods`).
         score_other_map: also compute ⌈DSC⌉ of every other map kind and of the w = 0 control
             (``dsc_max_<kind>``); costs ⌈DSC⌉ passes, no network evaluation.
-        counterfactual_fn: replaces :func:`igconda.diffusion.ddim.counterfactual_pair` (tests).
+        counterfactual_fn: replaces :func:`igconda.diffusion.counterfactual.counterfactual_pair`
+            (tests).
         keep_inputs: also return the input ``image`` and ``mask`` (flattened), so that the
             per-slice output files are self-contained for figures and viewers.
         compile: ``infer.compile``: torch.compile the network (:mod:`igconda.accel`).
@@ -127,7 +106,7 @@ class CounterfactualPredictor:
 
     Raises:
         igconda.checkpoint.CheckpointError: the checkpoint folder is missing or invalid.
-        ValueError: invalid D, s, w, τ or map kind.
+        ValueError: invalid D, s, w (:mod:`igconda.ddim_grid`), τ or map kind.
     """
 
     def __init__(

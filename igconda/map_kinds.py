@@ -1,6 +1,6 @@
 """The names of IgCONDA's anomaly map kinds, in one torch-free place (configs validate them).
 
-The maps themselves are computed by :func:`igconda.diffusion.ddim.anomaly_maps`:
+The maps themselves are computed by :func:`igconda.diffusion.counterfactual.anomaly_maps`:
 
 - ``abs``: |x − x̂_w|, the paper's map;
 - ``hot``: max(x − x̂_w, 0);

@@ -43,7 +43,7 @@ Empty cases (the metrics are meant for unhealthy slices only):
 
 Maps are thresholded as given: they are expected in [0, 1], and nothing here rescales them.
 IgCONDA's maps are absolute or positive differences of [0, 1] images clipped to [0, 1]
-(:func:`igconda.diffusion.ddim.anomaly_maps`), not rescaled per slice; the 41 % SUVmax map is
+(:func:`igconda.diffusion.counterfactual.anomaly_maps`), not rescaled per slice; the 41 % SUVmax map is
 binary and the raw-intensity control is the min–max scaled PET.
 """
 

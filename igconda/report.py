@@ -1,23 +1,16 @@
-"""Tables and the one-page HTML report of a study.
+"""The study report: what the pipeline's stages wrote, gathered into one HTML page.
 
-The figures are drawn by :mod:`igconda.figures` (re-exported here for the report's callers).
-:func:`write_html_report` puts tables, figures, the configuration
-and the software versions into ONE self-contained HTML file (figures embedded as base64 PNG, no
-external resources), so it can be mailed, archived as an MLflow artifact or opened offline.
-:func:`build_study_report` gathers what the pipeline's stages wrote into that page.
-
+:func:`build_study_report` reads a study folder (config, training history, tuning grid, the
+inference stage's per-slice metrics and figures, the data summary) and writes
+``<study>/report.html``; a missing part becomes a visible note, never an error. The tables are
+:mod:`igconda.report_tables`', the figures :mod:`igconda.figures`', the page
+:mod:`igconda.report_html`'s.
 """
 
 from __future__ import annotations
 
-import base64
-import datetime as _dt
-import html
-import io
 import json
-import platform
-from collections.abc import Mapping, Sequence
-from importlib import metadata
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,224 +24,18 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from igconda.figures import (  # noqa: F401  (re-exported: the report's figure functions)
-    display_slice,
+from igconda.figures import (  # noqa: E402
     heatmap_figure,
     lesion_size_figure,
-    ordered_methods,
     qualitative_figure,
     training_curves_figure,
 )
-from igconda.io_utils import atomic_write
-
-#: Display names of the per-slice metric columns.
-METRIC_TITLES = {
-    "dsc_max": "⌈DSC⌉",
-    "dice_tau": "Dice@τ (calibrated)",
-    "hd95": "HD95 (px)",
-    "auprc": "AUPRC",
-    "sensitivity": "Detection sensitivity",
-}
-
-#: Methods in the order the tables show them; others follow alphabetically.
-
-#: Packages whose versions the report records.
-VERSION_PACKAGES = ("torch", "monai", "ray", "mlflow", "numpy", "igconda")
-
-def methods_table(per_slice: pd.DataFrame, digits: int = 3,
-                  order: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per-cohort ``mean ± std`` of every metric, every method side by side.
-
-    One call of :func:`igconda.evaluation.summarize` (unhealthy slices only; rows ``internal
-    (all)`` / ``external (all)`` when a ``role`` column exists). ⌈DSC⌉ picks each slice's best
-    threshold from its ground truth; Dice@τ is at the one threshold calibrated on the tune split
-    (``–`` where a method has none), the number a user can expect. Detection sensitivity is the
-    pooled lesion-level value (detected / lesions).
-
-    Args:
-        per_slice: one row per slice and method with ``method``, ``cohort`` and the metric
-            columns of :func:`igconda.evaluation.score_maps`.
-        digits: decimals shown.
-        order: methods in the order to show them (others follow, see :data:`igconda.figures.METHOD_ORDER`).
-
-    Returns:
-        A DataFrame indexed by cohort with an ``unhealthy slices`` column and (metric, method)
-        column pairs of formatted strings.
-    """
-    from igconda.evaluation import summarize
-
-    if "method" not in per_slice.columns:
-        raise ValueError("per_slice needs a 'method' column")
-    metrics = [m for m in ("dsc_max", "dice_tau", "hd95", "auprc") if m in per_slice.columns]
-    summary = summarize(per_slice, by=("cohort",), metrics=metrics)
-    present = [str(m) for m in summary["method"].unique()]
-    methods = [m for m in (order or ()) if m in present]
-    methods += [m for m in ordered_methods(present) if m not in methods]
-    groups = list(dict.fromkeys(summary["group"]))
-    indexed = {m: summary[summary["method"] == m].set_index("group") for m in methods}
-    columns: dict[tuple[str, str], list[str]] = {}
-    for metric in [*metrics, "sensitivity"]:
-        for method in methods:
-            table = indexed[method]
-            cells = []
-            for group in groups:
-                if group not in table.index:
-                    cells.append("–")
-                    continue
-                row = table.loc[group]
-                if metric == "sensitivity":
-                    value = row.get("sensitivity_pooled", np.nan)
-                    cells.append("–" if pd.isna(value) else
-                                 f"{value:.{digits}f} ({int(row['n_detected'])}/{int(row['n_lesions'])})")
-                else:
-                    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
-                    cells.append("–" if pd.isna(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")
-            columns[(METRIC_TITLES.get(metric, metric), method)] = cells
-    table = pd.DataFrame(columns, index=pd.Index(groups, name="cohort"))
-    table.columns = pd.MultiIndex.from_tuples(table.columns, names=["metric", "method"])
-    counts = summary.groupby("group", sort=False)["n_slices"].max()
-    table.insert(0, ("unhealthy slices", ""), [int(counts.get(g, 0)) for g in groups])
-    return table
-
-
-def thresholds_table(per_slice: pd.DataFrame) -> pd.DataFrame:
-    """The threshold τ each method's Dice@τ used (calibrated on the tune split), one row each."""
-    if "tau" not in per_slice.columns:
-        return pd.DataFrame(columns=["τ"])
-    taus = per_slice.groupby("method", sort=False)["tau"].first()
-    return pd.DataFrame({"τ": [("–" if pd.isna(t) else f"{t:g}") for t in taus]},
-                        index=pd.Index([str(m) for m in taus.index], name="method"))
-
-
-# --------------------------------------------------------------------------------------------
-# The HTML page
-# --------------------------------------------------------------------------------------------
-
-
-def software_versions() -> dict[str, str]:
-    """Versions of Python and the packages the results depend on ("not installed" if absent)."""
-    versions = {"python": platform.python_version()}
-    for name in VERSION_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def figure_png(figure: Any) -> bytes:
-    if isinstance(figure, Figure):
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-        return buffer.getvalue()
-    path = Path(figure)
-    if not path.is_file():
-        raise FileNotFoundError(f"figure file not found: {path}")
-    return path.read_bytes()
-
-
-_MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".svg": "image/svg+xml",
-         ".gif": "image/gif"}
-
-PAGE_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
-       max-width: 1200px; color: #222; padding: 0 1em; }
-h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
-h2 { margin-top: 1.8em; border-bottom: 1px solid #bbb; }
-table { border-collapse: collapse; margin: .8em 0; font-size: 13px; }
-th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
-th { background: #eef; }
-tbody tr:nth-child(even) { background: #f7f7f7; }
-pre { background: #f4f4f4; padding: .8em; overflow-x: auto; font-size: 12px; }
-img { max-width: 100%; border: 1px solid #ddd; }
-.notes { background: #fff8e1; border-left: 4px solid #f0b400; padding: .5em 1em; }
-nav ul { columns: 2; }
-figure { margin: 1em 0; }
-figcaption { font-size: 13px; color: #555; }
-"""
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-") or "section"
-
-
-def write_html_report(
-    path: str | Path,
-    *,
-    title: str,
-    tables: Mapping[str, pd.DataFrame],
-    figures: Mapping[str, Figure | str | Path],
-    config: Mapping[str, Any],
-    versions: Mapping[str, str],
-    notes: Sequence[str] = (),
-) -> Path:
-    """Write one self-contained HTML page: notes, tables, figures, configuration, versions.
-
-    Nothing is linked: figures are embedded as base64 data URIs (matplotlib figures are
-    rendered to PNG; paths are read and embedded), tables are HTML, the configuration is YAML in
-    a ``<pre>`` block. All text is HTML-escaped. The file is written to a temporary name beside
-    ``path`` and renamed, so a reader never sees a half-written page.
-
-    Args:
-        path: the ``.html`` file to write (parent folders are created).
-        title: page title.
-        tables: section title → DataFrame (MultiIndex columns are kept).
-        figures: section title → matplotlib Figure or image file (PNG, JPEG, SVG).
-        config: the configuration to show (e.g. ``StudyConfig.to_dict()``).
-        versions: software name → version (see :func:`software_versions`).
-        notes: remarks shown at the top (missing stages, caveats).
-
-    Returns:
-        ``path``.
-    """
-    path = Path(path)
-    esc = html.escape
-    sections: list[tuple[str, str]] = []
-    for name, frame in tables.items():
-        # A plain 0..n-1 row index says nothing; named indexes (cohorts) are kept.
-        show_index = not isinstance(frame.index, pd.RangeIndex) or frame.index.name is not None
-        body = frame.to_html(na_rep="–", escape=True, border=0, index=show_index,
-                             float_format=lambda v: f"{v:.4g}")
-        sections.append((f"Table: {name}", f'<div class="table">{body}</div>'))
-    for name, figure in figures.items():
-        suffix = ".png" if isinstance(figure, Figure) else Path(figure).suffix.lower()
-        mime = _MIME.get(suffix, "image/png")
-        data = base64.b64encode(figure_png(figure)).decode("ascii")
-        sections.append((f"Figure: {name}", f'<figure><img alt="{esc(name)}" '
-                                            f'src="data:{mime};base64,{data}">'
-                                            f"<figcaption>{esc(name)}</figcaption></figure>"))
-    config_text = yaml.safe_dump(json.loads(json.dumps(dict(config), default=str)), sort_keys=False)
-    sections.append(("Configuration", f"<pre>{esc(config_text)}</pre>"))
-    version_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
-                           for k, v in versions.items())
-    sections.append(("Software versions", f"<table>{version_rows}</table>"))
-
-    created = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{esc(title)}</title><style>{PAGE_CSS}</style></head><body>",
-        f"<h1>{esc(title)}</h1>", f"<p>Generated {esc(created)} by igconda.report.</p>",
-    ]
-    if notes:
-        items = "".join(f"<li>{esc(str(n))}</li>" for n in notes)
-        parts.append(f'<div class="notes" id="notes"><strong>Notes</strong><ul>{items}</ul></div>')
-    slugs = [f"s{i}-{_slug(name)}" for i, (name, _) in enumerate(sections)]
-    toc = "".join(f'<li><a href="#{s}">{esc(name)}</a></li>' for s, (name, _) in zip(slugs, sections, strict=True))
-    parts.append(f"<nav><h2>Contents</h2><ul>{toc}</ul></nav>")
-    for slug, (name, body) in zip(slugs, sections, strict=True):
-        parts.append(f'<section id="{slug}"><h2>{esc(name)}</h2>{body}</section>')
-    parts.append("</body></html>")
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    page = "\n".join(parts)
-    # 0644 whatever the umask: a report is meant to be shared.
-    return atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"), mode=0o644)
-
-
-# --------------------------------------------------------------------------------------------
-# Gathering a study folder
-# --------------------------------------------------------------------------------------------
+from igconda.report_html import software_versions, write_html_report  # noqa: E402
+from igconda.report_tables import (  # noqa: E402
+    data_coverage_tables,
+    methods_table,
+    thresholds_table,
+)
 
 #: Per-slice columns the report reads (maps are read only for the few qualitative examples).
 _PER_SLICE_COLUMNS = ("method", "patient_id", "cohort", "role", "slice_index", "label",
@@ -347,26 +134,6 @@ def _training_history(train_dir: Path) -> tuple[pd.DataFrame | None, str | None]
         return None, "No training history (train/history.csv or train/best/train_state.pt)."
     return (pd.DataFrame(history),
             "Training curves come from the best checkpoint's state: epochs after it are not shown.")
-
-
-def data_coverage_tables(summary: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
-    """Tables of a preprocessing summary (``dataset.json``): what each split can show.
-
-    Returns (when the summary has them) the unhealthy slices per cohort (rows) and split
-    (columns), and per cohort the lesion voxels preprocessing kept and lost outside the field
-    of view — a cohort whose lesions fall outside cannot be detected, whatever the method.
-    """
-    tables: dict[str, pd.DataFrame] = {}
-    if summary.get("unhealthy_slices"):
-        counts = pd.DataFrame(summary["unhealthy_slices"]).fillna(0).astype(int)
-        counts.index.name = "cohort"
-        tables["Unhealthy slices per cohort and split (data/dataset.json)"] = counts
-    cohorts = (summary.get("coverage") or {}).get("cohorts")
-    if cohorts:
-        coverage = pd.DataFrame(cohorts).T
-        coverage.index.name = "cohort"
-        tables["Lesion voxels outside the field of view, per cohort (data/dataset.json)"] = coverage
-    return tables
 
 
 def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:

@@ -46,7 +46,8 @@ from pathlib import Path
 
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
-from igconda.config import UNCONDITIONED, ConfigError, StudyConfig, load_config, save_config
+from igconda.config import ConfigError, StudyConfig, load_config, save_config
+from igconda.config_rules import UNCONDITIONED
 from igconda.io_utils import atomic_write
 from ray_jobs import stage_records
 from ray_jobs.study_steps import (

@@ -76,8 +76,8 @@ from igconda.argtypes import TRACKING_URI_HELP, non_negative_float, positive_int
 from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import SPLITS
+from igconda.ddim_grid import check_counterfactual_params
 from igconda.evaluation import igconda_method
-from igconda.inference import check_counterfactual_params
 from igconda.map_kinds import MAP_KINDS
 from igconda.train_loop import dataset_version
 from ray_jobs.infer_outputs import (  # noqa: F401  (re-exported for callers of the job module)

@@ -194,7 +194,7 @@ def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
                  per_figure: int = 4) -> dict[str, str]:
     """Qualitative figures per cohort and the lesion-size figure; returns {name: error}.
 
-    A figure that fails (e.g. the report module is missing, or a cohort has no unhealthy slice)
+    A figure that fails (e.g. the figures module is missing, or a cohort has no unhealthy slice)
     is reported and skipped: figures never cost the run its tables and volumes.
     """
     errors: dict[str, str] = {}
@@ -205,9 +205,9 @@ def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from igconda import report
-    except Exception as err:  # report module absent or broken: say so, keep going
-        return {"all": f"figures skipped: cannot import igconda.report ({type(err).__name__}: {err})"}
+        from igconda.figures import lesion_size_figure, qualitative_figure
+    except Exception as err:  # figures module absent or broken: say so, keep going
+        return {"all": f"figures skipped: cannot import igconda.figures ({type(err).__name__}: {err})"}
     ours = per_slice[(per_slice["method"] == chosen) & per_slice["dsc_max"].notna()]
     map_label = FORMULAS.get(chosen.removeprefix("igconda_"), chosen)
     for cohort, frame in ours.groupby("cohort", sort=True):
@@ -236,15 +236,15 @@ def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
                 titles.append(f"{pid} z={z} ⌈DSC⌉={row['dsc_max']:.2f} Dice@τ={row['dice_tau']:.2f}")
             # The unguided decode beside the guided one shows what guidance removed, apart
             # from what the coarse round trip alone changes.
-            fig = report.qualitative_figure(np.stack(images), np.stack(masks), np.stack(cfs),
-                                            np.stack(maps), np.stack(binar), titles,
-                                            unguided=np.stack(unguided), map_label=map_label)
+            fig = qualitative_figure(np.stack(images), np.stack(masks), np.stack(cfs),
+                                     np.stack(maps), np.stack(binar), titles,
+                                     unguided=np.stack(unguided), map_label=map_label)
             save_png(fig, figures / f"qualitative_{cohort}.png")
             plt.close(fig)
         except Exception as err:
             errors[f"qualitative_{cohort}"] = f"{type(err).__name__}: {err}"
     try:
-        fig = report.lesion_size_figure(per_slice[per_slice["dsc_max"].notna()])
+        fig = lesion_size_figure(per_slice[per_slice["dsc_max"].notna()])
         save_png(fig, figures / "lesion_size.png")
         plt.close(fig)
     except Exception as err:

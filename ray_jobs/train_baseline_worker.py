@@ -1,9 +1,9 @@
 """The Ray Train worker function of ``ray_jobs.train_baseline``: one per DDP worker, any baseline.
 
-:func:`train_baseline_func` builds the method's :class:`igconda.baselines.trainers.BaselineTrainer`,
+:func:`train_baseline_func` builds the method's :class:`igconda.baselines.trainer_base.BaselineTrainer`,
 restores the checkpoint Ray hands it (``--resume`` or a restart after a lost worker), makes the
 workers train as one (DDP for single networks; averaged gradients for f-AnoGAN, see
-:class:`~igconda.baselines.trainers.FAnoGANBaseline`), and loops over epochs of its Ray Data
+:class:`~igconda.baselines.trainer_methods.FAnoGANBaseline`), and loops over epochs of its Ray Data
 shard: train, (HiResCAM: refresh BatchNorm), validate on the rows of the valid split hashed to
 its rank, reduce the sums over workers, report metrics and a checkpoint every epoch. What an
 epoch does is the library's and runs without Ray; this is the Ray glue, sharing its helpers
@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from igconda.baselines.trainers import create_trainer, rows_of_rank
+from igconda.baselines.trainer_base import rows_of_rank
+from igconda.baselines.trainers import create_trainer
 from igconda.config import from_dict
 from igconda.train_loop import SCORE_METRIC
 from ray_jobs.train_worker import (

@@ -15,7 +15,8 @@ from typing import Any
 
 from igconda import checkpoint as ckpt
 from igconda import tracking
-from igconda.config import UNCONDITIONED, StudyConfig
+from igconda.config import StudyConfig
+from igconda.config_rules import UNCONDITIONED
 from igconda.io_utils import atomic_write
 
 RUN_RECORD = "mlflow_run.json"

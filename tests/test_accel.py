@@ -20,7 +20,7 @@ import torch
 from igconda import accel
 from igconda.checkpoint import load_model
 from igconda.config import ConfigError, StudyConfig
-from igconda.diffusion.ddim import counterfactual_pair
+from igconda.diffusion.counterfactual import counterfactual_pair
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.inference import CounterfactualPredictor
 from igconda.models import build_unet

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from igconda.baselines.classifier_cam import ClassifierConfig, build_classifier, save_classifier
+from igconda.baselines.resnet_classifier import ClassifierConfig, build_classifier, save_classifier
 from tests.helpers import make_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -12,7 +12,8 @@ import torch
 from igconda.checkpoint import CheckpointError
 from igconda.config import save_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
-from igconda.inference import CounterfactualPredictor, stack_column
+from igconda.evaluation import stack_column
+from igconda.inference import CounterfactualPredictor
 from tests.helpers import make_dataset
 
 # ---- fixtures --------------------------------------------------------------------------------
@@ -125,8 +126,9 @@ def test_batch_without_mask_has_no_metrics(checkpoint, batch):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"noise_level": 10}, "noise level"), ({"noise_level": 0}, "noise level"),
-    ({"stride": 3}, "divide"), ({"guidance_scale": -1.0}, "guidance"), ({"map_kind": "sq"}, "map_kind"),
+    ({"noise_level": 10}, "noise_level D=10"), ({"noise_level": 0}, "noise_level D=0"),
+    ({"stride": 3}, "multiple of stride s=3"), ({"guidance_scale": -1.0}, "guidance"),
+    ({"map_kind": "sq"}, "map_kind"),
     ({"threshold": 0.0}, "threshold"),
 ])
 def test_invalid_parameters_are_clear_errors(checkpoint, kwargs, message):

@@ -1,5 +1,5 @@
-"""The report: figures, the side-by-side methods table, the self-contained HTML page, and that
-the page renders in headless Chromium."""
+"""The report: figures, the side-by-side methods table, the self-contained HTML page, the study
+report built from a study folder, and that the page renders in headless Chromium."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pytest
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from igconda import report
+from igconda import figures, report, report_html, report_tables
 
 METHODS = ("IgCONDA", "41% SUVmax", "raw intensity")
 
@@ -68,7 +68,7 @@ def _slices(n: int = 3, size: int = 16):
 
 
 def test_qualitative_figure_has_five_rows_per_slice():
-    fig = report.qualitative_figure(*_slices(3), titles=["a", "b", "c"])
+    fig = figures.qualitative_figure(*_slices(3), titles=["a", "b", "c"])
     images = [ax for ax in fig.axes if ax.images]
     assert len(images) == 15
     labels = [ax.get_ylabel() for ax in fig.axes if ax.images and ax.get_ylabel()]
@@ -78,34 +78,34 @@ def test_qualitative_figure_has_five_rows_per_slice():
 
 def test_qualitative_figure_can_show_the_unguided_decode():
     images, masks, cf, maps, binarised = _slices(2)
-    fig = report.qualitative_figure(images, masks, cf, maps, binarised, unguided=images * 0.9,
+    fig = figures.qualitative_figure(images, masks, cf, maps, binarised, unguided=images * 0.9,
                                     map_label="max(x − x̂, 0)")
     labels = [ax.get_ylabel() for ax in fig.axes if ax.images and ax.get_ylabel()]
     assert labels == ["PET", "Ground truth", "Counterfactual", "Unguided (w = 0)", "Anomaly map",
                       "Binarised map"]
     assert any(ax.get_ylabel() == "max(x − x̂, 0)" for ax in fig.axes if not ax.images)
     with pytest.raises(ValueError, match="unguided"):
-        report.qualitative_figure(images, masks, cf, maps, binarised, unguided=images[:1])
+        figures.qualitative_figure(images, masks, cf, maps, binarised, unguided=images[:1])
 
 
 def test_qualitative_figure_rejects_mismatched_inputs():
     images, masks, cf, maps, binarised = _slices(3)
     with pytest.raises(ValueError, match="masks"):
-        report.qualitative_figure(images, masks[:2], cf, maps, binarised)
+        figures.qualitative_figure(images, masks[:2], cf, maps, binarised)
     with pytest.raises(ValueError, match="titles"):
-        report.qualitative_figure(images, masks, cf, maps, binarised, titles=["x"])
+        figures.qualitative_figure(images, masks, cf, maps, binarised, titles=["x"])
 
 
 def test_display_slice_is_radiological():
     image = np.zeros((4, 5))
     image[3, 4] = 1  # largest X (RAS+: most to the patient's right), largest Y (most anterior)
-    shown = report.display_slice(image)
+    shown = figures.display_slice(image)
     assert shown.shape == (5, 4)
     assert shown[0, 0] == 1  # anterior at the top, the patient's right on the viewer's left
 
 
 def test_lesion_size_figure_one_panel_per_cohort_one_line_per_method():
-    fig = report.lesion_size_figure(_per_slice(np.random.default_rng(0)), pixel_area_mm2=4.0)
+    fig = figures.lesion_size_figure(_per_slice(np.random.default_rng(0)), pixel_area_mm2=4.0)
     panels = [ax for ax in fig.axes if ax.collections]
     assert sorted(ax.get_title() for ax in panels) == ["lung", "lymphoma", "sarcoma_ext"]
     assert [t.get_text() for t in panels[0].get_legend().get_texts()] == list(METHODS)
@@ -114,12 +114,12 @@ def test_lesion_size_figure_one_panel_per_cohort_one_line_per_method():
 
 def test_lesion_size_figure_requires_columns():
     with pytest.raises(ValueError, match="lesion_pixels"):
-        report.lesion_size_figure(pd.DataFrame({"method": [], "cohort": [], "dsc_max": []}))
+        figures.lesion_size_figure(pd.DataFrame({"method": [], "cohort": [], "dsc_max": []}))
 
 
 def test_heatmap_marks_the_best_cell():
     grid = _grid()
-    fig = report.heatmap_figure(grid)
+    fig = figures.heatmap_figure(grid)
     ax = fig.axes[0]
     (rect,) = [p for p in ax.patches if isinstance(p, Rectangle)]
     # Best (D=400, w=3) is the middle row and column of the 3 × 3 grid.
@@ -130,14 +130,14 @@ def test_heatmap_marks_the_best_cell():
 
 def test_heatmap_leaves_unevaluated_pairs_blank():
     grid = _grid().iloc[[0, 4, 8]]  # a random search's three pairs
-    fig = report.heatmap_figure(grid)
+    fig = figures.heatmap_figure(grid)
     assert len(fig.axes[0].texts) == 3
 
 
 def test_training_curves_mark_best_epoch():
     history = pd.DataFrame({"epoch": [1, 2, 3, 4], "train_loss": [1.0, 0.5, 0.3, 0.2],
                             "valid_loss": [1.1, np.nan, 0.25, 0.4]})
-    fig = report.training_curves_figure(history)
+    fig = figures.training_curves_figure(history)
     ax = fig.axes[0]
     assert [line.get_label() for line in ax.get_lines()][:2] == ["train loss", "validation loss"]
     assert any("best epoch 3" in t.get_text() for t in ax.texts)
@@ -147,7 +147,7 @@ def test_training_curves_mark_best_epoch():
 
 
 def test_methods_table_puts_every_method_side_by_side():
-    table = report.methods_table(_per_slice(np.random.default_rng(0)))
+    table = report_tables.methods_table(_per_slice(np.random.default_rng(0)))
     for metric in ("⌈DSC⌉", "HD95 (px)", "AUPRC", "Detection sensitivity"):
         assert [m for t, m in table.columns if t == metric] == list(METHODS)
     assert {"lymphoma", "lung", "sarcoma_ext", "internal (all)", "external (all)"} <= set(table.index)
@@ -162,12 +162,12 @@ def test_methods_table_shows_dice_at_tau_and_the_control_in_the_given_order():
     frame = pd.concat([frame, control], ignore_index=True)
     frame["dice_tau"] = np.where(frame.method == "raw intensity", np.nan, 0.25)
     frame["tau"] = np.where(frame.method == "raw intensity", np.nan, 0.04)
-    table = report.methods_table(frame, order=["w = 0 control", "IgCONDA"])
+    table = report_tables.methods_table(frame, order=["w = 0 control", "IgCONDA"])
     assert [m for t, m in table.columns if t == "Dice@τ (calibrated)"] == [
         "w = 0 control", "IgCONDA", "41% SUVmax", "raw intensity"]
     assert table.loc["lung", ("Dice@τ (calibrated)", "IgCONDA")] == "0.250 ± 0.000"
     assert table.loc["lung", ("Dice@τ (calibrated)", "raw intensity")] == "–"
-    taus = report.thresholds_table(frame)
+    taus = report_tables.thresholds_table(frame)
     assert taus.loc["IgCONDA", "τ"] == "0.04" and taus.loc["raw intensity", "τ"] == "–"
 
 
@@ -175,14 +175,14 @@ def test_methods_table_shows_dice_at_tau_and_the_control_in_the_given_order():
 
 
 def _write_page(path: Path) -> Path:
-    return report.write_html_report(
+    return report_html.write_html_report(
         path, title="Study <test>",
-        tables={"Per-cohort": report.methods_table(_per_slice(np.random.default_rng(0))),
+        tables={"Per-cohort": report_tables.methods_table(_per_slice(np.random.default_rng(0))),
                 "Grid": _grid()},
-        figures={"Heatmap": report.heatmap_figure(_grid()),
-                 "Qualitative": report.qualitative_figure(*_slices(2))},
+        figures={"Heatmap": figures.heatmap_figure(_grid()),
+                 "Qualitative": figures.qualitative_figure(*_slices(2))},
         config={"infer": {"noise_level": 400, "guidance_scale": 3.0}},
-        versions=report.software_versions(), notes=["tuning skipped & <b>not</b> html"],
+        versions=report_html.software_versions(), notes=["tuning skipped & <b>not</b> html"],
     )
 
 
@@ -226,7 +226,7 @@ def _study(tmp_path: Path, *, complete: bool, layout: str = "csv") -> Path:
                    study / "train" / "best" / "train_state.pt")
     if complete and layout == "csv":
         per_slice.to_csv(study / "infer" / "tables" / "per_slice_metrics.csv", index=False)
-        fig = report.qualitative_figure(*_slices(2))
+        fig = figures.qualitative_figure(*_slices(2))
         fig.savefig(study / "infer" / "figures" / "qualitative_lung.png", dpi=40)
         fig.savefig(study / "infer" / "figures" / "lesion_size.png", dpi=40)
     if complete and layout == "parquet":
@@ -302,7 +302,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 
 
 def test_figures_are_matplotlib_figures():
-    assert isinstance(report.heatmap_figure(_grid()), Figure)
+    assert isinstance(figures.heatmap_figure(_grid()), Figure)
 
 
 def test_data_coverage_tables_from_a_dataset_summary(tmp_path):
@@ -312,12 +312,12 @@ def test_data_coverage_tables_from_a_dataset_summary(tmp_path):
                                           "fraction_outside": 0.1}}},
         "warnings": ["cohort psma has no unhealthy slice in split test"],
     }
-    tables = report.data_coverage_tables(summary)
+    tables = report_tables.data_coverage_tables(summary)
     counts = next(t for k, t in tables.items() if k.startswith("Unhealthy slices"))
     assert counts.loc["psma", "test"] == 0 and counts.loc["lung", "train"] == 12
     coverage = next(t for k, t in tables.items() if k.startswith("Lesion voxels outside"))
     assert coverage.loc["lung", "lesion_voxels_outside"] == 10
-    assert report.data_coverage_tables({}) == {}
+    assert report_tables.data_coverage_tables({}) == {}
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "dataset.json").write_text(json.dumps(summary))
     page = report.build_study_report(tmp_path, tmp_path / "report.html").read_text()

@@ -52,9 +52,9 @@ def test_random_space_samples_num_samples_from_the_grid():
 
 
 @pytest.mark.parametrize("levels, scales, stride, t, message", [
-    ((2, 5), (1.0,), 2, 10, "not a multiple"),
-    ((2, 10), (1.0,), 2, 10, "must be in"),
-    ((0,), (1.0,), 2, 10, "must be in"),
+    ((2, 5), (1.0,), 2, 10, "must be a multiple"),
+    ((2, 10), (1.0,), 2, 10, "must be < the checkpoint's"),
+    ((0,), (1.0,), 2, 10, "must be > 0"),
     ((400,), (3.0,), 10, 100, "checkpoint"),
     ((2, 2), (1.0,), 2, 10, "duplicates"),
     ((2,), (-1.0,), 2, 10, ">= 0"),
@@ -139,7 +139,7 @@ def tiny_model(test_config):
 
 
 def test_shared_encoding_gives_the_same_grid_with_fewer_encodings(tiny_model, test_config, monkeypatch):
-    from igconda.diffusion import ddim
+    from igconda.diffusion import counterfactual, ddim
     from igconda.diffusion.schedule import NoiseSchedule
 
     rng = np.random.default_rng(1)
@@ -158,8 +158,10 @@ def test_shared_encoding_gives_the_same_grid_with_fewer_encodings(tiny_model, te
         calls["unguided"] += kwargs["guidance_scale"] == 0.0
         return real_decode(*args, **kwargs)
 
-    monkeypatch.setattr(ddim, "ddim_encode", counting_encode)
-    monkeypatch.setattr(ddim, "ddim_decode", counting_decode)
+    # Patched where each is looked up: trial calls ddim's, counterfactual_pair its own imports.
+    for module in (ddim, counterfactual):
+        monkeypatch.setattr(module, "ddim_encode", counting_encode)
+        monkeypatch.setattr(module, "ddim_decode", counting_decode)
     kwargs = dict(noise_level=4, guidance_scales=[1.0, 3.0], stride=2, batch_size=2,
                   map_kinds=("abs", "guidance"))
     shared = driver.evaluate_noise_level(tiny_model, schedule, images, masks, share_encoding=True, **kwargs)

@@ -20,11 +20,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from igconda.config import ConfigError, TuneConfig
+from igconda.ddim_grid import Names, check_grid, check_guidance_scale
 
 #: Keys of a trial's ``config`` dict.
 NOISE_LEVEL = "noise_level"
 GUIDANCE_SCALE = "guidance_scale"
 GUIDANCE_SCALES = "guidance_scales"
+
+#: How :func:`validate_space`'s messages name D, s, w and T.
+SPACE_NAMES = Names("tune.noise_levels", "tune.stride", "tune.guidance_scales",
+                    "the checkpoint's training timesteps")
 
 
 def validate_space(
@@ -37,7 +42,8 @@ def validate_space(
 
     The study config validates the tune section against its own ``train.num_train_timesteps``,
     but the search runs against a checkpoint whose T may differ (a tune YAML given beside a
-    checkpoint), so the driver re-checks against the checkpoint's T.
+    checkpoint), so the driver re-checks against the checkpoint's T. Each (D, s) and w is
+    checked by :mod:`igconda.ddim_grid`'s rule, the one the config and the DDIM code apply.
 
     Args:
         noise_levels: candidate D values, in training-timestep units.
@@ -48,25 +54,17 @@ def validate_space(
     Raises:
         ConfigError: naming the offending value.
     """
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
-        raise ConfigError(f"tune.stride must be a positive integer, got {stride!r}")
     if not noise_levels:
         raise ConfigError("tune.noise_levels is empty")
     if not guidance_scales:
         raise ConfigError("tune.guidance_scales is empty")
-    for d in noise_levels:
-        if isinstance(d, bool) or not isinstance(d, int):
-            raise ConfigError(f"tune.noise_levels: D={d!r} must be an integer")
-        if not 0 < d < num_train_timesteps:
-            raise ConfigError(
-                f"tune.noise_levels: D={d} must be in (0, T={num_train_timesteps}) "
-                "(T is the checkpoint's number of training timesteps)"
-            )
-        if d % stride:
-            raise ConfigError(f"tune.noise_levels: D={d} is not a multiple of tune.stride={stride}")
-    for w in guidance_scales:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
-            raise ConfigError(f"tune.guidance_scales: w={w!r} must be a number >= 0")
+    try:
+        for d in noise_levels:
+            check_grid(d, stride, num_train_timesteps, names=SPACE_NAMES)
+        for w in guidance_scales:
+            check_guidance_scale(w, names=SPACE_NAMES)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if len(set(noise_levels)) != len(noise_levels):
         raise ConfigError(f"tune.noise_levels has duplicates: {list(noise_levels)}")
     if len(set(guidance_scales)) != len(guidance_scales):

@@ -31,6 +31,7 @@ import torch
 from igconda import evaluation as E
 from igconda.config import ConfigError
 from igconda.data.schema import UNHEALTHY, stack_images
+from igconda.diffusion import counterfactual, ddim
 from igconda.map_kinds import CONTROLS, MAP_KINDS
 from tuning.space import trial_pairs
 
@@ -162,13 +163,12 @@ def evaluate_noise_level(
     device: str | torch.device = "cpu",
     share_encoding: bool = True,
     amp: bool = False,
-    ddim: Any = None,
 ) -> list[dict[str, Any]]:
     """Score every (w, map kind) at one noise level D, and the w = 0 control, on the given slices.
 
     With ``share_encoding``, each batch is DDIM-encoded to level D once (D / s evaluations per
     slice) and decoded unguided once (D / s), then guided once per w (2 D / s each); otherwise
-    :func:`igconda.diffusion.ddim.counterfactual_pair` runs the whole round trip per w.
+    :func:`igconda.diffusion.counterfactual.counterfactual_pair` runs the whole round trip per w.
 
     Args:
         model: the conditional UNet, in eval mode on ``device``.
@@ -184,8 +184,6 @@ def evaluate_noise_level(
         share_encoding: share the encoding and the unguided decode across w (same results,
             fewer evaluations).
         amp: autocast the network where it pays (:mod:`igconda.precision`).
-        ddim: module with ``ddim_encode``, ``ddim_decode``, ``counterfactual_pair`` and
-            ``anomaly_maps``; default :mod:`igconda.diffusion.ddim`. Injected in tests.
 
     Returns:
         One dict per (w, kind), w in the order given, then one for the control (``map_kind``
@@ -194,8 +192,6 @@ def evaluate_noise_level(
         evaluations of the guided and unguided decodes of one slice on their own, 4 D / s) and
         ``seconds`` (wall time; shared work is split evenly across the w values).
     """
-    if ddim is None:
-        from igconda.diffusion import ddim
     n, h, w = images.shape
     scales = [float(g) for g in guidance_scales]
     kinds = tuple(map_kinds)
@@ -220,9 +216,9 @@ def evaluate_noise_level(
                                               target_label=1, **common)
                     seconds[g] += share
                 else:
-                    guided, unguided = ddim.counterfactual_pair(model, x0, schedule, guidance_scale=g,
-                                                                target_label=1, **common)
-                for kind, amap in ddim.anomaly_maps(x0, guided, unguided, kinds).items():
+                    guided, unguided = counterfactual.counterfactual_pair(
+                        model, x0, schedule, guidance_scale=g, target_label=1, **common)
+                for kind, amap in counterfactual.anomaly_maps(x0, guided, unguided, kinds).items():
                     maps[(g, kind)][start:stop] = amap.reshape(-1, h, w).float().cpu().numpy()
                 seconds[g] += time.perf_counter() - t0
     rows = []

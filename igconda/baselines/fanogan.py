@@ -22,7 +22,7 @@ Differences from the reference code (github.com/tSchlegl/f-AnoGAN, TensorFlow, 6
 What is built: the networks, their training (per batch and per epoch, without Ray), the saved
 folder, and :class:`FAnoGANMethod` (an :class:`igconda.evaluation.AnomalyMethod` named
 ``fanogan``), trained by ``python -m ray_jobs.train_baseline --method fanogan``
-(:class:`igconda.baselines.trainers.FAnoGANBaseline`) and scored by ``python -m
+(:class:`igconda.baselines.trainer_methods.FAnoGANBaseline`) and scored by ``python -m
 ray_jobs.score_method --method fanogan``; what remains (issue 10) is the comparison stage.
 
 Saved folder (written by :meth:`FAnoGANTrainer.save

@@ -2,7 +2,7 @@
 gradient steps, and a loss over held-out batches.
 
 The supervised UNet (:mod:`igconda.baselines.supervised`) and the ResNet-18 classifier
-(:mod:`igconda.baselines.classifier_cam`) differ only in what they compute from a batch; the
+(:mod:`igconda.baselines.resnet_classifier`) differ only in what they compute from a batch; the
 loop around it (device transfer, optimiser step, the per-epoch sums a Ray Train job reduces
 over workers) is this module's. Batches are dicts of tensors as
 :func:`igconda.train_loop.decode_slice_batch` gives them: ``image`` (B, 1, H, W), ``label``

@@ -1,6 +1,7 @@
 """The ``baselines`` section of a study config: how the trained baselines are trained and scored.
 
-Torch-free (``igconda.config`` imports it to declare and validate the section). Keys are flat,
+Torch-free (``igconda.config`` imports it to declare the section, ``igconda.config_rules`` to
+validate it). Keys are flat,
 prefixed by the method they belong to, so that the section has the same one-level shape as
 every other (``StudyConfig.flat()`` gives ``baselines.<key>`` MLflow params). The defaults are
 CPU-sized: networks of the baselines' published shapes but few epochs; a study on GPUs raises
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from igconda.ddim_grid import Names, check_grid
 
 #: The ResNet-18 stages ``baselines.hirescam_target_layer`` may name.
 HIRESCAM_LAYERS = ("layer1", "layer2", "layer3", "layer4")
@@ -100,10 +103,13 @@ def validate_baselines(b: BaselinesConfig, num_train_timesteps: int,
                 "fanogan_encoder_lr", "classifier_lr", "dpm_cg_scale"):
         check(getattr(b, key) > 0, f"baselines.{key} {getattr(b, key)} must be positive")
     d, s, _ = b.dpm_cg_decoding(num_train_timesteps)
+    names = Names(noise_level="baselines.dpm_cg_noise_level(s)", stride="baselines.dpm_cg_stride",
+                  timesteps="train.num_train_timesteps")
     for level in (d, *b.dpm_cg_noise_levels):
-        check(s >= 1 and 0 < level < num_train_timesteps and level % s == 0,
-              f"baselines.dpm_cg_noise_level(s) D={level} must be in (0, {num_train_timesteps}) "
-              f"(train.num_train_timesteps) and a multiple of baselines.dpm_cg_stride s={s}")
+        try:  # the DDIM grid's (D, s) rule, igconda.ddim_grid's
+            check_grid(level, s, num_train_timesteps, names=names)
+        except ValueError as err:
+            check(False, str(err))
     check(all(scale > 0 for scale in b.dpm_cg_scales),
           f"baselines.dpm_cg_scales {list(b.dpm_cg_scales)} must be positive")
     check(bool(b.dpm_cg_noise_levels) == bool(b.dpm_cg_scales),

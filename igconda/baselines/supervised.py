@@ -17,7 +17,7 @@ slices when it has the answer to learn from. Its map is the sigmoid probability 
 * :class:`SupervisedMethod`: the :class:`igconda.evaluation.AnomalyMethod` named ``supervised``.
 
 ``python -m ray_jobs.train_baseline --method supervised`` trains it with DDP over Ray Data shards
-(:class:`igconda.baselines.trainers.SupervisedTrainer`) and ``python -m ray_jobs.score_method
+(:class:`igconda.baselines.trainer_methods.SupervisedTrainer`) and ``python -m ray_jobs.score_method
 --method supervised`` scores it on the test split with a τ calibrated on tune; what remains
 (issue 10) is the comparison stage that reads every method's scores back.
 """

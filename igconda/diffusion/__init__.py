@@ -1,46 +1,12 @@
 """Diffusion maths: the noise schedule, the DDPM training step, strided DDIM counterfactuals.
 
-Pure PyTorch: nothing here imports Ray or MLflow.
+- :mod:`~igconda.diffusion.schedule`: β_t, ᾱ_t (:class:`NoiseSchedule`);
+- :mod:`~igconda.diffusion.training`: the loss, one training step, EMA;
+- :mod:`~igconda.diffusion.ddim`: DDIM encoding and (guided) decoding on an explicit grid (which
+  (D, s, w) are valid is :mod:`igconda.ddim_grid`'s rule);
+- :mod:`~igconda.diffusion.counterfactual`: a slice's healthy counterfactual and its anomaly maps;
+- :mod:`~igconda.diffusion.classifier_training`, :mod:`~igconda.diffusion.classifier_guidance`:
+  the noisy classifier and the classifier-guided decode of the DPM + classifier-guidance baseline.
+
+Pure PyTorch: nothing here imports Ray or MLflow. Import names from their modules.
 """
-
-from igconda.diffusion.ddim import (
-    CONTROL,
-    MAP_KINDS,
-    anomaly_map,
-    anomaly_maps,
-    counterfactual,
-    counterfactual_pair,
-    ddim_decode,
-    ddim_decode_pair,
-    ddim_encode,
-    network_evaluations,
-    timestep_grid,
-)
-from igconda.diffusion.schedule import NoiseSchedule
-from igconda.diffusion.training import (
-    amp_settings,
-    diffusion_loss,
-    fixed_validation_draw,
-    make_ema,
-    train_step,
-)
-
-__all__ = [
-    "CONTROL",
-    "MAP_KINDS",
-    "NoiseSchedule",
-    "amp_settings",
-    "anomaly_map",
-    "anomaly_maps",
-    "counterfactual",
-    "counterfactual_pair",
-    "ddim_decode",
-    "ddim_decode_pair",
-    "ddim_encode",
-    "diffusion_loss",
-    "fixed_validation_draw",
-    "make_ema",
-    "network_evaluations",
-    "timestep_grid",
-    "train_step",
-]

@@ -47,13 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from igconda.diffusion.ddim import (
-    NoiseGuide,
-    anomaly_map,
-    ddim_encode,
-    timestep_grid,
-    unconditional_walk,
-)
+from igconda.diffusion.counterfactual import anomaly_map
+from igconda.diffusion.ddim import NoiseGuide, ddim_encode, timestep_grid, unconditional_walk
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.models.noisy_classifier import class_indices
 from igconda.models.unet import HEALTHY
@@ -200,5 +195,5 @@ def classifier_guided_counterfactual(
 
 def dpm_cg_map(x0: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """The baseline's anomaly map |x_0 − x̂_0| clipped to [0, 1], (B, 1, H, W) float32: the
-    ``abs`` map of :func:`igconda.diffusion.ddim.anomaly_map` of the classifier-guided decode."""
+    ``abs`` map of :func:`igconda.diffusion.counterfactual.anomaly_map` of the classifier-guided decode."""
     return anomaly_map(x0, x_hat, "abs")

@@ -1,14 +1,13 @@
-"""Healthy counterfactuals by deterministic DDIM encoding and guided decoding (paper §2.4).
+"""Deterministic DDIM on an explicit timestep grid: encoding and (guided) decoding (paper §2.4).
 
-A slice x_0 is encoded (DDIM inversion, η = 0) up to noise level D with the unconditional model,
-then decoded back to level 0 with classifier-free guidance towards a target class (1, healthy).
-What the decoder changes is what the model thinks makes the slice unhealthy: the anomaly map is
-|x_0 − x̂_0|.
-
-That map also holds the coarse round trip's own error (at large strides most of its score), so
-:func:`counterfactual_pair` decodes the same latent guided (x̂_w) and unguided (x̂_∅, w = 0) on the
-same grid, batched in one forward pass per step, and :func:`anomaly_maps` offers maps of what
-guidance alone changed beside the paper's, plus the w = 0 control |x_0 − x̂_∅|.
+A slice x_0 is encoded (DDIM inversion, η = 0) up to noise level D with the unconditional model
+(:func:`ddim_encode`), then decoded back to level 0 with classifier-free guidance towards a
+target class (:func:`ddim_decode`; :func:`ddim_decode_pair` decodes one latent guided and
+unguided in one batched pass per step). :func:`unconditional_walk` is the shared loop of ε_θ(·, ∅)
+moves that the encoder, the w = 0 decode and the classifier-guided decode
+(:mod:`igconda.diffusion.classifier_guidance`) walk. The counterfactual of a slice and its anomaly
+maps are built from these in :mod:`igconda.diffusion.counterfactual`; which (D, s, w) are valid
+is :mod:`igconda.ddim_grid`'s rule.
 
 Notation (<variable name> -> <symbol in Song et al. 2021 (DDIM) / the IgCONDA-PET paper>):
 
@@ -42,59 +41,19 @@ values near the clip range no longer maps back to itself), which shows up as fal
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from igconda.ddim_grid import check_counterfactual_params, check_grid, check_integer
 from igconda.diffusion.schedule import NoiseSchedule
-from igconda.map_kinds import CONTROL, CONTROL_HOT, MAP_KINDS  # noqa: F401  (re-exported)
 from igconda.models.unet import HEALTHY, UNCONDITIONAL
 from igconda.precision import autocast, autocast_dtype
 
-AnomalyKind = str  # one of MAP_KINDS
 
-
-def _check_int(name: str, value: object) -> int:
-    # numbers.Integral admits NumPy integers (from Tune search spaces or DataFrames), not floats.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
-def _check_grid(noise_level: int, stride: int, num_train_timesteps: int | None = None) -> int:
-    """Validate (D, s) and return the number of steps D / s."""
-    noise_level = _check_int("noise_level D", noise_level)
-    stride = _check_int("stride s", stride)
-    if noise_level <= 0:
-        raise ValueError(f"noise_level D must be > 0, got {noise_level}")
-    if stride < 1:
-        raise ValueError(f"stride s must be >= 1, got {stride}")
-    if noise_level % stride != 0:
-        raise ValueError(
-            f"noise_level D={noise_level} must be a multiple of stride s={stride} so that encode "
-            f"and decode share the grid 0, s, ..., D (try D={noise_level - noise_level % stride} "
-            f"or a stride that divides {noise_level})"
-        )
-    if num_train_timesteps is not None and noise_level >= num_train_timesteps:
-        raise ValueError(
-            f"noise_level D={noise_level} must be < the model's training timesteps "
-            f"T={num_train_timesteps} (the network has never seen t >= T)"
-        )
-    return noise_level // stride
-
-
-def _check_guidance(guidance_scale: float, target_label: int) -> None:
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real) \
-            or not math.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale w must be a finite number >= 0, got {guidance_scale!r}")
-    target_label = _check_int("target_label", target_label)
-    if target_label not in (0, 1, 2):
-        raise ValueError(f"target_label must be 0, 1 (healthy) or 2 (unhealthy), got {target_label}")
-
-
-def _check_images(x: torch.Tensor, name: str) -> None:
+def check_images(x: torch.Tensor, name: str) -> None:
+    """ValueError naming ``name`` unless ``x`` is a floating-point (B, 1, H, W) tensor."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name} must be a (B, 1, H, W) tensor, got {shape}")
@@ -102,7 +61,7 @@ def _check_images(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
-def _validate(
+def check_call(
     x: torch.Tensor,
     name: str,
     schedule: NoiseSchedule,
@@ -112,12 +71,17 @@ def _validate(
 ) -> int:
     """The argument checks of encode / decode / counterfactual; returns the step count D / s.
 
-    ``guidance``: (w, target_label) for the guided calls, None for encoding.
+    ``guidance``: (w, target_label) for the guided calls, None for encoding. (D, s, w) follow
+    :mod:`igconda.ddim_grid`, with D < the schedule's T.
     """
-    _check_images(x, name)
-    steps = _check_grid(noise_level, stride, schedule.num_train_timesteps)
-    if guidance is not None:
-        _check_guidance(*guidance)
+    check_images(x, name)
+    if guidance is None:
+        return check_grid(noise_level, stride, schedule.num_train_timesteps)
+    guidance_scale, target_label = guidance
+    steps = check_counterfactual_params(noise_level, stride, guidance_scale,
+                                        schedule.num_train_timesteps)
+    if check_integer("target_label", target_label) not in (0, 1, 2):
+        raise ValueError(f"target_label must be 0, 1 (healthy) or 2 (unhealthy), got {target_label}")
     return steps
 
 
@@ -134,17 +98,8 @@ def timestep_grid(
     Returns:
         (D/s + 1,) int64 timesteps, increasing.
     """
-    _check_grid(noise_level, stride, num_train_timesteps)
+    check_grid(noise_level, stride, num_train_timesteps)
     return torch.arange(0, noise_level + 1, stride, dtype=torch.int64)
-
-
-def network_evaluations(noise_level: int, stride: int) -> int:
-    """Network evaluations per slice for one counterfactual: 3 · D / s.
-
-    D / s unconditional evaluations to encode plus D / s guided pairs (two evaluations each, run
-    as one batched forward pass) to decode. The reference (s = 1, D = 400) costs 1200.
-    """
-    return 3 * _check_grid(noise_level, stride)
 
 
 def ddim_step(
@@ -207,7 +162,7 @@ def ddim_encode(
     Returns:
         (B, 1, H, W) float32 x_D.
     """
-    steps = _validate(x0, "x0", schedule, noise_level, stride)
+    steps = check_call(x0, "x0", schedule, noise_level, stride)
     return unconditional_walk(model, x0, schedule, range(0, steps * stride + 1, stride), amp=amp,
                               callback=callback)
 
@@ -252,7 +207,7 @@ def ddim_decode(
     Returns:
         (B, 1, H, W) float32 x̂_0 (not clipped).
     """
-    steps = _validate(x_t, "x_t", schedule, noise_level, stride, (guidance_scale, target_label))
+    steps = check_call(x_t, "x_t", schedule, noise_level, stride, (guidance_scale, target_label))
     if guidance_scale == 0:
         return unconditional_walk(model, x_t, schedule, _descending(steps, stride), amp=amp,
                                   callback=callback)
@@ -362,7 +317,7 @@ def ddim_decode_pair(
     Returns:
         ``(x_hat_guided, x_hat_unguided)``, both (B, 1, H, W) float32, not clipped.
     """
-    steps = _validate(x_t, "x_t", schedule, noise_level, stride, (guidance_scale, target_label))
+    steps = check_call(x_t, "x_t", schedule, noise_level, stride, (guidance_scale, target_label))
     if guidance_scale == 0:
         x_hat = unconditional_walk(model, x_t, schedule, _descending(steps, stride), amp=amp)
         return x_hat, x_hat.clone()
@@ -383,157 +338,3 @@ def ddim_decode_pair(
         guided = ddim_step(guided, eps_u + guidance_scale * (eps_c - eps_u), abar[t], abar[t_prev])
         unguided = ddim_step(unguided, eps_0, abar[t], abar[t_prev])
     return guided, unguided
-
-
-def counterfactual_pair(
-    model: nn.Module,
-    x0: torch.Tensor,
-    schedule: NoiseSchedule,
-    *,
-    noise_level: int,
-    stride: int,
-    guidance_scale: float,
-    target_label: int = HEALTHY,
-    amp: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode once, decode guided and unguided: ``(x̂_w, x̂_∅)`` of each slice.
-
-    4 · D / s network evaluations per slice (D / s to encode, 3 · D / s for the pair; 2 · D / s
-    at w = 0), against 6 · D / s for two separate counterfactuals.
-
-    Args:
-        model: the noise-prediction network, in eval mode.
-        x0: (B, 1, H, W) slices.
-        schedule: the noise schedule the model was trained with.
-        noise_level: D, 0 < D < T, a multiple of ``stride``.
-        stride: s >= 1.
-        guidance_scale: w >= 0.
-        target_label: 1 = healthy counterfactual (default), 2 = unhealthy.
-        amp: autocast for the network where it pays.
-
-    Returns:
-        ``(x_hat_guided, x_hat_unguided)``, both (B, 1, H, W) in ``x0``'s dtype.
-    """
-    _validate(x0, "x0", schedule, noise_level, stride, (guidance_scale, target_label))
-    x_t = ddim_encode(model, x0, schedule, noise_level=noise_level, stride=stride, amp=amp)
-    guided, unguided = ddim_decode_pair(
-        model, x_t, schedule, noise_level=noise_level, stride=stride,
-        guidance_scale=guidance_scale, target_label=target_label, amp=amp,
-    )
-    return guided.to(x0.dtype), unguided.to(x0.dtype)
-
-
-def counterfactual(
-    model: nn.Module,
-    x0: torch.Tensor,
-    schedule: NoiseSchedule,
-    *,
-    noise_level: int,
-    stride: int,
-    guidance_scale: float,
-    target_label: int = HEALTHY,
-    amp: bool = False,
-) -> torch.Tensor:
-    """The counterfactual x̂_0 of each slice: encode to D unconditionally, decode with guidance.
-
-    3 · D / s network evaluations per slice (see :func:`network_evaluations`).
-
-    Args:
-        model: the noise-prediction network, in eval mode.
-        x0: (B, 1, H, W) slices.
-        schedule: the noise schedule the model was trained with.
-        noise_level: D, 0 < D < T, a multiple of ``stride``.
-        stride: s >= 1 (1 reproduces the reference).
-        guidance_scale: w >= 0, in the reference code's form (see :func:`ddim_decode`).
-        target_label: 1 = healthy counterfactual (default), 2 = unhealthy.
-        amp: autocast for the network where it pays.
-
-    Returns:
-        (B, 1, H, W) counterfactual x̂_0, in ``x0``'s dtype.
-    """
-    # Validate everything, w included, before the (long) encode: a bad w fails in milliseconds.
-    _validate(x0, "x0", schedule, noise_level, stride, (guidance_scale, target_label))
-    x_t = ddim_encode(model, x0, schedule, noise_level=noise_level, stride=stride, amp=amp)
-    x_hat = ddim_decode(
-        model, x_t, schedule, noise_level=noise_level, stride=stride,
-        guidance_scale=guidance_scale, target_label=target_label, amp=amp,
-    )
-    return x_hat.to(x0.dtype)
-
-
-def anomaly_map(x0: torch.Tensor, x_hat: torch.Tensor, kind: AnomalyKind = "abs") -> torch.Tensor:
-    """The anomaly map of slices and their counterfactuals, clipped to [0, 1].
-
-    ``"abs"``: |x_0 − x̂_0|, the paper's map. ``"hot"``: max(x_0 − x̂_0, 0), only where the slice is
-    brighter than its healthy counterfactual (PET lesions are hot); reported beside the paper's
-    map, never instead of it.
-
-    Args:
-        x0: (B, 1, H, W) slices in [0, 1].
-        x_hat: (B, 1, H, W) counterfactuals.
-        kind: "abs" or "hot".
-
-    Returns:
-        (B, 1, H, W) float32 map in [0, 1].
-    """
-    _check_images(x0, "x0")
-    _check_images(x_hat, "x_hat")
-    if x0.shape != x_hat.shape:
-        raise ValueError(f"x0 {tuple(x0.shape)} and x_hat {tuple(x_hat.shape)} differ in shape")
-    diff = x0.float() - x_hat.float()
-    if kind == "abs":
-        diff = diff.abs()
-    elif kind == "hot":
-        diff = diff.clamp(min=0.0)
-    else:
-        raise ValueError(f"anomaly map kind must be 'abs' or 'hot', got {kind!r}")
-    return diff.clamp(0.0, 1.0)
-
-
-def anomaly_maps(
-    x0: torch.Tensor,
-    x_hat: torch.Tensor,
-    x_hat_unguided: torch.Tensor,
-    kinds: tuple[str, ...] = MAP_KINDS,
-) -> dict[str, torch.Tensor]:
-    """Every requested map kind of one guided/unguided decode pair, plus the w = 0 control.
-
-    With x̂_w the guided and x̂_∅ the unguided decode of the same encoding
-    (:func:`counterfactual_pair`), all clipped to [0, 1]:
-
-    - ``"abs"``: |x − x̂_w|, the paper's map;
-    - ``"hot"``: max(x − x̂_w, 0), where the slice is brighter than its healthy counterfactual;
-    - ``"guidance"``: max(x̂_∅ − x̂_w, 0), what guidance towards healthy removed. The round
-      trip's own error (present in both decodes) cancels, which |x − x̂_w| cannot do;
-    - ``"guidance_abs"``: |x̂_∅ − x̂_w|, everything guidance changed;
-    - :data:`CONTROL` (``"w0"``, always present): |x − x̂_∅|, the round trip's error alone;
-    - :data:`CONTROL_HOT` (``"w0_hot"``, always present): max(x − x̂_∅, 0), its one-sided form,
-      the control of ``"hot"``.
-
-    Args:
-        x0: (B, 1, H, W) slices in [0, 1].
-        x_hat: (B, 1, H, W) guided counterfactuals x̂_w.
-        x_hat_unguided: (B, 1, H, W) unguided decodes x̂_∅ of the same latents.
-        kinds: a subset of :data:`MAP_KINDS`.
-
-    Returns:
-        ``{kind: (B, 1, H, W) float32 map}`` for each kind, ``"w0"`` and ``"w0_hot"``.
-    """
-    for name, x in (("x0", x0), ("x_hat", x_hat), ("x_hat_unguided", x_hat_unguided)):
-        _check_images(x, name)
-        if x.shape != x0.shape:
-            raise ValueError(f"{name} {tuple(x.shape)} and x0 {tuple(x0.shape)} differ in shape")
-    unknown = [k for k in kinds if k not in MAP_KINDS]
-    if unknown:
-        raise ValueError(f"unknown anomaly map kind(s) {unknown}; known: {list(MAP_KINDS)}")
-    x, guided, unguided = x0.float(), x_hat.float(), x_hat_unguided.float()
-    raw = {
-        "abs": lambda: (x - guided).abs(),
-        "hot": lambda: (x - guided).clamp(min=0.0),
-        "guidance": lambda: (unguided - guided).clamp(min=0.0),
-        "guidance_abs": lambda: (unguided - guided).abs(),
-    }
-    maps = {kind: raw[kind]().clamp(0.0, 1.0) for kind in kinds}
-    maps[CONTROL] = (x - unguided).abs().clamp(0.0, 1.0)
-    maps[CONTROL_HOT] = (x - unguided).clamp(0.0, 1.0)
-    return maps

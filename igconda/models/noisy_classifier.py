@@ -11,7 +11,7 @@ channels, attention at levels (0, 1, 1), one residual block per level. MONAI 1.6
 ``monai.networks.nets.diffusion_model_unet`` but does not export it from ``monai.networks.nets``
 (that module's ``__all__`` names only the UNet), hence the longer import.
 
-Logit index = schema label − 1 (as :mod:`igconda.baselines.classifier_cam`): index 0 is healthy
+Logit index = schema label − 1 (as :mod:`igconda.baselines.resnet_classifier`): index 0 is healthy
 (label 1), index 1 unhealthy (label 2).
 """
 
@@ -44,7 +44,7 @@ class NoisyClassifierConfig:
         norm_num_groups: GroupNorm groups. 16, not MONAI's 32: with 32 groups the 32-channel level
             has one channel per group, and that norm subtracts the timestep embedding (added as a
             per-channel bias right before it) exactly, so the level would never see t (the same
-            trap :func:`igconda.config.validate` refuses for the UNet).
+            trap :func:`igconda.config_rules.validate` refuses for the UNet).
     """
 
     image_size: tuple[int, int]

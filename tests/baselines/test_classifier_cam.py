@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from igconda import checkpoint as ckpt
-from igconda.baselines.classifier_cam import (
+from igconda.baselines.classifier_cam import HiResCamMethod, hirescam_maps
+from igconda.baselines.resnet_classifier import (
     ClassifierConfig,
-    HiResCamMethod,
     build_classifier,
     create_training,
-    hirescam_maps,
     load_classifier,
     recompute_batchnorm,
     save_classifier,
@@ -201,7 +200,7 @@ def test_epochs_on_decoded_slice_batches_lower_the_loss():
 
 
 def test_class_loss_weighs_unhealthy_slices():
-    from igconda.baselines.classifier_cam import class_loss
+    from igconda.baselines.resnet_classifier import class_loss
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))

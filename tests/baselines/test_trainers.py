@@ -48,3 +48,21 @@ def test_each_labelled_network_is_balanced_once():
     oversampled = {m for m in TRAINED_METHODS if trainer_class(m).oversample}
     assert oversampled == {"supervised"}
     assert trainer_class("fanogan").train_filter == f"label == {HEALTHY}"
+
+
+@pytest.mark.parametrize("method", ["hirescam", "dpm_classifier"])
+def test_a_saved_trainer_is_resumable_and_restores_its_progress(test_config, tmp_path, method):
+    """save → check_resumable → restore without Ray (the job's --resume path, on one worker)."""
+    from igconda.baselines.trainers import check_resumable
+    from igconda.checkpoint import CheckpointError
+
+    trainer = create_trainer(method, test_config, (16, 16))
+    trainer.epoch, trainer.best_valid_loss, trainer.history = 3, 0.5, [{"epoch": 3.0}]
+    trainer.save(tmp_path / "ckpt", {})
+    check_resumable(tmp_path / "ckpt")
+    fresh = create_trainer(method, test_config, (16, 16))
+    fresh.restore(tmp_path / "ckpt")
+    assert (fresh.epoch, fresh.best_valid_loss, fresh.history) == (3, 0.5, [{"epoch": 3.0}])
+    (tmp_path / "ckpt" / "train_state.pt").unlink()
+    with pytest.raises(CheckpointError, match="train_state.pt"):
+        check_resumable(tmp_path / "ckpt")

@@ -27,7 +27,8 @@ from igconda.diffusion.classifier_training import (
     evaluate_classifier,
     train_classifier_epoch,
 )
-from igconda.diffusion.ddim import counterfactual, ddim_decode, ddim_encode, ddim_step
+from igconda.diffusion.counterfactual import counterfactual
+from igconda.diffusion.ddim import ddim_decode, ddim_encode, ddim_step
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.diffusion.training import train_step
 from igconda.evaluation import DPM_CG, METHOD_TITLES

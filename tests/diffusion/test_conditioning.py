@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from igconda.config import CONDITIONINGS, ConfigError, StudyConfig, load_config
+from igconda.config import ConfigError, StudyConfig, load_config
+from igconda.config_rules import CONDITIONINGS
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.diffusion.training import diffusion_loss
 from igconda.models import build_unet

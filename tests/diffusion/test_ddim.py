@@ -10,15 +10,9 @@ import pytest
 import torch
 from monai.networks.schedulers import DDIMScheduler
 
-from igconda.diffusion.ddim import (
-    anomaly_map,
-    counterfactual,
-    ddim_decode,
-    ddim_encode,
-    ddim_step,
-    network_evaluations,
-    timestep_grid,
-)
+from igconda.ddim_grid import network_evaluations
+from igconda.diffusion.counterfactual import anomaly_map, counterfactual
+from igconda.diffusion.ddim import ddim_decode, ddim_encode, ddim_step, timestep_grid
 from igconda.diffusion.schedule import NoiseSchedule
 from tests.diffusion import tiny_model
 
@@ -228,7 +222,7 @@ def test_anomaly_map():
         (dict(noise_level=T + 10, stride=5), "must be < the model's training timesteps"),
         (dict(noise_level=0), "must be > 0"),
         (dict(noise_level=-4), "must be > 0"),
-        (dict(stride=0), "stride s must be >= 1"),
+        (dict(stride=0), "stride s=0 must be >= 1"),
         (dict(noise_level=10, stride=4), "multiple of stride"),
         (dict(noise_level=4.0), "must be an integer"),
         (dict(guidance_scale=-1.0), "guidance_scale"),
@@ -319,13 +313,8 @@ def test_pair_at_w0_is_one_trajectory_and_costs_one_pass_per_step(model, schedul
 
 
 def test_map_kinds_shapes_ranges_and_w0_identities(model, schedule):
-    from igconda.diffusion.ddim import (
-        CONTROL,
-        CONTROL_HOT,
-        MAP_KINDS,
-        anomaly_maps,
-        counterfactual_pair,
-    )
+    from igconda.diffusion.counterfactual import anomaly_maps, counterfactual_pair
+    from igconda.map_kinds import CONTROL, CONTROL_HOT, MAP_KINDS
 
     x0 = _slices(batch=3, seed=4)
     kwargs = dict(noise_level=4, stride=2)
@@ -356,7 +345,7 @@ def test_map_kinds_shapes_ranges_and_w0_identities(model, schedule):
 
 def test_one_sided_control_matches_the_hot_map_at_w0(model, schedule):
     """At w = 0 the hot map equals its own control max(x − x̂_∅, 0), as abs equals |x − x̂_∅|."""
-    from igconda.diffusion.ddim import anomaly_maps, counterfactual_pair
+    from igconda.diffusion.counterfactual import anomaly_maps, counterfactual_pair
 
     x0 = _slices()
     guided, unguided = counterfactual_pair(model, x0, schedule, noise_level=4, stride=2, guidance_scale=0.0)
