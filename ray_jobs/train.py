@@ -4,11 +4,12 @@ Run it locally (starts a local Ray)::
 
     python -m ray_jobs.train --data runs/demo/data --output runs/demo/train --config configs/demo.yaml
 
-on two CPU workers, or GPUs (NCCL, mixed precision)::
+on two CPU workers, or GPUs (NCCL, mixed precision), ``--config`` being the study YAML the data
+were preprocessed with::
 
-    python -m ray_jobs.train --data DATA --output OUT --num-workers 2
+    python -m ray_jobs.train --data DATA --output OUT --config CONFIG --num-workers 2
     python -m ray_jobs.train --data s3://bucket/data --output OUT --storage-path s3://bucket/ray \\
-        --num-workers 8 --use-gpu --tracking-uri http://mlflow.internal:5000
+        --config CONFIG --num-workers 8 --use-gpu --tracking-uri http://mlflow.internal:5000
 
 or submit it to a running cluster (the head's dashboard on port 8265; a head started with
 ``ray start --head`` has token authentication on, so the client needs ``RAY_AUTH_MODE=token`` and
@@ -28,7 +29,8 @@ checkpoint, including optimizer, EMA and RNG state, and the same MLflow run::
 section, which every checkpoint stores as how its training data were made
 (:mod:`igconda.data.compat`).
 
-Quick check that everything is wired (one epoch on a few batches)::
+Quick check that everything is wired (one epoch on a few batches of data preprocessed with
+``configs/test.yaml``)::
 
     python -m ray_jobs.train --data DATA --output /tmp/smoke --config configs/test.yaml --smoke-test
 
