@@ -52,6 +52,9 @@ TRAIN_COLUMNS = ("image", "label", "height", "width")
 VALID_COLUMNS = TRAIN_COLUMNS + ("patient_id", "slice_index")
 #: Name of the Ray Train metric that ranks checkpoints (lower is better).
 SCORE_METRIC = "valid_loss"
+#: The key of a checkpoint's ``metadata.json`` holding :func:`dataset_version` of its training
+#: data (held to it by ``--resume``: ``ray_jobs.train_runs.check_resume_data``).
+DATA_VERSION_KEY = "data_version"
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,10 @@ checkpoint's own config. Outputs under ``--output``::
     volumes/<patient_id>_anomaly.nii.gz anomaly map on the original scan's grid and affine
     summary.json                        settings, counts, timings
 
+Data preprocessed with other slice settings than the checkpoint's training data (its
+``dataset.json`` against the checkpoint's ``config.yaml``, :mod:`igconda.data.compat`) are
+refused before any work (exit status 2); data without ``dataset.json`` are run with a warning.
+
 The actors only compute: the driver writes every output above. What every node must see is what
 the workers read, ``--data`` and ``--checkpoint``; on a multi-node cluster the job checks both
 before predicting (:func:`ray_jobs.shared_storage.preflight`, exit status 2).
@@ -75,6 +79,7 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, non_negative_float, positive_int
 from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
+from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint
 from igconda.data.schema import SPLITS
 from igconda.ddim_grid import check_counterfactual_params
 from igconda.evaluation import igconda_method
@@ -322,6 +327,14 @@ def run(args: argparse.Namespace) -> InferResult:
 
     config, settings = resolve_config(args)
     data, output = Path(args.data), Path(args.output)
+    # Slices made otherwise than the checkpoint's training data are refused before any work.
+    try:
+        problem = check_data_for_checkpoint(data, args.checkpoint)
+    except PreprocessMismatch as err:
+        raise InferError(str(err)) from None
+    if problem:
+        logger.warning(problem)
+        print(f"infer: warning: {problem}", flush=True)
     inputs = list_patients(data, args.split)
     slices_dir = output / "slices"
     expected = {pid: pq.read_metadata(f).num_rows for pid, f in inputs.items()}

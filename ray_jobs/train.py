@@ -4,11 +4,12 @@ Run it locally (starts a local Ray)::
 
     python -m ray_jobs.train --data runs/demo/data --output runs/demo/train --config configs/demo.yaml
 
-on two CPU workers, or GPUs (NCCL, mixed precision)::
+on two CPU workers, or GPUs (NCCL, mixed precision), ``--config`` being the study YAML the data
+were preprocessed with::
 
-    python -m ray_jobs.train --data DATA --output OUT --num-workers 2
+    python -m ray_jobs.train --data DATA --output OUT --config CONFIG --num-workers 2
     python -m ray_jobs.train --data s3://bucket/data --output OUT --storage-path s3://bucket/ray \\
-        --num-workers 8 --use-gpu --tracking-uri http://mlflow.internal:5000
+        --config CONFIG --num-workers 8 --use-gpu --tracking-uri http://mlflow.internal:5000
 
 or submit it to a running cluster (the head's dashboard on port 8265; a head started with
 ``ray start --head`` has token authentication on, so the client needs ``RAY_AUTH_MODE=token`` and
@@ -22,7 +23,14 @@ checkpoint, including optimizer, EMA and RNG state, and the same MLflow run::
 
     python -m ray_jobs.train --data DATA --output OUT --resume [--epochs 200]
 
-Quick check that everything is wired (one epoch on a few batches)::
+``DATA`` must be the dataset version the checkpoint records (``data_version`` in its
+``metadata.json``): a resume on other data is refused before Ray starts (exit status 2). So is
+``--data`` whose ``dataset.json`` records other slice settings than the config's ``preprocess``
+section, which every checkpoint stores as how its training data were made
+(:mod:`igconda.data.compat`).
+
+Quick check that everything is wired (one epoch on a few batches of data preprocessed with
+``configs/test.yaml``)::
 
     python -m ray_jobs.train --data DATA --output /tmp/smoke --config configs/test.yaml --smoke-test
 
@@ -54,6 +62,7 @@ from igconda import checkpoint as ckpt
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
+from igconda.data.compat import PreprocessMismatch, check_dataset_settings
 from igconda.train_loop import TRAIN_COLUMNS, VALID_COLUMNS, dataset_version
 from ray_jobs.shared_storage import SharedStorageError, preflight
 from ray_jobs.train_runs import (  # noqa: F401  (the helpers other modules import from here)
@@ -180,12 +189,36 @@ def build_trainer(
                          max_failures=train_cfg.max_failures, keep_checkpoints=keep_checkpoints)
 
 
+def check_data_settings(data: str, config: StudyConfig, config_file: str | None) -> None:
+    """Refuse ``--data`` made with other slice settings than the config's ``preprocess`` section.
+
+    Every checkpoint stores that section as how its training data were made: inference and
+    tuning hold their data to it and ``igconda detect`` preprocesses scans with it
+    (:mod:`igconda.data.compat`). Data without ``dataset.json`` are trained on with a warning.
+
+    Raises:
+        PreprocessMismatch: naming ``dataset.json``, the config and each differing setting.
+    """
+    source = f"--config {config_file}" if config_file else "the default config (no --config)"
+    problem = check_dataset_settings(
+        data, config.preprocess, expected_from=f"the preprocess section of {source}",
+        fix=("The checkpoints would record that section as how their training data were made "
+             "(inference, tuning and igconda detect rely on it): train with the config the data "
+             "were preprocessed with, or preprocess them again with this one."))
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> Path:
     """Train as the arguments say; returns the local copy of the best checkpoint."""
     config = resolve_config(args)
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     storage_path = _storage_path(args, output)
+    # The driver's own reads first, so that a refused run never starts Ray.
+    check_resume(storage_path, args.run_name, args.resume,
+                 lambda latest: ckpt.check_checkpoint(latest, resume=True), data=args.data)
+    check_data_settings(args.data, config, args.config)
 
     import ray
 
@@ -198,8 +231,6 @@ def run(args: argparse.Namespace) -> Path:
                        "--storage-path (rank 0 writes the checkpoints there)":
                            storage_path if own_storage else None},  # else checked with --output
               data=args.data)
-    check_resume(storage_path, args.run_name, args.resume,
-                 lambda latest: ckpt.check_checkpoint(latest, resume=True))
 
     data_hash = dataset_version(args.data)
     mlflow_cfg = None
@@ -228,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         best = run(args)
-    except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError, SharedStorageError) as err:
+    except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError, SharedStorageError,
+            PreprocessMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"best checkpoint: {best}")

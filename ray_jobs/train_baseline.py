@@ -12,6 +12,9 @@ Continue an interrupted run (same ``--output``) from its latest checkpoint::
 
     python -m ray_jobs.train_baseline --method hirescam ... --resume [--epochs 30]
 
+on the same ``--data``: a checkpoint trained on another dataset version (``data_version`` in its
+``metadata.json``) is refused before Ray starts (exit status 2).
+
 The settings (epochs, batch size, learning rates, widths) are the study config's ``baselines``
 section (:mod:`igconda.baselines.settings`; ``--epochs`` overrides ``baselines.epochs``, for
 f-AnoGAN the WGAN-GP stage's). Workers and GPUs are the ``train`` section's, as for IgCONDA.
@@ -165,6 +168,8 @@ def run(args: argparse.Namespace) -> Path:
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     storage_path, run_name = default_storage_path(output), args.method
+    # The driver's own reads first, so that a refused run never starts Ray.
+    check_resume(storage_path, run_name, args.resume, check_resumable, data=args.data)
 
     import ray
 
@@ -174,7 +179,6 @@ def run(args: argparse.Namespace) -> Path:
     # (ray_results/) and (default store) logs to <output>/mlflow.db; every worker reads --data.
     preflight(outputs={"the baseline's --output (rank 0 writes its checkpoints and MLflow "
                        "store there)": output}, data=args.data)
-    check_resume(storage_path, run_name, args.resume, check_resumable)
 
     data_hash = dataset_version(args.data)
     mlflow_cfg, tracking_uri = None, ""

@@ -23,7 +23,7 @@ import torch
 from igconda.baselines.trainer_base import rows_of_rank
 from igconda.baselines.trainers import create_trainer
 from igconda.config import from_dict
-from igconda.train_loop import SCORE_METRIC
+from igconda.train_loop import DATA_VERSION_KEY, SCORE_METRIC
 from ray_jobs.train_worker import (
     _all_reduce_max,
     _all_reduce_sum,
@@ -118,7 +118,7 @@ def train_baseline_func(config: dict[str, Any]) -> None:
     batch_size, seed = study.baselines.batch_size, study.baselines.seed
     logger = _make_logger(config.get("mlflow"), rank)
     meta_extra = {"mlflow_run_id": (config.get("mlflow") or {}).get("run_id"),
-                  "data_version": config.get("data_version"), "world_size": world_size,
+                  DATA_VERSION_KEY: config.get("data_version"), "world_size": world_size,
                   "method": config["method"]}
 
     def batches(shard: Any, shuffle_seed: int | None, columns: tuple[str, ...]) -> Any:

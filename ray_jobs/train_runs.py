@@ -18,7 +18,7 @@ from typing import Any
 from igconda import checkpoint as ckpt
 from igconda.data.schema import HEALTHY, UNHEALTHY, healthy_per_unhealthy
 from igconda.io_utils import replace_dir
-from igconda.train_loop import SCORE_METRIC
+from igconda.train_loop import DATA_VERSION_KEY, SCORE_METRIC, dataset_version
 
 # Ray Train's record of reported checkpoints; its presence means a run exists to resume.
 
@@ -144,16 +144,21 @@ def latest_checkpoint(storage_path: str, run_name: str = "train") -> Path | None
 
 
 def check_resume(storage_path: str, run_name: str, resume: bool,
-                 check_latest: Callable[[Path], None]) -> None:
-    """Refuse to start over an existing run without ``--resume``, or to resume none.
+                 check_latest: Callable[[Path], None], data: str | None = None) -> None:
+    """Refuse to start over an existing run without ``--resume``, to resume none, or to resume
+    one on other data than it was trained on.
 
     Args:
         check_latest: called with the local folder of the checkpoint a resume continues from
             (when known); raises for a damaged one, which on the workers would fail every
             restart attempt in turn.
+        data: the ``--data`` of this run: a resume must continue on the dataset version
+            (:func:`igconda.train_loop.dataset_version`) the checkpoint records in its
+            ``metadata.json`` (unchecked when it records none, or the checkpoint is not local).
 
     Raises:
-        UsageError: a run exists and ``resume`` is False, or none exists and it is True.
+        UsageError: a run exists and ``resume`` is False, none exists and it is True, or the
+            checkpoint was trained on another dataset version than ``data``'s.
     """
     exists = has_run(storage_path, run_name)
     if exists and not resume:
@@ -161,10 +166,37 @@ def check_resume(storage_path: str, run_name: str, resume: bool,
                          "pass --resume to continue it, or choose another --output/--run-name")
     if resume and not exists:
         raise UsageError(f"--resume: no checkpoints found under {_join(storage_path, run_name)}")
-    if resume:
-        latest = _latest_checkpoint(storage_path, run_name)
-        if latest is not None:
-            check_latest(latest)
+    latest = _latest_checkpoint(storage_path, run_name) if resume else None
+    if latest is None:
+        return
+    check_latest(latest)
+    if data is not None:
+        check_resume_data(latest, data)
+
+
+def check_resume_data(checkpoint: Path, data: str) -> None:
+    """Refuse to continue training the checkpoint on another dataset version than its own.
+
+    A resumed run would mix two datasets in one model (epochs, early stopping and the best
+    checkpoint's validation loss over different slices) while its records name one. Reads only
+    the checkpoint's ``metadata.json`` and ``data``'s ``dataset.json`` (or its file listing).
+
+    Raises:
+        UsageError: naming the checkpoint, both versions and the fix.
+    """
+    try:
+        recorded = ckpt.load_metadata(checkpoint).get(DATA_VERSION_KEY)
+    except (OSError, ValueError, AttributeError):
+        return  # unreadable or not a mapping: nothing recorded to hold the data to
+    if not recorded:
+        return  # checkpoints written before versions were recorded
+    current = dataset_version(data)
+    if current != recorded:
+        raise UsageError(
+            f"--resume: checkpoint {checkpoint} was trained on data version {recorded} "
+            f"({checkpoint / ckpt.METADATA_FILE}), but --data {data} is version {current}; "
+            f"resume with the data the run was trained on, or train from scratch on the new "
+            f"data in a new --output (or --run-name)")
 
 
 def read_splits(data: str, columns: dict[str, tuple[str, ...]], *, materialize_max_mb: int,

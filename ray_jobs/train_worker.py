@@ -28,6 +28,7 @@ import torch
 
 from igconda.config import from_dict
 from igconda.train_loop import (
+    DATA_VERSION_KEY,
     SCORE_METRIC,
     TRAIN_COLUMNS,
     VALID_COLUMNS,
@@ -180,7 +181,7 @@ def train_func(config: dict[str, Any]) -> None:
     valid_data = ray.train.get_dataset_shard("valid")
     logger = _make_logger(config.get("mlflow"), rank)
     meta_extra = {"mlflow_run_id": (config.get("mlflow") or {}).get("run_id"),
-                  "data_version": config.get("data_version"), "world_size": world_size}
+                  DATA_VERSION_KEY: config.get("data_version"), "world_size": world_size}
 
     for epoch in range(session.epoch + 1, train_cfg.epochs + 1):
         _maybe_inject_fault(config.get("fault"), epoch, rank)

@@ -16,7 +16,10 @@ with one child run per (D, w). The search space is the config's ``tune`` section
 ``--config``, the one stored in the checkpoint). Tune's own trial folders go to
 ``<output>/ray_results`` (the study's storage); on a Ray cluster of more than one node,
 ``--output`` and the checkpoints must be the same for every node, and the job refuses them
-before any trial otherwise (:func:`ray_jobs.shared_storage.preflight`, exit status 2).
+before any trial otherwise (:func:`ray_jobs.shared_storage.preflight`, exit status 2). Data
+preprocessed with other slice settings than the checkpoint's training data (``dataset.json``
+against its ``config.yaml``; :mod:`igconda.data.compat`) are refused the same way, before Ray
+starts; data without ``dataset.json`` are tuned on with a warning.
 
 The DPM + classifier guidance baseline's D and gradient scale are searched by the same job on
 the same tune slices (grid: the config's ``baselines.dpm_cg_noise_levels`` × ``dpm_cg_scales``;
@@ -35,6 +38,7 @@ import sys
 from igconda.argtypes import TRACKING_URI_HELP, non_negative_int
 from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
 from igconda.config import ConfigError, load_config
+from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,9 +80,14 @@ def main(argv: list[str] | None = None) -> int:
         check_checkpoint(args.checkpoint)  # before the trials each load it
         if args.checkpoint2:
             check_checkpoint(args.checkpoint2)
-    except (ConfigError, CheckpointError) as err:
+        # The tune slices must be made as the diffusion model's training data were (dpm_cg: the
+        # DPM's; the classifier's checkpoint records no preprocessing).
+        problem = check_data_for_checkpoint(args.data, args.checkpoint2 or args.checkpoint)
+    except (ConfigError, CheckpointError, PreprocessMismatch) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr)
 
     import ray
 

@@ -277,6 +277,39 @@ def test_a_truncated_checkpoint_is_refused_before_any_actor_starts(study, tmp_pa
     assert f"{weights}: the checkpoint is damaged" in err and "Traceback" not in err
 
 
+def test_data_preprocessed_otherwise_are_refused_before_any_actor_starts(study, test_config,
+                                                                          tmp_path, capsys,
+                                                                          monkeypatch):
+    """Slices made with other settings than the checkpoint's training data: exit 2, naming
+    dataset.json, the checkpoint and each differing setting (igconda.data.compat)."""
+    import shutil
+
+    from igconda.data.compat import settings_record
+
+    _, checkpoint, data = study
+    other = tmp_path / "data"
+    shutil.copytree(data, other)
+    recorded = {**settings_record(test_config.preprocess), "output_size": [32, 32, 10]}
+    (other / "dataset.json").write_text(json.dumps({"config": recorded}))
+    monkeypatch.setattr(infer, "predict_patients", lambda *a, **k: pytest.fail("actors started"))
+    assert infer.main(["--checkpoint", str(checkpoint), "--data", str(other), "--output",
+                       str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert f"{other}/dataset.json: the data were preprocessed with other slice settings" in err
+    assert f"checkpoint {checkpoint}" in err
+    assert "preprocess.output_size: data [32, 32, 10], expected [16, 16, 10]" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_without_dataset_json_are_only_warned_about(study, tmp_path, capsys):
+    _, checkpoint, data = study  # make_dataset writes no dataset.json
+    # The valid split is missing: the job stops there, after the data check had its say.
+    assert infer.main(["--checkpoint", str(checkpoint), "--data", str(data), "--output",
+                       str(tmp_path / "o"), "--split", "valid"]) == 2
+    captured = capsys.readouterr()
+    assert f"{data}: no dataset.json" in captured.out and "no 'valid' split" in captured.err
+
+
 class _FailingFigure:
     """A figure whose save dies half-way, as on a full disk or a killed process."""
 

@@ -244,6 +244,30 @@ def test_baseline_thresholds_are_calibrated_on_the_tune_slices(tune_data):
 
 
 @pytest.mark.ray
+def test_tune_job_refuses_data_preprocessed_otherwise_before_ray(tune_data, test_config,
+                                                                 checkpoint, tmp_path, capsys,
+                                                                 monkeypatch):
+    """The tune slices must be made as the checkpoint's training data were: exit 2 before Ray
+    starts, naming dataset.json, the checkpoint and the setting (igconda.data.compat)."""
+    import ray
+
+    from igconda.data.compat import settings_record
+    from ray_jobs import shared_storage
+    from ray_jobs import tune as tune_job
+
+    recorded = {**settings_record(test_config.preprocess), "axial_extent": "crop"}
+    (tune_data / "dataset.json").write_text(json.dumps({"config": recorded}))
+    for module, name in ((ray, "init"), (shared_storage, "preflight")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("the job went on to Ray"))
+    code = tune_job.main(["--checkpoint", str(checkpoint), "--data", str(tune_data),
+                          "--output", str(tmp_path / "tune")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"{tune_data}/dataset.json" in err and f"checkpoint {checkpoint}" in err
+    assert "preprocess.axial_extent: data 'crop', expected 'whole'" in err
+    assert not (tmp_path / "tune").exists()
+
+
 def test_tune_job_writes_best_grid_heatmap_and_nested_runs(ray_session, tune_data, test_config, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient

@@ -40,7 +40,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from igconda.config import PreprocessConfig, StudyConfig
+from igconda.data.compat import SETTINGS_KEY, settings_record
 from igconda.data.manifest import ManifestEntry, parse_manifest
 from igconda.data.preprocess import preprocess_volume
 from igconda.data.schema import SPLITS, UNHEALTHY, volume_to_rows
@@ -345,7 +346,8 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
             "unhealthy_slices": unhealthy_table(good),
             "coverage": coverage,
             "warnings": warnings,
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(pcfg).items()},
+            # Compared with a checkpoint's settings before training, tuning and inference.
+            SETTINGS_KEY: settings_record(pcfg),
             "versions": _versions(),
         }
         # dataset.json is written last: its presence marks the folder complete.

@@ -73,12 +73,18 @@ def read_split(data_dir: str | Path, split: str, columns: list[str] | None = Non
 
 
 def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
-    """The ``dataset.json`` summary of a dataset folder.
+    """The ``dataset.json`` summary of a dataset folder (local path or pyarrow URI, e.g. s3://).
 
     Raises:
         DatasetError: if it is missing (the dataset is incomplete or was never written).
     """
-    path = Path(data_dir) / "dataset.json"
-    if not path.is_file():
+    import pyarrow.fs as pafs
+
+    uri = str(data_dir)
+    fs, root = (pafs.FileSystem.from_uri(uri) if "://" in uri
+                else (pafs.LocalFileSystem(), str(Path(uri).resolve())))
+    path = f"{root.rstrip('/')}/dataset.json"
+    if fs.get_file_info(path).type != pafs.FileType.File:
         raise DatasetError(f"{data_dir}: not a complete igconda dataset (no dataset.json)")
-    return json.loads(path.read_text())
+    with fs.open_input_stream(path) as stream:
+        return json.loads(stream.read())

@@ -14,6 +14,7 @@ import pytest
 from igconda.config import PreprocessConfig
 from igconda.data import build, summary
 from igconda.data.build import PreprocessingError, build_dataset, process_patient
+from igconda.data.compat import PreprocessMismatch, check_dataset_settings
 from igconda.data.io import read_dataset_info, read_split, split_path
 from igconda.data.schema import SPLITS, UNHEALTHY, stack_images, validate_table
 from ray_jobs.preprocess import run_preprocessing
@@ -153,6 +154,10 @@ def test_build_dataset_in_process_skips_bad_patients_and_files_each_in_its_split
         table = pq.read_table(out / "slices" / row.split / f"{row.patient_id}.parquet")
         assert set(table.column("split").to_pylist()) == {row.split}
     assert read_dataset_info(out)["patients"] == 12 == sum(summary.patients.values())
+    # dataset.json records the settings as the later stages compare them (igconda.data.compat).
+    assert check_dataset_settings(out, CONFIG, expected_from="CONFIG", fix="") is None
+    with pytest.raises(PreprocessMismatch, match=r"preprocess\.crop_size: data \[24, 24, 20\]"):
+        check_dataset_settings(out, PreprocessConfig(), expected_from="defaults", fix="")
 
 
 def test_the_map_is_called_once_with_every_planned_patient(tmp_path):
