@@ -26,7 +26,7 @@ unhealthy and uses HiResCAM of the "unhealthy" logit as the anomaly map. Here:
 Training is one worker's epoch over decoded batches (:func:`train_epoch`, cross-entropy on the
 slice labels; :func:`validation_sums` on held-out ones), then :func:`recompute_batchnorm`, then
 :func:`save_classifier`; :func:`train_classifier` does all of it for slices held in memory.
-:class:`HiResCamMethod` is the :class:`igconda.evaluation.AnomalyMethod` named ``hirescam``.
+:class:`HiResCamMethod` is the :class:`igconda.anomaly_methods.AnomalyMethod` named ``hirescam``.
 
 Labels follow :mod:`igconda.data.schema`: 1 healthy, 2 unhealthy; the network's class index is
 ``label - 1``, so logit 1 is "unhealthy".
@@ -57,7 +57,8 @@ from igconda import checkpoint as ckpt
 from igconda.baselines.fitting import loss_sums, seeded
 from igconda.baselines.fitting import train_epoch as fit_epoch
 from igconda.data.schema import HEALTHY, UNHEALTHY
-from igconda.evaluation import HIRESCAM, batch_images
+from igconda.evaluation import HIRESCAM
+from igconda.slice_batch import batch_images
 from igconda.train_loop import EpochStats
 
 logger = logging.getLogger(__name__)

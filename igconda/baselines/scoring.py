@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from igconda.anomaly_methods import AnomalyMethod
 from igconda.baselines.settings import BaselinesConfig
 from igconda.config import ConfigError
 from igconda.data.schema import SCORE_SCHEMA, validate_scores
@@ -32,7 +33,6 @@ from igconda.evaluation import (
     INTENSITY,
     SUPERVISED,
     THRESHOLD_41,
-    AnomalyMethod,
     score_methods,
 )
 from igconda.lesion_stats import LESION_STAT_COLUMNS, with_lesion_stats
@@ -76,9 +76,10 @@ def load_igconda(model_folder: str | Path, *, control: bool = False,
     """A study model folder's IgCONDA map (the tuned D, w, s and map kind of its
     ``tuning.json``, :func:`igconda.tuned_model.model_settings`), or with ``control`` its w = 0
     control of the same sign; the network autocasts as the folder's ``infer.use_amp`` says."""
+    from igconda.anomaly_methods import IgCondaMethod
     from igconda.checkpoint import load_model
     from igconda.diffusion.schedule import NoiseSchedule
-    from igconda.evaluation import IgCondaMethod, igconda_method
+    from igconda.evaluation import igconda_method
     from igconda.map_kinds import matching_control
     from igconda.tuned_model import model_settings
 
@@ -95,7 +96,7 @@ def load_igconda(model_folder: str | Path, *, control: bool = False,
 def load_method(method: str, checkpoint: str | Path | None = None,
                 checkpoint2: str | Path | None = None, *,
                 settings: BaselinesConfig | None = None, device: str = "cpu") -> AnomalyMethod:
-    """The :class:`~igconda.evaluation.AnomalyMethod` of a method of :data:`SCORED_METHODS`.
+    """The :class:`~igconda.anomaly_methods.AnomalyMethod` of a method of :data:`SCORED_METHODS`.
 
     Args:
         method: one of :data:`SCORED_METHODS`.
@@ -110,7 +111,7 @@ def load_method(method: str, checkpoint: str | Path | None = None,
         ConfigError: unknown method, or a checkpoint missing / given where it has no use.
         CheckpointError: a folder that is not the method's.
     """
-    from igconda.evaluation import IntensityMethod, ThresholdMethod
+    from igconda.anomaly_methods import IntensityMethod, ThresholdMethod
 
     settings = settings or BaselinesConfig()
     if method not in SCORED_METHODS:
@@ -169,7 +170,7 @@ def score_slices(method: AnomalyMethod, batch: Mapping[str, Any],
 def unhealthy_maps(method: AnomalyMethod, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The maps of a batch's unhealthy slices and their masks, for τ calibration:
     ``{"map": (N, H·W) float32, "mask": (N, H·W) uint8}`` (one map name per method)."""
-    from igconda.evaluation import batch_images
+    from igconda.slice_batch import batch_images
 
     (name,) = method.names
     maps = method.maps(batch)[name]

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from igconda.anomaly_methods import IgCondaMethod
 from igconda.baselines.scoring import (
     COMPARISON_SCORE_SCHEMA,
     SCORE_INPUT_COLUMNS,
@@ -17,7 +18,7 @@ from igconda.baselines.scoring import (
     scores_table,
 )
 from igconda.config import ConfigError
-from igconda.evaluation import IgCondaMethod, batch_images
+from igconda.slice_batch import batch_images
 from igconda.tuned_model import write_model_folder
 from tests.helpers import make_dataset
 
