@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from igconda.map_kinds import CONTROL, CONTROL_HOT, CONTROLS, MAP_KINDS
-from igconda.metrics import METRIC_KEYS, dice_curve, score_batch
+from igconda.metrics import METRIC_KEYS, dice_curve, score_batch, threshold_grid
 from igconda.slice_batch import batch_images
 
 #: Method name of the 41 % SUVmax rule and of the raw-intensity control.
@@ -132,8 +132,29 @@ def calibrate_threshold(maps: np.ndarray, masks: np.ndarray,
     Raises:
         ValueError: no slice has a lesion pixel to calibrate on.
     """
-    taus, dice = dice_curve(maps, masks, grid)
-    valid = ~np.isnan(dice[0]) if dice.size else np.zeros(0, bool)
+    return best_threshold(dice_curve(maps, masks, grid)[1], grid)
+
+
+def best_threshold(dice: np.ndarray, grid: Sequence[float] = CALIBRATION_GRID) -> tuple[float, float]:
+    """The τ of :func:`calibrate_threshold` from the slices' Dice at every τ of the grid, for a
+    caller that has the Dice values and not the maps (``ray_jobs.score_method``'s one pass).
+
+    Args:
+        dice: (T, N) Dice of N slices at each τ of ``threshold_grid(grid)``, the second output
+            of :func:`igconda.metrics.dice_curve`; NaN columns (no lesion pixel) are skipped.
+        grid: the candidate τ values the Dice was computed at.
+
+    Returns:
+        ``(tau, mean_dice)``: the τ with the highest mean Dice (ties: the lowest τ) and that mean.
+
+    Raises:
+        ValueError: ``dice`` does not fit the grid, or no slice has a lesion pixel.
+    """
+    taus = threshold_grid(grid)
+    dice = np.asarray(dice, dtype=np.float64)
+    if dice.ndim != 2 or len(dice) != len(taus):
+        raise ValueError(f"dice must be (T = {len(taus)}, N), one row per τ; got {dice.shape}")
+    valid = ~np.isnan(dice[0])
     if not valid.any():
         raise ValueError("cannot calibrate a threshold: no slice with a lesion pixel")
     mean = dice[:, valid].mean(axis=1)
@@ -171,13 +192,18 @@ def score_maps(maps: np.ndarray, masks: np.ndarray, tau: float | None = None) ->
 
 
 def score_methods(batch: Mapping[str, Any], maps: Mapping[str, np.ndarray],
-                  taus: Mapping[str, float] | None = None) -> pd.DataFrame:
+                  taus: Mapping[str, float] | None = None,
+                  scored: np.ndarray | None = None) -> pd.DataFrame:
     """Score every named map of one batch: one row per unhealthy slice and method.
 
     Args:
         batch: the slice columns (``mask`` required; :data:`ID_COLUMNS` are copied).
-        maps: ``{method: (N, H, W) map}``, e.g. merged :meth:`igconda.anomaly_methods.AnomalyMethod.maps` results.
+        maps: ``{method: (N, H, W) map}``, e.g. merged
+            :meth:`igconda.anomaly_methods.AnomalyMethod.maps` results.
         taus: ``{method: calibrated τ}``; a method without one gets ``dice_tau`` NaN.
+        scored: (N,) bool, the slices to score (default: all); the other unhealthy slices keep
+            their rows, with NaN metrics and zero lesion counts (:func:`score_maps`' rule for a
+            slice it does not score), for a caller that needs one row per unhealthy slice.
 
     Returns:
         Rows of :data:`igconda.data.schema.SCORE_SCHEMA` (``tau`` is the τ applied, or NaN).
@@ -188,6 +214,8 @@ def score_methods(batch: Mapping[str, Any], maps: Mapping[str, np.ndarray],
     masks = batch_images(batch, "mask", shape, np.uint8)
     unhealthy = masks.reshape(len(masks), -1).any(axis=1)
     ids = {c: np.asarray(batch[c])[unhealthy] for c in ID_COLUMNS if c in batch}
+    if scored is not None:  # an unscored slice is given score_maps as one without a lesion
+        masks = np.where(np.asarray(scored, bool)[:, None, None], masks, 0).astype(np.uint8)
     frames = []
     for method, method_maps in maps.items():
         tau = taus.get(method)
