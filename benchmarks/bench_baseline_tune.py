@@ -20,8 +20,8 @@ from igconda.baselines.scoring import load_method
 from igconda.baselines.settings import HIRESCAM_LAYERS, BaselinesConfig
 from igconda.data.io import read_split
 from igconda.data.schema import UNHEALTHY
-from igconda.evaluation import batch_images
 from igconda.metrics import auprc, optimal_dice
+from igconda.slice_batch import batch_images
 
 #: The trained baselines scored from one checkpoint folder (dpm_cg needs two).
 ONE_CHECKPOINT_BASELINES = ("hirescam", "supervised", "fanogan")

@@ -32,6 +32,7 @@ from bench_condition import train_milestones
 from bench_seeds import INTERNAL, METRICS, label_chosen
 
 from igconda import evaluation as E
+from igconda.anomaly_methods import IgCondaMethod, baseline_methods
 from igconda.checkpoint import load_model
 from igconda.data.schema import UNHEALTHY
 from igconda.diffusion.schedule import NoiseSchedule
@@ -82,11 +83,11 @@ def score(checkpoint: Path, best: dict, batch: dict[str, np.ndarray]) -> pd.Data
     the tuned settings, with the chosen map and its control labelled (:func:`label_chosen`)."""
     model, config = load_model(checkpoint, "cpu")
     kinds = tuple(dict.fromkeys((best["map_kind"], "abs")))
-    igconda = E.IgCondaMethod(model.eval(), NoiseSchedule.from_config(config.train),
+    igconda = IgCondaMethod(model.eval(), NoiseSchedule.from_config(config.train),
                               noise_level=best["noise_level"], stride=best["stride"],
                               guidance_scale=best["guidance_scale"], kinds=kinds, amp=True)
     maps: dict[str, np.ndarray] = {}
-    for method in (igconda, *E.baseline_methods()):
+    for method in (igconda, *baseline_methods()):
         maps.update(method.maps(batch))
     per_slice = E.score_methods(batch, maps, best.get("thresholds", {}))
     return label_chosen(E.summarize(per_slice), best["map_kind"])

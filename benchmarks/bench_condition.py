@@ -46,8 +46,8 @@ from igconda.config import load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.diffusion.ddim import ddim_decode, ddim_encode
 from igconda.diffusion.schedule import NoiseSchedule
-from igconda.evaluation import stack_column
 from igconda.metrics import auprc, optimal_dice
+from igconda.slice_batch import stack_column
 from igconda.train_loop import TRAIN_COLUMNS, TrainingSession, decode_slice_batch
 
 MAPS = ("abs", "hot", "guidance", "control", "raw")

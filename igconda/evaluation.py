@@ -1,9 +1,8 @@
-"""The one evaluation path: anomaly methods, scoring, threshold calibration, per-cohort summaries.
+"""The one evaluation path: method names, scoring, threshold calibration, per-cohort summaries.
 
-Every anomaly method (IgCONDA's map kinds, the w = 0 control, 41 % SUVmax thresholding, the raw
-intensity control) is an object with the same small interface, :class:`AnomalyMethod`: it turns
-a batch of slices (numpy columns of :data:`igconda.data.schema.SLICE_SCHEMA`) into named
-(N, H, W) maps in [0, 1]; one IgCONDA pass yields several named maps. Then
+The anomaly methods that make the maps (:class:`igconda.anomaly_methods.AnomalyMethod`: IgCONDA's
+map kinds, the w = 0 control, 41 % SUVmax thresholding, the raw intensity control, the trained
+baselines) turn a batch of slices into named (N, H, W) maps in [0, 1]. Then
 
 - :func:`score_maps` scores one method's maps (the paper's metrics of
   :func:`igconda.metrics.score_batch`, plus ``dice_tau``, the Dice at a calibrated threshold);
@@ -13,8 +12,9 @@ a batch of slices (numpy columns of :data:`igconda.data.schema.SLICE_SCHEMA`) in
 - :func:`summarize` turns per-slice rows into per-method, per-cohort mean ± std and counts,
   and :func:`format_table` into markdown.
 
-Tuning (``tuning/``), batch inference (``ray_jobs.infer``), ``igconda detect`` and the report all
-call these; nothing here imports Ray.
+Tuning (``tuning/``), batch inference (``ray_jobs.infer``), the comparison's scoring
+(``ray_jobs.score_method``), ``igconda detect`` and the report all call these; nothing here
+imports Ray (or torch).
 
 Method names, as they appear in the ``method`` column: ``igconda_<kind>`` for each map kind of
 :data:`igconda.map_kinds.MAP_KINDS` (``igconda_abs`` is the paper's), ``igconda_w0`` for the
@@ -26,16 +26,15 @@ trained on pixel masks (:mod:`igconda.baselines.supervised`), ``fanogan``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.map_kinds import CONTROL, CONTROL_HOT, CONTROLS, MAP_KINDS
-from igconda.metrics import METRIC_KEYS, dice_curve, score_batch
+from igconda.metrics import METRIC_KEYS, dice_curve, score_batch, threshold_grid
+from igconda.slice_batch import batch_images
 
 #: Method name of the 41 % SUVmax rule and of the raw-intensity control.
 THRESHOLD_41, INTENSITY = "threshold_41", "intensity"
@@ -107,198 +106,6 @@ def method_order(methods: Sequence[str], chosen: str | None = None) -> list[str]
 
 
 # --------------------------------------------------------------------------------------------
-# Reading a batch of slices
-# --------------------------------------------------------------------------------------------
-
-
-def stack_column(column: Any, height: int, width: int, dtype: Any = np.float32) -> np.ndarray:
-    """An image/mask column as it arrives in a numpy batch → (N, H, W).
-
-    Ray Data hands a ``list<...>`` column over either as an object array of 1D arrays or, when
-    the lists have a fixed size, as a 2D (N, H·W) array; a plain caller may pass (N, H, W).
-    """
-    array = np.asarray(column) if not isinstance(column, np.ndarray) else column
-    if array.dtype == object:
-        if len(array) == 0:
-            return np.zeros((0, height, width), dtype=dtype)
-        array = np.stack([np.asarray(v, dtype=dtype).reshape(-1) for v in array])
-    array = np.asarray(array, dtype=dtype)
-    if array.ndim == 2 and array.shape[1] == height * width:
-        return array.reshape(-1, height, width)
-    if array.ndim == 3 and array.shape[1:] == (height, width):
-        return array
-    raise ValueError(f"cannot read an image column of shape {array.shape} as slices of {height}×{width}")
-
-
-def slice_shape(batch: Mapping[str, Any], default: tuple[int, int] | None = None) -> tuple[int, int]:
-    """(H, W) from the batch's ``height``/``width`` columns, else ``default``."""
-    if "height" in batch and "width" in batch and len(batch["height"]):
-        heights, widths = np.unique(np.asarray(batch["height"])), np.unique(np.asarray(batch["width"]))
-        if len(heights) != 1 or len(widths) != 1:
-            raise ValueError(f"a batch mixes slice sizes {heights.tolist()}×{widths.tolist()}")
-        return int(heights[0]), int(widths[0])
-    if default is None:
-        raise ValueError("the batch has no height/width columns and no default slice size is known")
-    return default
-
-
-def batch_images(batch: Mapping[str, Any], column: str = "image",
-                 default_shape: tuple[int, int] | None = None, dtype: Any = np.float32) -> np.ndarray:
-    """One image-like column of a slice batch as (N, H, W)."""
-    if column not in batch:
-        raise ValueError(f"the batch has no {column!r} column (it has {sorted(batch)})")
-    return stack_column(batch[column], *slice_shape(batch, default_shape), dtype)
-
-
-def batch_labels(batch: Mapping[str, Any], masks: np.ndarray | None) -> np.ndarray | None:
-    """(N,) labels: the ``label`` column, else derived from the masks (any pixel → unhealthy)."""
-    if "label" in batch:
-        return np.asarray(batch["label"])
-    if masks is None:
-        return None
-    return np.where(masks.reshape(len(masks), -1).any(axis=1), UNHEALTHY, HEALTHY).astype(np.int8)
-
-
-# --------------------------------------------------------------------------------------------
-# Methods
-# --------------------------------------------------------------------------------------------
-
-
-class AnomalyMethod(Protocol):
-    """What every anomaly method offers: named maps of a batch of slices.
-
-    Attributes:
-        names: the method names ``maps`` returns, in a fixed order.
-    """
-
-    names: tuple[str, ...]
-
-    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Numpy columns of the slice schema → ``{name: (N, H, W) float32 map in [0, 1]}``."""
-        ...
-
-
-class ThresholdMethod:
-    """41 % SUVmax thresholding (paper §3.3): a binary map, lesion where SUV ≥ 0.41 · SUVmax.
-
-    Needs the ``suv_max``, ``scale_min`` and ``scale_max`` columns of the slice schema.
-    """
-
-    names = (THRESHOLD_41,)
-
-    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        from igconda.baselines.thresholding import threshold_maps
-
-        missing = [c for c in ("suv_max", "scale_min", "scale_max") if c not in batch]
-        if missing:
-            raise ValueError(f"41 % SUVmax thresholding needs the slice columns {missing}")
-        images = batch_images(batch)
-        return {THRESHOLD_41: np.asarray(threshold_maps(
-            images, batch["suv_max"], batch["scale_min"], batch["scale_max"]), dtype=np.float32)}
-
-
-class IntensityMethod:
-    """The raw-intensity control: the min–max scaled PET itself as the map."""
-
-    names = (INTENSITY,)
-
-    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        from igconda.baselines.thresholding import intensity_maps
-
-        return {INTENSITY: np.asarray(intensity_maps(batch_images(batch)), dtype=np.float32)}
-
-
-def igconda_maps(images: np.ndarray, guided: np.ndarray, unguided: np.ndarray,
-                 kinds: Sequence[str] = MAP_KINDS) -> dict[str, np.ndarray]:
-    """Named IgCONDA maps from slices and their two decodes (numpy in, numpy out).
-
-    Args:
-        images: (N, H, W) slices x in [0, 1].
-        guided: (N, H, W) healthy counterfactuals x̂_w.
-        unguided: (N, H, W) unguided decodes x̂_∅ of the same encodings.
-        kinds: map kinds of :data:`~igconda.map_kinds.MAP_KINDS`.
-
-    Returns:
-        ``{"igconda_<kind>": (N, H, W) float32}`` for each kind, and ``"igconda_w0"``.
-    """
-    from igconda.diffusion.counterfactual import anomaly_maps
-
-    def tensor(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.require(a, np.float32, ["C", "W"])).unsqueeze(1)
-
-    maps = anomaly_maps(tensor(images), tensor(guided), tensor(unguided), tuple(kinds))
-    return {igconda_method(k): m.squeeze(1).numpy() for k, m in maps.items()}
-
-
-class StoredCounterfactualMethod:
-    """IgCONDA's maps from decodes already computed: the ``counterfactual`` (x̂_w) and
-    ``counterfactual_w0`` (x̂_∅) columns of :data:`~igconda.data.schema.PREDICTION_SCHEMA`.
-
-    Used to score stored predictions (every map kind costs no network evaluation)."""
-
-    def __init__(self, kinds: Sequence[str] = MAP_KINDS) -> None:
-        self.kinds = tuple(kinds)
-        self.names = tuple(igconda_method(k) for k in (*self.kinds, *CONTROLS))
-
-    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        return igconda_maps(batch_images(batch), batch_images(batch, "counterfactual"),
-                            batch_images(batch, "counterfactual_w0"), self.kinds)
-
-
-class IgCondaMethod:
-    """IgCONDA: encode each slice once, decode guided towards healthy and unguided, all maps.
-
-    Args:
-        model: the noise-prediction network, in eval mode on ``device``.
-        schedule: its ``NoiseSchedule``.
-        noise_level: D; stride: s; guidance_scale: w (see :mod:`igconda.diffusion.ddim`).
-        kinds: the map kinds to return (the w = 0 control is always returned).
-        device: where the network runs.
-        amp: autocast the network where it pays (:mod:`igconda.precision`).
-        counterfactual_fn: replaces :func:`igconda.diffusion.counterfactual.counterfactual_pair` (tests).
-    """
-
-    def __init__(self, model: torch.nn.Module, schedule: Any, *, noise_level: int, stride: int,
-                 guidance_scale: float, kinds: Sequence[str] = MAP_KINDS,
-                 device: str | torch.device = "cpu", amp: bool = False,
-                 counterfactual_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
-                 ) -> None:
-        if counterfactual_fn is None:
-            from igconda.diffusion.counterfactual import counterfactual_pair as counterfactual_fn
-        self.model, self.schedule = model, schedule
-        self.noise_level, self.stride = int(noise_level), int(stride)
-        self.guidance_scale = float(guidance_scale)
-        self.kinds = tuple(kinds)
-        self.names = tuple(igconda_method(k) for k in (*self.kinds, *CONTROLS))
-        self.device, self.amp = torch.device(device), bool(amp)
-        self._pair = counterfactual_fn
-
-    def counterfactuals(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(N, H, W) slices in [0, 1] → ``(x̂_w, x̂_∅)``, both (N, H, W) float32."""
-        if images.ndim != 3:
-            raise ValueError(f"images must be (N, H, W), got shape {images.shape}")
-        if len(images) == 0:
-            empty = np.zeros_like(images, dtype=np.float32)
-            return empty, empty.copy()
-        # np.require copies only when needed: Ray hands over read-only arrays, which torch rejects.
-        x0 = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).unsqueeze(1).to(self.device)
-        with torch.inference_mode():
-            guided, unguided = self._pair(
-                self.model, x0, self.schedule, noise_level=self.noise_level, stride=self.stride,
-                guidance_scale=self.guidance_scale, target_label=HEALTHY, amp=self.amp)
-        return (guided.float().squeeze(1).cpu().numpy(), unguided.float().squeeze(1).cpu().numpy())
-
-    def maps(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        images = batch_images(batch)
-        return igconda_maps(images, *self.counterfactuals(images), self.kinds)
-
-
-def baseline_methods() -> list[AnomalyMethod]:
-    """The baselines every study reports beside IgCONDA (41 % SUVmax, raw intensity)."""
-    return [ThresholdMethod(), IntensityMethod()]
-
-
-# --------------------------------------------------------------------------------------------
 # Scoring and calibration
 # --------------------------------------------------------------------------------------------
 
@@ -325,8 +132,29 @@ def calibrate_threshold(maps: np.ndarray, masks: np.ndarray,
     Raises:
         ValueError: no slice has a lesion pixel to calibrate on.
     """
-    taus, dice = dice_curve(maps, masks, grid)
-    valid = ~np.isnan(dice[0]) if dice.size else np.zeros(0, bool)
+    return best_threshold(dice_curve(maps, masks, grid)[1], grid)
+
+
+def best_threshold(dice: np.ndarray, grid: Sequence[float] = CALIBRATION_GRID) -> tuple[float, float]:
+    """The τ of :func:`calibrate_threshold` from the slices' Dice at every τ of the grid, for a
+    caller that has the Dice values and not the maps (``ray_jobs.score_method``'s one pass).
+
+    Args:
+        dice: (T, N) Dice of N slices at each τ of ``threshold_grid(grid)``, the second output
+            of :func:`igconda.metrics.dice_curve`; NaN columns (no lesion pixel) are skipped.
+        grid: the candidate τ values the Dice was computed at.
+
+    Returns:
+        ``(tau, mean_dice)``: the τ with the highest mean Dice (ties: the lowest τ) and that mean.
+
+    Raises:
+        ValueError: ``dice`` does not fit the grid, or no slice has a lesion pixel.
+    """
+    taus = threshold_grid(grid)
+    dice = np.asarray(dice, dtype=np.float64)
+    if dice.ndim != 2 or len(dice) != len(taus):
+        raise ValueError(f"dice must be (T = {len(taus)}, N), one row per τ; got {dice.shape}")
+    valid = ~np.isnan(dice[0])
     if not valid.any():
         raise ValueError("cannot calibrate a threshold: no slice with a lesion pixel")
     mean = dice[:, valid].mean(axis=1)
@@ -364,13 +192,18 @@ def score_maps(maps: np.ndarray, masks: np.ndarray, tau: float | None = None) ->
 
 
 def score_methods(batch: Mapping[str, Any], maps: Mapping[str, np.ndarray],
-                  taus: Mapping[str, float] | None = None) -> pd.DataFrame:
+                  taus: Mapping[str, float] | None = None,
+                  scored: np.ndarray | None = None) -> pd.DataFrame:
     """Score every named map of one batch: one row per unhealthy slice and method.
 
     Args:
         batch: the slice columns (``mask`` required; :data:`ID_COLUMNS` are copied).
-        maps: ``{method: (N, H, W) map}``, e.g. merged :meth:`AnomalyMethod.maps` results.
+        maps: ``{method: (N, H, W) map}``, e.g. merged
+            :meth:`igconda.anomaly_methods.AnomalyMethod.maps` results.
         taus: ``{method: calibrated τ}``; a method without one gets ``dice_tau`` NaN.
+        scored: (N,) bool, the slices to score (default: all); the other unhealthy slices keep
+            their rows, with NaN metrics and zero lesion counts (:func:`score_maps`' rule for a
+            slice it does not score), for a caller that needs one row per unhealthy slice.
 
     Returns:
         Rows of :data:`igconda.data.schema.SCORE_SCHEMA` (``tau`` is the τ applied, or NaN).
@@ -381,6 +214,8 @@ def score_methods(batch: Mapping[str, Any], maps: Mapping[str, np.ndarray],
     masks = batch_images(batch, "mask", shape, np.uint8)
     unhealthy = masks.reshape(len(masks), -1).any(axis=1)
     ids = {c: np.asarray(batch[c])[unhealthy] for c in ID_COLUMNS if c in batch}
+    if scored is not None:  # an unscored slice is given score_maps as one without a lesion
+        masks = np.where(np.asarray(scored, bool)[:, None, None], masks, 0).astype(np.uint8)
     frames = []
     for method, method_maps in maps.items():
         tau = taus.get(method)

@@ -4,7 +4,7 @@
 loaded once in ``__init__`` (one copy per actor), and ``__call__`` maps a batch of slice rows
 (columns of :data:`igconda.data.schema.SLICE_SCHEMA`, as numpy arrays) to a batch of results.
 There is no Ray in this module, so a plain test, ``igconda detect`` and the benchmarks call the
-same object directly. The maps come from :class:`igconda.evaluation.IgCondaMethod` and the
+same object directly. The maps come from :class:`igconda.anomaly_methods.IgCondaMethod` and the
 metrics from :func:`igconda.evaluation.score_maps`, the path every stage evaluates through.
 
 For each slice the predictor produces (paper §2.4, §3.4; the columns of
@@ -36,19 +36,13 @@ import numpy as np
 import torch
 
 from igconda.accel import accelerate_for_inference, batch_size_for_memory, measure_slice_bytes
+from igconda.anomaly_methods import IgCondaMethod, igconda_maps
 from igconda.data.schema import UNHEALTHY
 from igconda.ddim_grid import check_counterfactual_params
-from igconda.evaluation import (
-    IgCondaMethod,
-    batch_images,
-    batch_labels,
-    igconda_maps,
-    igconda_method,
-    score_maps,
-    slice_shape,
-)
+from igconda.evaluation import igconda_method, score_maps
 from igconda.map_kinds import CONTROLS, MAP_KINDS
 from igconda.precision import autocast_dtype
+from igconda.slice_batch import batch_images, batch_labels, slice_shape
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from igconda.evaluation import batch_images
+from igconda.slice_batch import batch_images
 
 #: The body of a slice: pixels above this fraction of the slice's maximum.
 BODY_FRACTION = 0.05

@@ -94,7 +94,8 @@ def _as_maps(maps: np.ndarray) -> np.ndarray:
     return maps
 
 
-def _as_thresholds(thresholds: Sequence[float]) -> np.ndarray:
+def threshold_grid(thresholds: Sequence[float]) -> np.ndarray:
+    """A τ grid as :func:`dice_curve` evaluates it: (T,) float64, sorted, without duplicates."""
     taus = np.asarray(thresholds, dtype=np.float64).ravel()
     if taus.size == 0 or not np.isfinite(taus).all():
         raise ValueError(f"thresholds must be a non-empty sequence of finite numbers, got {thresholds}")
@@ -118,7 +119,7 @@ def dice_curve(
     """
     maps, masks = _check_pair(maps, masks, ("maps", "masks"))
     maps, gt = _as_maps(maps), _as_binary(masks, "masks")
-    taus = _as_thresholds(thresholds)
+    taus = threshold_grid(thresholds)
     n, h, w = maps.shape
     flat, gt = maps.reshape(n, h * w), gt.reshape(n, h * w)
     gt_sum = gt.sum(axis=1)

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from igconda import evaluation as E
+from igconda.anomaly_methods import StoredCounterfactualMethod, baseline_methods
 from igconda.baselines.scoring import SCORES_FILE, SUMMARY_FILE, run_metrics, write_method_scores
 from igconda.data.schema import UNHEALTHY, stack_images, validate_predictions, validate_scores
 from igconda.io_utils import atomic_write
@@ -61,7 +62,7 @@ def score_patient(slice_file: Path, input_file: Path, taus: Mapping[str, float])
     for name in _SUV_COLUMNS[1:]:
         batch[name] = suv.loc[batch["slice_index"], name].to_numpy(np.float32)
     maps: dict[str, np.ndarray] = {}
-    for method in [E.StoredCounterfactualMethod(), *E.baseline_methods()]:
+    for method in [StoredCounterfactualMethod(), *baseline_methods()]:
         maps.update(method.maps(batch))
     # The lesion size and brightness per slice: the comparison's Figs. 4 and 6 need them.
     return with_lesion_stats(E.score_methods(batch, maps, taus), batch)

@@ -14,12 +14,17 @@
 w = 0 control); ``threshold_41`` and ``intensity`` take no checkpoint
 (:func:`igconda.baselines.scoring.load_method`).
 
-1. τ: the method's maps of every unhealthy slice of ``--tune-split`` give the one threshold a
-   user would apply (:func:`igconda.evaluation.calibrate_threshold`);
-2. scores: Ray Data reads the unhealthy slices of ``--split`` and ``map_batches`` runs an actor
-   holding the method (loaded once per actor, as ``ray_jobs.infer`` does) that scores each
-   batch (:func:`igconda.baselines.scoring.score_slices`: the paper's metrics, Dice at τ, and
-   the lesion statistics of :mod:`igconda.lesion_stats`);
+1. one Ray Data pass: it reads the unhealthy slices of ``--tune-split`` and ``--split`` as one
+   dataset (with a ``split`` column), and ``map_batches`` runs one pool of actors holding the
+   method (loaded once per actor, as ``ray_jobs.infer`` does) that computes each slice's map
+   once and returns, per slice, its Dice at every τ of the calibration grid and, for the
+   ``--split`` slices, the paper's metrics and the lesion statistics of
+   :mod:`igconda.lesion_stats` (:func:`igconda.baselines.scoring.score_slices_all_taus`);
+2. τ: the ``--tune-split`` rows alone give the one threshold a user would apply (the τ of
+   :func:`igconda.evaluation.calibrate_threshold`), and each ``--split`` slice's Dice at τ is
+   read off its row (:func:`igconda.baselines.scoring.apply_calibration`): the same τ and
+   scores as two passes (maps of the tune split, then scoring at τ) without a second actor
+   pool and model load (~20 s of Ray start-up per pass; benchmarks/RESULTS.md);
 3. writes, under ``--output``: ``per_slice_scores.parquet``
    (:data:`igconda.baselines.scoring.COMPARISON_SCORE_SCHEMA`: ``SCORE_SCHEMA`` plus
    ``lesion_size_norm`` and ``lesion_suv_mean_norm``) and ``summary.csv``
@@ -57,17 +62,18 @@ from igconda.baselines.scoring import (
     SCORE_INPUT_COLUMNS,
     SCORED_METHODS,
     SCORES_FILE,
+    SPLIT_COLUMN,
     SUMMARY_FILE,
+    apply_calibration,
     load_method,
     run_metrics,
-    score_slices,
-    unhealthy_maps,
+    score_slices_all_taus,
     write_method_scores,
 )
 from igconda.checkpoint import CheckpointError, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.schema import SPLITS, UNHEALTHY
-from igconda.evaluation import DPM_CG, calibrate_threshold
+from igconda.evaluation import DPM_CG
 from igconda.io_utils import atomic_write
 from igconda.train_loop import dataset_version
 from ray_jobs.train_runs import UsageError, _fs_exists, _join
@@ -82,23 +88,21 @@ class MethodActor:
     Args:
         method, checkpoint, checkpoint2, baselines (``BaselinesConfig`` as a dict), device: what
             :func:`igconda.baselines.scoring.load_method` takes.
-        taus: ``{map name: τ}`` to score batches with; None returns the maps of unhealthy slices
-            for calibration instead (:func:`~igconda.baselines.scoring.unhealthy_maps`).
+        scored_split: the split whose slices are scored; the others' rows only calibrate τ
+            (:func:`~igconda.baselines.scoring.score_slices_all_taus`).
     """
 
     def __init__(self, method: str, checkpoint: str | None, checkpoint2: str | None,
-                 baselines: dict[str, Any], device: str, taus: dict[str, float] | None) -> None:
+                 baselines: dict[str, Any], device: str, scored_split: str) -> None:
         from igconda.baselines.settings import BaselinesConfig
         from igconda.config import from_dict
 
         settings = from_dict({"baselines": baselines}).baselines if baselines else BaselinesConfig()
         self.method = load_method(method, checkpoint, checkpoint2, settings=settings, device=device)
-        self.taus = taus
+        self.scored_split = scored_split
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        if self.taus is None:
-            return unhealthy_maps(self.method, batch)
-        return score_slices(self.method, batch, self.taus)
+    def __call__(self, batch: dict[str, np.ndarray]) -> pd.DataFrame:
+        return score_slices_all_taus(self.method, batch, self.scored_split)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -184,43 +188,61 @@ def finished_run(output: str | Path, inputs: dict[str, str] | None = None) -> di
     return record if inputs is None or record.get("inputs") == inputs else None
 
 
-def _run_actors(args: argparse.Namespace, config: StudyConfig, split: str,
-                taus: dict[str, float] | None) -> Any:
-    """The Ray Dataset of :class:`MethodActor` results over the unhealthy slices of ``split``."""
+def _unhealthy_slices(args: argparse.Namespace, split: str) -> Any:
+    """The Ray Dataset of a split's unhealthy slices, with its name in :data:`SPLIT_COLUMN`
+    (the folder says the split: a slice file need not carry the column)."""
+    import pyarrow as pa
     import ray
 
     path = _join(args.data, "slices", split)
     if not _fs_exists(path, want_dir=True):
         raise UsageError(f"{path}: no {split} split; run ray_jobs.preprocess first")
-    device = args.device or ("cuda" if args.num_gpus > 0 else "cpu")
     ds = ray.data.read_parquet(path).select_columns(list(SCORE_INPUT_COLUMNS))
     # Only unhealthy slices are scored (and calibrate τ); healthy ones need no network pass.
-    ds = ds.filter(expr=f"label == {UNHEALTHY}")
+    return ds.filter(expr=f"label == {UNHEALTHY}").add_column(
+        SPLIT_COLUMN, lambda table: pa.array([split] * len(table), pa.string()),
+        batch_format="pyarrow")
+
+
+def _run_actors(args: argparse.Namespace, config: StudyConfig) -> Any:
+    """The Ray Dataset of :class:`MethodActor` rows over the unhealthy slices of ``--tune-split``
+    and ``--split``: one dataset, one actor pool, each map computed once."""
+    import ray
+
+    splits = list(dict.fromkeys((args.tune_split, args.split)))
+    ds = _unhealthy_slices(args, splits[0])
+    if len(splits) > 1:
+        ds = ds.union(_unhealthy_slices(args, splits[1]))
+    device = args.device or ("cuda" if args.num_gpus > 0 else "cpu")
     return ds.map_batches(
         MethodActor,
         fn_constructor_kwargs={"method": args.method, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
                                "checkpoint2": str(args.checkpoint2) if args.checkpoint2 else None,
                                "baselines": config.to_dict()["baselines"], "device": device,
-                               "taus": taus},
+                               "scored_split": args.split},
         batch_size=config.baselines.score_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=args.concurrency),
         num_cpus=args.num_cpus, num_gpus=args.num_gpus)
 
 
-def calibrate(args: argparse.Namespace, config: StudyConfig) -> tuple[float, float]:
-    """(τ, mean Dice at τ) on the tune split's unhealthy slices."""
-    maps, masks = [], []
-    for batch in _run_actors(args, config, args.tune_split, None).iter_batches(
-            batch_size=None, batch_format="numpy"):
-        maps.append(np.asarray(batch["map"]))
-        masks.append(np.asarray(batch["mask"]))
-    if not maps or not sum(len(m) for m in maps):
-        raise UsageError(f"split {args.tune_split!r} of {args.data} has no unhealthy slice to "
-                         "calibrate τ on")
-    tau, dice = calibrate_threshold(np.concatenate(maps)[:, None], np.concatenate(masks)[:, None])
-    print(f"{args.method}: τ = {tau:g} on {sum(len(m) for m in maps)} unhealthy "
+def score_and_calibrate(args: argparse.Namespace, config: StudyConfig) -> tuple[float, float, pd.DataFrame]:
+    """The one pass: ``(τ, mean tune Dice at τ, the --split slices' score rows)``."""
+    frames, counts = [], dict.fromkeys((args.tune_split, args.split), 0)
+    for frame in _run_actors(args, config).iter_batches(batch_size=None, batch_format="pandas"):
+        frames.append(frame)
+        for split, n in frame[SPLIT_COLUMN].value_counts().items():
+            counts[split] += int(n)
+        print("    mapped " + ", ".join(f"{n} unhealthy {s}" for s, n in counts.items())
+              + " slice(s)", flush=True)
+    for split, n in counts.items():
+        if not n:
+            what = "calibrate τ on" if split == args.tune_split else "score"
+            raise UsageError(f"split {split!r} of {args.data} has no unhealthy slice to {what}")
+    tau, dice, per_slice = apply_calibration(pd.concat(frames, ignore_index=True), args.split,
+                                             args.tune_split)
+    print(f"{args.method}: τ = {tau:g} on {counts[args.tune_split]} unhealthy "
           f"{args.tune_split} slices (mean Dice {dice:.3f})", flush=True)
-    return tau, dice
+    return tau, dice, per_slice
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -243,16 +265,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ray.init(address=args.address)
 
     started = time.perf_counter()
-    tau, tune_dice = calibrate(args, config)
-    frames, slices = [], 0
-    for frame in _run_actors(args, config, args.split, {name: tau}).iter_batches(
-            batch_size=None, batch_format="pandas"):
-        frames.append(frame)
-        slices += len(frame)
-        print(f"    scored {slices} unhealthy {args.split} slice(s)", flush=True)
-    if not slices:
-        raise UsageError(f"split {args.split!r} of {args.data} has no unhealthy slice to score")
-    per_slice = pd.concat(frames, ignore_index=True).sort_values(["patient_id", "slice_index"])
+    tau, tune_dice, per_slice = score_and_calibrate(args, config)
     summary = write_method_scores(per_slice, output)
     print(f"{args.method}: {len(per_slice)} slices scored in {time.perf_counter() - started:.1f} s; "
           f"wrote {output / SCORES_FILE} and {output / SUMMARY_FILE}", flush=True)

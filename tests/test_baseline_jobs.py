@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -105,6 +108,39 @@ def _run_of(output: Path) -> tuple[str, str]:
 
     record = json.loads((output / "mlflow_run.json").read_text())
     return record["tracking_uri"], record["run_id"]
+
+
+def test_score_method_in_one_pass_equals_calibrating_on_tune_then_scoring_test(ray_session, data,
+                                                                              tmp_path):
+    """The job's one Ray Data pass over both splits gives the τ and per-slice scores of the two
+    passes it replaced: τ from the tune split's maps, then the test split scored at τ."""
+    from igconda.baselines.scoring import (
+        SCORE_INPUT_COLUMNS,
+        load_method,
+        score_slices,
+        scores_table,
+    )
+    from igconda.evaluation import calibrate_threshold
+    from igconda.slice_batch import batch_images
+    from ray_jobs import score_method
+
+    def unhealthy(split: str) -> dict[str, np.ndarray]:
+        table = pq.read_table(data / "slices" / split, columns=list(SCORE_INPUT_COLUMNS))
+        table = table.filter(pc.equal(table["label"], 2))
+        return {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
+
+    method, tune, test = load_method("intensity"), unhealthy("tune"), unhealthy("test")
+    tau, dice = calibrate_threshold(method.maps(tune)["intensity"],
+                                    batch_images(tune, "mask", dtype=np.uint8))
+    expected = score_slices(method, test, {"intensity": tau}).sort_values(["patient_id", "slice_index"])
+    out = tmp_path / "intensity"
+    assert score_method.main(["--method", "intensity", "--data", str(data), "--output", str(out),
+                              "--config", CONFIG, "--num-cpus", "0.5"]) == 0
+    uri = tracking.resolve_tracking_uri(None, out)
+    (run,) = tracking.find_runs(uri, "igconda", "tags.`igconda.stage` = 'score'")
+    assert float(run["params"]["tau"]) == tau and float(run["params"]["tune_dice_at_tau"]) == dice
+    pd.testing.assert_frame_equal(pq.read_table(out / "per_slice_scores.parquet").to_pandas(),
+                                  scores_table(expected).to_pandas(), check_dtype=False)
 
 
 @pytest.mark.parametrize("method", ["hirescam", "dpm_cg"])

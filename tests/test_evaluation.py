@@ -7,6 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from igconda import anomaly_methods as M
 from igconda import evaluation as E
 from igconda.data import schema
 from igconda.metrics import score_batch
@@ -42,7 +43,7 @@ def test_every_method_turns_a_batch_into_named_maps():
     images = batch["image"].reshape(-1, 16, 16)
     guided, unguided = 0.5 * images, 0.8 * images
     stored = dict(batch, counterfactual=guided.reshape(6, -1), counterfactual_w0=unguided.reshape(6, -1))
-    methods = [E.ThresholdMethod(), E.IntensityMethod(), E.StoredCounterfactualMethod()]
+    methods = [M.ThresholdMethod(), M.IntensityMethod(), M.StoredCounterfactualMethod()]
     maps = {}
     for method in methods:
         out = method.maps(stored)
@@ -60,7 +61,7 @@ def test_every_method_turns_a_batch_into_named_maps():
     np.testing.assert_allclose(maps["igconda_w0_hot"], 0.2 * images, atol=1e-6)  # x ≥ x̂_∅ here
     np.testing.assert_allclose(maps["igconda_guidance"], 0.3 * images, atol=1e-6)
     with pytest.raises(ValueError, match="suv_max"):
-        E.ThresholdMethod().maps({k: v for k, v in batch.items() if k != "suv_max"})
+        M.ThresholdMethod().maps({k: v for k, v in batch.items() if k != "suv_max"})
 
 
 def test_igconda_method_runs_the_pair_once_and_matches_the_stored_path(checkpoint):
@@ -68,14 +69,14 @@ def test_igconda_method_runs_the_pair_once_and_matches_the_stored_path(checkpoin
     from igconda.diffusion.schedule import NoiseSchedule
 
     model, config = load_model(checkpoint, "cpu")
-    method = E.IgCondaMethod(model, NoiseSchedule.from_config(config.train), noise_level=4,
+    method = M.IgCondaMethod(model, NoiseSchedule.from_config(config.train), noise_level=4,
                              stride=2, guidance_scale=3.0)
     batch = _batch()
     live = method.maps(batch)
     guided, unguided = method.counterfactuals(batch["image"].reshape(-1, 16, 16))
-    stored = E.StoredCounterfactualMethod().maps(
+    stored = M.StoredCounterfactualMethod().maps(
         dict(batch, counterfactual=guided.reshape(6, -1), counterfactual_w0=unguided.reshape(6, -1)))
-    assert tuple(live) == method.names == E.StoredCounterfactualMethod().names
+    assert tuple(live) == method.names == M.StoredCounterfactualMethod().names
     for name in live:
         np.testing.assert_allclose(live[name], stored[name], atol=1e-6)
     assert live["igconda_guidance_abs"].max() > 1e-4
@@ -117,7 +118,7 @@ def test_calibration_maximises_mean_dice_on_a_fine_grid():
 
 def test_score_methods_rows_follow_the_score_schema_and_summarize_counts_slices():
     batch = _batch()
-    maps = {**E.IntensityMethod().maps(batch), **E.ThresholdMethod().maps(batch)}
+    maps = {**M.IntensityMethod().maps(batch), **M.ThresholdMethod().maps(batch)}
     rows = E.score_methods(batch, maps, taus={"intensity": 0.5})
     schema.validate_scores(rows)
     pa.Table.from_pandas(rows, preserve_index=False).cast(schema.SCORE_SCHEMA)  # types fit

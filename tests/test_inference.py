@@ -12,8 +12,8 @@ import torch
 from igconda.checkpoint import CheckpointError
 from igconda.config import save_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
-from igconda.evaluation import stack_column
 from igconda.inference import CounterfactualPredictor
+from igconda.slice_batch import stack_column
 from tests.helpers import make_dataset
 
 # ---- fixtures --------------------------------------------------------------------------------

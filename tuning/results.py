@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from igconda import evaluation as E
+from igconda.anomaly_methods import baseline_methods
 from igconda.map_kinds import CONTROLS, matching_control
 from tuning.trial import TuneSlices, TuningError
 
@@ -109,7 +110,7 @@ def baseline_thresholds(slices: TuneSlices) -> dict[str, float]:
     """
     batch = slices.batch()
     taus: dict[str, float] = {}
-    for method in E.baseline_methods():
+    for method in baseline_methods():
         try:
             maps = method.maps(batch)
         except ValueError:

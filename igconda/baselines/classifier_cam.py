@@ -11,7 +11,7 @@ of a few lines. The formula is the same as its ``HiResCAM``: ``ReLU(Σ_c ∂y/�
 target layer, min–max normalised per slice to [0, 1] (its ``scale_cam_image``); the map is
 upsampled bilinearly with torch before the normalisation rather than with ``cv2.resize`` after.
 
-:class:`HiResCamMethod` is the :class:`igconda.evaluation.AnomalyMethod` named ``hirescam``;
+:class:`HiResCamMethod` is the :class:`igconda.anomaly_methods.AnomalyMethod` named ``hirescam``;
 ``python -m ray_jobs.score_method --method hirescam`` scores it on the test split with a τ
 calibrated on tune.
 """
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from igconda.baselines.resnet_classifier import UNHEALTHY_INDEX, as_images, load_classifier
-from igconda.evaluation import HIRESCAM, batch_images
+from igconda.evaluation import HIRESCAM
+from igconda.slice_batch import batch_images
 
 
 def hirescam_maps(

@@ -1,6 +1,6 @@
 """The DPM + classifier guidance baseline as an anomaly method, and its classifier checkpoint.
 
-:class:`DPMClassifierGuidanceMethod` follows :class:`igconda.evaluation.AnomalyMethod`: it turns
+:class:`DPMClassifierGuidanceMethod` follows :class:`igconda.anomaly_methods.AnomalyMethod`: it turns
 a batch of slices into the ``dpm_cg`` map |x − x̂| of
 :func:`igconda.diffusion.classifier_guidance.classifier_guided_counterfactual` (paper §3.3).
 
@@ -34,8 +34,9 @@ from igconda.diffusion.classifier_guidance import (
     dpm_cg_map,
 )
 from igconda.diffusion.schedule import NoiseSchedule
-from igconda.evaluation import DPM_CG, batch_images
+from igconda.evaluation import DPM_CG
 from igconda.models.noisy_classifier import NoisyClassifier, NoisyClassifierConfig
+from igconda.slice_batch import batch_images
 
 #: The ``metadata.json`` key that holds the classifier's architecture.
 ARCHITECTURE_KEY = "noisy_classifier"

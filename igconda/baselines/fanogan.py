@@ -20,7 +20,7 @@ Differences from the reference code (github.com/tSchlegl/f-AnoGAN, TensorFlow, 6
   weights after a short training).
 
 What is built: the networks, their training (per batch and per epoch, without Ray), the saved
-folder, and :class:`FAnoGANMethod` (an :class:`igconda.evaluation.AnomalyMethod` named
+folder, and :class:`FAnoGANMethod` (an :class:`igconda.anomaly_methods.AnomalyMethod` named
 ``fanogan``), trained by ``python -m ray_jobs.train_baseline --method fanogan``
 (:class:`igconda.baselines.trainer_methods.FAnoGANBaseline`) and scored by ``python -m
 ray_jobs.score_method --method fanogan``; what remains (issue 10) is the comparison stage.
@@ -53,7 +53,8 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from igconda.checkpoint import CheckpointError, load_metadata, load_weights
-from igconda.evaluation import FANOGAN, batch_images
+from igconda.evaluation import FANOGAN
+from igconda.slice_batch import batch_images
 
 CONFIG_FILE = "fanogan.json"
 GENERATOR_FILE = "generator.safetensors"
@@ -280,7 +281,7 @@ def load_fanogan(directory: str | Path, device: str | torch.device = "cpu") -> F
 class FAnoGANMethod:
     """f-AnoGAN's anomaly map: the image residual |x − G(E(x))|, clipped to [0, 1].
 
-    Follows :class:`igconda.evaluation.AnomalyMethod`. The paper's score adds κ times the
+    Follows :class:`igconda.anomaly_methods.AnomalyMethod`. The paper's score adds κ times the
     critic-feature residual, a number per slice, not per pixel; the map is the image residual
     alone, as in the paper's pixel-level results.
 

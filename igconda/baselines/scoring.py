@@ -1,7 +1,9 @@
 """Scoring one method of the comparison (no Ray): load it, score slices.
 
-``python -m ray_jobs.score_method`` runs :func:`load_method` once per Ray Data actor and
-:func:`score_slices` per batch; both run in a plain process as well.
+``python -m ray_jobs.score_method`` runs :func:`load_method` once per Ray Data actor,
+:func:`score_slices_all_taus` per batch of tune and scored slices (the maps computed once) and
+:func:`apply_calibration` on the rows; all of them, and :func:`score_slices` (one batch at a
+known τ), run in a plain process as well.
 
 Checkpoints per method (what ``python -m ray_jobs.train_baseline`` leaves in ``OUT/best``):
 ``hirescam``, ``supervised``, ``fanogan`` take one folder; ``dpm_cg`` takes the noisy
@@ -22,20 +24,23 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from igconda.anomaly_methods import AnomalyMethod
 from igconda.baselines.settings import BaselinesConfig
 from igconda.config import ConfigError
 from igconda.data.schema import SCORE_SCHEMA, validate_scores
 from igconda.evaluation import (
+    CALIBRATION_GRID,
     DPM_CG,
     FANOGAN,
     HIRESCAM,
     INTENSITY,
     SUPERVISED,
     THRESHOLD_41,
-    AnomalyMethod,
+    best_threshold,
     score_methods,
 )
 from igconda.lesion_stats import LESION_STAT_COLUMNS, with_lesion_stats
+from igconda.metrics import dice_curve, threshold_grid
 
 #: ``--method`` values that score a study's IgCONDA model folder: its tuned map, its w = 0 control.
 IGCONDA, IGCONDA_CONTROL = "igconda", "igconda_control"
@@ -56,6 +61,9 @@ INTERNAL_ROW = "internal (all)"
 #: The per-slice score table: :data:`~igconda.data.schema.SCORE_SCHEMA` and the lesion statistics.
 COMPARISON_SCORE_SCHEMA = pa.schema([*SCORE_SCHEMA,
                                      *(pa.field(c, pa.float64()) for c in LESION_STAT_COLUMNS)])
+#: What :func:`score_slices_all_taus` adds to the score rows: the slice's split, and its Dice at
+#: every τ of :data:`~igconda.evaluation.CALIBRATION_GRID`.
+SPLIT_COLUMN, DICE_GRID_COLUMN = "split", "dice_grid"
 
 
 class OneMap:
@@ -76,9 +84,10 @@ def load_igconda(model_folder: str | Path, *, control: bool = False,
     """A study model folder's IgCONDA map (the tuned D, w, s and map kind of its
     ``tuning.json``, :func:`igconda.tuned_model.model_settings`), or with ``control`` its w = 0
     control of the same sign; the network autocasts as the folder's ``infer.use_amp`` says."""
+    from igconda.anomaly_methods import IgCondaMethod
     from igconda.checkpoint import load_model
     from igconda.diffusion.schedule import NoiseSchedule
-    from igconda.evaluation import IgCondaMethod, igconda_method
+    from igconda.evaluation import igconda_method
     from igconda.map_kinds import matching_control
     from igconda.tuned_model import model_settings
 
@@ -95,7 +104,7 @@ def load_igconda(model_folder: str | Path, *, control: bool = False,
 def load_method(method: str, checkpoint: str | Path | None = None,
                 checkpoint2: str | Path | None = None, *,
                 settings: BaselinesConfig | None = None, device: str = "cpu") -> AnomalyMethod:
-    """The :class:`~igconda.evaluation.AnomalyMethod` of a method of :data:`SCORED_METHODS`.
+    """The :class:`~igconda.anomaly_methods.AnomalyMethod` of a method of :data:`SCORED_METHODS`.
 
     Args:
         method: one of :data:`SCORED_METHODS`.
@@ -110,7 +119,7 @@ def load_method(method: str, checkpoint: str | Path | None = None,
         ConfigError: unknown method, or a checkpoint missing / given where it has no use.
         CheckpointError: a folder that is not the method's.
     """
-    from igconda.evaluation import IntensityMethod, ThresholdMethod
+    from igconda.anomaly_methods import IntensityMethod, ThresholdMethod
 
     settings = settings or BaselinesConfig()
     if method not in SCORED_METHODS:
@@ -166,17 +175,74 @@ def score_slices(method: AnomalyMethod, batch: Mapping[str, Any],
     return with_lesion_stats(rows, batch) if len(rows) else rows
 
 
-def unhealthy_maps(method: AnomalyMethod, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The maps of a batch's unhealthy slices and their masks, for τ calibration:
-    ``{"map": (N, H·W) float32, "mask": (N, H·W) uint8}`` (one map name per method)."""
-    from igconda.evaluation import batch_images
+def score_slices_all_taus(method: AnomalyMethod, batch: Mapping[str, Any],
+                          scored_split: str) -> pd.DataFrame:
+    """One batch of the comparison's one-pass scoring: the maps of a batch that mixes the tune
+    split's slices and the scored split's, computed once, and what τ and Dice@τ need from them
+    before τ is known (:func:`apply_calibration` then finishes the rows).
+
+    Args:
+        method: the anomaly method (one map name).
+        batch: numpy columns of :data:`SCORE_INPUT_COLUMNS` and :data:`SPLIT_COLUMN`.
+        scored_split: the split whose slices get the paper's metrics; the others only calibrate τ.
+
+    Returns:
+        One row per unhealthy slice: the columns of :func:`score_slices` without a τ
+        (``dice_tau`` and ``tau`` NaN; for slices not of ``scored_split`` every metric NaN and
+        zero lesion counts), :data:`SPLIT_COLUMN` and :data:`DICE_GRID_COLUMN`, the (T,) Dice of
+        the map at each τ of :data:`~igconda.evaluation.CALIBRATION_GRID` (T = 45 numbers: far
+        less than the map, and for a scored slice its Dice at whichever τ the tune split picks).
+    """
+    from igconda.slice_batch import batch_images
 
     (name,) = method.names
-    maps = method.maps(batch)[name]
-    masks = batch_images(batch, "mask", maps.shape[1:], np.uint8)
-    keep = masks.reshape(len(masks), -1).any(axis=1)
-    return {"map": maps[keep].reshape(int(keep.sum()), -1).astype(np.float32),
-            "mask": masks[keep].reshape(int(keep.sum()), -1)}
+    maps = method.maps(batch)
+    masks = batch_images(batch, "mask", maps[name].shape[1:], np.uint8)
+    unhealthy = masks.reshape(len(masks), -1).any(axis=1)
+    split = np.asarray(batch[SPLIT_COLUMN]).astype(str)
+    rows = score_methods(batch, maps, scored=split == scored_split)
+    if not len(rows):
+        return rows
+    rows = with_lesion_stats(rows, batch)
+    rows[SPLIT_COLUMN] = split[unhealthy]
+    # The same per-slice Dice that calibrate_threshold computes, and dice_at at each grid τ.
+    rows[DICE_GRID_COLUMN] = list(dice_curve(maps[name][unhealthy], masks[unhealthy],
+                                             CALIBRATION_GRID)[1].T)
+    return rows
+
+
+def apply_calibration(rows: pd.DataFrame, scored_split: str,
+                      tune_split: str) -> tuple[float, float, pd.DataFrame]:
+    """Rows of :func:`score_slices_all_taus` → τ calibrated on ``tune_split``'s rows alone and
+    the score rows of ``scored_split`` at that τ: the same τ and per-slice scores as
+    :func:`~igconda.evaluation.calibrate_threshold` on the tune maps followed by
+    :func:`score_slices` of the scored slices at τ.
+
+    Returns:
+        ``(tau, mean tune Dice at tau, rows)``: ``rows`` the scored split's score rows
+        (:data:`COMPARISON_SCORE_SCHEMA` columns, ``dice_tau`` and ``tau`` filled), sorted by
+        patient and slice.
+
+    Raises:
+        ValueError: no row of ``tune_split`` or of ``scored_split``.
+    """
+    order = ["patient_id", "slice_index"]
+    tune = rows[rows[SPLIT_COLUMN] == tune_split].sort_values(order)
+    scored = rows[rows[SPLIT_COLUMN] == scored_split].sort_values(order)
+    for split, part in ((tune_split, tune), (scored_split, scored)):
+        if part.empty:
+            raise ValueError(f"split {split!r} has no unhealthy slice")
+    tau, dice = best_threshold(_dice_grid(tune).T)
+    at_tau = int(np.flatnonzero(threshold_grid(CALIBRATION_GRID) == tau)[0])
+    dice_tau = _dice_grid(scored)[:, at_tau]
+    scored = scored.drop(columns=[SPLIT_COLUMN, DICE_GRID_COLUMN])
+    scored["dice_tau"], scored["tau"] = dice_tau, tau
+    return tau, dice, scored
+
+
+def _dice_grid(rows: pd.DataFrame) -> np.ndarray:
+    """(N, T) float64 from the :data:`DICE_GRID_COLUMN` of N rows (one array per row)."""
+    return np.stack([np.asarray(v, dtype=np.float64) for v in rows[DICE_GRID_COLUMN]])
 
 
 def scores_table(rows: pd.DataFrame) -> pa.Table:

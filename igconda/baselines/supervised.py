@@ -14,7 +14,7 @@ slices when it has the answer to learn from. Its map is the sigmoid probability 
   Dice of an empty mask only rewards an exactly empty prediction;
 * :func:`save_supervised` / :func:`load_supervised`: the checkpoint folder
   (:func:`igconda.checkpoint.save_baseline_checkpoint`);
-* :class:`SupervisedMethod`: the :class:`igconda.evaluation.AnomalyMethod` named ``supervised``.
+* :class:`SupervisedMethod`: the :class:`igconda.anomaly_methods.AnomalyMethod` named ``supervised``.
 
 ``python -m ray_jobs.train_baseline --method supervised`` trains it with DDP over Ray Data shards
 (:class:`igconda.baselines.trainer_methods.SupervisedTrainer`) and ``python -m ray_jobs.score_method
@@ -40,7 +40,8 @@ from torch import nn
 from igconda import checkpoint as ckpt
 from igconda.baselines.fitting import loss_sums, seeded
 from igconda.baselines.fitting import train_epoch as fit_epoch
-from igconda.evaluation import SUPERVISED, batch_images
+from igconda.evaluation import SUPERVISED
+from igconda.slice_batch import batch_images
 from igconda.train_loop import TRAIN_COLUMNS as DIFFUSION_COLUMNS
 from igconda.train_loop import EpochStats
 

@@ -184,7 +184,7 @@ def validate_table(table: pa.Table) -> None:
 #: One row per slice of the batch-inference output (``<infer>/slices/<patient_id>.parquet``):
 #: the slice's identifiers, its inputs, and what IgCONDA made of it. Every map kind and the w = 0
 #: control can be recomputed from ``image``, ``counterfactual`` and ``counterfactual_w0`` without
-#: a network (:class:`igconda.evaluation.StoredCounterfactualMethod`).
+#: a network (:class:`igconda.anomaly_methods.StoredCounterfactualMethod`).
 #:
 #: ==================  ==============  ==========================================================
 #: counterfactual      list<float32>   x̂_w, the guided (healthy) decode, H·W row-major

@@ -5,19 +5,25 @@ checkpoint-free controls, and how their batches become score rows."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from igconda.anomaly_methods import IgCondaMethod
 from igconda.baselines.scoring import (
     COMPARISON_SCORE_SCHEMA,
     SCORE_INPUT_COLUMNS,
+    SPLIT_COLUMN,
     OneMap,
+    apply_calibration,
     load_method,
     score_slices,
+    score_slices_all_taus,
     scores_table,
 )
 from igconda.config import ConfigError
-from igconda.evaluation import IgCondaMethod, batch_images
+from igconda.evaluation import calibrate_threshold
+from igconda.slice_batch import batch_images
 from igconda.tuned_model import write_model_folder
 from tests.helpers import make_dataset
 
@@ -82,3 +88,41 @@ def test_score_rows_of_a_control_follow_the_comparison_schema(batch):
     assert 0 < len(rows) == unhealthy and set(rows["method"]) == {"threshold_41"}
     assert (rows["tau"] == 0.5).all() and rows["dice_tau"].between(0, 1).all()
     assert scores_table(rows).schema.equals(COMPARISON_SCORE_SCHEMA)
+
+
+def _split_batch(batch: dict[str, np.ndarray], split: str, rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {**{k: v[rows] for k, v in batch.items()}, SPLIT_COLUMN: np.full(len(rows), split)}
+
+
+def test_one_pass_gives_the_tau_and_scores_of_calibrating_on_tune_then_scoring_test(batch):
+    """score_method's one pass (every map once, τ read off the tune rows afterwards) equals the
+    two passes it replaced: calibrate_threshold on the tune maps, then score_slices at that τ."""
+    method = load_method("intensity")
+    sick = np.flatnonzero(batch["label"] == 2)
+    test = _split_batch(batch, "test", sick)
+    # The tune split: the same slices, dimmer (so its best τ is lower) and as other patients.
+    tune = _split_batch(batch, "tune", sick)
+    test["image"] = batch_images(test).reshape(len(sick), -1)  # (N, H·W), as Ray may hand it over
+    tune["image"] = test["image"] * 0.5
+    tune["patient_id"] = np.char.add("tune-", tune["patient_id"].astype(str)).astype(object)
+
+    def maps_and_masks(part):
+        return method.maps(part)["intensity"], batch_images(part, "mask", dtype=np.uint8)
+
+    tau, tune_dice = calibrate_threshold(*maps_and_masks(tune))
+    assert tau != calibrate_threshold(*maps_and_masks(test))[0]  # a τ from test rows would differ
+    expected = score_slices(method, test, {"intensity": tau}).sort_values(["patient_id", "slice_index"])
+
+    # Ray Data's batches mix the splits: interleave them and cut into uneven batches.
+    both = {k: np.concatenate([tune[k], test[k]]) for k in test}
+    order = np.random.default_rng(0).permutation(2 * len(sick))
+    cuts = np.split(order, [3, len(order) // 2 + 1])
+    rows = pd.concat([score_slices_all_taus(method, {k: v[c] for k, v in both.items()}, "test")
+                      for c in cuts], ignore_index=True)
+    got_tau, got_dice, scored = apply_calibration(rows, "test", "tune")
+    assert (got_tau, got_dice) == (tau, tune_dice)
+    columns = list(COMPARISON_SCORE_SCHEMA.names)
+    pd.testing.assert_frame_equal(scored[columns].reset_index(drop=True),
+                                  expected[columns].reset_index(drop=True))
+    with pytest.raises(ValueError, match="'valid' has no unhealthy slice"):
+        apply_calibration(rows, "test", "valid")
