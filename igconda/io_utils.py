@@ -7,6 +7,7 @@ old file as it was.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -112,3 +113,22 @@ def replace_dir(new: str | Path, target: str | Path) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def folder_digest(folder: str | Path) -> str:
+    """SHA-256 (first 16 hex digits) of every file under ``folder``: their relative paths and
+    :func:`file_digest` s, in sorted order (so the same files give the same digest anywhere)."""
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(root).as_posix()}\0{file_digest(path)}\n".encode())
+    return digest.hexdigest()[:16]

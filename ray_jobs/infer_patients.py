@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from igconda.data.schema import PREDICTION_SCHEMA, validate_predictions
 from igconda.evaluation import igconda_method
-from igconda.io_utils import atomic_write
+from igconda.io_utils import atomic_write, file_digest
 
 #: Key of the per-patient Parquet schema metadata that records how its rows were made.
 SETTINGS_KEY = b"igconda.infer"
@@ -82,11 +82,7 @@ def input_digest(path: Path) -> str:
     patients whose slices changed; any change to the slices (new scan, other preprocessing
     settings) changes the file and so the digest.
     """
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return file_digest(path)
 
 
 def _stamp(settings: InferSettings, data_digest: str) -> dict[str, Any]:

@@ -72,10 +72,12 @@ from igconda.baselines.scoring import (
 )
 from igconda.checkpoint import CheckpointError, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
+from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint
 from igconda.data.schema import SPLITS, UNHEALTHY
 from igconda.evaluation import DPM_CG
-from igconda.io_utils import atomic_write
+from igconda.io_utils import atomic_write, file_digest, folder_digest
 from igconda.train_loop import dataset_version
+from ray_jobs.shared_storage import SharedStorageError, preflight
 from ray_jobs.train_runs import UsageError, _fs_exists, _join
 
 #: Written last into ``--output``: the folder's scores are finished and logged.
@@ -157,19 +159,29 @@ def resolve_config(args: argparse.Namespace) -> StudyConfig:
 
 
 def score_inputs(args: argparse.Namespace) -> dict[str, str]:
-    """What a scoring's result depends on: the method, the resolved checkpoint, data and tuning
-    paths, the splits, the variant, and a digest of the config file's text."""
-    import hashlib
+    """What a scoring's result depends on: the method, the splits, the variant, and the paths
+    *and contents* of the checkpoints, the tuning file, the config and the data (a checkpoint
+    retrained, or data re-preprocessed, into the same folder is another input)."""
 
     def resolved(path: str | None) -> str:
         return str(Path(path).resolve()) if path else ""
 
-    config = (hashlib.sha256(Path(args.config).read_bytes()).hexdigest()[:16]
-              if args.config and Path(args.config).is_file() else "")
+    def content(path: str | None) -> str:
+        if not path or not Path(path).exists():
+            return ""
+        return folder_digest(path) if Path(path).is_dir() else file_digest(path)
+
+    try:
+        data_version = dataset_version(str(args.data))
+    except FileNotFoundError:
+        data_version = ""  # no data (yet): the job itself names what is missing
     return {"method": args.method, "checkpoint": resolved(args.checkpoint),
-            "checkpoint2": resolved(args.checkpoint2), "tuned": resolved(args.tuned),
-            "data": str(args.data), "split": args.split, "tune_split": args.tune_split,
-            "variant": args.variant, "config_sha256": config}
+            "checkpoint_sha256": content(args.checkpoint),
+            "checkpoint2": resolved(args.checkpoint2), "checkpoint2_sha256": content(args.checkpoint2),
+            "tuned": resolved(args.tuned), "tuned_sha256": content(args.tuned),
+            "data": str(args.data), "data_version": data_version,
+            "split": args.split, "tune_split": args.tune_split,
+            "variant": args.variant, "config_sha256": content(args.config)}
 
 
 def finished_run(output: str | Path, inputs: dict[str, str] | None = None) -> dict[str, Any] | None:
@@ -258,11 +270,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Load once here: a wrong or damaged folder fails with its name, not inside every actor.
     (name,) = load_method(args.method, args.checkpoint, args.checkpoint2,
                           settings=config.baselines).names
+    if args.method in (DPM_CG, IGCONDA, IGCONDA_CONTROL):
+        # Diffusion models know only slices made as their training data were (the baselines'
+        # checkpoints record no preprocessing to compare with).
+        problem = check_data_for_checkpoint(
+            args.data, args.checkpoint2 if args.method == DPM_CG else args.checkpoint)
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
     output = Path(args.output)
     (output / RUN_RECORD).unlink(missing_ok=True)  # re-scoring: not finished until logged again
     output.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(address=args.address)
+    # On a multi-node cluster every node's actors must see the data and checkpoints as here.
+    preflight(data=args.data, checkpoints={"--checkpoint": args.checkpoint,
+                                           "--checkpoint2": args.checkpoint2})
 
     started = time.perf_counter()
     tau, tune_dice, per_slice = score_and_calibrate(args, config)
@@ -304,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (ConfigError, UsageError, CheckpointError, FileNotFoundError) as err:
+    except (ConfigError, UsageError, CheckpointError, FileNotFoundError, PreprocessMismatch,
+            SharedStorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
