@@ -5,8 +5,9 @@ The server keeps its runs in ``<root>/mlflow.db`` and proxies artifacts into ``<
 artifact uploads down with it, as on a cluster. Started again on the same root and port, it serves
 the same store at the same URI (what ``mlflow_run.json`` records and ``ray_jobs.relog`` matches).
 
-``mlflow server`` runs uvicorn as a child process: the server is started in a session of its own
-and stopped by signalling that whole process group, else the child would go on serving.
+``mlflow server`` runs uvicorn (and, with job execution on, a job runner and seven huey consumers)
+as child processes: the server is started in a session of its own and stopped by signalling that
+whole process group (terminating the CLI alone left the huey consumers running, orphaned).
 """
 
 from __future__ import annotations
