@@ -43,6 +43,7 @@ checkpoint's own config. Outputs under ``--output``::
     figures/lesion_size.png             ⌈DSC⌉ against lesion size (Fig. 4/6)
     volumes/<patient_id>_anomaly.nii.gz anomaly map on the original scan's grid and affine
     summary.json                        settings, counts, timings
+    mlflow_run.json                     the MLflow run it logged to (for ray_jobs.relog)
 
 Data preprocessed with other slice settings than the checkpoint's training data (its
 ``dataset.json`` against the checkpoint's ``config.yaml``, :mod:`igconda.data.compat`) are
@@ -404,13 +405,15 @@ def run(args: argparse.Namespace) -> InferResult:
     uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
     # Everything is on disk by now: a tracking outage costs the MLflow run, never the results.
     with tracking.outage_tolerant("logging the inference run", uri, on_disk=str(output),
-                                  relog=f"--infer {output}"):
+                                  relog=f"--infer {output}") as logged:
         with tracking.start_run(uri, args.experiment or config.tracking.experiment, "infer",
                                 tags={"igconda.stage": "infer"},
                                 parent_run_id=args.parent_run_id) as run_id:
             result.run_id = run_id
             log_infer_run(output, summary, volumes=not args.no_volumes, slices=args.log_slices)
-    print(f"infer: done; outputs in {output} (MLflow run {result.run_id or 'not logged'})",
+    # A run the server lost mid-way is named by the warning and in mlflow_run.json, not here.
+    print(f"infer: done; outputs in {output} "
+          f"(MLflow run {result.run_id if logged['ok'] else 'not logged'})",
           flush=True)
     return result
 

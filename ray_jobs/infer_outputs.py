@@ -134,7 +134,9 @@ def log_infer_run(output: Path, summary: Mapping[str, Any], *, volumes: bool = T
 
     The infer job calls it once its outputs are written, and ``python -m ray_jobs.relog`` calls
     it on the same folder after a tracking outage, so both log the same params, metrics
-    (``<method>/<cohort>/<metric>``, ``time/*``) and artifacts.
+    (``<method>/<cohort>/<metric>``, ``time/*``) and artifacts. The run is recorded first in
+    ``<output>/mlflow_run.json`` (:func:`igconda.tracking.record_active_run`), so that a run the
+    server loses mid-way can be found and ended by the re-log.
 
     Args:
         output: the infer job's ``--output`` (``tables/``, ``figures/``, ``volumes/``, ``slices/``).
@@ -143,6 +145,7 @@ def log_infer_run(output: Path, summary: Mapping[str, Any], *, volumes: bool = T
     """
     from igconda import tracking
 
+    tracking.record_active_run(output)
     settings = summary["settings"]
     tracking.log_params({"D": settings["noise_level"], "w": settings["guidance_scale"],
                          "s": settings["stride"], "map_kind": settings["map_kind"],

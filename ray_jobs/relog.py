@@ -12,9 +12,18 @@ found: ``train`` (the config as params, the per-epoch history kept in the latest
 best checkpoint), ``tune`` (``best.json``, one child per (D, w) from ``grid.csv``), ``model``
 (the model folder as an MLflow pyfunc model; ``--register-model NAME`` registers it) and
 ``infer`` (``summary.json``, the tables, figures and volumes), and records the data folder as the
-parent's input. A training run that an outage left RUNNING in the same store is ended as
-FINISHED when its best checkpoint exists. Runs go to ``--tracking-uri``, else
-``MLFLOW_TRACKING_URI``, else the study's ``mlflow.db``.
+parent's input. Runs go to ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else the study's
+``mlflow.db``.
+
+Runs an outage interrupted. A stage's own run, named in its folder's ``mlflow_run.json``, that
+the server lost mid-way stays RUNNING there until this command runs against the same store:
+
+- the training's run is completed as the job would have left it (the epochs it missed, from the
+  checkpoints' history, each step once; the best checkpoint, its pointer and tags) and ends
+  FINISHED, so that ``best_checkpoint.json``'s ``mlflow_run_id`` names a complete run;
+- the inference's run (and its score runs still RUNNING) ends FAILED, tagged
+  ``igconda.relogged_as`` with the re-logged run that now holds its results (re-logging into it
+  would duplicate the score runs the comparison reads back).
 
 Exit status: 0 when everything found was logged, 1 if the tracking store failed, 2 when there
 is nothing to re-log.
@@ -80,6 +89,12 @@ def _history(train: Path) -> list[dict[str, Any]]:
     return []
 
 
+def _epoch_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """The finite metrics of one epoch's history record (``epoch`` is the step, not a metric)."""
+    return {k: float(v) for k, v in record.items() if k != "epoch"
+            and isinstance(v, (int, float)) and math.isfinite(float(v))}
+
+
 def log_train(train: Path, uri: str) -> None:
     """The training's config, history and best checkpoint, in the active run."""
     from igconda import checkpoint as ckpt
@@ -87,10 +102,9 @@ def log_train(train: Path, uri: str) -> None:
 
     best = train / ckpt.BEST_DIR
     tracking.log_params(load_checkpoint_config(best).flat())
-    for record in _history(train):
-        step = int(record.get("epoch", 0))
-        tracking.log_metrics({k: float(v) for k, v in record.items() if k != "epoch"
-                              and isinstance(v, (int, float)) and math.isfinite(float(v))}, step=step)
+    history = _history(train)
+    for record in history:
+        tracking.log_metrics(_epoch_metrics(record), step=int(record.get("epoch", 0)))
     if (train / ckpt.BEST_POINTER).is_file():
         pointer = ckpt.read_best_pointer(train)
         tracking.log_artifact(train / ckpt.BEST_POINTER)
@@ -98,20 +112,50 @@ def log_train(train: Path, uri: str) -> None:
             tracking.log_metrics({"best/valid_loss": float(pointer["valid_loss"])},
                                  step=int(pointer.get("epoch") or 0))
     tracking.log_artifact(best, "best_checkpoint")
-    _end_stale_train_run(train, uri)
+    _complete_interrupted_train_run(train, uri, history)
 
 
-def _end_stale_train_run(train: Path, uri: str) -> None:
-    """A training run an outage left RUNNING in this store ends as FINISHED (its best exists)."""
-    from ray_jobs.train import RUN_RECORD
+def _complete_interrupted_train_run(train: Path, uri: str, history: list[dict[str, Any]]) -> None:
+    """The training's own run, if an outage left it RUNNING in this store: the epochs it missed
+    (each step once), the best checkpoint as the job logs it, then FINISHED."""
+    from igconda import checkpoint as ckpt
+    from ray_jobs.train_tracking import finish_mlflow_run
 
-    record = train / RUN_RECORD
-    if not record.is_file():
+    saved = tracking.read_run_record(train)
+    if saved is None or saved.get("tracking_uri") != uri:
         return
-    saved = json.loads(record.read_text())
-    if saved.get("tracking_uri") == uri and tracking.get_run(uri, saved["run_id"])["status"] == "RUNNING":
-        tracking.end_run(uri, saved["run_id"], "FINISHED")
-        print(f"relog: ended the training run {saved['run_id']} left RUNNING", flush=True)
+    run_id = saved["run_id"]
+    run = tracking.get_run(uri, run_id)
+    if run["status"] != "RUNNING":
+        return
+    logger = tracking.RunLogger(uri, run_id)
+    logged: dict[str, set[int]] = {}
+    for record in history:
+        step = int(record.get("epoch", 0))
+        missing = {}
+        for key, value in _epoch_metrics(record).items():
+            if key not in logged:
+                logged[key] = {s for s, _ in tracking.get_metric_history(uri, run_id, key)}
+            if step not in logged[key]:
+                missing[key] = value
+        if missing:
+            logger.log_metrics(missing, step=step)
+    if "best_checkpoint.uri" not in run["tags"] and (train / ckpt.BEST_POINTER).is_file():
+        finish_mlflow_run(argparse.Namespace(register_model=None), uri, run_id, train,
+                          train / ckpt.BEST_DIR)
+    tracking.end_run(uri, run_id, "FINISHED")
+    print(f"relog: completed the training run {run_id} an outage left RUNNING", flush=True)
+
+
+def _end_interrupted_infer_run(saved: dict[str, Any] | None, uri: str, relogged_as: str) -> None:
+    """The inference's own run (``saved``: its record), if an outage left it RUNNING in this
+    store: FAILED, pointing at the run that holds its results now."""
+    if saved is None or saved.get("tracking_uri") != uri:
+        return
+    if tracking.end_interrupted_run(uri, saved["run_id"], "FAILED",
+                                    {"igconda.relogged_as": relogged_as}):
+        print(f"relog: ended the inference run {saved['run_id']} an outage left RUNNING as "
+              f"FAILED (re-logged as {relogged_as})", flush=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, str]:
@@ -151,6 +195,8 @@ def run(args: argparse.Namespace) -> dict[str, str]:
                     log_model_folder(folder, registered_model_name=args.register_model)
                 else:
                     summary = json.loads((folder / "summary.json").read_text())
+                    # Before log_infer_run, which records this run in the folder instead.
+                    _end_interrupted_infer_run(tracking.read_run_record(folder), uri, run_id)
                     log_infer_run(folder, summary, volumes=(folder / "volumes").is_dir())
             print(f"relog: {stage} from {folder} -> MLflow run {run_id}", flush=True)
     return runs

@@ -17,9 +17,8 @@ from igconda import checkpoint as ckpt
 from igconda import tracking
 from igconda.config import StudyConfig
 from igconda.config_rules import UNCONDITIONED
-from igconda.io_utils import atomic_write
 
-RUN_RECORD = "mlflow_run.json"
+RUN_RECORD = tracking.RUN_RECORD
 
 
 def open_mlflow_run(args: argparse.Namespace, config: StudyConfig, output: Path, tracking_uri: str,
@@ -56,9 +55,7 @@ def create_or_reopen_run(record: Path, *, resume: bool, tracking_uri: str, exper
     run_id = tracking.create_run(tracking_uri, experiment, run_name, tags=tags,
                                  parent_run_id=parent_run_id)
     tracking.RunLogger(tracking_uri, run_id).log_params(params)
-    text = json.dumps({"tracking_uri": tracking_uri, "run_id": run_id, "experiment": experiment}, indent=2)
-    # --resume reads it back: a half-written record would fail that, or start a second run.
-    atomic_write(record, lambda tmp: tmp.write_text(text), suffix=".tmp")
+    tracking.write_run_record(record.parent, tracking_uri, run_id, experiment)
     return {"tracking_uri": tracking_uri, "run_id": run_id}
 
 

@@ -175,3 +175,80 @@ def test_mlflow_http_retries_are_bounded_unless_set(monkeypatch):
 
     assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2  # igconda's bound, not MLflow's 7
     assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 7  # a user's setting wins
+
+
+def _infer_folder(study: Path, tmp_path: Path) -> Path:
+    """A copy of the study's finished inference folder."""
+    import shutil
+
+    if not (study / "infer" / "summary.json").is_file():  # the outage test did not run first
+        assert infer.main(_infer_argv(study, str(tmp_path / "scratch"))) == 0
+    shutil.copytree(study / "infer", tmp_path / "infer")
+    return tmp_path / "infer"
+
+
+def test_relog_completes_a_training_run_an_outage_left_running(study, tmp_path, capsys):
+    import shutil
+
+    import torch
+
+    from igconda import checkpoint as ckpt
+
+    train = tmp_path / "train"
+    shutil.copytree(study / "train", train)
+    history = [{"epoch": 1.0, "train_loss": 0.9, "valid_loss": 0.8},
+               {"epoch": 2.0, "train_loss": 0.7, "valid_loss": 0.6}]
+    torch.save({"history": history}, train / ckpt.BEST_DIR / ckpt.STATE_FILE)
+    ckpt.write_best_pointer(train, {"uri": str(train / ckpt.BEST_DIR), "epoch": 2, "valid_loss": 0.6})
+    uri = tracking.resolve_tracking_uri(str(tmp_path / "store"), tmp_path)
+    # The server went away after epoch 1 was logged: the run stayed RUNNING without the rest.
+    run_id = tracking.create_run(uri, "igconda", "train-01")
+    tracking.RunLogger(uri, run_id).log_metrics({"train_loss": 0.9, "valid_loss": 0.8}, step=1)
+    tracking.write_run_record(train, uri, run_id, "igconda")
+
+    argv = ["--train", str(train), "--tracking-uri", str(tmp_path / "store")]
+    assert relog.main(argv) == 0
+    assert f"relog: completed the training run {run_id}" in capsys.readouterr().out
+    run = tracking.get_run(uri, run_id)
+    assert run["status"] == "FINISHED"
+    for key, values in (("train_loss", [0.9, 0.7]), ("valid_loss", [0.8, 0.6])):
+        assert tracking.get_metric_history(uri, run_id, key) == list(zip([1, 2], values, strict=True)), key
+    assert run["tags"]["best_checkpoint.epoch"] == "2" and run["metrics"]["best/valid_loss"] == 0.6
+    assert "best_checkpoint/model.safetensors" in tracking.list_artifacts(uri, run_id, "best_checkpoint")
+    # A second re-log leaves the finished run as it is.
+    assert relog.main(argv) == 0
+    assert "completed the training run" not in capsys.readouterr().out
+    assert len(tracking.get_metric_history(uri, run_id, "valid_loss")) == 2
+
+
+def test_relog_ends_an_inference_run_an_outage_left_running(study, tmp_path, capsys):
+    folder = _infer_folder(study, tmp_path)
+    uri = tracking.resolve_tracking_uri(str(tmp_path / "store"), tmp_path)
+    # The server went away while the run logged one of its score runs: both stayed RUNNING.
+    stale = tracking.create_run(uri, "igconda", "infer")
+    child = tracking.create_run(uri, "igconda", "score-igconda_abs", parent_run_id=stale)
+    tracking.write_run_record(folder, uri, stale)
+
+    assert relog.main(["--infer", str(folder), "--tracking-uri", str(tmp_path / "store")]) == 0
+    relogged = [r for r in tracking.find_runs(uri, "igconda", "tags.\"igconda.stage\" = 'infer'")
+                if r["tags"].get("igconda.relogged") == "true"]
+    assert len(relogged) == 1 and relogged[0]["status"] == "FINISHED"
+    new_id = relogged[0]["run_id"]
+    assert f"ended the inference run {stale} an outage left RUNNING as FAILED" in capsys.readouterr().out
+    ended = tracking.get_run(uri, stale)
+    assert ended["status"] == "FAILED" and ended["tags"]["igconda.relogged_as"] == new_id
+    assert tracking.get_run(uri, child)["status"] == "FAILED"
+    # The folder's record now names the run that holds its results.
+    assert tracking.read_run_record(folder) == {"tracking_uri": uri, "run_id": new_id,
+                                                "experiment": None}
+
+
+def test_an_outage_warning_is_printed_once_without_logging_set_up():
+    import subprocess
+    import sys
+
+    code = ("from igconda import tracking; "
+            "tracking.warn_outage('logging X', 'http://h:1', ConnectionError('refused'))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("warning: MLflow tracking at http://h:1 failed while logging X") == 1

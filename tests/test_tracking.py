@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from igconda import tracking
+from tests.mlflow_server import MlflowServer
 
 
 def test_resolve_tracking_uri(tmp_path, monkeypatch):
@@ -108,44 +103,14 @@ def test_child_run_nests_in_the_active_runs_experiment(local_store):
     assert runs[child]["tags"]["igconda.method"] == "x"
     assert runs[child]["metrics"]["dsc_max_mean"] == 0.5 and "dsc_max_mean" not in runs[parent]["metrics"]
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` on a free local port, with SQLite and a local artifact root."""
-    if shutil.which("mlflow", path=str(Path(sys.executable).parent)) is None:
-        pytest.fail("the mlflow CLI is not installed beside this Python")
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-         "--default-artifact-root", str(root / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_HOST": "127.0.0.1"})
-    url = f"http://127.0.0.1:{port}"
+    """A real ``mlflow server`` on a free local port, with SQLite and proxied local artifacts."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(1)
-        yield url
+        yield server.start()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        server.stop()
 
 
 @pytest.mark.mlflow_server

@@ -25,7 +25,9 @@ Outages. Every stage writes its results to disk before it logs them, and a track
 is down costs neither the results nor the run's exit status: drivers wrap their logging in
 :func:`outage_tolerant` (a clear warning, naming the command that re-logs the results later,
 ``python -m ray_jobs.relog``), and :class:`RunLogger` pauses after a failure so that per-epoch
-logging cannot stall training. MLflow's own HTTP client retries a failing call 7 times with
+logging cannot stall training. The training and inference jobs record the run they log to in
+``<output>/mlflow_run.json`` (:mod:`igconda.tracking.records`), so that the re-log completes or
+ends a run an outage left RUNNING. MLflow's own HTTP client retries a failing call 7 times with
 exponential backoff (about 4 minutes); igconda bounds that to :data:`HTTP_LIMITS` unless the
 standard ``MLFLOW_HTTP_REQUEST_*`` variables are set.
 """
@@ -44,6 +46,14 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+
+from igconda.tracking.records import (  # noqa: F401  (re-exported)
+    RUN_RECORD,
+    end_interrupted_run,
+    read_run_record,
+    record_active_run,
+    write_run_record,
+)
 
 #: File names of the default local store under an output folder.
 LOCAL_DB = "mlflow.db"
@@ -69,7 +79,8 @@ for _name, _value in HTTP_LIMITS.items():
 
 def warn_outage(what: str, tracking_uri: str, error: BaseException, on_disk: str = "",
                 relog: str = "") -> str:
-    """Print (stderr) and log a warning that MLflow logging failed; returns the message."""
+    """Print (stderr) a warning that MLflow logging failed, and log it where logging is set up;
+    returns the message."""
     message = (f"warning: MLflow tracking at {tracking_uri} failed while {what} "
                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
     if on_disk:
@@ -77,7 +88,8 @@ def warn_outage(what: str, tracking_uri: str, error: BaseException, on_disk: str
     if relog:
         message += f"; once the server is back, re-log them with: {RELOG_COMMAND} {relog}"
     print(message, file=sys.stderr, flush=True)
-    _log.warning(message)
+    if _log.hasHandlers():  # without one, logging's last resort would print it a second time
+        _log.warning(message)
     return message
 
 
