@@ -3,10 +3,11 @@
 A ``ray.cluster_utils.Cluster`` on 127.0.0.1 (a head without CPUs, so that it hosts only the
 driver, and two worker nodes of 1 CPU) runs ``ray_jobs.infer`` with one predictor actor once
 undisturbed, then again into another folder while a thread kills the worker node that hosts the
-actor (``remove_node(allow_graceful=False)``: its raylet and
-workers get SIGKILL, as a lost spot machine) as soon as that actor is up. The job
-must return normally with every patient's file, every slice exactly once, and the undisturbed
-run's values: Ray Data restarts the lost actor and re-runs its lost tasks and blocks.
+actor (``remove_node(allow_graceful=False)``: its raylet and workers get SIGKILL, as a lost spot
+machine) as soon as that actor is up. The job must return normally with every patient's file,
+every slice exactly once, and the undisturbed run's values: Ray Data's actor pool restarts the
+lost actor elsewhere and retries its task (its defaults ``max_restarts=-1``,
+``max_task_retries=-1``; with ``max_restarts=0`` this test fails with ActorUnavailableError).
 """
 
 from __future__ import annotations
