@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         if recorded is None and done and index < first_forced[0]:
             print(f"    {stage}: no record of the settings its output was made with (made by an "
                   f"older igconda?); keeping it (use --force {stage} to re-run)")
-            stage_records.record(paths.root, stage, keys[stage], settings[stage], finished=True)
-            recorded = records[stage] = {"key": keys[stage], "finished": True}
+            recorded = records[stage] = stage_records.record(paths.root, stage, keys[stage],
+                                                             settings[stage], finished=True)
         if recorded is not None and recorded.get("key") != keys[stage] and index < first_forced[0]:
             print(f"    {stage}: its output was made with other settings "
                   f"({stage_records.describe_change(stage, recorded, settings[stage])}); "
@@ -217,9 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.manifest and "cohorts" not in records:
             # The user's cohorts: nothing of the study's own to keep or to make; recorded so
             # that a changed manifest (or its files) re-runs everything after it.
-            stage_records.record(paths.root, "cohorts", keys["cohorts"], settings["cohorts"],
-                                 finished=True)
-            records["cohorts"] = {"key": keys["cohorts"], "finished": True}
+            records["cohorts"] = stage_records.record(paths.root, "cohorts", keys["cohorts"],
+                                                      settings["cohorts"], finished=True)
         stage("cohorts", args.manifest is not None or manifest.is_file(), make_cohorts)
 
         # 2. Preprocess to Parquet slices.

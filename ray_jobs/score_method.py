@@ -286,6 +286,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     preflight(data=args.data, checkpoints={"--checkpoint": args.checkpoint,
                                            "--checkpoint2": args.checkpoint2})
 
+    # What is scored, taken before scoring: the record names these contents, not what a
+    # retraining might have left in the same folders by the time the run is logged.
+    inputs = score_inputs(args)
     started = time.perf_counter()
     tau, tune_dice, per_slice = score_and_calibrate(args, config)
     summary = write_method_scores(per_slice, output)
@@ -302,7 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               **{k: v for k, v in config.flat().items() if k.startswith("baselines.")}}
     uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
     run_id = None
-    data_version = dataset_version(str(args.data))
+    data_version = inputs["data_version"]
     with tracking.outage_tolerant("logging the scoring run", uri, on_disk=str(output)):
         with tracking.start_run(uri, args.experiment or config.tracking.experiment,
                                 f"score-{name}" + (f"-{args.variant}" if args.variant else ""),
@@ -316,7 +319,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"{name}: MLflow run {run_id or 'not logged'}", flush=True)
     if run_id:
         record = {"run_id": run_id, "method": name, "variant": args.variant,
-                  "data_version": data_version, "tracking_uri": uri, "inputs": score_inputs(args)}
+                  "data_version": data_version, "tracking_uri": uri, "inputs": inputs}
         atomic_write(output / RUN_RECORD, lambda tmp: tmp.write_text(json.dumps(record, indent=2)),
                      suffix=".tmp")
     return {"tau": tau, "summary": summary, "run_id": run_id, "output": output}

@@ -144,13 +144,15 @@ def read_records(root: Path) -> dict[str, dict[str, Any]]:
     return records
 
 
-def record(root: Path, stage: str, key: str, settings: dict[str, Any], *, finished: bool) -> None:
+def record(root: Path, stage: str, key: str, settings: dict[str, Any], *,
+           finished: bool) -> dict[str, Any]:
     """Record (atomically) that ``stage`` runs (``finished`` False) or ran to its end with
-    ``key`` and ``settings``."""
+    ``key`` and ``settings``; returns the record written."""
     records = read_records(root)
     records[stage] = {"key": key, "settings": settings, "finished": finished}
     text = json.dumps(records, indent=2, sort_keys=True, default=str)
     atomic_write(root / RECORDS_FILE, lambda tmp: tmp.write_text(text), suffix=".tmp")
+    return records[stage]
 
 
 def describe_change(stage: str, recorded: dict[str, Any], settings: dict[str, Any]) -> str:

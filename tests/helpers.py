@@ -7,7 +7,10 @@ Import them as ``from tests.helpers import make_checkpoint`` (the ``checkpoint``
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import nibabel as nib
 import numpy as np
@@ -19,6 +22,19 @@ from igconda.config import StudyConfig
 from igconda.data.preprocess import preprocess_volume
 from igconda.data.schema import volume_to_rows
 from igconda.models import build_unet
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module (the benchmarks are scripts, not a package)."""
+    # The benchmarks import each other as scripts do (``python benchmarks/x.py`` puts the folder first).
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def make_checkpoint(directory: Path, config: StudyConfig, seed: int = 0) -> Path:

@@ -3,31 +3,20 @@ tune split's unhealthy slices only."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 
 from igconda.baselines.resnet_classifier import ClassifierConfig, build_classifier, save_classifier
-from tests.helpers import make_dataset
+from tests.helpers import load_benchmark, make_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_baseline_tune",
-                                                  REPO / "benchmarks" / "bench_baseline_tune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_each_stage_is_scored_on_the_unhealthy_tune_slices(tmp_path, test_config, capsys):
     data = make_dataset(tmp_path / "data", test_config, {"P1": ("lung", "internal")}, split="tune")
     (data / "dataset.json").write_text("{}")  # read_split wants a complete dataset folder
-    bench = _bench()
+    bench = load_benchmark("bench_baseline_tune")
     unhealthy = len(bench.unhealthy_batch(str(data), "tune")["image"])
     assert unhealthy > 0
     config = ClassifierConfig(widen_factor=0.125)

@@ -3,30 +3,18 @@ slice copied) and a checkpoint the inference job accepts for that data."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tests.helpers import make_dataset
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_infer_memory",
-                                                  REPO / "benchmarks" / "bench_infer_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark, make_dataset
 
 
 def test_the_cohort_is_replicated_under_new_ids_with_a_matching_checkpoint(tmp_path, test_config):
     from igconda.config import to_plain
     from igconda.data.compat import check_data_for_checkpoint
 
-    bench = _bench()
+    bench = load_benchmark("bench_infer_memory")
     data = make_dataset(tmp_path / "data", test_config,
                         {"P1": ("lung", "internal"), "P2": ("lymphoma", "internal")})
     (data / "dataset.json").write_text(json.dumps({"config": to_plain(test_config.to_dict()["preprocess"])}))

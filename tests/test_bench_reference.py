@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-from tests.helpers import make_checkpoint, make_dataset
+from tests.helpers import load_benchmark, make_checkpoint, make_dataset
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_reference", REPO / "benchmarks" / "bench_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_reference_benchmark_compares_both_paths_on_the_same_slices(tmp_path, test_config, capsys):
@@ -27,7 +17,7 @@ def test_reference_benchmark_compares_both_paths_on_the_same_slices(tmp_path, te
                         {"P1": ("lung", "internal"), "P2": ("lymphoma", "internal")})
     (data / "dataset.json").write_text("{}")  # read_split wants a complete dataset folder
     out = tmp_path / "result.json"
-    code = _bench().main(["--checkpoint", str(checkpoint), "--data", str(data), "--slices", "6",
+    code = load_benchmark("bench_reference").main(["--checkpoint", str(checkpoint), "--data", str(data), "--slices", "6",
                           "--batch", "4", "--ref-noise-level", "4", "--matmul-size", "128",
                           "--output", str(out)])
     assert code == 0
@@ -59,7 +49,7 @@ def test_reference_loop_equals_igconda_at_stride_one(tmp_path, test_config):
     """At s = 1, D, w and the map 'abs' alike, both loops are the same DDIM: the same maps."""
     import numpy as np
 
-    bench = _bench()
+    bench = load_benchmark("bench_reference")
     checkpoint = make_checkpoint(tmp_path / "ckpt", test_config)
     images = np.random.default_rng(0).random((3, 16, 16), dtype=np.float32)
     from igconda.checkpoint import load_model

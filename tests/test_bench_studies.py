@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def _load(name: str):
-    # The benchmarks import each other as scripts do (``python benchmarks/x.py`` puts the folder first).
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_benchmark
 
 
 def test_arm_overrides_are_typed_and_nested():
-    bench = _load("bench_condition")
+    bench = load_benchmark("bench_condition")
     name, overrides = bench.parse_arm("ce=model.conditioning=class_embedding,train.max_timestep=500")
     assert name == "ce"
     assert overrides == {"model": {"conditioning": "class_embedding"}, "train": {"max_timestep": 500}}
@@ -33,7 +21,7 @@ def test_arm_overrides_are_typed_and_nested():
 
 
 def test_condition_bench_refuses_test_split(tmp_path):
-    bench = _load("bench_condition")
+    bench = load_benchmark("bench_condition")
     with pytest.raises(SystemExit, match="test"):
         bench.main(["--data", str(tmp_path), "--config", "configs/test.yaml", "--output", str(tmp_path),
                     "--arm", "a=", "--splits", "tune,test"])
@@ -53,7 +41,7 @@ def _runs(gain: float, gap: float) -> pd.DataFrame:
 
 
 def test_seed_targets_say_met_and_not_met():
-    bench = _load("bench_seeds")
+    bench = load_benchmark("bench_seeds")
     met = bench.targets(_runs(gain=0.12, gap=0.2))
     assert "+12.0, +12.0" in met[0] and met[0].endswith("met") and "NOT" not in met[0]
     assert "NOT" not in met[1]
@@ -63,7 +51,7 @@ def test_seed_targets_say_met_and_not_met():
 
 
 def test_seed_summary_mean_and_spread():
-    bench = _load("bench_seeds")
+    bench = load_benchmark("bench_seeds")
     summary = bench.summarize(_runs(gain=0.1, gap=0.2))
     row = summary[(summary["group"] == "lung") & (summary["method"] == "igconda_w0")].iloc[0]
     assert row["dsc_max_mean_seeds_mean"] == pytest.approx(0.305)
@@ -72,7 +60,7 @@ def test_seed_summary_mean_and_spread():
 
 
 def test_label_chosen_pairs_each_kind_with_its_own_sign_of_control():
-    bench = _load("bench_seeds")
+    bench = load_benchmark("bench_seeds")
     table = pd.DataFrame({"method": ["igconda_hot", "igconda_abs", "igconda_w0", "igconda_w0_hot"],
                           "group": "lung", "dsc_max_mean": [0.4, 0.3, 0.2, 0.1]})
     labelled = bench.label_chosen(table, "hot").set_index("method")["dsc_max_mean"]
@@ -85,7 +73,7 @@ def test_training_milestones_save_a_checkpoint_per_budget(tmp_path, test_config,
     from igconda.checkpoint import load_metadata, load_weights
     from tests.helpers import make_dataset
 
-    bench = _load("bench_condition")
+    bench = load_benchmark("bench_condition")
     data = make_dataset(tmp_path / "data", test_config,
                         {"P1": ("lung", "internal"), "P2": ("psma", "internal")}, split="train")
     folders = {2: tmp_path / "s2", 4: tmp_path / "s4"}
@@ -100,7 +88,7 @@ def test_budget_scores_test_slices_with_the_tuned_settings(tmp_path, test_config
                                                            one_torch_thread):
     from tests.helpers import make_dataset
 
-    bench = _load("bench_budget")
+    bench = load_benchmark("bench_budget")
     data = make_dataset(tmp_path / "data", test_config,
                         {"P1": ("lung", "internal"), "P2": ("psma", "internal")})
     batch = bench.test_slices(data)
@@ -118,13 +106,13 @@ def test_budget_scores_test_slices_with_the_tuned_settings(tmp_path, test_config
 
 
 def test_budget_refuses_data_without_test_slices(tmp_path):
-    bench = _load("bench_budget")
+    bench = load_benchmark("bench_budget")
     with pytest.raises(SystemExit, match="does not exist"):
         bench.test_slices(tmp_path)
 
 
 def test_budget_plot_and_stride_config(tmp_path):
-    bench = _load("bench_budget")
+    bench = load_benchmark("bench_budget")
     config = bench.with_stride(Path("configs/demo.yaml"), 10, tmp_path)
     import yaml
 
@@ -138,6 +126,6 @@ def test_budget_plot_and_stride_config(tmp_path):
 
 
 def test_rescore_refuses_a_seed_without_a_model(tmp_path):
-    bench = _load("bench_rescore")
+    bench = load_benchmark("bench_rescore")
     with pytest.raises(SystemExit, match="no trained model"):
         bench.rescore_seed(tmp_path, 0, Path("configs/demo.yaml"), tmp_path / "out")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +12,7 @@ from igconda.config import save_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.inference import CounterfactualPredictor
 from igconda.slice_batch import stack_column
-from tests.helpers import make_dataset
+from tests.helpers import load_benchmark, make_dataset
 
 # ---- fixtures --------------------------------------------------------------------------------
 
@@ -148,12 +146,7 @@ def test_stack_column_rejects_wrong_sizes():
 
 def test_stride_benchmark_runs_on_the_tiny_model(checkpoint, tmp_path, test_config, capsys):
     """benchmarks/bench_strides.py: one row per dividing stride, fewer evaluations as s grows."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_strides.py"
-    spec = importlib.util.spec_from_file_location("bench_strides", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_strides")
     data = make_dataset(tmp_path / "data", test_config, {"P1": ("lung", "internal")}, split="tune")
     out = tmp_path / "strides.csv"
     code = bench.main(["--checkpoint", str(checkpoint), "--data", str(data), "--noise-level", "4",
@@ -176,12 +169,7 @@ def test_stride_benchmark_runs_on_the_tiny_model(checkpoint, tmp_path, test_conf
 
 def test_balance_benchmark_trains_both_samplings_and_scores_them(tmp_path, test_config, capsys):
     """benchmarks/bench_balance.py on the tiny config: two checkpoints, one score row per (s, w)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_balance.py"
-    spec = importlib.util.spec_from_file_location("bench_balance", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_balance")
     data = tmp_path / "data"
     make_dataset(data, test_config, {"P1": ("lung", "internal"), "P2": ("lung", "internal")}, split="train")
     make_dataset(data, test_config, {"P3": ("lung", "internal")}, split="test")
