@@ -25,6 +25,17 @@ from tests.ray_head import local_head
 # Enough patients that the kill lands between the first finished patient and the last.
 PATIENTS = {f"P{k}": (("lymphoma", "lung", "melanoma")[k % 3], "internal") for k in range(8)}
 ARRAYS = ("anomaly_map", "counterfactual", "counterfactual_w0")
+# ray_jobs.infer's driver with a 5 s pause after every patient it writes (argv follows ``-c``).
+SLOW_WRITES_DRIVER = """
+import sys, time
+import ray_jobs.infer as infer
+write = infer.write_patient
+def slow_write(*args, **kwargs):
+    write(*args, **kwargs)
+    time.sleep(5)
+infer.write_patient = slow_write
+sys.exit(infer.main(sys.argv[1:]))
+"""
 
 
 def written(folder: Path) -> list[str]:
@@ -39,11 +50,16 @@ def test_a_killed_inference_driver_reruns_only_the_missing_patients(tmp_path, te
     data = make_dataset(tmp_path / "data", test_config, PATIENTS)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
 
-    def job(output: Path) -> list[str]:
-        return [sys.executable, "-m", "ray_jobs.infer", "--checkpoint", str(checkpoint),
-                "--data", str(data), "--output", str(output), "--tracking-uri",
-                str(tmp_path / "mlruns.db"), "--batch-size", "4", "--concurrency", "1",
-                "--no-volumes"]
+    def job(output: Path, slow_writes: bool = False) -> list[str]:
+        args = ["--checkpoint", str(checkpoint), "--data", str(data), "--output", str(output),
+                "--tracking-uri", str(tmp_path / "mlruns.db"), "--batch-size", "4",
+                "--concurrency", "1", "--no-volumes"]
+        if not slow_writes:
+            return [sys.executable, "-m", "ray_jobs.infer", *args]
+        # The run to be killed pauses after each patient it writes, so the kill lands between
+        # the first finished patient and the last whatever the machine's speed (on a fast one
+        # all patients were written within one 50 ms poll and nothing was left to re-run).
+        return [sys.executable, "-c", SLOW_WRITES_DRIVER, *args]
 
     with local_head() as (_, env):
         done = subprocess.run(job(reference), cwd=repo_root, env=env, capture_output=True,
@@ -51,7 +67,7 @@ def test_a_killed_inference_driver_reruns_only_the_missing_patients(tmp_path, te
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert written(reference) == sorted(PATIENTS)
 
-        driver = subprocess.Popen(job(killed), cwd=repo_root, env=env, stdout=subprocess.DEVNULL,
+        driver = subprocess.Popen(job(killed, slow_writes=True), cwd=repo_root, env=env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 600
         while not written(killed) and driver.poll() is None and time.time() < deadline:
