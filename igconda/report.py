@@ -10,7 +10,6 @@ inference stage's per-slice metrics and figures, the data summary) and writes
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,6 @@ import matplotlib
 matplotlib.use("Agg")  # headless: report generation runs on servers and Ray workers
 
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
@@ -27,7 +25,6 @@ from matplotlib.figure import Figure  # noqa: E402
 from igconda.figures import (  # noqa: E402
     heatmap_figure,
     lesion_size_figure,
-    qualitative_figure,
     training_curves_figure,
 )
 from igconda.report_html import software_versions, write_html_report  # noqa: E402
@@ -36,66 +33,6 @@ from igconda.report_tables import (  # noqa: E402
     methods_table,
     thresholds_table,
 )
-
-#: Per-slice columns the report reads (maps are read only for the few qualitative examples).
-_PER_SLICE_COLUMNS = ("method", "patient_id", "cohort", "role", "slice_index", "label",
-                      "lesion_pixels", "dsc_max", "tau_star", "hd95", "auprc", "n_lesions",
-                      "n_detected", "sensitivity", "dice_tau", "tau")
-_QUALITATIVE_COLUMNS = ("image", "mask", "counterfactual", "anomaly_map")
-
-
-def _read_parquet_columns(path: Path, wanted: Sequence[str]) -> pd.DataFrame:
-    import pyarrow.parquet as pq
-
-    names = pq.read_schema(path if path.is_file() else next(path.rglob("*.parquet"))).names
-    return pq.read_table(path, columns=[c for c in wanted if c in names]).to_pandas()
-
-
-def _find_per_slice(infer_dir: Path) -> Path | None:
-    """The inference stage's per-slice Parquet: a file or a folder of files."""
-    for candidate in ("per_slice.parquet", "per_slice", "slices.parquet", "slices"):
-        path = infer_dir / candidate
-        if path.is_file() or (path.is_dir() and any(path.rglob("*.parquet"))):
-            return path
-    files = sorted(infer_dir.glob("*.parquet"))
-    return files[0] if files else None
-
-
-def _qualitative_from_per_slice(path: Path, per_slice: pd.DataFrame, count: int = 6) -> Figure | None:
-    """Fig. 2/3 from the stored maps of the best-scoring IgCONDA slices at spread-out sizes."""
-    import pyarrow.parquet as pq
-
-    from igconda.data.schema import stack_images
-
-    schema_names = pq.read_schema(path if path.is_file() else next(path.rglob("*.parquet"))).names
-    if not set(_QUALITATIVE_COLUMNS) | {"height", "width", "tau_star"} <= set(schema_names):
-        return None
-    table = pq.read_table(path, columns=[*_QUALITATIVE_COLUMNS, "height", "width", "tau_star",
-                                         "dsc_max", "cohort", "patient_id", "slice_index",
-                                         "lesion_pixels",
-                                         *[c for c in ("method", "counterfactual_w0") if c in schema_names]])
-    frame = table.to_pandas()
-    keep = frame["lesion_pixels"] > 0
-    if "method" in frame:
-        keep &= frame["method"].astype(str).str.lower().isin(("igconda", "igconda-pet"))
-    frame = frame[keep & frame["dsc_max"].notna()]
-    if frame.empty:
-        return None
-    # Spread over lesion size so the figure shows small and large lesions alike.
-    frame = frame.sort_values("lesion_pixels").reset_index(drop=True)
-    picks = np.unique(np.linspace(0, len(frame) - 1, min(count, len(frame))).round().astype(int))
-    frame = frame.iloc[picks]
-    h, w = int(frame["height"].iloc[0]), int(frame["width"].iloc[0])
-    images = stack_images(frame["image"], h, w)
-    maps = stack_images(frame["anomaly_map"], h, w)
-    binarised = (maps >= frame["tau_star"].to_numpy()[:, None, None]).astype(np.uint8)
-    titles = [f"{r.cohort} {r.patient_id} z{r.slice_index}\n⌈DSC⌉ {r.dsc_max:.2f}"
-              for r in frame.itertuples()]
-    unguided = (stack_images(frame["counterfactual_w0"], h, w)
-                if "counterfactual_w0" in frame else None)
-    return qualitative_figure(images, stack_images(frame["mask"], h, w, np.uint8),
-                              stack_images(frame["counterfactual"], h, w), maps, binarised, titles,
-                              unguided=unguided)
 
 
 def _method_names() -> dict[str, str]:
@@ -119,10 +56,7 @@ def _chosen_method(study: Path) -> str | None:
 
 
 def _training_history(train_dir: Path) -> tuple[pd.DataFrame | None, str | None]:
-    """``train/history.csv``, else the history stored in the best checkpoint's train state."""
-    history_csv = train_dir / "history.csv"
-    if history_csv.is_file():
-        return pd.read_csv(history_csv), None
+    """The per-epoch history stored in the best checkpoint's train state (``train/best``)."""
     from igconda.checkpoint import load_train_state
 
     try:
@@ -131,7 +65,7 @@ def _training_history(train_dir: Path) -> tuple[pd.DataFrame | None, str | None]
         return None, f"Training history not readable from train/best/train_state.pt: {err}"
     history = (state or {}).get("history")
     if not history:
-        return None, "No training history (train/history.csv or train/best/train_state.pt)."
+        return None, "No training history (train/best/train_state.pt)."
     return (pd.DataFrame(history),
             "Training curves come from the best checkpoint's state: epochs after it are not shown.")
 
@@ -142,14 +76,15 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
     Reads, when present (a missing part becomes a visible note, never an error):
 
     - ``config.yaml`` (or the best checkpoint's ``train/best/config.yaml``);
-    - ``train/history.csv`` (epoch, train_loss, valid_loss), else the history stored in
-      ``train/best/train_state.pt`` → training curves;
+    - the history stored in ``train/best/train_state.pt`` → training curves;
     - ``tune/grid.csv`` and ``tune/best.json`` → the D × w heatmap and tables;
-    - ``infer/tables/per_slice_metrics.csv`` (every method's per-slice metrics; else the
-      per-slice Parquet under ``infer/``) → the per-cohort table of every method side by side and
-      the lesion-size figure; ``infer/tables/methods.csv`` is shown only when no per-slice data
-      exists;
+    - ``infer/tables/per_slice_metrics.csv`` (every method's per-slice metrics) → the per-cohort
+      table of every method side by side and the lesion-size figure;
+      ``infer/tables/methods.csv`` is shown only when that file is missing;
     - PNG figures the inference stage saved under ``infer/figures/`` (the qualitative figures);
+
+    Only these declared outputs of the stages are read (``ray_jobs.infer``'s module docstring
+    lists the inference stage's); nothing they wrote is recomputed.
     - ``data/dataset.json`` → unhealthy slices per split and cohort, the lesion voxels that fell
       outside the field of view, and preprocessing's warnings (:func:`data_coverage_tables`).
 
@@ -176,19 +111,10 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
         notes.append("No configuration found (config.yaml or train/best/config.yaml).")
 
     per_slice = None
-    per_slice_path = None
     metrics_csv = infer / "tables" / "per_slice_metrics.csv"
     if metrics_csv.is_file():
         per_slice = pd.read_csv(metrics_csv)
-    elif infer.is_dir() and (per_slice_path := _find_per_slice(infer)) is not None:
-        per_slice = _read_parquet_columns(per_slice_path, _PER_SLICE_COLUMNS)
-        baselines = infer / "baselines"
-        for extra in sorted(baselines.glob("*.parquet")) if baselines.is_dir() else []:
-            per_slice = pd.concat([per_slice, _read_parquet_columns(extra, _PER_SLICE_COLUMNS)],
-                                  ignore_index=True)
     if per_slice is not None:
-        if "method" not in per_slice.columns:
-            per_slice["method"] = "igconda"
         from igconda.evaluation import method_order
 
         chosen = _chosen_method(study)
@@ -210,8 +136,8 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
     if per_slice is None and methods_csv.is_file():
         tables["Inference summary (infer/tables/methods.csv)"] = pd.read_csv(methods_csv)
     elif per_slice is None:
-        notes.append("No inference results (infer/tables/per_slice_metrics.csv, per-slice Parquet "
-                     "or methods.csv): the per-cohort tables and lesion-size analysis are missing.")
+        notes.append("No inference results (infer/tables/per_slice_metrics.csv or methods.csv): "
+                     "the per-cohort tables and lesion-size analysis are missing.")
 
     grid_csv, best_json = study / "tune" / "grid.csv", study / "tune" / "best.json"
     if grid_csv.is_file():
@@ -261,15 +187,6 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
         fig = lesion_size_figure(per_slice)
         owned.append(fig)
         figures["⌈DSC⌉ against lesion size (paper Fig. 4/6)"] = fig
-    if per_slice_path is not None:
-        try:
-            qualitative = _qualitative_from_per_slice(per_slice_path, per_slice)
-        except (ValueError, KeyError, OSError) as err:
-            qualitative = None
-            notes.append(f"Qualitative figure not built from the per-slice maps: {err}")
-        if qualitative is not None:
-            owned.append(qualitative)
-            figures["Qualitative examples (paper Fig. 2/3)"] = qualitative
     figure_dir = infer / "figures"
     if figure_dir.is_dir():
         for png in sorted(figure_dir.glob("*.png")):
@@ -280,8 +197,7 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
                 title = f"Qualitative examples, {png.stem[len('qualitative_'):]} (paper Fig. 2/3)"
             figures[title] = png
     if not any("Qualitative" in k for k in figures):
-        notes.append("No qualitative figure (needs infer/figures/qualitative_*.png or maps and "
-                     "images in the per-slice Parquet).")
+        notes.append("No qualitative figure (infer/figures/qualitative_*.png).")
 
     try:
         return write_html_report(

@@ -14,8 +14,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -207,7 +205,7 @@ def test_html_report_is_self_contained_with_every_section(tmp_path):
 RAW_NAMES = {"IgCONDA": "igconda", "41% SUVmax": "threshold_41", "raw intensity": "intensity"}
 
 
-def _study(tmp_path: Path, *, complete: bool, layout: str = "csv") -> Path:
+def _study(tmp_path: Path, *, complete: bool) -> Path:
     """A study folder shaped like the pipeline's (ray_jobs.infer / ray_jobs.train outputs)."""
     import torch
 
@@ -224,31 +222,18 @@ def _study(tmp_path: Path, *, complete: bool, layout: str = "csv") -> Path:
         torch.save({"history": [{"epoch": 1.0, "train_loss": 1.0, "valid_loss": 1.0},
                                 {"epoch": 2.0, "train_loss": 0.5, "valid_loss": 0.6}]},
                    study / "train" / "best" / "train_state.pt")
-    if complete and layout == "csv":
+    if complete:
         per_slice.to_csv(study / "infer" / "tables" / "per_slice_metrics.csv", index=False)
         fig = figures.qualitative_figure(*_slices(2))
         fig.savefig(study / "infer" / "figures" / "qualitative_lung.png", dpi=40)
         fig.savefig(study / "infer" / "figures" / "lesion_size.png", dpi=40)
-    if complete and layout == "parquet":
-        # IgCONDA rows carry their maps and images, so the qualitative figure can be drawn.
-        igc = per_slice[per_slice.method == "igconda"].copy()
-        rng = np.random.default_rng(1)
-        for column in ("image", "counterfactual", "anomaly_map"):
-            igc[column] = [rng.uniform(0, 1, 256).astype(np.float32) for _ in range(len(igc))]
-        igc["mask"] = [np.zeros(256, np.uint8) for _ in range(len(igc))]
-        igc["height"], igc["width"] = 16, 16
-        pq.write_table(pa.Table.from_pandas(igc, preserve_index=False), study / "infer" / "per_slice.parquet")
-        (study / "infer" / "baselines").mkdir()
-        pq.write_table(pa.Table.from_pandas(per_slice[per_slice.method != "igconda"], preserve_index=False),
-                       study / "infer" / "baselines" / "baselines.parquet")
     pd.DataFrame({"method": ["igconda"], "group": ["lung"], "dsc_max_mean": [0.5]}).to_csv(
         study / "infer" / "tables" / "methods.csv", index=False)
     return study
 
 
-@pytest.mark.parametrize("layout", ["csv", "parquet"])
-def test_build_study_report_gathers_every_stage(tmp_path, layout):
-    study = _study(tmp_path, complete=True, layout=layout)
+def test_build_study_report_gathers_every_stage(tmp_path):
+    study = _study(tmp_path, complete=True)
     path = report.build_study_report(study, study / "report.html")
     text = path.read_text()
     for part in ("Per-cohort results, every method", "Tuning grid", "Chosen (D, w, map kind, τ)",
@@ -323,3 +308,15 @@ def test_data_coverage_tables_from_a_dataset_summary(tmp_path):
     page = report.build_study_report(tmp_path, tmp_path / "report.html").read_text()
     assert "Unhealthy slices per cohort and split" in page
     assert "no unhealthy slice in split test" in page
+
+
+def test_the_report_reads_only_the_stages_declared_outputs(tmp_path):
+    """Files no stage writes (an old per-slice Parquet, a history CSV) are not guessed at."""
+    study = _study(tmp_path, complete=False)
+    (study / "infer" / "tables" / "methods.csv").unlink()
+    _per_slice(np.random.default_rng(0)).to_parquet(study / "infer" / "per_slice.parquet")
+    pd.DataFrame({"epoch": [1], "train_loss": [1.0], "valid_loss": [1.0]}).to_csv(
+        study / "train" / "history.csv", index=False)
+    text = report.build_study_report(study, tmp_path / "r.html").read_text()
+    assert "No inference results" in text and "No training history" in text
+    assert "Per-cohort results" not in text and "Training curves</" not in text
