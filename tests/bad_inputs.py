@@ -19,6 +19,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pyarrow.compute as pc
 
 from igconda.checkpoint import MODEL_FILE, STATE_FILE, CheckpointError, check_checkpoint
 from igconda.config import ConfigError, load_config
@@ -26,6 +27,7 @@ from igconda.data.build import PreprocessingError, build_dataset
 from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint, settings_record
 from igconda.data.manifest import ManifestError, read_manifest
 from igconda.data.preprocess import preprocess_volume
+from igconda.data.schema import HEALTHY
 from igconda.data.volumes import VolumeError
 from tests.bad_input_harness import CONFIG, Attempt, Case, CommandError, run_command
 from tests.data.nifti_fixtures import LPS, ct_like, pet_and_mask, write_manifest_csv, write_nifti
@@ -290,6 +292,37 @@ def _overwrite(d):
     scan = write_nifti(d / "scan.nii.gz", _pet()[0], LPS)
     return Attempt(lambda: run_command(main, ["detect", str(scan), "--checkpoint", str(d / "c"), "-o", str(scan)]),
                    str(scan), ("refusing to overwrite", "write the output to another file"))
+
+
+@case("train_without_unhealthy", "a train split with no unhealthy slice", "training driver "
+      "(ray_jobs.train, before Ray)", CommandError)
+def _healthy_only(d):
+    import pyarrow.parquet as pq
+
+    from ray_jobs import train
+    from tests.test_train_loop import volume_table
+
+    for split in ("train", "valid"):
+        (d / "slices" / split).mkdir(parents=True)
+        table = volume_table(f"{split}-0", split)
+        table = table.filter(pc.equal(table["label"], HEALTHY))  # the lesion's slices dropped
+        pq.write_table(table, d / "slices" / split / f"{split}-0.parquet")
+
+    def call():
+        import ray
+
+        real = ray.init
+        ray.init = _no_ray  # accepted, the job would start Ray and train: fail instead
+        try:
+            run_command(train.main, ["--data", str(d), "--output", str(d / "out"), "--config",
+                                     str(TEST_CONFIG), "--no-tracking"])
+        finally:
+            ray.init = real
+    return Attempt(call, f"{d}/slices/train", ("no unhealthy (lesion) slice", "Add patients with lesions"))
+
+
+def _no_ray(*_, **__):
+    raise RuntimeError("the job went on to start Ray")
 
 
 # ---- checkpoints and the data they were made with -----------------------------------------------
