@@ -187,7 +187,7 @@ def report(outcomes: list[Outcome], batch: BatchOutcome | None) -> str:
     clear = sum(o.clear and (not o.case.batch or batch is None or batch.listed.get(o.case.name, False))
                 for o in outcomes)
     in_batch = sum(o.case.batch for o in outcomes)
-    total = (f"\nTried: {len(outcomes)}; refused clearly: {clear}; good patients lost: {lost}"
+    total = (f"\n\nTried: {len(outcomes)}; refused clearly: {clear}; good patients lost: {lost}"
              + ("" if batch is None else
                 f" (of {len(batch.good)} good patients in one preprocessing job with the "
                 f"{in_batch} batch cases)"))
