@@ -99,7 +99,8 @@ def detect(args: argparse.Namespace) -> dict[str, float]:
         if not path.name.endswith((".nii", ".nii.gz")):
             raise _UsageError(f"{path}: {name} must be a .nii or .nii.gz file")
         if path.resolve() == scan.resolve() or (args.mask and path.resolve() == Path(args.mask).resolve()):
-            raise _UsageError(f"{path}: {name} is an input file; refusing to overwrite it")
+            raise _UsageError(f"{path}: {name} is an input file; refusing to overwrite it: write "
+                              f"the output to another file")
     if mask_output.resolve() == output.resolve():
         raise _UsageError(f"{mask_output}: --mask-output must differ from -o/--output")
     try:

@@ -98,9 +98,9 @@ def validate(cfg: StudyConfig) -> None:
                                 names=Names("infer.noise_level", "infer.stride",
                                             "infer.guidance_scale", timesteps))
     _check(i.batch_size >= 1 and i.concurrency >= 1, "infer: batch_size and concurrency must be >= 1")
-    _check(i.num_gpus_per_actor >= 0 and i.num_cpus_per_actor >= 0,
-           f"infer: num_gpus_per_actor {i.num_gpus_per_actor} and num_cpus_per_actor "
-           f"{i.num_cpus_per_actor} must be >= 0 (Ray resources per inference actor)")
+    for key in ("num_gpus_per_actor", "num_cpus_per_actor"):
+        _check(getattr(i, key) >= 0, f"infer.{key} {getattr(i, key)} must be >= 0 (Ray resources "
+                                     f"per inference actor)")
     _check(0 <= i.memory_fraction < 1, f"infer.memory_fraction {i.memory_fraction} must be in [0, 1) (0 = off)")
     _check(i.map_kind in MAP_KINDS, f"infer.map_kind {i.map_kind!r} must be one of {list(MAP_KINDS)}")
     _check(0 < i.threshold <= 1, f"infer.threshold τ={i.threshold} must be in (0, 1] (maps are in [0, 1])")
@@ -113,9 +113,8 @@ def validate(cfg: StudyConfig) -> None:
         check_guidance_scale(w, names=tune_names)
     _check(u.num_samples >= 1,
            f"tune.num_samples {u.num_samples} must be >= 1 (trials per grid point or random draws)")
-    _check(u.gpus_per_trial >= 0 and u.cpus_per_trial >= 0,
-           f"tune: gpus_per_trial {u.gpus_per_trial} and cpus_per_trial {u.cpus_per_trial} must be "
-           f">= 0 (Ray resources per trial)")
+    for key in ("gpus_per_trial", "cpus_per_trial"):
+        _check(getattr(u, key) >= 0, f"tune.{key} {getattr(u, key)} must be >= 0 (Ray resources per trial)")
     _check(u.search in ("grid", "random"), f"tune.search {u.search!r} must be 'grid' or 'random'")
     _check(u.max_slices >= 0, "tune.max_slices must be >= 0")
     _check(len(u.map_kinds) > 0 and set(u.map_kinds) <= set(MAP_KINDS)

@@ -15,8 +15,9 @@ rejected, or a task's report does not hold from the driver's view (then nothing 
 for an unusable manifest or config, or, on a multi-node cluster, an output folder not every
 node sees (:func:`ray_jobs.shared_storage.check_shared`, before any work).
 
-The job is Ray Data's map over the patients (:func:`map_on_ray_data`, one task per volume)
-handed to :func:`igconda.data.build.build_dataset`, which plans the splits, writes the files and
+The job is Ray Data's map over the patients (:func:`map_on_ray_data`, one task per volume,
+each asking Ray for the memory its volume needs, :mod:`igconda.data.memory`; a volume no node
+could hold is rejected before any task) handed to :func:`igconda.data.build.build_dataset`, which plans the splits, writes the files and
 the summary, and runs the same without Ray.
 """
 
@@ -40,9 +41,48 @@ from igconda.data.build import (
     PreprocessSummary,
     build_dataset,
     process_patient,
+    rejected,
     summary_to_dict,
 )
 from igconda.data.manifest import ManifestError
+from igconda.data.memory import preprocess_memory_bytes, too_large
+
+
+def node_memory_capacity() -> float:
+    """Bytes of Ray's ``memory`` resource on the largest live node of the running cluster (0 if
+    none reports one). Ray sets it to about 70 % of a node's RAM unless told otherwise."""
+    import ray
+
+    return max((float(n["Resources"].get("memory", 0)) for n in ray.nodes() if n.get("Alive")),
+               default=0.0)
+
+
+def plan_memory(items: list[dict[str, Any]], config: PreprocessConfig, capacity: float
+                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Split the items into those to run and those refused for memory, and size the request.
+
+    Args:
+        items: manifest rows with their planned split.
+        config: preprocessing settings (``spacing_mm`` sizes the estimate).
+        capacity: the largest node's memory in bytes (:func:`node_memory_capacity`; 0 = unknown).
+
+    Returns:
+        (items to run, refused results naming the PET file and the fix, bytes each task asks for).
+        The request is the largest estimate among the items to run: Ray Data's ``map`` takes one
+        ``memory=`` for all its tasks (``ray_remote_args_fn`` is called without the row), and
+        a cohort's scans usually share a protocol, so its largest scan is close to the typical
+        one; a one-off large scan only lowers how many tasks share a node.
+    """
+    run, refused, request = [], [], 0
+    for item in items:
+        needed = preprocess_memory_bytes(item["pet_path"], item["mask_path"] or None, config)
+        problem = too_large(item["pet_path"], needed, capacity)
+        if problem:
+            refused.append(rejected(item, item["pet_path"], problem))
+        else:
+            run.append(item)
+            request = max(request, needed)
+    return run, refused, request
 
 
 def map_on_ray_data(items: list[dict[str, Any]], config: PreprocessConfig, root: str, *,
@@ -51,7 +91,9 @@ def map_on_ray_data(items: list[dict[str, Any]], config: PreprocessConfig, root:
 
     A :data:`igconda.data.build.PatientMap` once ``num_cpus`` and ``progress`` are bound. Uses
     the running Ray instance (``ray.init`` is called with defaults if none is running). Results
-    come back as the tasks finish, with numpy scalars turned into Python values.
+    come back as the tasks finish, with numpy scalars turned into Python values. Each task asks
+    Ray for the memory the volume needs (:func:`plan_memory`, from the NIfTI headers read here);
+    a volume larger than any node's memory is refused (yielded as rejected) without a task.
 
     Args:
         items: manifest rows with their planned ``split`` (one task, and one block, each).
@@ -65,12 +107,17 @@ def map_on_ray_data(items: list[dict[str, Any]], config: PreprocessConfig, root:
 
     if not ray.is_initialized():
         ray.init()
+    items, refused, memory = plan_memory(items, config, node_memory_capacity())
+    yield from refused
+    if not items:
+        return
     ctx = ray.data.DataContext.get_current()
     ray_bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = not progress  # one progress display, not two
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map(
-            process_patient, fn_kwargs={"config": config, "root": root}, num_cpus=num_cpus)
+            process_patient, fn_kwargs={"config": config, "root": root}, num_cpus=num_cpus,
+            memory=memory or None)
         for row in ds.iter_rows():
             yield {k: (v.item() if isinstance(v, np.generic) else v) for k, v in dict(row).items()}
     finally:

@@ -63,6 +63,7 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.compat import PreprocessMismatch, check_dataset_settings
+from igconda.data.io import DatasetError, check_training_classes
 from igconda.train_loop import TRAIN_COLUMNS, VALID_COLUMNS, dataset_version
 from ray_jobs.shared_storage import SharedStorageError, preflight
 from ray_jobs.train_runs import (  # noqa: F401  (the helpers other modules import from here)
@@ -219,6 +220,8 @@ def run(args: argparse.Namespace) -> Path:
     check_resume(storage_path, args.run_name, args.resume,
                  lambda latest: ckpt.check_checkpoint(latest, resume=True), data=args.data)
     check_data_settings(args.data, config, args.config)
+    train_split = _join(args.data, "slices", "train")
+    check_training_classes(label_counts(train_split), train_split)
 
     import ray
 
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         best = run(args)
     except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError, SharedStorageError,
-            PreprocessMismatch) as err:
+            PreprocessMismatch, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"best checkpoint: {best}")

@@ -60,7 +60,7 @@ from igconda.data.summary import (
     split_counts,
     unhealthy_table,
 )
-from igconda.data.volumes import VolumeError
+from igconda.data.volumes import NOT_FOUND, VolumeError
 from igconda.io_utils import replace_dir
 
 log = logging.getLogger(__name__)
@@ -125,9 +125,7 @@ def process_patient(item: dict[str, Any], config: PreprocessConfig, root: str | 
         outside the field of view), ``notes`` or ``file`` and ``problem`` describing why the
         patient was rejected. Never raises for a bad volume: the job must go on with the good ones.
     """
-    # Every result has the same keys, so Ray Data sees one schema across blocks.
-    out = dict(item, ok=False, slices=0, unhealthy=0, input_slices=0, lesion_voxels=0,
-               lesion_voxels_outside=0, notes="", file="", problem="", traceback="")
+    out = rejected(item, "", "")
     try:
         vol = preprocess_volume(item["pet_path"], item["mask_path"] or None, config)
         table = volume_to_rows(
@@ -151,6 +149,14 @@ def process_patient(item: dict[str, Any], config: PreprocessConfig, root: str | 
                    problem=f"unexpected error {type(err).__name__}: {err}",
                    traceback=traceback.format_exc())
     return out
+
+
+def rejected(item: dict[str, Any], file: str, problem: str, tb: str = "") -> dict[str, Any]:
+    """The result of :func:`process_patient` for a patient refused because ``file`` has
+    ``problem`` (also what a :data:`PatientMap` yields for a patient it refuses to run)."""
+    # Every result has the same keys, so Ray Data sees one schema across blocks.
+    return dict(item, ok=False, slices=0, unhealthy=0, input_slices=0, lesion_voxels=0,
+                lesion_voxels_outside=0, notes="", file=file, problem=problem, traceback=tb)
 
 
 def map_in_process(items: list[dict[str, Any]], config: PreprocessConfig,
@@ -204,7 +210,7 @@ def _check_visible(root: Path, results: list[dict[str, Any]]) -> None:
     problems = []
     for r in results:
         if not r["ok"]:
-            if r["problem"] == "file not found" and Path(r["file"]).is_file():
+            if r["problem"].startswith(NOT_FOUND) and Path(r["file"]).is_file():
                 problems.append(f"{r['file']}: its task found no such file; the driver sees it")
             continue
         path = _slice_file(root, r["split"], r["patient_id"])

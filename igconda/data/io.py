@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from igconda.data.schema import SLICE_SCHEMA, SPLITS
+from igconda.data.schema import HEALTHY, SLICE_SCHEMA, SPLITS, UNHEALTHY
 
 
 class DatasetError(ValueError):
@@ -88,3 +88,28 @@ def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
         raise DatasetError(f"{data_dir}: not a complete igconda dataset (no dataset.json)")
     with fs.open_input_stream(path) as stream:
         return json.loads(stream.read())
+
+
+def check_training_classes(counts: dict[int, int], split_dir: str) -> None:
+    """Refuse a training split without healthy or without unhealthy slices.
+
+    The class-conditional model learns the guidance direction from both classes; trained on one
+    it would run to the end and give anomaly maps that mean nothing. Preprocessing only warns
+    (a cohort may lack lesion slices in a split: ``dataset.json``'s ``warnings``).
+
+    Args:
+        counts: slices per schema label in the split (``ray_jobs.train_runs.label_counts``).
+        split_dir: the split's folder, for the message.
+
+    Raises:
+        DatasetError: naming the folder, the counts and the fix.
+    """
+    healthy, unhealthy = counts.get(HEALTHY, 0), counts.get(UNHEALTHY, 0)
+    if healthy and unhealthy:
+        return
+    missing = "unhealthy (lesion)" if healthy else "healthy" if unhealthy else "any"
+    raise DatasetError(
+        f"{split_dir}: the train split has no {missing} slice ({healthy} healthy, {unhealthy} "
+        f"unhealthy); a class-conditional model needs both classes. Add patients with lesions "
+        f"(and without), or preprocess again with another preprocess.seed or train_fraction so "
+        f"that both land in train (dataset.json lists the cohorts without a lesion slice per split)")

@@ -138,11 +138,13 @@ def parse_manifest(path: str | Path) -> tuple[list[ManifestEntry], list[Manifest
         values = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else "" for k, v in raw.items()}
         pid = values.get("patient_id", "")
         if None in raw:  # csv puts surplus fields under the key None
-            errors.append(ManifestError(path, line, "more fields than header columns", pid or None))
+            errors.append(ManifestError(path, line, "more fields than header columns; quote a value "
+                                                    "that holds a comma", pid or None))
             continue
         empty = [c for c in REQUIRED_COLUMNS if c != "mask_path" and not values.get(c)]
         if empty:
-            errors.append(ManifestError(path, line, f"empty value for {', '.join(empty)}", pid or None))
+            errors.append(ManifestError(path, line, f"empty value for {', '.join(empty)}; fill it in "
+                                                    f"(only mask_path may be empty)", pid or None))
             continue
         if not _SAFE_ID.match(pid):
             errors.append(ManifestError(path, line, f"patient_id {pid!r} must start with a letter or "
@@ -171,7 +173,9 @@ def parse_manifest(path: str | Path) -> tuple[list[ManifestEntry], list[Manifest
             if e.patient_id in duplicated:
                 lines = [str(o.row) for o in entries if o.patient_id == e.patient_id]
                 errors.append(ManifestError(path, e.row, f"duplicate patient_id {e.patient_id!r} "
-                                                         f"(lines {', '.join(lines)})", e.patient_id))
+                                                         f"(lines {', '.join(lines)}); give each study its "
+                                                         f"own patient_id (a person's studies share a "
+                                                         f"subject_id)", e.patient_id))
             else:
                 keep.append(e)
         entries = keep

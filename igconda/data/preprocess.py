@@ -179,7 +179,8 @@ def preprocess_arrays(pet: np.ndarray, affine: np.ndarray, mask: np.ndarray | No
     lo, hi = float(pet_t.min()), float(pet_t.max())
     if not hi > lo:
         raise VolumeError(source, f"PET is constant ({lo:g}) inside the {tuple(int(s) for s in size)} "
-                                  f"field of view after resampling; nothing to scale")
+                                  f"field of view after resampling; nothing to scale: check that "
+                                  f"pet_path names the PET series and export it again")
     # Min–max on the tensor keeps the MetaTensor (and its affine) intact.
     pet_t = (pet_t - lo) / (hi - lo)
 

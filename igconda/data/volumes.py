@@ -23,6 +23,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+#: The start of the problem of a missing file (the job's driver looks for it, see
+#: :func:`igconda.data.build._check_visible`).
+NOT_FOUND = "file not found"
+#: How to fix a mask that does not sit on its PET's grid.
+REGRID_FIX = ("resample the mask onto its PET's grid (nearest neighbour) or pair the PET with the "
+              "mask drawn on it")
+
 #: Largest allowed difference (mm) between a mask's and its PET's affine entries. Scanners and
 #: converters round the affine differently; 1e-3 mm is far below any voxel size.
 AFFINE_TOLERANCE_MM = 1e-3
@@ -83,27 +90,32 @@ def _read(path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read a NIfTI file into a 3D float array, or raise VolumeError."""
     path = Path(path)
     if not path.exists():
-        raise VolumeError(path, "file not found")
+        raise VolumeError(path, f"{NOT_FOUND}; check the path (a manifest's relative paths are "
+                                f"read from the manifest's folder)")
     if not path.is_file():
-        raise VolumeError(path, "not a regular file")
+        raise VolumeError(path, "not a regular file; give the path of a .nii or .nii.gz file")
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
         affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as err:  # nibabel raises many types (ImageFileError, EOFError, zlib.error …)
-        raise VolumeError(path, f"unreadable or corrupt NIfTI file ({type(err).__name__}: {err})") from None
+        raise VolumeError(path, f"unreadable or corrupt NIfTI file ({type(err).__name__}: {err}); "
+                                f"copy or export it again") from None
     notes: list[str] = []
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
         notes.append(f"squeezed a singleton 4th dimension (shape {tuple(img.shape)})")
     if data.ndim != 3:
-        raise VolumeError(path, f"expected a 3D image, got {data.ndim}D with shape {tuple(data.shape)}")
+        raise VolumeError(path, f"expected a 3D image, got {data.ndim}D with shape {tuple(data.shape)}; "
+                                f"give one 3D volume (of a dynamic series, the static frame)")
     if min(data.shape) < 1:
-        raise VolumeError(path, f"empty image of shape {tuple(data.shape)}")
+        raise VolumeError(path, f"empty image of shape {tuple(data.shape)}; export the scan again")
     if not np.all(np.isfinite(affine)):
-        raise VolumeError(path, "the affine (voxel to world transform) contains NaN/Inf")
+        raise VolumeError(path, "the affine (voxel to world transform) contains NaN/Inf; export "
+                                "the scan again with its geometry")
     if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise VolumeError(path, "the affine (voxel to world transform) is singular")
+        raise VolumeError(path, "the affine (voxel to world transform) is singular; export the "
+                                "scan again with its geometry")
     return data, affine, notes
 
 
@@ -124,9 +136,11 @@ def load_pet(path: str | Path) -> LoadedVolume:
     finite = np.isfinite(data)
     if not finite.all():
         bad = int(data.size - finite.sum())
-        raise VolumeError(path, f"PET contains {bad} NaN/Inf voxel(s)")
+        raise VolumeError(path, f"PET contains {bad} NaN/Inf voxel(s); export the scan again, or "
+                                f"set those voxels to 0 if they lie outside the body")
     if not np.any(data):
-        raise VolumeError(path, "PET is all zero (empty scan)")
+        raise VolumeError(path, "PET is all zero (empty scan); check that pet_path names the "
+                                "PET series and export it again")
     check_suv_scale(data, path)
     return LoadedVolume(data=data, affine=affine, path=str(path), notes=notes)
 
@@ -174,17 +188,18 @@ def load_mask(path: str | Path, pet: LoadedVolume, binarize: bool = False) -> Lo
     data, affine, notes = _read(path)
     if data.shape != pet.data.shape:
         raise VolumeError(path, f"mask shape {tuple(data.shape)} does not match PET shape "
-                                f"{tuple(pet.data.shape)} ({pet.path})")
+                                f"{tuple(pet.data.shape)} ({pet.path}); {REGRID_FIX}")
     diff = float(np.max(np.abs(affine - pet.affine)))
     if diff > AFFINE_TOLERANCE_MM:
         raise VolumeError(path, f"mask affine differs from PET affine ({pet.path}) by up to "
-                                f"{diff:.4g} mm (tolerance {AFFINE_TOLERANCE_MM} mm)")
+                                f"{diff:.4g} mm (tolerance {AFFINE_TOLERANCE_MM} mm); {REGRID_FIX}")
     if data.dtype != np.bool_:
         values = np.unique(data)
         shown = ", ".join(f"{v:g}" for v in values[:6]) + (" …" if len(values) > 6 else "")
         if binarize:
             if not (np.all(values >= 0) and np.all(values == np.round(values))):
-                raise VolumeError(path, f"mask labels must be non-negative integers: values {shown}")
+                raise VolumeError(path, f"mask labels must be non-negative integers: values {shown}; "
+                                        f"give a label map, not a probability map")
         elif not np.all(np.isin(values, (0, 1))):
             raise VolumeError(path, f"mask is not binary: values {shown} (expected only 0 and 1; "
                                     "set preprocess.binarize_mask to count every positive label "
