@@ -87,6 +87,9 @@ def validate(cfg: StudyConfig) -> None:
     _check(0 <= t.ema_decay < 1, "train.ema_decay must be in [0, 1)")
     _check(t.valid_every >= 1 and t.checkpoint_every >= 1, "train: valid_every and checkpoint_every must be >= 1")
     _check(t.num_workers >= 1, "train.num_workers must be >= 1")
+    # Ray Train's FailureConfig: -1 restarts for ever, 0 never; other negatives mean nothing.
+    _check(t.max_failures >= -1, f"train.max_failures {t.max_failures} must be >= 0 (restarts "
+           f"after a worker failure) or -1 (restart for ever)")
     _check(t.materialize_max_mb >= 0, "train.materialize_max_mb must be >= 0 (0 = always stream)")
     _check(t.max_timestep == 0 or 2 <= t.max_timestep <= t.num_train_timesteps,
            f"train.max_timestep {t.max_timestep} must be 0 (all) or in [2, {t.num_train_timesteps}]")

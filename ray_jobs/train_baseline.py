@@ -67,6 +67,7 @@ from igconda.baselines.trainers import (
     trainer_class,
 )
 from igconda.config import ConfigError, StudyConfig, load_config
+from igconda.data.io import DatasetError, check_training_classes
 from igconda.evaluation import DPM_CG
 from igconda.train_loop import dataset_version
 from ray_jobs.shared_storage import SharedStorageError, preflight
@@ -163,6 +164,7 @@ def run(args: argparse.Namespace) -> Path:
                              "run ray_jobs.preprocess first")
     size = slice_size(args.data)
     class_counts = label_counts(_join(args.data, "slices", "train"))
+    check_training_classes(class_counts, _join(args.data, "slices", "train"))
     # A bad setting fails before Ray starts.
     settings = method_settings(config, args.method, size, class_counts)
     output = Path(args.output).resolve()
@@ -225,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         best = run(args)
-    except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError, SharedStorageError) as err:
+    except (ConfigError, UsageError, ckpt.CheckpointError, DatasetError, FileNotFoundError,
+            SharedStorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"best checkpoint: {best}")

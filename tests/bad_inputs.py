@@ -258,7 +258,8 @@ for _key, _value, _words in [
         ("train.seed", -3, ("must be >= 0",)),
         ("tune.num_samples", -1, ("must be >= 1",)),
         ("tune.num_samples", 0, ("must be >= 1",)),
-        ("train.num_workers", 0, ("must be >= 1",))]:
+        ("train.num_workers", 0, ("must be >= 1",)),
+        ("train.max_failures", -5, ("must be >= 0", "-1"))]:
     CASES.append(Case(f"{_key}={_value}", f"{_key}: {_value}", CONFIG_LOAD, ConfigError,
                       _config(_key, _value, *_words)))
 
@@ -294,12 +295,10 @@ def _overwrite(d):
                    str(scan), ("refusing to overwrite", "write the output to another file"))
 
 
-@case("train_without_unhealthy", "a train split with no unhealthy slice", "training driver "
-      "(ray_jobs.train, before Ray)", CommandError)
-def _healthy_only(d):
+def _healthy_only_data(d: Path) -> None:
+    """train and valid splits whose lesion slices were dropped (one patient each)."""
     import pyarrow.parquet as pq
 
-    from ray_jobs import train
     from tests.test_train_loop import volume_table
 
     for split in ("train", "valid"):
@@ -308,17 +307,40 @@ def _healthy_only(d):
         table = table.filter(pc.equal(table["label"], HEALTHY))  # the lesion's slices dropped
         pq.write_table(table, d / "slices" / split / f"{split}-0.parquet")
 
+
+def _refused_before_ray(d: Path, main, argv: list[str]) -> Attempt:
+    """The job on healthy-only data; were it accepted, it would start Ray: fail instead."""
+    _healthy_only_data(d)
+
     def call():
         import ray
 
         real = ray.init
-        ray.init = _no_ray  # accepted, the job would start Ray and train: fail instead
+        ray.init = _no_ray
         try:
-            run_command(train.main, ["--data", str(d), "--output", str(d / "out"), "--config",
-                                     str(TEST_CONFIG), "--no-tracking"])
+            run_command(main, argv)
         finally:
             ray.init = real
     return Attempt(call, f"{d}/slices/train", ("no unhealthy (lesion) slice", "Add patients with lesions"))
+
+
+@case("train_without_unhealthy", "a train split with no unhealthy slice", "training driver "
+      "(ray_jobs.train, before Ray)", CommandError)
+def _healthy_only(d):
+    from ray_jobs import train
+
+    return _refused_before_ray(d, train.main, ["--data", str(d), "--output", str(d / "out"),
+                                               "--config", str(TEST_CONFIG), "--no-tracking"])
+
+
+@case("baseline_without_unhealthy", "a train split with no unhealthy slice, for a baseline",
+      "baseline training driver (ray_jobs.train_baseline, before Ray)", CommandError)
+def _healthy_only_baseline(d):
+    from ray_jobs import train_baseline
+
+    return _refused_before_ray(d, train_baseline.main, [
+        "--method", "hirescam", "--data", str(d), "--output", str(d / "out"), "--config",
+        str(TEST_CONFIG), "--no-tracking"])
 
 
 def _no_ray(*_, **__):
