@@ -43,6 +43,7 @@ from igconda.data.build import (
     summary_to_dict,
 )
 from igconda.data.manifest import ManifestError
+from ray_jobs.console import add_verbose_flag, init_ray
 
 
 def map_on_ray_data(items: list[dict[str, Any]], config: PreprocessConfig, root: str, *,
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="study YAML (default: the paper's settings)")
     parser.add_argument("--strict", action="store_true", help="fail, writing nothing, if any patient is rejected")
     parser.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    add_verbose_flag(parser)
     parser.add_argument("--num-cpus-per-volume", type=non_negative_float, default=None,
                         help="CPUs per Ray task (default: preprocess.num_cpus_per_volume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -120,12 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return 2
 
-    import ray
 
     from ray_jobs.shared_storage import SharedStorageError, check_shared
 
-    if not ray.is_initialized():
-        ray.init(address=args.address)
+    init_ray(args.address, verbose=args.verbose)  # quiet unless --verbose: ray_jobs.console
     try:
         # The tasks write into a hidden sibling of --output, so its parent is what they must see.
         check_shared(Path(args.output).expanduser().absolute().parent,
