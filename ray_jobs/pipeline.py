@@ -29,6 +29,10 @@ or a stage before it changed) is re-run with every stage after it, saying what c
 (:mod:`ray_jobs.stage_records`, ``<output>/stages.json``): a re-run never reuses a stale output.
 ``--force STAGE`` re-runs one stage and everything after it from scratch (``--force train``
 discards the previous training's checkpoints); ``--stop-after STAGE`` stops once STAGE is done.
+
+The console shows each stage once with its progress; ``--verbose`` adds Ray's own logs, which
+are always in Ray's session logs, and every log record of the driver goes to
+``<output>/pipeline.log`` (:mod:`ray_jobs.console`).
 """
 
 from __future__ import annotations
