@@ -6,14 +6,14 @@ the same whether a job runs alone, inside ``ray_jobs.pipeline`` or under ``ray j
 - **Quiet by default.** Ray's workers and actors are not echoed to the driver
   (``ray.init(log_to_driver=False)``: no ``(RayTrainWorker pid=...)`` lines, no epoch line twice,
   no actor tracebacks of Ray's own housekeeping), Ray's and Ray Data's driver-side loggers print
-  only errors, Ray Data draws no progress bars, MLflow prints only warnings and no download
-  bars, and Python warnings raised inside Ray's own modules are not shown. igconda's loggers
-  print warnings and errors; their INFO lines go to the log file.
+  only errors, Ray Data draws no progress bars, Ray Tune prints no status tables, MLflow prints
+  only warnings and no download bars, and Python warnings raised inside Ray's own modules are
+  not shown. igconda's loggers print warnings and errors; their INFO lines go to the log file.
 - **Nothing is lost.** Every worker's and actor's output stays in Ray's session logs
   (``<session_dir>/logs``; :func:`init_ray` prints where, ``/tmp/ray/session_latest/logs`` on a
   local run), Ray Data's in ``<session_dir>/logs/ray-data``, and with ``log_file`` (the pipeline's
   ``<study>/pipeline.log``) every driver-side log record at INFO and above, Ray's included.
-- **``--verbose``** (every job and the pipeline: :func:`add_verbose_flag`) brings all of Ray's
+- **``--verbose``** (the pipeline and its jobs: :func:`add_verbose_flag`) brings all of Ray's
   output back to the console as Ray prints it by default.
 - **Progress bars** (:func:`progress`): tqdm with an ETA on a terminal; where the output is not a
   terminal (CI, ``ray job submit`` logs) one plain line every :data:`LINE_INTERVAL_S` seconds and
@@ -42,6 +42,13 @@ THIRD_PARTY_LOGGERS = ("ray", "ray.data", "mlflow")
 VERBOSE_HELP = ("show Ray's own logs on the console (worker and actor output, Ray's INFO lines, "
                 "Ray Data's progress); they are always on disk in Ray's session logs")
 
+#: Environment of a quiet console: no MLflow download bars, no Ray Data bars (one block every
+#: few seconds off a terminal would bury the stages'), and Ray Tune's legacy output engine, which
+#: at the tune job's verbosity 0 prints nothing (the newer one still prints a header per run).
+QUIET_ENV = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+             "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+             "RAY_AIR_NEW_OUTPUT": "0"}
+
 _state: dict[str, Any] = {"verbose": False}
 _OWN = "_igconda_console"  # attribute marking the handlers this module added
 
@@ -69,11 +76,14 @@ def configure(verbose: bool | None = None, log_file: str | Path | None = None) -
     if verbose is not None:
         _state["verbose"] = bool(verbose)
     verbose = is_verbose()
-    # Read by MLflow and Ray Data when they are imported or start a dataset: set them first.
-    if not verbose:
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        # Ray Data's bars (one block every few seconds on a non-terminal) would bury the stages'.
-        os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Read by MLflow, Ray Data and Ray Tune when they start a download, a dataset or a run.
+    for name, value in QUIET_ENV.items():
+        if not verbose and name not in os.environ:
+            os.environ[name] = value
+            _state.setdefault("env_set", set()).add(name)
+        elif verbose and name in _state.get("env_set", ()):
+            os.environ.pop(name, None)  # only what this module set: a user's own choice stays
+            _state["env_set"].discard(name)
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     ours_level = logging.INFO if verbose else logging.WARNING

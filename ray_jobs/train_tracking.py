@@ -78,8 +78,9 @@ def finish_mlflow_run(args: argparse.Namespace, tracking_uri: str, run_id: str, 
 def fit_and_finish(trainer: Any, args: argparse.Namespace, output: Path, record: dict[str, Any], *,
                    tracking_uri: str, mlflow_cfg: dict[str, Any] | None,
                    outage: dict[str, str]) -> Path:
-    """Fit ``trainer`` (with an epoch bar on the console), copy its best checkpoint to ``output/best`` (``record`` goes into its
-    pointer file) and end the training's MLflow run; returns the local best checkpoint.
+    """Fit ``trainer`` (with the driver's epoch bar, :mod:`ray_jobs.train_progress`), copy its
+    best checkpoint to ``output/best`` (``record`` goes into its pointer file) and end the
+    training's MLflow run; returns the local best checkpoint.
 
     The run always ends, FINISHED once the best checkpoint is saved (and logged), else FAILED;
     an outage while logging costs the MLflow run, never the saved model.

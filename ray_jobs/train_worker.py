@@ -91,7 +91,8 @@ def _maybe_inject_fault(fault: dict[str, Any] | None, epoch: int, rank: int) -> 
 
 
 def console_line(text: str) -> None:
-    """Write one line to the worker's stdout, which Ray forwards to the driver once.
+    """Write one line to the worker's stdout: its Ray log file, and the driver's console once
+    with ``--verbose`` (by default the driver shows an epoch bar instead: ray_jobs.console).
 
     Not ``print``: Ray Train patches ``print`` in its workers to log the message *and*, where
     Ray has replaced ``sys.stdout``, to print it as well, so every line reached the driver twice.

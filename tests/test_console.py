@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -24,8 +25,13 @@ RAY_LOG_LINE = re.compile(r"\b(INFO|WARNING) \w+\.py:\d+ -- ")
 
 
 @pytest.fixture
-def restore_logging():
+def restore_logging(monkeypatch):
     """The console changes process-wide logging state: put it back after each test."""
+    for name in console.QUIET_ENV:  # monkeypatch puts each back (or removes it) afterwards
+        if name in os.environ:
+            monkeypatch.setenv(name, os.environ[name])
+        else:
+            monkeypatch.delenv(name, raising=False)
     names = ("", *console.THIRD_PARTY_LOGGERS)
     saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers),
                  [h.level for h in logging.getLogger(n).handlers]) for n in names}
@@ -108,6 +114,17 @@ def test_quiet_by_default_everything_in_the_log_file_and_verbose_brings_ray_back
 
     console.configure(None)  # a job run in-process without --verbose keeps the pipeline's choice
     assert console.is_verbose()
+
+
+def test_a_quiet_console_sets_only_the_environment_it_owns(restore_logging, monkeypatch):
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")  # the user's own choice
+    monkeypatch.delenv("RAY_DATA_DISABLE_PROGRESS_BARS", raising=False)
+    console.configure(verbose=False)
+    assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1"
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+    console.configure(verbose=True)
+    assert "RAY_DATA_DISABLE_PROGRESS_BARS" not in os.environ
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
 
 
 def test_warnings_from_rays_own_modules_are_hidden_unless_verbose(restore_logging):
