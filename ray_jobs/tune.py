@@ -40,6 +40,7 @@ from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoin
 from igconda.config import ConfigError, load_config
 from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint
 from ray_jobs.console import add_verbose_flag, init_ray, is_verbose
+from ray_jobs.tune_progress import trial_bar
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             run_tuning(args.checkpoint, args.data, args.output, study=study,
                        tracking_uri=args.tracking_uri, experiment=args.experiment,
                        parent_run_id=args.parent_run_id, share_encoding=not args.trial_per_pair,
-                       verbose=int(is_verbose()))  # Tune's status tables with --verbose only
+                       verbose=int(is_verbose()),  # Tune's status tables with --verbose only
+                       callbacks=[trial_bar()])
     except SharedStorageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

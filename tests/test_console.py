@@ -84,6 +84,20 @@ def test_epoch_bar_follows_reports_forward_and_back_after_a_restart():
     assert "4/4" in out.getvalue().splitlines()[-1]
 
 
+def test_tuning_trial_bar_counts_done_and_failed_trials(capsys):
+    from ray_jobs.tune_progress import trial_bar
+
+    callback = trial_bar()
+    callback.setup(total_num_samples=3)
+    callback.on_trial_complete(iteration=1, trials=[], trial=None)
+    callback.on_trial_error(iteration=2, trials=[], trial=None)
+    callback.on_trial_complete(iteration=3, trials=[], trial=None)
+    callback.on_experiment_end(trials=[])
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("tune:") and "0/3" in lines[0]
+    assert "3/3" in lines[-1] and "1 failed" in lines[-1]
+
+
 # ---- loggers ----------------------------------------------------------------------------------
 
 def test_quiet_by_default_everything_in_the_log_file_and_verbose_brings_ray_back(
