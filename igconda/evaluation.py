@@ -75,14 +75,25 @@ METHOD_TITLES = {
     HIRESCAM: "ResNet-18 HiResCAM",
     SUPERVISED: "supervised (upper bound)",
 }
-#: Column titles of :func:`format_table`.
+#: Display titles of the metrics, the one place they are spelled: the tables of
+#: :func:`format_table`, the study report (:mod:`igconda.report_tables`) and the comparison's
+#: tables and figures. ``sensitivity_pooled`` is :func:`summarize`'s found / lesions of a group.
 METRIC_TITLES = {
     "dsc_max": "⌈DSC⌉",
     "dice_tau": "Dice@τ",
     "hd95": "HD95 (px)",
     "auprc": "AUPRC",
     "sensitivity": "Sensitivity (per-slice)",
+    "sensitivity_pooled": "Sensitivity (pooled)",
 }
+
+
+def pooled_sensitivity_cell(row: Mapping[str, Any], digits: int = 3) -> str:
+    """A :func:`summarize` row's pooled lesion sensitivity as ``"0.500 (3/6)"`` (``–`` if none)."""
+    value = row.get("sensitivity_pooled", np.nan)
+    if pd.isna(value):
+        return "–"
+    return f"{value:.{digits}f} ({int(row['n_detected'])}/{int(row['n_lesions'])})"
 
 
 def igconda_method(kind: str) -> str:
@@ -329,7 +340,7 @@ def format_table(summary: pd.DataFrame, digits: int = 3) -> str:
     pooled = "sensitivity_pooled" in summary.columns
     header = ["Group", "Unhealthy slices", *(METRIC_TITLES.get(m, m) for m in metrics)]
     if pooled:
-        header.append("Sensitivity (pooled)")
+        header.append(METRIC_TITLES["sensitivity_pooled"])
     parts = []
     for method, table in summary.groupby("method", sort=False):
         title = METHOD_TITLES.get(str(method), str(method))
@@ -342,9 +353,7 @@ def format_table(summary: pd.DataFrame, digits: int = 3) -> str:
                 mean, std = row[f"{m}_mean"], row[f"{m}_std"]
                 cells.append("–" if pd.isna(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")
             if pooled:
-                value = row["sensitivity_pooled"]
-                cells.append("–" if pd.isna(value) else
-                             f"{value:.{digits}f} ({int(row['n_detected'])}/{int(row['n_lesions'])})")
+                cells.append(pooled_sensitivity_cell(row, digits))
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)

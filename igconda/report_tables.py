@@ -10,19 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
+from igconda.evaluation import METRIC_TITLES, pooled_sensitivity_cell, summarize
 from igconda.figures import ordered_methods
-
-#: Display names of the per-slice metric columns.
-METRIC_TITLES = {
-    "dsc_max": "⌈DSC⌉",
-    "dice_tau": "Dice@τ (calibrated)",
-    "hd95": "HD95 (px)",
-    "auprc": "AUPRC",
-    "sensitivity": "Detection sensitivity",
-}
 
 
 def methods_table(per_slice: pd.DataFrame, digits: int = 3,
@@ -32,8 +23,8 @@ def methods_table(per_slice: pd.DataFrame, digits: int = 3,
     One call of :func:`igconda.evaluation.summarize` (unhealthy slices only; rows ``internal
     (all)`` / ``external (all)`` when a ``role`` column exists). ⌈DSC⌉ picks each slice's best
     threshold from its ground truth; Dice@τ is at the one threshold calibrated on the tune split
-    (``–`` where a method has none), the number a user can expect. Detection sensitivity is the
-    pooled lesion-level value (detected / lesions).
+    (``–`` where a method has none), the number a user can expect. Sensitivity is the pooled
+    lesion-level value (detected / lesions). Column titles: :data:`igconda.evaluation.METRIC_TITLES`.
 
     Args:
         per_slice: one row per slice and method with ``method``, ``cohort`` and the metric
@@ -45,8 +36,6 @@ def methods_table(per_slice: pd.DataFrame, digits: int = 3,
         A DataFrame indexed by cohort with an ``unhealthy slices`` column and (metric, method)
         column pairs of formatted strings.
     """
-    from igconda.evaluation import summarize
-
     if "method" not in per_slice.columns:
         raise ValueError("per_slice needs a 'method' column")
     metrics = [m for m in ("dsc_max", "dice_tau", "hd95", "auprc") if m in per_slice.columns]
@@ -57,7 +46,7 @@ def methods_table(per_slice: pd.DataFrame, digits: int = 3,
     groups = list(dict.fromkeys(summary["group"]))
     indexed = {m: summary[summary["method"] == m].set_index("group") for m in methods}
     columns: dict[tuple[str, str], list[str]] = {}
-    for metric in [*metrics, "sensitivity"]:
+    for metric in [*metrics, "sensitivity_pooled"]:
         for method in methods:
             table = indexed[method]
             cells = []
@@ -66,10 +55,8 @@ def methods_table(per_slice: pd.DataFrame, digits: int = 3,
                     cells.append("–")
                     continue
                 row = table.loc[group]
-                if metric == "sensitivity":
-                    value = row.get("sensitivity_pooled", np.nan)
-                    cells.append("–" if pd.isna(value) else
-                                 f"{value:.{digits}f} ({int(row['n_detected'])}/{int(row['n_lesions'])})")
+                if metric == "sensitivity_pooled":
+                    cells.append(pooled_sensitivity_cell(row, digits))
                 else:
                     mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
                     cells.append("–" if pd.isna(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}")

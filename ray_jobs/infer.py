@@ -29,9 +29,11 @@ or on a cluster::
     ray job submit --working-dir . -- python -m ray_jobs.infer --checkpoint s3://… --data … \\
         --output … --config configs/paper.yaml
 
-Settings, highest precedence first: command-line flags, ``--tuned best.json`` (D, w, map kind
-and the τ's from ``ray_jobs.tune``), ``--config`` (its ``infer`` and ``tracking`` sections), the
-checkpoint's own config. Outputs under ``--output``::
+Settings, highest precedence first (:mod:`ray_jobs.infer_config`): command-line flags,
+``--tuned best.json`` (D, w, map kind and the τ's from ``ray_jobs.tune``), ``--config`` (its
+``infer`` and ``tracking`` sections), the checkpoint's own config. The console shows one bar over
+the slices to predict (ETA, patients written; :mod:`ray_jobs.console`, ``--verbose`` for Ray's
+own logs). Outputs under ``--output``::
 
     slices/<patient_id>.parquet         per-slice predictions (igconda.data.schema.PREDICTION_SCHEMA)
     tables/per_cohort.{csv,md}          the chosen IgCONDA map, paper Table-1 format + Dice@τ
@@ -74,18 +76,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-import yaml
 
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, non_negative_float, positive_int
-from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
-from igconda.config import ConfigError, StudyConfig, load_config
+from igconda.config import StudyConfig
 from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint
 from igconda.data.schema import SPLITS
-from igconda.ddim_grid import check_counterfactual_params
-from igconda.evaluation import igconda_method
 from igconda.map_kinds import MAP_KINDS
 from igconda.train_loop import dataset_version
+from ray_jobs.console import add_verbose_flag, configure, init_ray, progress
+from ray_jobs.infer_config import resolve_config  # noqa: F401  (re-exported, as below)
 from ray_jobs.infer_outputs import (  # noqa: F401  (re-exported for callers of the job module)
     export_volumes,
     log_infer_run,
@@ -161,83 +161,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-volumes", action="store_true", help="skip the 3D NIfTI export")
     p.add_argument("--log-slices", action="store_true",
                    help="also upload the per-slice Parquet files to MLflow (large on real data)")
+    add_verbose_flag(p)
     return p.parse_args(argv)
-
-
-def resolve_config(args: argparse.Namespace) -> tuple[StudyConfig, InferSettings]:
-    """Apply the precedence CLI > tuned file > --config > checkpoint's config.
-
-    Raises:
-        InferError: unreadable checkpoint, config or tuned file, or invalid D/s/w.
-    """
-    checkpoint = Path(args.checkpoint)
-    try:
-        base = load_checkpoint_config(checkpoint)
-        # Here, not in each actor, where a damaged file would end the job with a remote traceback.
-        check_checkpoint(checkpoint)
-    except (CheckpointError, ConfigError) as err:
-        raise InferError(f"checkpoint {checkpoint}: {err}") from None
-    infer: dict[str, Any] = {}
-    track: dict[str, Any] = {}
-    if args.config:
-        path = Path(args.config)
-        try:
-            load_config(path)  # full validation, with the file named in errors
-            raw = yaml.safe_load(path.read_text()) or {}
-        except (ConfigError, OSError, yaml.YAMLError) as err:
-            raise InferError(f"config {path}: {err}") from None
-        # Only the sections that do not define the model: the network must match its weights.
-        infer.update(raw.get("infer") or {})
-        track.update(raw.get("tracking") or {})
-    stride_from_cli = args.stride is not None
-    thresholds: dict[str, float] = {}
-    if args.tuned:
-        from tuning.results import read_best
-        from tuning.trial import TuningError
-
-        path = Path(args.tuned)
-        try:
-            tuned = read_best(path)
-            infer["noise_level"] = int(tuned["noise_level"])
-            infer["guidance_scale"] = float(tuned["guidance_scale"])
-            infer["map_kind"] = str(tuned["map_kind"])
-            if tuned.get("threshold") is not None:
-                infer["threshold"] = float(tuned["threshold"])
-            thresholds = {str(k): float(v) for k, v in (tuned.get("thresholds") or {}).items()
-                          if v is not None}
-        except (TuningError, ValueError, KeyError, TypeError) as err:
-            raise InferError(f"tuned parameters {path}: cannot read them "
-                             f"({type(err).__name__}: {err})") from None
-        # The stride is a speed setting of inference, but it must divide the tuned D; fall back
-        # to the stride the tuning itself used when it does not.
-        stride = int(infer.get("stride", base.infer.stride))
-        if not stride_from_cli and infer["noise_level"] % stride and "stride" in tuned:
-            logger.warning("stride %d does not divide tuned D=%d; using the tuning stride %s",
-                           stride, infer["noise_level"], tuned["stride"])
-            infer["stride"] = int(tuned["stride"])
-    for key, value in (("noise_level", args.noise_level), ("guidance_scale", args.guidance_scale),
-                       ("stride", args.stride), ("batch_size", args.batch_size),
-                       ("concurrency", args.concurrency), ("num_gpus_per_actor", args.num_gpus),
-                       ("map_kind", args.map_kind), ("threshold", args.threshold)):
-        if value is not None:
-            infer[key] = value
-    try:
-        config = load_config(checkpoint / "config.yaml", overrides={"infer": infer, "tracking": track})
-    except ConfigError as err:
-        raise InferError(str(err)) from None
-    i = config.infer
-    try:
-        check_counterfactual_params(i.noise_level, i.stride, i.guidance_scale,
-                                    config.train.num_train_timesteps)
-    except ValueError as err:
-        raise InferError(str(err)) from None
-    # The chosen map's τ is the one in effect (CLI > tuned > config); methods tuning did not
-    # calibrate keep no τ and their Dice@τ stays empty rather than borrowing another's.
-    thresholds[igconda_method(i.map_kind)] = float(i.threshold)
-    settings = InferSettings(str(checkpoint.resolve()), i.noise_level, float(i.guidance_scale),
-                             i.stride, i.map_kind, weights_digest(checkpoint),
-                             float(i.threshold), thresholds)
-    return config, settings
 
 
 def actor_cpu_warning(concurrency: int, cpus_per_actor: float, cluster_cpus: float) -> str | None:
@@ -274,7 +199,6 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
                                 float(ray.cluster_resources().get("CPU", 0.0)))
     if problem:
         logger.warning(problem)
-        print(f"    warning: {problem}", flush=True)
     ds = ray.data.read_parquet([str(f) for f in files.values()]).select_columns(list(PREDICTOR_INPUT))
     ds = ds.map_batches(
         CounterfactualPredictor,
@@ -295,24 +219,24 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
     pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     written: list[str] = []
-    total = sum(expected[p] for p in files)
-    done_slices, started = 0, time.perf_counter()
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        ids = np.asarray(batch["patient_id"]).astype(str)
-        for pid in np.unique(ids):
-            rows = np.flatnonzero(ids == pid)
-            pending[pid].append(_slice_rows(batch, rows))
-            counts[pid] += len(rows)
-            done_slices += len(rows)
-            if counts[pid] > expected[pid]:
-                raise InferError(f"patient {pid}: got {counts[pid]} slices, expected {expected[pid]}")
-            if counts[pid] == expected[pid]:
-                write_patient(_concat(pending.pop(pid)), out_dir / f"{pid}.parquet", settings,
-                              digests[pid])
-                written.append(pid)
-                rate = done_slices / max(time.perf_counter() - started, 1e-9)
-                print(f"    [{len(written)}/{len(files)}] {pid}: {expected[pid]} slices "
-                      f"({done_slices}/{total} done, {rate:.1f} slices/s)", flush=True)
+    bar = progress(sum(expected[p] for p in files), "infer", "slice")
+    with bar:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ids = np.asarray(batch["patient_id"]).astype(str)
+            for pid in np.unique(ids):
+                rows = np.flatnonzero(ids == pid)
+                pending[pid].append(_slice_rows(batch, rows))
+                counts[pid] += len(rows)
+                if counts[pid] > expected[pid]:
+                    raise InferError(f"patient {pid}: got {counts[pid]} slices, "
+                                     f"expected {expected[pid]}")
+                if counts[pid] == expected[pid]:
+                    write_patient(_concat(pending.pop(pid)), out_dir / f"{pid}.parquet", settings,
+                                  digests[pid])
+                    written.append(pid)
+                    bar.set_postfix_str(f"{len(written)}/{len(files)} patients written",
+                                        refresh=False)
+                bar.update(len(rows))
     if pending:
         raise InferError(f"incomplete results for patients {sorted(pending)}")
     return written
@@ -324,8 +248,6 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
 
 def run(args: argparse.Namespace) -> InferResult:
     """The whole job (see the module docstring); Ray is started here if it is not running."""
-    import ray
-
     config, settings = resolve_config(args)
     data, output = Path(args.data), Path(args.output)
     # Slices made otherwise than the checkpoint's training data are refused before any work.
@@ -334,8 +256,7 @@ def run(args: argparse.Namespace) -> InferResult:
     except PreprocessMismatch as err:
         raise InferError(str(err)) from None
     if problem:
-        logger.warning(problem)
-        print(f"infer: warning: {problem}", flush=True)
+        logger.warning(problem)  # on the console and in the log file (ray_jobs.console)
     inputs = list_patients(data, args.split)
     slices_dir = output / "slices"
     expected = {pid: pq.read_metadata(f).num_rows for pid, f in inputs.items()}
@@ -358,8 +279,7 @@ def run(args: argparse.Namespace) -> InferResult:
     timings = {}
     started = time.perf_counter()
     if todo:
-        if not ray.is_initialized():
-            ray.init(address=args.address)
+        init_ray(args.address)
         # Only the driver writes under --output; the actors load the checkpoint and Ray Data's
         # readers read --data on their own nodes, so those are what every node must see.
         preflight(data=data, checkpoints={"--checkpoint": settings.checkpoint})
@@ -420,7 +340,7 @@ def run(args: argparse.Namespace) -> InferResult:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure(verbose=args.verbose)
     try:
         run(args)
     except (InferError, SharedStorageError) as err:

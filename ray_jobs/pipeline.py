@@ -29,6 +29,10 @@ or a stage before it changed) is re-run with every stage after it, saying what c
 (:mod:`ray_jobs.stage_records`, ``<output>/stages.json``): a re-run never reuses a stale output.
 ``--force STAGE`` re-runs one stage and everything after it from scratch (``--force train``
 discards the previous training's checkpoints); ``--stop-after STAGE`` stops once STAGE is done.
+
+The console shows each stage once with its progress; ``--verbose`` adds Ray's own logs, which
+are always in Ray's session logs, and every log record of the driver goes to
+``<output>/pipeline.log`` (:mod:`ray_jobs.console`).
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -46,7 +49,7 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import ConfigError, load_config
 from igconda.io_utils import atomic_write
-from ray_jobs import stage_records
+from ray_jobs import console, stage_records
 from ray_jobs.study_steps import (
     STAGES,
     StudyPaths,
@@ -57,6 +60,8 @@ from ray_jobs.study_steps import (
 )
 
 SELF_LOGGING_STAGES = ("train", "tune", "infer")
+#: The study's log: every driver-side log record (igconda's, Ray's, Ray Data's) at INFO and above.
+LOG_FILE = "pipeline.log"
 
 
 def _banner(message: str) -> None:
@@ -86,6 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="register the study's model folder as a version of this MLflow model")
     parser.add_argument("--skip-tune", action="store_true",
                         help="use the config's infer.noise_level/guidance_scale instead of tuning")
+    console.add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -132,15 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             return True
         return False
 
-    import ray
-    import ray.data
-
-    # Ray Data's progress bars print a block every few seconds on a non-interactive terminal,
-    # burying the stage messages; the stages print their own progress.
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if not ray.is_initialized():
-        ray.init(address=args.address, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Each stage once with its progress; Ray's own logs with --verbose, and always on disk
+    # (Ray's session logs, and every log record in <study>/pipeline.log): ray_jobs.console.
+    console.configure(args.verbose, log_file=paths.root / LOG_FILE)
+    console.init_ray(args.address)
     common = ["--tracking-uri", tracking_uri, "--experiment", experiment]
     if args.address:
         common += ["--address", args.address]
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"    report:  {paths.report}")
     print(f"    model:   {paths.model}  (igconda detect SCAN.nii.gz --checkpoint {paths.model} -o OUT.nii.gz)")
     print(f"    MLflow:  mlflow ui --backend-store-uri {tracking_uri}")
+    print(f"    log:     {paths.root / LOG_FILE}  (each worker's: Ray's session logs)")
     return 0
 
 

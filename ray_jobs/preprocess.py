@@ -46,6 +46,7 @@ from igconda.data.build import (
 )
 from igconda.data.manifest import ManifestError
 from igconda.data.memory import preprocess_memory_bytes, too_large
+from ray_jobs.console import add_verbose_flag, init_ray
 
 
 def node_memory_capacity() -> float:
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="study YAML (default: the paper's settings)")
     parser.add_argument("--strict", action="store_true", help="fail, writing nothing, if any patient is rejected")
     parser.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    add_verbose_flag(parser)
     parser.add_argument("--num-cpus-per-volume", type=non_negative_float, default=None,
                         help="CPUs per Ray task (default: preprocess.num_cpus_per_volume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -167,12 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", err)
         return 2
 
-    import ray
 
     from ray_jobs.shared_storage import SharedStorageError, check_shared
 
-    if not ray.is_initialized():
-        ray.init(address=args.address)
+    init_ray(args.address, verbose=args.verbose)  # quiet unless --verbose: ray_jobs.console
     try:
         # The tasks write into a hidden sibling of --output, so its parent is what they must see.
         check_shared(Path(args.output).expanduser().absolute().parent,

@@ -65,6 +65,7 @@ from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.compat import PreprocessMismatch, check_dataset_settings
 from igconda.data.io import DatasetError, check_training_classes
 from igconda.train_loop import TRAIN_COLUMNS, VALID_COLUMNS, dataset_version
+from ray_jobs.console import add_verbose_flag, init_ray
 from ray_jobs.shared_storage import SharedStorageError, preflight
 from ray_jobs.train_runs import (  # noqa: F401  (the helpers other modules import from here)
     UsageError,
@@ -119,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also register the best checkpoint as a version of this MLflow model")
     parser.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     parser.add_argument("--address", default=None, help="Ray address (default: auto / start local Ray)")
+    add_verbose_flag(parser)
     parser.add_argument("--smoke-test", action="store_true", help="1 epoch on a few batches")
     return parser.parse_args(argv)
 
@@ -225,8 +227,7 @@ def run(args: argparse.Namespace) -> Path:
 
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=args.address)
+    init_ray(args.address, verbose=args.verbose)  # quiet unless --verbose: ray_jobs.console
     # Before anything is opened or started: rank 0 writes the checkpoints into the storage path
     # and (default store) logs to <output>/mlflow.db; every worker reads --data.
     own_storage = "://" not in storage_path and not Path(storage_path).is_relative_to(output)

@@ -24,6 +24,7 @@ from igconda.baselines.trainer_base import rows_of_rank
 from igconda.baselines.trainers import create_trainer
 from igconda.config import from_dict
 from igconda.train_loop import DATA_VERSION_KEY, SCORE_METRIC
+from ray_jobs.train_progress import TOTAL_KEY
 from ray_jobs.train_worker import (
     _all_reduce_max,
     _all_reduce_sum,
@@ -155,6 +156,7 @@ def train_baseline_func(config: dict[str, Any]) -> None:
         _log(logger, {k: v for k, v in metrics.items() if k != "epoch" and math.isfinite(v)}, epoch)
         if rank == 0:
             console_line(epoch_line(f"{config['method']} epoch {epoch}/{total}", metrics))
+        metrics[TOTAL_KEY] = total  # reported only: the driver's epoch bar (ray_jobs.train_progress)
         name = f"checkpoint_epoch_{epoch:06d}"
         if rank != 0:  # only rank 0 writes; every rank reports (Ray syncs the folder name)
             ray.train.report(metrics, checkpoint_dir_name=name)

@@ -78,17 +78,21 @@ def finish_mlflow_run(args: argparse.Namespace, tracking_uri: str, run_id: str, 
 def fit_and_finish(trainer: Any, args: argparse.Namespace, output: Path, record: dict[str, Any], *,
                    tracking_uri: str, mlflow_cfg: dict[str, Any] | None,
                    outage: dict[str, str]) -> Path:
-    """Fit ``trainer``, copy its best checkpoint to ``output/best`` (``record`` goes into its
-    pointer file) and end the training's MLflow run; returns the local best checkpoint.
+    """Fit ``trainer`` (with the driver's epoch bar, :mod:`ray_jobs.train_progress`), copy its
+    best checkpoint to ``output/best`` (``record`` goes into its pointer file) and end the
+    training's MLflow run; returns the local best checkpoint.
 
     The run always ends, FINISHED once the best checkpoint is saved (and logged), else FAILED;
     an outage while logging costs the MLflow run, never the saved model.
     """
+    from ray_jobs.train_progress import epoch_bar
     from ray_jobs.train_runs import export_best
 
     status = "FAILED"
     try:
-        best = export_best(trainer.fit(), output, {
+        with epoch_bar(trainer):  # the driver's epoch bar from the workers' reports
+            result = trainer.fit()
+        best = export_best(result, output, {
             **record, "mlflow_run_id": mlflow_cfg and mlflow_cfg["run_id"],
             "tracking_uri": tracking_uri or None})
         status = "FINISHED"

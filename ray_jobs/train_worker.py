@@ -36,6 +36,7 @@ from igconda.train_loop import (
     decode_slice_batch,
     weights_checksum,
 )
+from ray_jobs.train_progress import TOTAL_KEY
 
 
 def make_collate_fn(mask: bool = False) -> Any:
@@ -90,7 +91,8 @@ def _maybe_inject_fault(fault: dict[str, Any] | None, epoch: int, rank: int) -> 
 
 
 def console_line(text: str) -> None:
-    """Write one line to the worker's stdout, which Ray forwards to the driver once.
+    """Write one line to the worker's stdout: its Ray log file, and the driver's console once
+    with ``--verbose`` (by default the driver shows an epoch bar instead: ray_jobs.console).
 
     Not ``print``: Ray Train patches ``print`` in its workers to log the message *and*, where
     Ray has replaced ``sys.stdout``, to print it as well, so every line reached the driver twice.
@@ -219,19 +221,21 @@ def train_func(config: dict[str, Any]) -> None:
                 raise RuntimeError(f"DDP replicas diverged at epoch {epoch} (checksum spread {spread:g})")
             metrics["replica_checksum_spread"] = spread
         _log(logger, {k: v for k, v in metrics.items() if k != "epoch"}, epoch)
-        if rank == 0:
+        if rank == 0:  # on the console with --verbose only; always in the worker's log file
             console_line(epoch_line(f"epoch {epoch}/{train_cfg.epochs}", metrics))
+        # The driver's epoch bar (ray_jobs.train_progress) takes its total from the report.
+        reported = {**metrics, TOTAL_KEY: train_cfg.epochs}
 
         if not do_checkpoint:
-            ray.train.report(metrics)
+            ray.train.report(reported)
             continue
         name = f"checkpoint_epoch_{epoch:06d}"
         if rank != 0:  # only rank 0 writes; every rank reports (Ray syncs the folder name)
-            ray.train.report(metrics, checkpoint_dir_name=name)
+            ray.train.report(reported, checkpoint_dir_name=name)
             continue
         with tempfile.TemporaryDirectory(prefix="igconda-ckpt-") as tmp:
             folder = session.save(Path(tmp) / "checkpoint", metadata={
                 **meta_extra, "valid_loss": metrics[SCORE_METRIC], "train_loss": metrics["train_loss"],
                 "is_best": bool(is_best)})
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
+            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(str(folder)),
                              checkpoint_dir_name=name)

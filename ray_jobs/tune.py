@@ -39,6 +39,8 @@ from igconda.argtypes import TRACKING_URI_HELP, non_negative_int
 from igconda.checkpoint import CheckpointError, check_checkpoint, load_checkpoint_config
 from igconda.config import ConfigError, load_config
 from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint
+from ray_jobs.console import add_verbose_flag, init_ray, is_verbose
+from ray_jobs.tune_progress import trial_bar
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default=None, help="MLflow experiment name")
     parser.add_argument("--parent-run-id", default=None, help="nest the tune run under this run")
     parser.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    add_verbose_flag(parser)
     parser.add_argument("--max-slices", type=non_negative_int, default=None, help="override tune.max_slices")
     parser.add_argument("--trial-per-pair", action="store_true",
                         help="one trial per (D, w) instead of one per D decoding every w "
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=args.address)
+        init_ray(args.address, verbose=args.verbose)  # quiet unless --verbose: ray_jobs.console
     try:
         # Trials write their results under <output>/ray_results and load the checkpoints on
         # their node; the driver reads the tune slices itself and hands them to the trials.
@@ -110,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             run_tuning(args.checkpoint, args.data, args.output, study=study,
                        tracking_uri=args.tracking_uri, experiment=args.experiment,
-                       parent_run_id=args.parent_run_id, share_encoding=not args.trial_per_pair)
+                       parent_run_id=args.parent_run_id, share_encoding=not args.trial_per_pair,
+                       verbose=int(is_verbose()),  # Tune's status tables with --verbose only
+                       callbacks=[trial_bar()])
     except SharedStorageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -307,7 +307,7 @@ def test_data_without_dataset_json_are_only_warned_about(study, tmp_path, capsys
     assert infer.main(["--checkpoint", str(checkpoint), "--data", str(data), "--output",
                        str(tmp_path / "o"), "--split", "valid"]) == 2
     captured = capsys.readouterr()
-    assert f"{data}: no dataset.json" in captured.out and "no 'valid' split" in captured.err
+    assert f"{data}: no dataset.json" in captured.err and "no 'valid' split" in captured.err
 
 
 class _FailingFigure:

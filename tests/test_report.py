@@ -146,12 +146,25 @@ def test_training_curves_mark_best_epoch():
 
 def test_methods_table_puts_every_method_side_by_side():
     table = report_tables.methods_table(_per_slice(np.random.default_rng(0)))
-    for metric in ("⌈DSC⌉", "HD95 (px)", "AUPRC", "Detection sensitivity"):
+    for metric in ("⌈DSC⌉", "HD95 (px)", "AUPRC", "Sensitivity (pooled)"):
         assert [m for t, m in table.columns if t == metric] == list(METHODS)
     assert {"lymphoma", "lung", "sarcoma_ext", "internal (all)", "external (all)"} <= set(table.index)
     cell = table.loc["lymphoma", ("⌈DSC⌉", "IgCONDA")]
     assert re.fullmatch(r"\d\.\d{3} ± \d\.\d{3}", cell)
     assert table.loc["lymphoma", ("unhealthy slices", "")] == 12
+
+
+def test_metric_titles_have_one_owner():
+    """The metric titles are spelled once (igconda.evaluation); every table uses them."""
+    from igconda import evaluation
+
+    assert report_tables.METRIC_TITLES is evaluation.METRIC_TITLES
+    spelled = [p.name for p in Path(evaluation.__file__).parent.rglob("*.py")
+               if "METRIC_TITLES = " in p.read_text(encoding="utf-8")]
+    assert spelled == ["evaluation.py"]
+    table = report_tables.methods_table(_per_slice(np.random.default_rng(0)))
+    titles = {t for t, _ in table.columns} - {"unhealthy slices"}
+    assert titles <= set(evaluation.METRIC_TITLES.values())
 
 
 def test_methods_table_shows_dice_at_tau_and_the_control_in_the_given_order():
@@ -161,10 +174,10 @@ def test_methods_table_shows_dice_at_tau_and_the_control_in_the_given_order():
     frame["dice_tau"] = np.where(frame.method == "raw intensity", np.nan, 0.25)
     frame["tau"] = np.where(frame.method == "raw intensity", np.nan, 0.04)
     table = report_tables.methods_table(frame, order=["w = 0 control", "IgCONDA"])
-    assert [m for t, m in table.columns if t == "Dice@τ (calibrated)"] == [
+    assert [m for t, m in table.columns if t == "Dice@τ"] == [
         "w = 0 control", "IgCONDA", "41% SUVmax", "raw intensity"]
-    assert table.loc["lung", ("Dice@τ (calibrated)", "IgCONDA")] == "0.250 ± 0.000"
-    assert table.loc["lung", ("Dice@τ (calibrated)", "raw intensity")] == "–"
+    assert table.loc["lung", ("Dice@τ", "IgCONDA")] == "0.250 ± 0.000"
+    assert table.loc["lung", ("Dice@τ", "raw intensity")] == "–"
     taus = report_tables.thresholds_table(frame)
     assert taus.loc["IgCONDA", "τ"] == "0.04" and taus.loc["raw intensity", "τ"] == "–"
 

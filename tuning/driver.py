@@ -32,6 +32,7 @@ import functools
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,7 @@ def run_tuning(
     share_encoding: bool = True,
     batch_size: int | None = None,
     verbose: int = 1,
+    callbacks: Sequence[Any] = (),
 ) -> TuningResult:
     """Run the (D, w, map kind) search and write ``best.json``, ``grid.csv`` and ``heatmap.png``.
 
@@ -170,6 +172,7 @@ def run_tuning(
         share_encoding: one trial per D decoding every w (grid search only).
         batch_size: slices per forward batch; default ``study.infer.batch_size``.
         verbose: Tune's console verbosity (0 silent, 1 status table).
+        callbacks: ``ray.tune.Callback`` s for the run (the job's trial bar).
 
     Raises:
         ConfigError: an invalid search space for this checkpoint.
@@ -213,7 +216,7 @@ def run_tuning(
         param_space=param_space,
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=num_samples),
         run_config=tune.RunConfig(name="tune", storage_path=str(output_dir / "ray_results"),
-                                  verbose=verbose),
+                                  verbose=verbose, callbacks=list(callbacks)),
     )
     t0 = time.perf_counter()
     results = tuner.fit()
