@@ -68,7 +68,9 @@ def test_report_counts_tried_refused_and_lost(monkeypatch, capsys):
 
     tried = CASES[:2]
     monkeypatch.setattr(harness, "run_batch", fake_batch)
+    # No Ray of its own, and the session's (conftest's ray_session) left running for later tests.
     monkeypatch.setattr("ray.init", lambda **_: None)
+    monkeypatch.setattr("ray.shutdown", lambda: None)
     monkeypatch.setattr("tests.bad_inputs.CASES", tried)
     assert main() == 0
     out = capsys.readouterr().out

@@ -101,8 +101,15 @@ def test_tuning_trial_bar_counts_done_and_failed_trials(capsys):
 # ---- loggers ----------------------------------------------------------------------------------
 
 def test_quiet_by_default_everything_in_the_log_file_and_verbose_brings_ray_back(
-        tmp_path, capsys, restore_logging):
+        tmp_path, capsys, monkeypatch, restore_logging):
     import ray  # noqa: F401  (sets up the "ray" logger's console handler, as ray.init's callers see)
+
+    # Ray's console handler keeps the stderr of the first ``import ray`` (in a job: the process's;
+    # here maybe an earlier test's capture): point it at this test's, as a fresh process has it.
+    for handler in logging.getLogger("ray").handlers:
+        if type(handler).__module__.startswith("ray.") and isinstance(handler, logging.StreamHandler):
+            # Ray's PlainRayHandler, not pytest's capture handlers; its old stream may be closed.
+            monkeypatch.setattr(handler, "stream", sys.stderr)
 
     log_file = tmp_path / "study" / "pipeline.log"
     console.configure(verbose=False, log_file=log_file)
