@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -50,6 +49,7 @@ from igconda.config import ConfigError, StudyConfig, load_config, save_config
 from igconda.config_rules import UNCONDITIONED
 from igconda.io_utils import atomic_write
 from ray_jobs import stage_records
+from ray_jobs.console import add_verbose_flag, init_ray
 from ray_jobs.study_steps import (
     StudyPaths,
     discard,
@@ -80,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=positive_int, default=None, help="training workers")
     p.add_argument("--use-gpu", action="store_true", help="train and score on GPUs")
     p.add_argument("--address", help="Ray address (default: start a local Ray)")
+    add_verbose_flag(p)
     p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     p.add_argument("--experiment", default=None, help="MLflow experiment name")
     return p.parse_args(argv)
@@ -350,13 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     study.root.mkdir(parents=True, exist_ok=True)
 
     import ray
-    import ray.data
 
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=args.address, log_to_driver=True)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(args.address, verbose=args.verbose)  # quiet unless --verbose: ray_jobs.console
     started = time.perf_counter()
     try:
         run(study, variants, baselines)

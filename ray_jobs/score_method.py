@@ -77,6 +77,7 @@ from igconda.data.schema import SPLITS, UNHEALTHY
 from igconda.evaluation import DPM_CG
 from igconda.io_utils import atomic_write, file_digest, folder_digest
 from igconda.train_loop import dataset_version
+from ray_jobs.console import add_verbose_flag, init_ray
 from ray_jobs.shared_storage import SharedStorageError, preflight
 from ray_jobs.train_runs import UsageError, _fs_exists, _join
 
@@ -133,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default=None, help="MLflow experiment (default: tracking.experiment)")
     p.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this run")
     p.add_argument("--address", default=None, help="Ray address (default: start a local Ray)")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 
@@ -259,7 +261,6 @@ def score_and_calibrate(args: argparse.Namespace, config: StudyConfig) -> tuple[
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole job; returns ``{"tau", "summary", "run_id", "output"}``."""
-    import ray
 
     if args.method not in SCORED_METHODS:
         raise UsageError(f"unknown --method {args.method!r}; known: {', '.join(SCORED_METHODS)}")
@@ -280,8 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     output = Path(args.output)
     (output / RUN_RECORD).unlink(missing_ok=True)  # re-scoring: not finished until logged again
     output.mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        ray.init(address=args.address)
+    init_ray(args.address, verbose=args.verbose)  # quiet unless --verbose: ray_jobs.console
     # On a multi-node cluster every node's actors must see the data and checkpoints as here.
     preflight(data=args.data, checkpoints={"--checkpoint": args.checkpoint,
                                            "--checkpoint2": args.checkpoint2})

@@ -70,6 +70,7 @@ from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.io import DatasetError, check_training_classes
 from igconda.evaluation import DPM_CG
 from igconda.train_loop import dataset_version
+from ray_jobs.console import add_verbose_flag, init_ray
 from ray_jobs.shared_storage import SharedStorageError, preflight
 from ray_jobs.train_baseline_worker import train_baseline_func
 from ray_jobs.train_runs import (
@@ -117,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parent-run-id", default=None, help="nest the MLflow run under this run")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--address", default=None, help="Ray address (default: auto / start local Ray)")
+    add_verbose_flag(p)
     return p.parse_args(argv)
 
 
@@ -175,8 +177,7 @@ def run(args: argparse.Namespace) -> Path:
 
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=args.address)
+    init_ray(args.address, verbose=args.verbose)  # quiet unless --verbose: ray_jobs.console
     # Before anything is opened or started: rank 0 writes the checkpoints under --output
     # (ray_results/) and (default store) logs to <output>/mlflow.db; every worker reads --data.
     preflight(outputs={"the baseline's --output (rank 0 writes its checkpoints and MLflow "

@@ -166,6 +166,13 @@ def test_every_job_has_the_verbose_flag(capsys):
     assert train.parse_args(["--data", "d", "--output", "o", "--verbose"]).verbose is True
     assert tune.parse_args(["--checkpoint", "c", "--data", "d", "--output", "o",
                             "--verbose"]).verbose is True
+    from ray_jobs import comparison_study, score_method, train_baseline
+
+    assert train_baseline.parse_args(["--method", "hirescam", "--data", "d", "--output", "o",
+                                      "--verbose"]).verbose is True
+    assert score_method.parse_args(["--method", "intensity", "--data", "d", "--output", "o",
+                                    "--verbose"]).verbose is True
+    assert comparison_study.parse_args(["--output", "o", "--verbose"]).verbose is True
     with pytest.raises(SystemExit):  # preprocess parses in main: --help lists the flag
         preprocess.main(["--help"])
     assert "--verbose" in capsys.readouterr().out
