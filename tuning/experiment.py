@@ -43,7 +43,12 @@ def tuning_key(checkpoints: list[Path], slices: Any, settings: dict[str, Any]) -
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 digest.update(block)
     for name in ("images", "masks", "patient_id", "cohort", "slice_index"):
-        digest.update(np.ascontiguousarray(getattr(slices, name)).tobytes())
+        values = np.asarray(getattr(slices, name))
+        if values.dtype.kind == "O":  # strings: their text (the array's bytes are pointers)
+            digest.update("\0".join(map(str, values)).encode())
+        else:
+            digest.update(f"{values.dtype.str}{values.shape}".encode())
+            digest.update(np.ascontiguousarray(values).tobytes())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 
