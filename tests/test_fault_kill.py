@@ -69,10 +69,28 @@ class PauseAfterEachFinishedTrial(tune.Callback):
         if done > self.finished:
             self.finished = done
             time.sleep(5)
-run_config = tune.RunConfig
-tune.RunConfig = lambda **kw: run_config(callbacks=[PauseAfterEachFinishedTrial()], **kw)
+class RunConfig(tune.RunConfig):
+    def __init__(self, **kwargs):
+        super().__init__(callbacks=[PauseAfterEachFinishedTrial()], **kwargs)
+tune.RunConfig = RunConfig
 import ray_jobs.tune as job
 sys.exit(job.main(sys.argv[1:]))
+"""
+
+
+# The pipeline's driver whose training holds rank 0 at the start of epoch 2, once Ray Train has
+# registered epoch 1's checkpoint (the hold's marker file is argv[1], then the pipeline's argv).
+HELD_TRAINING_PIPELINE = """
+import sys
+import ray_jobs.train as train
+build, marker = train.build_trainer, sys.argv.pop(1)
+def held_after_the_first_checkpoint(*args, **kwargs):
+    fault = {"epoch": 2, "rank": 0, "marker": marker, "hold": True,
+             "run": [kwargs["storage_path"], kwargs["run_name"]]}
+    return build(*args, **kwargs, fault=fault)
+train.build_trainer = held_after_the_first_checkpoint
+import ray_jobs.pipeline as pipeline
+sys.exit(pipeline.main(sys.argv[1:]))
 """
 
 
@@ -164,12 +182,14 @@ def test_a_pipeline_killed_during_training_resumes_to_the_undisturbed_weights(tm
 
     from igconda import checkpoint as ckpt
 
-    def pipeline(output: Path) -> list[str]:
-        return [sys.executable, "-m", "ray_jobs.pipeline", "--config", "configs/test.yaml",
-                "--output", str(output), "--stop-after", "train", "--num-workers", "1",
-                "--tracking-uri", str(output)]
+    def pipeline(output: Path, held: Path | None = None) -> list[str]:
+        args = ["--config", "configs/test.yaml", "--output", str(output), "--stop-after", "train",
+                "--num-workers", "1", "--tracking-uri", str(output)]
+        if held is None:
+            return [sys.executable, "-m", "ray_jobs.pipeline", *args]
+        return [sys.executable, "-c", HELD_TRAINING_PIPELINE, str(held), *args]
 
-    from ray_jobs.train_runs import default_storage_path, has_run
+    from ray_jobs.train_runs import default_storage_path, latest_checkpoint
 
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     with local_head() as (_, env):
@@ -177,15 +197,18 @@ def test_a_pipeline_killed_during_training_resumes_to_the_undisturbed_weights(tm
                               text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
-        driver = subprocess.Popen(pipeline(killed), cwd=repo_root, env=env,
+        held = tmp_path / "held"
+        driver = subprocess.Popen(pipeline(killed, held), cwd=repo_root, env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                   start_new_session=True)
         deadline = time.time() + 900
-        # Killed once Ray Train has registered the first checkpoint (before that, there is no
-        # run to resume and the re-run rightly trains from scratch).
-        while not has_run(default_storage_path(killed / "train")) and driver.poll() is None \
-                and time.time() < deadline:
+        # Killed while the training holds at the start of epoch 2, once Ray Train has registered
+        # epoch 1's checkpoint (before that there is no run to resume, and the re-run rightly
+        # trains from scratch; waiting for the checkpoint alone raced the rest of the training).
+        while not held.exists() and driver.poll() is None and time.time() < deadline:
             time.sleep(0.05)
+        assert latest_checkpoint(default_storage_path(killed / "train")).name == \
+            "checkpoint_epoch_000001"
         os.kill(driver.pid, signal.SIGKILL)
         assert driver.wait(timeout=60) == -signal.SIGKILL, "the pipeline ended before it was killed"
         assert not (killed / "train" / "best").exists()
@@ -259,8 +282,12 @@ def test_a_pipeline_killed_during_preprocessing_resumes_the_missing_patients(tmp
 
 def finished_trials(output: Path) -> tuple[int, int]:
     """(finished, all) trials in the tuning experiment a driver saved under ``output``."""
+    import logging
+
     from ray.tune import ExperimentAnalysis
 
+    # Running trials have no result file yet: Tune warns about each one on every poll.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     for experiment in (output / "ray_results").glob("tune-*"):
         try:
             trials = ExperimentAnalysis(str(experiment)).trials
