@@ -18,7 +18,9 @@ starts, and marks the record finished when the stage succeeded (:func:`record`).
   again from scratch, as ``--force STAGE`` would, and the settings that changed are printed
   (:func:`describe_change`);
 - a stage recorded with this run's key but not finished (killed, or failed) runs again, even if
-  an older output is there (an interrupted training resumes from its checkpoints);
+  an older output is there, and the job carries on from what the killed run finished: the
+  preprocessing keeps its finished patients, the training resumes from its checkpoints, the
+  tuning keeps its finished trials, inference its finished patients;
 - a stage that runs makes every stage after it run again (as ``--force`` would): their outputs
   were made from the output it replaces;
 - an output without a record (a study made before records existed) is kept, with a warning.

@@ -48,7 +48,9 @@ logs to ``<output>/mlflow.db``; the job refuses paths not every node sees before
     <output>/mlflow_run.json        the MLflow run this training logs to (reused by --resume)
     <output>/mlflow.db, mlartifacts/   the default local MLflow store (no server needed)
 
-Exit status: 0 on success, 2 on a usage or config error, 1 if training failed.
+Exit status: 0 on success, 2 on a usage or config error, 1 if training failed (a worker's or
+Ray Train's controller's error once ``train.max_failures`` restarts are used up: one line naming
+the cause, the latest checkpoint and the ``--resume`` command, instead of Ray's traceback).
 """
 
 from __future__ import annotations
@@ -259,14 +261,46 @@ def run(args: argparse.Namespace) -> Path:
                           mlflow_cfg=mlflow_cfg, outage=outage)
 
 
+def training_failed_message(err: BaseException, args: argparse.Namespace) -> str:
+    """What a failed training prints instead of Ray Train's traceback: the cause (the first
+    worker's error, or the controller's), where the checkpoints are and how to resume."""
+    cause = getattr(err, "controller_failure", None)
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:
+        rank, first = min(failures.items())
+        cause = f"worker rank {rank}: {type(first).__name__}: {first}"
+    elif cause is not None:
+        cause = f"the Ray Train controller: {type(cause).__name__}: {cause}"
+    else:
+        cause = f"{type(err).__name__}: {err}"
+    cause = cause.strip().splitlines()[0] if cause.strip() else type(err).__name__
+    output = Path(args.output).resolve()
+    storage_path = _storage_path(args, output)
+    if has_run(storage_path, args.run_name):
+        where = latest_checkpoint(storage_path, args.run_name) or f"{storage_path}/{args.run_name}"
+        resume = (f"its latest checkpoint is {where}; fix the cause and resume it with the same "
+                  f"command plus --resume (same --output, --storage-path and --run-name)")
+    else:
+        resume = "no checkpoint was written: fix the cause and run the same command again"
+    return (f"error: training failed once Ray Train's restarts (train.max_failures in the "
+            f"config) were used up; cause: {cause}. {resume}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    # Ray Train's failure of a run (v2: WorkerGroupError, ControllerError; v1 too).
+    from ray.train import TrainingFailedError
+
     args = parse_args(argv)
+
     try:
         best = run(args)
     except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError, SharedStorageError,
             PreprocessMismatch, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except TrainingFailedError as err:
+        print(training_failed_message(err, args), file=sys.stderr, flush=True)
+        return 1
     print(f"best checkpoint: {best}")
     print(f"best checkpoint record: {best.parent / ckpt.BEST_POINTER}")
     return 0

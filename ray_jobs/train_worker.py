@@ -75,17 +75,37 @@ def _all_reduce_max(value: float, device: torch.device) -> float:
 
 def _maybe_inject_fault(fault: dict[str, Any] | None, epoch: int, rank: int) -> None:
     """Test hook: kill this worker process once, at the start of ``fault["epoch"]`` on
-    ``fault["rank"]``; the marker file makes the restarted worker carry on.
+    ``fault["rank"]``; the marker file makes the restarted worker carry on. With
+    ``fault["hold"]`` the worker writes the marker and waits instead (up to 10 minutes; until
+    the file ``hold`` names exists, when it is a path), so that a test can kill the driver,
+    take a node away or stop a server mid-training at a known point.
 
-    ``fault["delay_s"]`` waits first, so that Ray's controller has registered the previous
-    epoch's checkpoint (a crash right after a report may otherwise win the race, and the run
-    restarts from the checkpoint before it, which is correct but not what a test wants)."""
+    With ``fault["run"]`` (``[storage_path, run_name]``) it first waits (up to 5 minutes) until
+    Ray Train has registered the previous epoch's checkpoint in that run's snapshot, so the
+    restart continues from it on any machine; a fixed pause was a guess (a crash right after a
+    report may otherwise win the race, and the run restarts from the checkpoint before it,
+    which is correct but not what a test asks)."""
     if not fault or epoch != int(fault["epoch"]) or rank != int(fault.get("rank", 0)):
         return
     marker = Path(fault["marker"])
     if marker.exists():
         return
-    time.sleep(float(fault.get("delay_s", 0.0)))
+    if fault.get("run"):
+        from ray_jobs.train_runs import latest_checkpoint
+
+        wanted, deadline = f"checkpoint_epoch_{epoch - 1:06d}", time.monotonic() + 300
+        while time.monotonic() < deadline:
+            latest = latest_checkpoint(*fault["run"])
+            if latest is not None and latest.name == wanted:
+                break
+            time.sleep(0.1)
+    if fault.get("hold"):
+        marker.write_text(f"worker rank {rank} held at the start of epoch {epoch}\n")
+        release = None if fault["hold"] is True else Path(fault["hold"])
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not (release and release.exists()):
+            time.sleep(0.1)
+        return
     marker.write_text(f"worker rank {rank} killed at the start of epoch {epoch}\n")
     os._exit(1)
 

@@ -14,7 +14,9 @@ It writes ``<output>/best.json`` (the chosen (D, w); ``python -m ray_jobs.infer 
 <output>/best.json`` uses it), ``grid.csv`` and ``heatmap.png``, and logs an MLflow ``tune`` run
 with one child run per (D, w). The search space is the config's ``tune`` section (without
 ``--config``, the one stored in the checkpoint). Tune's own trial folders go to
-``<output>/ray_results`` (the study's storage); on a Ray cluster of more than one node,
+``<output>/ray_results/tune-<key>`` (the study's storage). A run whose driver was killed is
+resumed by running the same command again: the trials Tune recorded as finished are kept and
+only the others run (:mod:`tuning.experiment`). On a Ray cluster of more than one node,
 ``--output`` and the checkpoints must be the same for every node, and the job refuses them
 before any trial otherwise (:func:`ray_jobs.shared_storage.preflight`, exit status 2). Data
 preprocessed with other slice settings than the checkpoint's training data (``dataset.json``

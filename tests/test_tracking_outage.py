@@ -54,9 +54,10 @@ class StopWhen(threading.Thread):
     """Stop ``server`` as soon as ``condition()`` holds (polled); ``stopped_at`` is when it was
     down (``time.monotonic``), None if the condition never held."""
 
-    def __init__(self, server: MlflowServer, condition: Callable[[], bool]):
+    def __init__(self, server: MlflowServer, condition: Callable[[], bool],
+                 then: Callable[[], object] = lambda: None):
         super().__init__(daemon=True)
-        self.server, self.condition = server, condition
+        self.server, self.condition, self.then = server, condition, then
         self.stopped_at: float | None = None
         self.cancelled = threading.Event()
 
@@ -66,6 +67,7 @@ class StopWhen(threading.Thread):
                 if self.condition():
                     self.server.stop()
                     self.stopped_at = time.monotonic()
+                    self.then()
                     return
             except Exception:  # the run or its record is not there yet
                 pass
@@ -108,11 +110,19 @@ def test_training_survives_the_server_stopping_mid_run_and_relog_restores_the_ru
     output = (tmp_path / "train").resolve()
     url = running.url
 
+    # Rank 0 holds at the start of epoch 2 until the server is down, so the outage lands
+    # between epoch 1's metrics and epoch 2's on any machine (a fast one could otherwise finish
+    # the training within one poll).
+    holding, server_down = tmp_path / "holding", tmp_path / "server_down"
+    build = train.build_trainer
+    monkeypatch.setattr(train, "build_trainer", lambda *a, **k: build(*a, **k, fault={
+        "epoch": 2, "rank": 0, "marker": str(holding), "hold": str(server_down)}))
+
     def first_epoch_logged() -> bool:
         run_id = json.loads((output / train.RUN_RECORD).read_text())["run_id"]
-        return bool(tracking.get_metric_history(url, run_id, "train_loss"))
+        return holding.exists() and bool(tracking.get_metric_history(url, run_id, "train_loss"))
 
-    stopper = StopWhen(running, first_epoch_logged)
+    stopper = StopWhen(running, first_epoch_logged, then=server_down.touch)
     stopper.start()
     started = time.monotonic()
     try:

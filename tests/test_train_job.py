@@ -155,7 +155,8 @@ def test_a_killed_worker_is_recovered_from_the_last_checkpoint(ray_session, data
     marker = tmp_path / "killed"
     trainer = build_trainer(config, data=str(dataset), storage_path=str(tmp_path / "storage"),
                             run_name="faulty", cpus_per_worker=0.5, torch_threads=1,
-                            fault={"epoch": 2, "rank": 1, "marker": str(marker), "delay_s": 20})
+                            fault={"epoch": 2, "rank": 1, "marker": str(marker),
+                                   "run": [str(tmp_path / "storage"), "faulty"]})
     result = trainer.fit()
     assert marker.is_file()  # rank 1 really died at the start of epoch 2
     assert result.error is None
@@ -164,6 +165,46 @@ def test_a_killed_worker_is_recovered_from_the_last_checkpoint(ray_session, data
     assert state["epoch"] == 2
     assert state["resumed_at"] == [1]  # the restarted group continued from epoch 1's checkpoint
     assert [h["epoch"] for h in state["history"]] == [1.0, 2.0]
+
+
+def test_a_failed_training_exits_1_naming_the_cause_and_how_to_resume(
+        ray_session, dataset, tmp_path, capsys, monkeypatch):
+    """Ray Train's WorkerGroupError (a TrainingFailedError) becomes one clear line and exit
+    status 1, not a traceback; the --resume it names then finishes the training."""
+    import yaml
+
+    from ray_jobs import train
+
+    study = yaml.safe_load((Path(__file__).parents[1] / "configs" / "test.yaml").read_text())
+    study["train"]["max_failures"] = 0  # the first lost worker fails the run
+    config = tmp_path / "no_restarts.yaml"
+    config.write_text(yaml.safe_dump(study))
+    output, marker = tmp_path / "out", tmp_path / "killed"
+    build = train.build_trainer
+    fault = {"epoch": 2, "rank": 1, "marker": str(marker),
+             "run": [str(output / "ray_results"), "train"]}
+    monkeypatch.setattr(train, "build_trainer", lambda *a, **k: build(*a, **k, fault=fault))
+
+    argv = _job_args(dataset, output, "--no-tracking", "--config", str(config))
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert marker.is_file()
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("error: training failed")]
+    assert "train.max_failures" in line and "worker rank 1" in line
+    assert str(output / "ray_results" / "train" / "checkpoint_epoch_000001") in line
+    assert "--resume" in line
+    assert not (output / "best").exists()
+
+    # As the message says: the same command with --resume finishes from epoch 1's checkpoint.
+    assert train.main(argv + ["--resume"]) == 0
+    from ray_jobs.train_runs import latest_checkpoint
+
+    last = latest_checkpoint(str(output / "ray_results"), "train")
+    state = ckpt.load_train_state(last)
+    assert last.name == "checkpoint_epoch_000002"
+    assert state["resumed_at"] == [1] and state["epoch"] == 2
+    assert (output / "best" / ckpt.MODEL_FILE).is_file()
 
 
 @pytest.mark.e2e

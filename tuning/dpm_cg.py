@@ -102,6 +102,7 @@ def run_dpm_cg_tuning(classifier: str | Path, dpm: str | Path, data_dir: str | P
         write_best,
         write_result_text,
     )
+    from tuning.experiment import KEY_FIELD, make_tuner, tuning_key
 
     b = study.baselines
     if not b.dpm_cg_noise_levels:
@@ -119,14 +120,18 @@ def run_dpm_cg_tuning(classifier: str | Path, dpm: str | Path, data_dir: str | P
         stride=b.dpm_cg_stride, batch_size=b.score_batch_size,
         use_gpu=study.tune.gpus_per_trial > 0, amp=study.infer.use_amp,
         num_threads=int(study.tune.cpus_per_trial))
-    tuner = tune.Tuner(
+    param_space = {"noise_level": tune.grid_search(list(b.dpm_cg_noise_levels)),
+                   "guidance_scale": tune.grid_search(list(b.dpm_cg_scales))}
+    # A killed run's experiment with the same key is resumed (tuning.experiment).
+    key = tuning_key([classifier, dpm], slices, {
+        "grid": param_space, "stride": b.dpm_cg_stride, "batch_size": b.score_batch_size,
+        "amp": study.infer.use_amp})
+    tuner, how = make_tuner(
         tune.with_resources(trainable, {"cpu": study.tune.cpus_per_trial,
                                         "gpu": study.tune.gpus_per_trial}),
-        param_space={"noise_level": tune.grid_search(list(b.dpm_cg_noise_levels)),
-                     "guidance_scale": tune.grid_search(list(b.dpm_cg_scales))},
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max"),
-        run_config=tune.RunConfig(name="tune_dpm_cg", storage_path=str(output_dir / "ray_results"),
-                                  verbose=verbose))
+        param_space, tune.TuneConfig(metric=METRIC, mode="max"), {"verbose": verbose},
+        storage=output_dir / "ray_results", key=key, best_path=output_dir / BEST_FILE)
+    print(f"tune dpm_cg: {how}", flush=True)
     started = time.perf_counter()
     results = tuner.fit()
     failed = [r for r in results if r.error is not None]
@@ -147,7 +152,7 @@ def run_dpm_cg_tuning(classifier: str | Path, dpm: str | Path, data_dir: str | P
             "threshold": float(chosen["tau"]), "objective": METRIC,
             **{k: float(chosen[k]) for k in ("mean_dsc", "mean_dice_tau", "mean_auprc")},
             "classifier": str(classifier), "dpm": str(dpm), "data": str(data_dir),
-            "tuning_seconds": time.perf_counter() - started}
+            "tuning_seconds": time.perf_counter() - started, KEY_FIELD: key}
     from igconda.figures import heatmap_figure
 
     write_result_text(output_dir / GRID_FILE, grid.to_csv(index=False))

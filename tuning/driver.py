@@ -23,7 +23,8 @@ Outputs in ``<output>/``: ``best.json`` (read by ``ray_jobs.infer --tuned`` and 
 study's model folder), ``grid.csv`` and ``heatmap.png`` (the chosen map kind), all written
 atomically before anything is logged to MLflow (a tracking outage is a warning and
 ``python -m ray_jobs.relog --tune OUTPUT`` logs them later), plus Tune's own trial folders under
-``ray_results/``.
+``ray_results/tune-<key>/``. A tuning whose driver was killed is resumed by running it again:
+the trials it finished are kept, only the others run (:mod:`tuning.experiment`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import pandas as pd
 from igconda.config import StudyConfig, TuneConfig
 from igconda.io_utils import atomic_write
 from igconda.map_kinds import CONTROLS
+from tuning.experiment import KEY_FIELD, make_tuner, tuning_key
 from tuning.results import (  # noqa: F401  (re-exported: the driver's public names)
     GRID_COLUMNS,
     METRIC,
@@ -211,13 +213,16 @@ def run_tuning(
         map_kinds=tcfg.map_kinds, share_encoding=share_encoding, amp=study.infer.use_amp,
         num_threads=int(tcfg.cpus_per_trial),
     )
-    tuner = tune.Tuner(
+    # What the trials compute; a killed run's experiment with the same key is resumed.
+    key = tuning_key([checkpoint], slices, {
+        "tune": study.to_dict()["tune"], "share_encoding": share_encoding,
+        "batch_size": batch_size or study.infer.batch_size, "amp": study.infer.use_amp})
+    tuner, how = make_tuner(
         tune.with_resources(trainable, {"cpu": tcfg.cpus_per_trial, "gpu": tcfg.gpus_per_trial}),
-        param_space=param_space,
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max", num_samples=num_samples),
-        run_config=tune.RunConfig(name="tune", storage_path=str(output_dir / "ray_results"),
-                                  verbose=verbose, callbacks=list(callbacks)),
-    )
+        param_space, tune.TuneConfig(metric=METRIC, mode="max", num_samples=num_samples),
+        {"verbose": verbose, "callbacks": list(callbacks)}, storage=output_dir / "ray_results", key=key,
+        best_path=output_dir / BEST_FILE)
+    print(f"tune: {how}", flush=True)
     t0 = time.perf_counter()
     results = tuner.fit()
     elapsed = time.perf_counter() - t0
@@ -243,6 +248,7 @@ def run_tuning(
         "search": tcfg.search,
         "num_pairs": int((~grid["map_kind"].isin(CONTROLS)).sum()),
         "tuning_seconds": elapsed,
+        KEY_FIELD: key,
     })
 
     grid_path, best_path, heatmap_path = (output_dir / GRID_FILE, output_dir / BEST_FILE,

@@ -7,8 +7,12 @@ and writes one patient. How the patients are mapped over is the caller's: the jo
 that runs one Ray Data task per volume (``ray_jobs/preprocess.py``); the default,
 :func:`map_in_process`, runs them one after another in this process, without Ray.
 
-Atomicity: everything is built in a hidden sibling folder ``.<name>.tmp-<id>`` and renamed into
-place only at the end, after ``dataset.json`` (written last) exists. An existing dataset at the
+Atomicity: everything is built in a hidden sibling folder ``.<name>.tmp-<key>`` and renamed into
+place only at the end, after ``dataset.json`` (written last) exists. The key is a digest of the
+planned patients, their input files and the settings, so a run killed mid-way (SIGKILL: nothing
+cleaned up) is resumed by a re-run with the same inputs, which preprocesses only the patients
+whose files the killed run had not finished (:mod:`igconda.data.build_resume`); a failed build
+(an exception) is deleted. An existing dataset at the
 output path is moved aside only once the new one is complete, and deleted after the swap, so a
 failed or interrupted run never leaves a partial dataset that looks complete and never destroys
 a complete one. Workers write their Parquet files directly into that folder, so the output must
@@ -38,7 +42,6 @@ import logging
 import shutil
 import time
 import traceback
-import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +52,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from igconda.config import PreprocessConfig, StudyConfig
+from igconda.data.build_resume import (
+    RESULTS_DIR,
+    build_folder,
+    build_key,
+    drop_stale_builds,
+    finished_results,
+    record_result,
+)
 from igconda.data.compat import SETTINGS_KEY, settings_record
 from igconda.data.manifest import ManifestEntry, parse_manifest
 from igconda.data.preprocess import preprocess_volume
@@ -61,7 +72,7 @@ from igconda.data.summary import (
     unhealthy_table,
 )
 from igconda.data.volumes import NOT_FOUND, VolumeError
-from igconda.io_utils import replace_dir
+from igconda.io_utils import atomic_write, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +146,8 @@ def process_patient(item: dict[str, Any], config: PreprocessConfig, root: str | 
             geometry=vol.geometry)
         path = _slice_file(Path(root), item["split"], item["patient_id"])
         path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, path)
+        # Whole or not at all: a killed build's re-run keeps the files it finds.
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
         labels = table.column("label").to_numpy()
         out.update(ok=True, slices=int(len(labels)), unhealthy=int((labels == UNHEALTHY).sum()),
                    input_slices=int(vol.geometry["original_shape"][2]),
@@ -173,7 +185,7 @@ def _resplit(root: Path, patient_id: str, old: str, new: str) -> None:
     idx = table.schema.get_field_index("split")
     table = table.set_column(idx, table.schema.field(idx), pa.array([new] * table.num_rows, pa.string()))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, dst)
+    atomic_write(dst, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
     src.unlink()
 
 
@@ -285,14 +297,23 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
     items = [{**_entry_dict(e), "split": planned[e.patient_id]} for e in entries]
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    # Built in a folder named by what it computes, so a killed run's patients are kept by a
+    # re-run with the same inputs (igconda.data.build_resume).
+    tmp = build_folder(output, build_key(items, pcfg))
+    drop_stale_builds(output, keep=tmp)
+    done = finished_results(tmp, _slice_file)
+    if done:
+        log.info("resuming the interrupted build in %s: %d of %d patients already done, %d to run",
+                 tmp, len(done), len(items), len(items) - len(done))
+    tmp.mkdir(exist_ok=True)
     try:
-        results: list[dict[str, Any]] = []
-        if items:
-            bar = tqdm(total=len(items), desc="preprocess", unit="vol", disable=not progress)
-            for r in map_patients(items, pcfg, str(tmp)):
+        results: list[dict[str, Any]] = [done[i["patient_id"]] for i in items if i["patient_id"] in done]
+        todo = [i for i in items if i["patient_id"] not in done]
+        if todo:
+            bar = tqdm(total=len(todo), desc="preprocess", unit="vol", disable=not progress)
+            for r in map_patients(todo, pcfg, str(tmp)):
                 bar.update(1)
+                record_result(tmp, r)
                 results.append(r)
                 if not r["ok"]:
                     log.warning("rejected %s (%s): %s", r["patient_id"], r["file"], r["problem"])
@@ -356,6 +377,7 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
             SETTINGS_KEY: settings_record(pcfg),
             "versions": _versions(),
         }
+        shutil.rmtree(tmp / RESULTS_DIR, ignore_errors=True)  # the build's own bookkeeping
         # dataset.json is written last: its presence marks the folder complete.
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2))
         replace_dir(tmp, output)  # never leaves no dataset, even on a crash

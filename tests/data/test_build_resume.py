@@ -1,0 +1,100 @@
+"""An interrupted dataset build is resumed: only the unfinished patients run again (no Ray).
+
+The subprocess case (the Ray driver SIGKILLed) is in tests/test_fault_kill.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from igconda.data import build
+from igconda.data.build import build_dataset, process_patient
+from tests.data.test_preprocess_job import CONFIG, make_study, no_leftovers
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: raised from the map, with the build's cleanup switched off."""
+
+
+def dataset_contents(root: Path) -> dict[str, object]:
+    """Every file of a dataset; dataset.json without its creation time."""
+    out: dict[str, object] = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file():
+            continue
+        name = str(path.relative_to(root))
+        if path.suffix == ".parquet":
+            out[name] = pq.read_table(path).to_pylist()
+        elif path.name == "dataset.json":
+            out[name] = {k: v for k, v in json.loads(path.read_text()).items() if k != "created"}
+        else:
+            out[name] = path.read_text()
+    return out
+
+
+def test_a_killed_build_is_resumed_with_only_the_missing_patients(tmp_path, monkeypatch):
+    manifest = make_study(tmp_path / "study")  # with bad rows: rejects are recorded as results
+    reference_items = []
+
+    def counting(items, config, root):
+        reference_items.append(len(items))
+        return [process_patient(i, config, root) for i in items]
+
+    build_dataset(manifest, tmp_path / "reference", CONFIG, map_patients=counting, progress=False)
+
+    out = tmp_path / "data"
+
+    def killed_after_three(items, config, root):
+        for n, item in enumerate(items):
+            if n == 3:
+                raise Killed
+            yield process_patient(item, config, root)
+
+    with monkeypatch.context() as m:
+        m.setattr(build.shutil, "rmtree", lambda *a, **k: None)  # SIGKILL cleans nothing up
+        with pytest.raises(Killed):
+            build_dataset(manifest, out, CONFIG, map_patients=killed_after_three, progress=False)
+    assert not out.exists()
+    (partial,) = tmp_path.glob(".data.tmp-*")
+    (partial / "slices" / "train" / ".cut.abc.tmp").write_bytes(b"half a file")  # a cut-short write
+
+    mapped: list[str] = []
+
+    def recording(items, config, root):
+        mapped.extend(i["patient_id"] for i in items)
+        return [process_patient(i, config, root) for i in items]
+
+    build_dataset(manifest, out, CONFIG, map_patients=recording, progress=False)
+    assert len(set(mapped)) == len(mapped) == reference_items[0] - 3  # the 3 done are not re-run
+    assert dataset_contents(out) == dataset_contents(tmp_path / "reference")
+    assert no_leftovers(out)
+
+
+def test_a_build_with_other_settings_does_not_reuse_a_killed_one(tmp_path, monkeypatch):
+    manifest = make_study(tmp_path / "study", bad=False)
+
+    def killed_after_two(items, config, root):
+        for n, item in enumerate(items):
+            if n == 2:
+                raise Killed
+            yield process_patient(item, config, root)
+
+    with monkeypatch.context() as m:
+        m.setattr(build.shutil, "rmtree", lambda *a, **k: None)
+        with pytest.raises(Killed):
+            build_dataset(manifest, tmp_path / "data", CONFIG, map_patients=killed_after_two,
+                          progress=False)
+    mapped: list[str] = []
+
+    def recording(items, config, root):
+        mapped.extend(i["patient_id"] for i in items)
+        return [process_patient(i, config, root) for i in items]
+
+    other = CONFIG.__class__(**{**CONFIG.__dict__, "output_size": (16, 16, 10)})
+    build_dataset(manifest, tmp_path / "data", other, map_patients=recording, progress=False)
+    assert len(mapped) == 12  # every patient, with the new settings
+    assert no_leftovers(tmp_path / "data")  # the stale build was removed
