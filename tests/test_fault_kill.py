@@ -71,7 +71,8 @@ class PauseAfterEachFinishedTrial(tune.Callback):
             time.sleep(5)
 class RunConfig(tune.RunConfig):
     def __init__(self, **kwargs):
-        super().__init__(callbacks=[PauseAfterEachFinishedTrial()], **kwargs)
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), PauseAfterEachFinishedTrial()]
+        super().__init__(**kwargs)
 tune.RunConfig = RunConfig
 import ray_jobs.tune as job
 sys.exit(job.main(sys.argv[1:]))
