@@ -22,8 +22,10 @@ or on a Ray cluster (see docs/cluster.md)::
 
 Every stage writes into its own folder under ``--output`` and is skipped when its finished
 output is already there, so an interrupted study resumes where it stopped: an interrupted
+preprocessing keeps every patient it finished (:mod:`igconda.data.build_resume`), an interrupted
 training (checkpoints under ``train/ray_results`` but no ``train/best``) continues from its latest
-checkpoint in the same MLflow run, and inference keeps every patient already predicted.
+checkpoint in the same MLflow run, an interrupted tuning keeps the trials Tune recorded as
+finished (:mod:`tuning.experiment`), and inference keeps every patient already predicted.
 A stage whose output was made with other settings (the config sections it reads, the manifest,
 or a stage before it changed) is re-run with every stage after it, saying what changed
 (:mod:`ray_jobs.stage_records`, ``<output>/stages.json``): a re-run never reuses a stale output.
