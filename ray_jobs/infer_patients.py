@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from igconda.data.io import split_path
 from igconda.data.schema import PREDICTION_SCHEMA, validate_predictions
 from igconda.evaluation import igconda_method
 from igconda.io_utils import atomic_write, file_digest
@@ -91,7 +92,7 @@ def _stamp(settings: InferSettings, data_digest: str) -> dict[str, Any]:
 
 def list_patients(data: Path, split: str) -> dict[str, Path]:
     """``{patient_id: input Parquet file}`` of one split (one file per patient, CONTRACTS.md)."""
-    folder = data / "slices" / split
+    folder = Path(split_path(data, split))
     if not folder.is_dir():
         raise InferError(f"{folder}: no '{split}' split in the data folder {data}")
     files = sorted(folder.glob("*.parquet"))

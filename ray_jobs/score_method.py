@@ -73,13 +73,14 @@ from igconda.baselines.scoring import (
 from igconda.checkpoint import CheckpointError, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint
+from igconda.data.io import split_path
 from igconda.data.schema import SPLITS, UNHEALTHY
 from igconda.evaluation import DPM_CG
 from igconda.io_utils import atomic_write, file_digest, folder_digest
 from igconda.train_loop import dataset_version
 from ray_jobs.console import add_verbose_flag, init_ray
 from ray_jobs.shared_storage import SharedStorageError, preflight
-from ray_jobs.train_runs import UsageError, _fs_exists, _join
+from ray_jobs.train_runs import UsageError, _fs_exists
 
 #: Written last into ``--output``: the folder's scores are finished and logged.
 RUN_RECORD = "score_run.json"
@@ -208,7 +209,7 @@ def _unhealthy_slices(args: argparse.Namespace, split: str) -> Any:
     import pyarrow as pa
     import ray
 
-    path = _join(args.data, "slices", split)
+    path = split_path(args.data, split)
     if not _fs_exists(path, want_dir=True):
         raise UsageError(f"{path}: no {split} split; run ray_jobs.preprocess first")
     ds = ray.data.read_parquet(path).select_columns(list(SCORE_INPUT_COLUMNS))
@@ -265,8 +266,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.method not in SCORED_METHODS:
         raise UsageError(f"unknown --method {args.method!r}; known: {', '.join(SCORED_METHODS)}")
     for split in (args.tune_split, args.split):
-        if not _fs_exists(_join(args.data, "slices", split), want_dir=True):
-            raise UsageError(f"{_join(args.data, 'slices', split)}: no {split} split")
+        if not _fs_exists(split_path(args.data, split), want_dir=True):
+            raise UsageError(f"{split_path(args.data, split)}: no {split} split")
     config = resolve_config(args)
     # Load once here: a wrong or damaged folder fails with its name, not inside every actor.
     (name,) = load_method(args.method, args.checkpoint, args.checkpoint2,

@@ -65,7 +65,7 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_float, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.compat import PreprocessMismatch, check_dataset_settings
-from igconda.data.io import DatasetError, check_training_classes
+from igconda.data.io import DatasetError, check_training_classes, split_path
 from igconda.train_loop import TRAIN_COLUMNS, VALID_COLUMNS, dataset_version
 from ray_jobs.console import add_verbose_flag, init_ray
 from ray_jobs.shared_storage import SharedStorageError, preflight
@@ -176,7 +176,7 @@ def build_trainer(
                          limit_rows=2 * train_cfg.batch_size * train_cfg.num_workers if smoke_test else None)
     if train_cfg.balance_classes:
         splits["train"], repeats = oversample_unhealthy(
-            splits["train"], label_counts(_join(data, "slices", "train")))
+            splits["train"], label_counts(split_path(data, "train")))
         print(f"class balance: each unhealthy train slice shown {repeats}x per epoch", flush=True)
     # A fresh block order each epoch; rows are further mixed by each worker's local shuffle buffer.
     splits["train"] = splits["train"].randomize_block_order()
@@ -224,7 +224,7 @@ def run(args: argparse.Namespace) -> Path:
     check_resume(storage_path, args.run_name, args.resume,
                  lambda latest: ckpt.check_checkpoint(latest, resume=True), data=args.data)
     check_data_settings(args.data, config, args.config)
-    train_split = _join(args.data, "slices", "train")
+    train_split = split_path(args.data, "train")
     check_training_classes(label_counts(train_split), train_split)
 
     import ray

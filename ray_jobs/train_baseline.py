@@ -67,7 +67,7 @@ from igconda.baselines.trainers import (
     trainer_class,
 )
 from igconda.config import ConfigError, StudyConfig, load_config
-from igconda.data.io import DatasetError, check_training_classes
+from igconda.data.io import DatasetError, check_training_classes, split_path
 from igconda.evaluation import DPM_CG
 from igconda.train_loop import dataset_version
 from ray_jobs.console import add_verbose_flag, init_ray
@@ -77,7 +77,6 @@ from ray_jobs.train_runs import (
     UsageError,
     _filesystem,
     _fs_exists,
-    _join,
     check_resume,
     default_cpus_per_worker,
     default_storage_path,
@@ -149,10 +148,10 @@ def slice_size(data: str) -> tuple[int, int]:
     """(H, W) of the train split's slices, from the first row's ``height``/``width``."""
     import pyarrow.dataset as pads
 
-    fs, path = _filesystem(_join(data, "slices", "train"))
+    fs, path = _filesystem(split_path(data, "train"))
     head = pads.dataset(path, filesystem=fs, format="parquet").head(1, columns=["height", "width"])
     if head.num_rows == 0:
-        raise UsageError(f"{_join(data, 'slices', 'train')}: the train split has no slices")
+        raise UsageError(f"{split_path(data, 'train')}: the train split has no slices")
     return int(head["height"][0].as_py()), int(head["width"][0].as_py())
 
 
@@ -161,12 +160,12 @@ def run(args: argparse.Namespace) -> Path:
     trainer_cls = trainer_class(args.method)
     config = resolve_config(args)
     for split in ("train", "valid"):
-        if not _fs_exists(_join(args.data, "slices", split), want_dir=True):
-            raise UsageError(f"{_join(args.data, 'slices', split)}: no {split} split; "
+        if not _fs_exists(split_path(args.data, split), want_dir=True):
+            raise UsageError(f"{split_path(args.data, split)}: no {split} split; "
                              "run ray_jobs.preprocess first")
     size = slice_size(args.data)
-    class_counts = label_counts(_join(args.data, "slices", "train"))
-    check_training_classes(class_counts, _join(args.data, "slices", "train"))
+    class_counts = label_counts(split_path(args.data, "train"))
+    check_training_classes(class_counts, split_path(args.data, "train"))
     # A bad setting fails before Ray starts.
     settings = method_settings(config, args.method, size, class_counts)
     output = Path(args.output).resolve()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from igconda import checkpoint as ckpt
+from igconda.data.io import split_path
 from igconda.data.schema import HEALTHY, UNHEALTHY, healthy_per_unhealthy
 from igconda.io_utils import replace_dir
 from igconda.train_loop import DATA_VERSION_KEY, SCORE_METRIC, dataset_version
@@ -232,7 +233,7 @@ def _read_splits(data: str, columns: dict[str, tuple[str, ...]], *, materialize_
 
     splits, parquet_bytes = {}, 0
     for split, names in columns.items():
-        path = _join(data, "slices", split)
+        path = split_path(data, split)
         if not _fs_exists(path, want_dir=True):
             raise UsageError(f"{path}: no {split} split; run ray_jobs.preprocess first")
         splits[split] = ray.data.read_parquet(path).select_columns(list(names))

@@ -30,6 +30,7 @@ import torch
 
 from igconda import evaluation as E
 from igconda.config import ConfigError
+from igconda.data.io import split_path
 from igconda.data.schema import UNHEALTHY, stack_images
 from igconda.diffusion import counterfactual, ddim
 from igconda.map_kinds import CONTROLS, MAP_KINDS
@@ -96,7 +97,7 @@ def load_tune_slices(data_dir: str | Path, max_slices: int = 0, split: str = "tu
     """
     if max_slices < 0:
         raise ConfigError(f"tune.max_slices must be >= 0, got {max_slices}")
-    folder = f"{str(data_dir).rstrip('/')}/slices/{split}"
+    folder = split_path(data_dir, split)
     columns = ["patient_id", "cohort", "slice_index", "label", "height", "width", "image", "mask",
                "suv_max", "scale_min", "scale_max"]
     try:

@@ -61,6 +61,7 @@ from igconda.data.build_resume import (
     record_result,
 )
 from igconda.data.compat import SETTINGS_KEY, settings_record
+from igconda.data.io import split_path
 from igconda.data.manifest import ManifestEntry, parse_manifest
 from igconda.data.preprocess import preprocess_volume
 from igconda.data.schema import SPLITS, UNHEALTHY, volume_to_rows
@@ -118,7 +119,7 @@ def _entry_dict(e: ManifestEntry) -> dict[str, Any]:
 
 
 def _slice_file(root: Path, split: str, patient_id: str) -> Path:
-    return root / "slices" / split / f"{patient_id}.parquet"
+    return Path(split_path(root, split)) / f"{patient_id}.parquet"
 
 
 def process_patient(item: dict[str, Any], config: PreprocessConfig, root: str | Path) -> dict[str, Any]:
@@ -341,7 +342,7 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
                 _resplit(tmp, r["patient_id"], r["split"], final[r["patient_id"]])
                 r["split"] = final[r["patient_id"]]
         for split in SPLITS:
-            (tmp / "slices" / split).mkdir(parents=True, exist_ok=True)
+            Path(split_path(tmp, split)).mkdir(parents=True, exist_ok=True)
 
         _write_csv(tmp / "splits.csv", SPLIT_COLUMNS, good)
         _write_csv(tmp / "rejects.csv", REJECT_COLUMNS, rejects)
