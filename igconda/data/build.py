@@ -304,8 +304,9 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
     drop_stale_builds(output, keep=tmp)
     done = finished_results(tmp, _slice_file)
     if done:
-        log.info("resuming the interrupted build in %s: %d of %d patients already done, %d to run",
-                 tmp, len(done), len(items), len(items) - len(done))
+        # On the console (not only in the log file): what a re-run skips is the user's business.
+        print(f"resuming the interrupted build in {tmp}: {len(done)} of {len(items)} patients "
+              f"already done, {len(items) - len(done)} to run", flush=True)
     tmp.mkdir(exist_ok=True)
     try:
         results: list[dict[str, Any]] = [done[i["patient_id"]] for i in items if i["patient_id"] in done]
