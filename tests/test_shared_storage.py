@@ -134,6 +134,8 @@ def test_the_jobs_refuse_what_a_node_does_not_see_before_any_work(worker_disk, t
     assert f"node {worker_disk[:12]}): sees no such file" in caplog.text
     assert not (tmp_path / "data").exists()
 
+    # A train split with both classes: training checks its data before Ray, its output after.
+    make_dataset(tmp_path / "data", test_config, {"T1": ("lymphoma", "internal")}, split="train")
     assert train.main(["--data", str(tmp_path / "data"), "--output", str(tmp_path / "train"),
                        "--config", config, "--no-tracking"]) == 2
     assert "the training's --output (rank 0 logs to its MLflow store)" in capsys.readouterr().err
