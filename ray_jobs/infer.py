@@ -100,6 +100,7 @@ from ray_jobs.infer_patients import (  # noqa: F401  (re-exported for callers of
     InferSettings,
     _concat,
     _slice_rows,
+    check_has_unhealthy,
     input_digest,
     list_patients,
     output_is_complete,
@@ -258,6 +259,7 @@ def run(args: argparse.Namespace) -> InferResult:
     if problem:
         logger.warning(problem)  # on the console and in the log file (ray_jobs.console)
     inputs = list_patients(data, args.split)
+    check_has_unhealthy(inputs, args.split)
     slices_dir = output / "slices"
     expected = {pid: pq.read_metadata(f).num_rows for pid, f in inputs.items()}
     digests = {pid: input_digest(f) for pid, f in inputs.items()}

@@ -101,6 +101,33 @@ def list_patients(data: Path, split: str) -> dict[str, Path]:
     return {f.stem: f for f in files}
 
 
+def check_has_unhealthy(files: dict[str, Path], split: str) -> None:
+    """Refuse, before any prediction, a split with no unhealthy slice: its scores (computed on
+    unhealthy slices only) would be empty, and the job would fail only after its predictions.
+
+    Args:
+        files: ``{patient_id: input Parquet file}`` (:func:`list_patients`).
+        split: the split's name, for the message.
+
+    Raises:
+        InferError: naming the split's folder, its slice count and the fix.
+    """
+    import pyarrow.compute as pc
+
+    from igconda.data.schema import UNHEALTHY
+
+    slices = unhealthy = 0
+    for path in files.values():
+        labels = pq.read_table(path, columns=["label"])["label"]
+        slices += len(labels)
+        unhealthy += int(pc.sum(pc.equal(labels, UNHEALTHY)).as_py() or 0)
+    if not unhealthy:
+        folder = next(iter(files.values())).parent
+        raise InferError(f"{folder}: split '{split}' has no unhealthy (lesion) slice to score "
+                         f"({slices} slices, all healthy); run on a split with lesions (--split) "
+                         f"or preprocess again so that patients with lesions land in it")
+
+
 def output_is_complete(path: Path, expected_rows: int, settings: InferSettings,
                        data_digest: str = "") -> bool:
     """True if ``path`` holds ``expected_rows`` rows made with exactly ``settings`` from the

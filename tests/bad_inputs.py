@@ -308,7 +308,9 @@ def _healthy_only_data(d: Path) -> None:
         pq.write_table(table, d / "slices" / split / f"{split}-0.parquet")
 
 
-def _refused_before_ray(d: Path, main, argv: list[str]) -> Attempt:
+def _refused_before_ray(d: Path, main, argv: list[str], named: str | None = None,
+                        words: tuple[str, ...] = ("no unhealthy (lesion) slice",
+                                                  "Add patients with lesions")) -> Attempt:
     """The job on healthy-only data; were it accepted, it would start Ray: fail instead."""
     _healthy_only_data(d)
 
@@ -321,7 +323,7 @@ def _refused_before_ray(d: Path, main, argv: list[str]) -> Attempt:
             run_command(main, argv)
         finally:
             ray.init = real
-    return Attempt(call, f"{d}/slices/train", ("no unhealthy (lesion) slice", "Add patients with lesions"))
+    return Attempt(call, named or f"{d}/slices/train", words)
 
 
 @case("train_without_unhealthy", "a train split with no unhealthy slice", "training driver "
@@ -341,6 +343,18 @@ def _healthy_only_baseline(d):
     return _refused_before_ray(d, train_baseline.main, [
         "--method", "hirescam", "--data", str(d), "--output", str(d / "out"), "--config",
         str(TEST_CONFIG), "--no-tracking"])
+
+
+@case("infer_without_unhealthy", "inference on a split with no unhealthy slice", "inference "
+      "driver (ray_jobs.infer, before Ray)", CommandError)
+def _healthy_only_infer(d):
+    from ray_jobs import infer
+
+    folder = _checkpoint(d)
+    return _refused_before_ray(d, infer.main, [
+        "--checkpoint", str(folder), "--data", str(d), "--output", str(d / "out"), "--split",
+        "train", "--tracking-uri", str(d / "mlruns.db")], named=str(d / "slices" / "train"),
+        words=("no unhealthy (lesion) slice to score", "run on a split with lesions"))
 
 
 def _no_ray(*_, **__):
