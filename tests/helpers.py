@@ -8,6 +8,7 @@ Import them as ``from tests.helpers import make_checkpoint`` (the ``checkpoint``
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -85,3 +86,18 @@ def make_dataset(root: Path, config: StudyConfig, patients: dict[str, tuple[str,
                                pet_path=str(pet_path), geometry=vol.geometry)
         pq.write_table(table, out / f"{pid}.parquet")
     return root
+
+
+def dataset_contents(root: Path) -> dict[str, object]:
+    """Every file of a dataset folder, for comparing two builds: Parquet tables as rows,
+    dataset.json without its creation time, any other file as bytes."""
+    out: dict[str, object] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = str(path.relative_to(root))
+        if path.suffix == ".parquet":
+            out[name] = pq.read_table(path).to_pylist()
+        elif path.name == "dataset.json":
+            out[name] = {k: v for k, v in json.loads(path.read_text()).items() if k != "created"}
+        else:
+            out[name] = path.read_bytes()
+    return out

@@ -22,37 +22,36 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import make_checkpoint, make_dataset
+from tests.helpers import dataset_contents, make_checkpoint, make_dataset
 from tests.ray_head import local_head
 
 # Enough patients that the kill lands between the first finished patient and the last.
 PATIENTS = {f"P{k}": (("lymphoma", "lung", "melanoma")[k % 3], "internal") for k in range(8)}
 ARRAYS = ("anomaly_map", "counterfactual", "counterfactual_w0")
-# ray_jobs.infer's driver with a 5 s pause after every patient it writes (argv follows ``-c``).
-SLOW_WRITES_DRIVER = """
+def paused_after_each(module: str, function: str, run: str) -> str:
+    """A ``python -c`` program (argv follows ``-c``) running ``python -m <run>`` with a 5 s pause
+    after every call of ``<module>.<function>``: a killed run's fault lands after the first unit
+    of work and before the last whatever the machine's speed (on a fast one, polling alone let
+    all the work finish between two 50 ms polls)."""
+    return f"""
 import sys, time
-import ray_jobs.infer as infer
-write = infer.write_patient
-def slow_write(*args, **kwargs):
-    write(*args, **kwargs)
+import {module} as target
+original = target.{function}
+def paused(*args, **kwargs):
+    result = original(*args, **kwargs)
     time.sleep(5)
-infer.write_patient = slow_write
-sys.exit(infer.main(sys.argv[1:]))
+    return result
+target.{function} = paused
+import {run} as job
+sys.exit(job.main(sys.argv[1:]))
 """
 
 
-# The pipeline's driver with a 5 s pause after each patient result the preprocessing records.
-SLOW_PREPROCESS_PIPELINE = """
-import sys, time
-import igconda.data.build as build
-record = build.record_result
-def slow_record(*args, **kwargs):
-    record(*args, **kwargs)
-    time.sleep(5)
-build.record_result = slow_record
-import ray_jobs.pipeline as pipeline
-sys.exit(pipeline.main(sys.argv[1:]))
-"""
+# ray_jobs.infer's driver, paused after every patient it writes.
+SLOW_WRITES_DRIVER = paused_after_each("ray_jobs.infer", "write_patient", "ray_jobs.infer")
+# The pipeline's driver, paused after each patient result the preprocessing records.
+SLOW_PREPROCESS_PIPELINE = paused_after_each("igconda.data.build", "record_result",
+                                             "ray_jobs.pipeline")
 
 
 # ray_jobs.tune's driver with a 5 s pause once Tune has saved its experiment state with each
@@ -95,22 +94,6 @@ sys.exit(pipeline.main(sys.argv[1:]))
 """
 
 
-def dataset_contents(root: Path) -> dict[str, object]:
-    """Every file of a dataset folder, Parquet tables as rows; dataset.json without its time."""
-    import json
-
-    out: dict[str, object] = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        name = str(path.relative_to(root))
-        if path.suffix == ".parquet":
-            out[name] = pq.read_table(path).to_pylist()
-        elif path.name == "dataset.json":
-            out[name] = {k: v for k, v in json.loads(path.read_text()).items() if k != "created"}
-        else:
-            out[name] = path.read_bytes()
-    return out
-
-
 def written(folder: Path) -> list[str]:
     return sorted(p.stem for p in (folder / "slices").glob("*.parquet")) if folder.exists() else []
 
@@ -129,10 +112,7 @@ def test_a_killed_inference_driver_reruns_only_the_missing_patients(tmp_path, te
                 "--concurrency", "1", "--no-volumes"]
         if not slow_writes:
             return [sys.executable, "-m", "ray_jobs.infer", *args]
-        # The run to be killed pauses after each patient it writes, so the kill lands between
-        # the first finished patient and the last whatever the machine's speed (on a fast one
-        # all patients were written within one 50 ms poll and nothing was left to re-run).
-        return [sys.executable, "-c", SLOW_WRITES_DRIVER, *args]
+        return [sys.executable, "-c", SLOW_WRITES_DRIVER, *args]  # the run to be killed
 
     with local_head() as (_, env):
         done = subprocess.run(job(reference), cwd=repo_root, env=env, capture_output=True,

@@ -5,35 +5,16 @@ The subprocess case (the Ray driver SIGKILLed) is in tests/test_fault_kill.py.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import pyarrow.parquet as pq
 import pytest
 
 from igconda.data import build
 from igconda.data.build import build_dataset, process_patient
 from tests.data.test_preprocess_job import CONFIG, make_study, no_leftovers
+from tests.helpers import dataset_contents
 
 
 class Killed(BaseException):
     """Stands for SIGKILL: raised from the map, with the build's cleanup switched off."""
-
-
-def dataset_contents(root: Path) -> dict[str, object]:
-    """Every file of a dataset; dataset.json without its creation time."""
-    out: dict[str, object] = {}
-    for path in sorted(root.rglob("*")):
-        if not path.is_file():
-            continue
-        name = str(path.relative_to(root))
-        if path.suffix == ".parquet":
-            out[name] = pq.read_table(path).to_pylist()
-        elif path.name == "dataset.json":
-            out[name] = {k: v for k, v in json.loads(path.read_text()).items() if k != "created"}
-        else:
-            out[name] = path.read_text()
-    return out
 
 
 def test_a_killed_build_is_resumed_with_only_the_missing_patients(tmp_path, monkeypatch):
