@@ -154,6 +154,7 @@ def build_trainer(
     smoke_test: bool = False,
     fault: dict[str, Any] | None = None,
     data_version: str | None = None,
+    class_counts: dict[int, int] | None = None,
 ) -> Any:
     """A ``TorchTrainer`` for :func:`ray_jobs.train_worker.train_func` over ``<data>/slices``.
 
@@ -169,6 +170,8 @@ def build_trainer(
         smoke_test: limit both splits to a few batches.
         fault: test hook, see :func:`ray_jobs.train_worker._maybe_inject_fault`.
         data_version: recorded in each checkpoint's metadata.
+        class_counts: the train split's slices per label, when the caller has read them
+            (:func:`label_counts`); read here otherwise.
     """
     train_cfg = config.train
     splits = read_splits(data, {"train": TRAIN_COLUMNS, "valid": VALID_COLUMNS},
@@ -176,7 +179,7 @@ def build_trainer(
                          limit_rows=2 * train_cfg.batch_size * train_cfg.num_workers if smoke_test else None)
     if train_cfg.balance_classes:
         splits["train"], repeats = oversample_unhealthy(
-            splits["train"], label_counts(split_path(data, "train")))
+            splits["train"], class_counts or label_counts(split_path(data, "train")))
         print(f"class balance: each unhealthy train slice shown {repeats}x per epoch", flush=True)
     # A fresh block order each epoch; rows are further mixed by each worker's local shuffle buffer.
     splits["train"] = splits["train"].randomize_block_order()
@@ -225,7 +228,8 @@ def run(args: argparse.Namespace) -> Path:
                  lambda latest: ckpt.check_checkpoint(latest, resume=True), data=args.data)
     check_data_settings(args.data, config, args.config)
     train_split = split_path(args.data, "train")
-    check_training_classes(label_counts(train_split), train_split)
+    class_counts = label_counts(train_split)
+    check_training_classes(class_counts, train_split)
 
     import ray
 
@@ -256,7 +260,8 @@ def run(args: argparse.Namespace) -> Path:
     trainer = build_trainer(config, data=args.data, storage_path=storage_path, run_name=args.run_name,
                             mlflow=mlflow_cfg, cpus_per_worker=cpus,
                             torch_threads=args.torch_threads, keep_checkpoints=args.keep_checkpoints,
-                            smoke_test=args.smoke_test, data_version=data_hash)
+                            smoke_test=args.smoke_test, data_version=data_hash,
+                            class_counts=class_counts)
     return fit_and_finish(trainer, args, output, {}, tracking_uri=tracking_uri,
                           mlflow_cfg=mlflow_cfg, outage=outage)
 
