@@ -79,14 +79,13 @@ class _UsageError(Exception):
 
 def detect(args: argparse.Namespace) -> dict[str, float]:
     """Run ``igconda detect``; returns the printed metrics (empty without ``--mask``)."""
-    from tqdm import tqdm
-
     from igconda.checkpoint import CheckpointError, load_checkpoint_config
     from igconda.config import ConfigError
     from igconda.data.preprocess import preprocess_volume
     from igconda.data.volumes import VolumeError
     from igconda.export import export_volume
     from igconda.inference import CounterfactualPredictor
+    from igconda.progress import progress as progress_bar
     from igconda.tuned_model import TuningFileError, model_settings
 
     scan, checkpoint, output = Path(args.scan), Path(args.checkpoint), Path(args.output)
@@ -142,7 +141,7 @@ def detect(args: argparse.Namespace) -> dict[str, float]:
     print(f"igconda detect: {scan.name} → {z} slices of {x}×{y}; D={predictor.noise_level} "
           f"w={predictor.guidance_scale:g} s={predictor.stride} map={predictor.map_kind} "
           f"τ={predictor.threshold:g} on {predictor.device}", file=sys.stderr)
-    with tqdm(total=z, unit="slice", disable=args.quiet, file=sys.stderr) as progress:
+    with progress_bar(z, "detect", "slice", disable=args.quiet) as progress:
         for start in range(0, z, batch_size):
             stop = min(start + batch_size, z)
             batch = {"image": images[start:stop], "height": np.full(stop - start, x),

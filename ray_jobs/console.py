@@ -15,9 +15,9 @@ the same whether a job runs alone, inside ``ray_jobs.pipeline`` or under ``ray j
   ``<study>/pipeline.log``) every driver-side log record at INFO and above, Ray's included.
 - **``--verbose``** (the pipeline and its jobs: :func:`add_verbose_flag`) brings all of Ray's
   output back to the console as Ray prints it by default.
-- **Progress bars** (:func:`progress`): tqdm with an ETA on a terminal; where the output is not a
-  terminal (CI, ``ray job submit`` logs) one plain line every :data:`LINE_INTERVAL_S` seconds and
-  one at the end instead of carriage returns.
+- **Progress bars** (:func:`igconda.progress.progress`): tqdm with
+  an ETA on a terminal; where the output is not a terminal (CI, ``ray job submit`` logs) one plain
+  line every 30 s and one at the end instead of carriage returns.
 """
 
 from __future__ import annotations
@@ -30,10 +30,6 @@ import warnings
 from pathlib import Path
 from typing import IO, Any
 
-from tqdm import tqdm
-
-#: Seconds between two progress lines when the output is not a terminal.
-LINE_INTERVAL_S = 30.0
 #: Format of the console's and the log file's lines from Python loggers.
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -152,35 +148,6 @@ def init_ray(address: str | None = None, verbose: bool | None = None, **kwargs: 
     return context
 
 
-def progress(total: int | None, desc: str, unit: str, *, initial: int = 0,
-             file: IO[str] | None = None) -> tqdm:
-    """A progress bar (tqdm: count, rate, elapsed and ETA) on ``file`` (default stderr).
-
-    On a terminal it redraws in place; elsewhere it writes one plain line every
-    :data:`LINE_INTERVAL_S` seconds and one when closed, so a log holds a handful of lines, not
-    thousands of carriage returns.
-    """
-    stream = file or sys.stderr
-    if _isatty(stream):
-        return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=stream,
-                    dynamic_ncols=True)
-    return _LineBar(total=total, desc=desc, unit=unit, initial=initial, file=_Lines(stream),
-                    mininterval=LINE_INTERVAL_S, maxinterval=LINE_INTERVAL_S, miniters=1,
-                    ncols=100, ascii=True)
-
-
-class _LineBar(tqdm):
-    """tqdm off a terminal: a state already written is not written again (closing the bar
-    right after its last update writes one line, not two)."""
-
-    def display(self, msg: str | None = None, pos: int | None = None) -> bool:
-        state = (self.n, self.total, str(self.postfix))
-        if state == getattr(self, "_written", None):
-            return True
-        self._written = state
-        return super().display(msg, pos)
-
-
 class _Stderr(logging.StreamHandler):
     """A handler on whatever ``sys.stderr`` is when it writes (as :data:`logging.lastResort`),
     so a replaced stderr (pytest's capture, a redirect) gets the lines."""
@@ -195,28 +162,6 @@ class _Stderr(logging.StreamHandler):
     @stream.setter
     def stream(self, value: IO[str]) -> None:  # StreamHandler.__init__ sets it
         pass
-
-
-class _Lines:
-    """A file for tqdm off a terminal: each redraw (``"\\r" + bar``) becomes one line."""
-
-    def __init__(self, stream: IO[str]):
-        self.stream = stream
-
-    def write(self, text: str) -> None:
-        line = text.replace("\r", "").strip()
-        if line:
-            self.stream.write(line + "\n")
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def _isatty(stream: IO[str]) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def _is_console(handler: logging.Handler) -> bool:

@@ -83,8 +83,9 @@ from igconda.config import StudyConfig
 from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint
 from igconda.data.schema import SPLITS
 from igconda.map_kinds import MAP_KINDS
+from igconda.progress import progress
 from igconda.train_loop import dataset_version
-from ray_jobs.console import add_verbose_flag, configure, init_ray, progress
+from ray_jobs.console import add_verbose_flag, configure, init_ray
 from ray_jobs.infer_config import resolve_config  # noqa: F401  (re-exported, as below)
 from ray_jobs.infer_outputs import (  # noqa: F401  (re-exported for callers of the job module)
     export_volumes,

@@ -3,7 +3,7 @@
 The workers' own prints reach the console only with ``--verbose`` (:mod:`ray_jobs.console`), so
 the driver shows the epochs itself: a Ray Train callback (it runs in Ray Train's controller
 actor) puts rank 0's metrics of each ``ray.train.report`` into a Ray queue, and a thread of the
-driver moves a :func:`ray_jobs.console.progress` bar (epochs done, ETA, train and validation
+driver moves a :func:`igconda.progress.progress` bar (epochs done, ETA, train and validation
 loss) as they come. Each epoch therefore appears once, whatever the number of workers; an epoch
 repeated after a worker restart moves the bar back to it.
 """
@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from ray_jobs.console import progress
+from igconda.progress import progress
 
 #: Metrics shown beside the bar when a worker reports them.
 SHOWN = ("train_loss", "valid_loss")

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray_jobs.console import progress
+from igconda.progress import progress
 
 
 def trial_bar(desc: str = "tune") -> Any:
-    """A ``ray.tune.Callback`` drawing a :func:`ray_jobs.console.progress` bar over the trials
+    """A ``ray.tune.Callback`` drawing a :func:`igconda.progress.progress` bar over the trials
     (its total is the run's number of samples; a failed trial counts as done, and is named)."""
     from ray import tune
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,11 @@ def test_detect_on_a_real_scan_writes_a_map_on_its_grid(checkpoint, scan, tmp_pa
     captured = capsys.readouterr()
     assert "⌈DSC⌉:" in captured.out and "AUPRC:" in captured.out
     assert "slice" in captured.err  # the progress bar and summary go to stderr
+    # Off a terminal the bar is plain lines ending at every slice done, not carriage returns.
+    assert "\r" not in captured.err
+    last = [line for line in captured.err.splitlines() if line.startswith("detect:")][-1]
+    done = re.search(r"(\d+)/(\d+) \[", last)
+    assert done and done[1] == done[2] and int(done[1]) > 0, last
 
 
 def test_detect_options_change_the_map(checkpoint, scan, tmp_path):

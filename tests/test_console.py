@@ -1,6 +1,6 @@
 """ray_jobs.console and ray_jobs.train_progress: what a person running a job reads.
 
-Unit tests pin the pieces (progress lines off a terminal, the epoch bar's moves, which logger
+Unit tests pin the pieces (the epoch bar's moves, which logger
 prints what where); the Ray tests run a real job and read its console as a user would.
 """
 
@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 
+from igconda.progress import progress
 from ray_jobs import console, train_progress
 from tests.helpers import make_checkpoint, make_dataset
 from tests.ray_head import local_head
@@ -51,27 +52,11 @@ def restore_logging(monkeypatch):
     warnings.filters[:] = filters
 
 
-# ---- progress lines ---------------------------------------------------------------------------
-
-def test_off_a_terminal_a_bar_writes_a_few_plain_lines_not_carriage_returns():
-    out = io.StringIO()  # not a terminal, like CI or `ray job submit` logs
-    bar = console.progress(500, "infer", "slice", file=out)
-    for _ in range(500):
-        bar.update(1)
-    bar.close()
-    text = out.getvalue()
-    assert "\r" not in text
-    lines = text.splitlines()
-    # The start and the end (an update each LINE_INTERVAL_S in between): never one per update.
-    assert 2 <= len(lines) <= 3, lines
-    assert lines[0].startswith("infer:") and "0/500" in lines[0]
-    assert "500/500" in lines[-1] and lines[-1].count("500/500") == 1
-    assert sum("500/500" in line for line in lines) == 1  # closing does not repeat the last line
-
+# ---- progress bars (the bar itself: tests/test_progress.py) --------------------------------------
 
 def test_epoch_bar_follows_reports_forward_and_back_after_a_restart():
     out = io.StringIO()
-    bar = console.progress(None, "train", "epoch", file=out)
+    bar = progress(None, "train", "epoch", file=out)
     train_progress.show(bar, {"epoch": 1, "epochs": 4, "train_loss": 0.5})
     assert (bar.n, bar.total) == (1, 4)
     train_progress.show(bar, {"epoch": 3, "epochs": 4, "train_loss": 0.25, "valid_loss": 0.125})

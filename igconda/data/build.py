@@ -74,6 +74,7 @@ from igconda.data.summary import (
 )
 from igconda.data.volumes import NOT_FOUND, VolumeError
 from igconda.io_utils import atomic_write, replace_dir
+from igconda.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
             :data:`PatientMap`; default :func:`map_in_process`). It is called only if the
             manifest has at least one valid row, and its workers write into a hidden sibling of
             ``output``, so that folder must be on a filesystem they all see.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar (:func:`igconda.progress.progress`).
 
     Returns:
         PreprocessSummary.
@@ -277,8 +278,6 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
         PreprocessingError: nothing survived, or ``strict`` and some patient was rejected; no
             dataset is written and an existing one is left as it was.
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     pcfg = config.preprocess if isinstance(config, StudyConfig) else config
     map_patients = map_patients or map_in_process
@@ -312,7 +311,7 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
         results: list[dict[str, Any]] = [done[i["patient_id"]] for i in items if i["patient_id"] in done]
         todo = [i for i in items if i["patient_id"] not in done]
         if todo:
-            bar = tqdm(total=len(todo), desc="preprocess", unit="vol", disable=not progress)
+            bar = progress_bar(len(todo), "preprocess", "volume", disable=not progress)
             for r in map_patients(todo, pcfg, str(tmp)):
                 bar.update(1)
                 record_result(tmp, r)

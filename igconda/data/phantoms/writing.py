@@ -13,12 +13,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from tqdm.auto import tqdm
 
 from igconda.config import PhantomConfig, load_config
 from igconda.data.phantoms.imaging import _check_cohort, make_patient
 from igconda.data.phantoms.lesions import NEGATIVE_CONTROL
 from igconda.io_utils import atomic_write
+from igconda.progress import progress as progress_bar
 
 MANIFEST_COLUMNS = ("patient_id", "cohort", "tracer", "pet_path", "mask_path", "role")
 LESION_COLUMNS = (
@@ -101,7 +101,7 @@ def generate_study(output_dir: str | Path, config: PhantomConfig, *, progress: b
     Args:
         output_dir: created if missing.
         config: cohorts (name → count), negative_controls, shape, spacing_mm, seed.
-        progress: show a tqdm progress bar.
+        progress: show a progress bar (:func:`igconda.progress.progress`).
         num_workers: processes to use (1 = in this process). Patients are independent and
             individually seeded, so the output does not depend on it.
 
@@ -121,7 +121,7 @@ def generate_study(output_dir: str | Path, config: PhantomConfig, *, progress: b
     jobs = [(config, cohort, i, str(out)) for cohort, i in plan]
     rows: list[dict] = []
     lesion_rows: list[dict] = []
-    bar = tqdm(total=len(jobs), desc="phantoms", unit="patient", disable=not progress)
+    bar = progress_bar(len(jobs), "phantoms", "patient", disable=not progress)
     try:
         if num_workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(max_workers=num_workers) as pool:
