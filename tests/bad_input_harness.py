@@ -88,6 +88,17 @@ class Case:
     batch: bool = False
 
 
+def registrar(cases: list[Case]):
+    """A ``@case(name, wrong, entry, expected, batch=False)`` decorator appending the decorated
+    ``make(folder) -> Attempt`` to ``cases`` (one list per corpus module)."""
+    def case(name: str, wrong: str, entry: str, expected: type[BaseException], batch: bool = False):
+        def register(make):
+            cases.append(Case(name, wrong, entry, expected, make, batch))
+            return make
+        return register
+    return case
+
+
 @dataclass
 class Outcome:
     """What :func:`try_case` saw."""
