@@ -69,7 +69,7 @@ def make_inputs(root: Path, config_path: Path, slices: int, patients: int, seed:
         mask[h // 3: h // 2, w // 3: w // 2, :] = 1  # every slice unhealthy: metrics run too
         image[mask > 0] += 0.6
         table = volume_to_rows(image, mask, patient_id=f"P{p:03d}", cohort="bench", tracer="FDG",
-                               role="internal", split="test", suv_max=10.0, scale_min=0.0,
+                               role="internal", suv_max=10.0, scale_min=0.0,
                                scale_max=10.0, pet_path="-", geometry=json.loads(geometry))
         pq.write_table(table.cast(SLICE_SCHEMA), folder / f"P{p:03d}.parquet")
     return checkpoint, folder

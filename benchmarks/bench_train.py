@@ -58,7 +58,7 @@ def write_slices(root: Path, size: int, slices: int, depth: int = 32) -> Path:
             mask = np.zeros(image.shape, np.uint8)
             mask[size // 4: size // 2, size // 4: size // 2, : d // 2] = 1
             table = schema.volume_to_rows(image, mask, patient_id=f"{split}{v}", cohort="bench",
-                                          tracer="FDG", role="internal", split=split, suv_max=1.0,
+                                          tracer="FDG", role="internal", suv_max=1.0,
                                           scale_min=0.0, scale_max=1.0, pet_path="bench",
                                           geometry={**geometry, "output_shape": [size, size, d]})
             pq.write_table(table, folder / f"{split}{v}.parquet")

@@ -50,7 +50,7 @@ __all__ = ["METRIC_COLUMNS", "PASSTHROUGH_COLUMNS", "CounterfactualPredictor", "
 
 #: Columns copied from the input batch to the output, when present.
 PASSTHROUGH_COLUMNS = (
-    "patient_id", "cohort", "role", "tracer", "split", "slice_index", "num_slices", "label",
+    "patient_id", "cohort", "role", "tracer", "slice_index", "num_slices", "label",
     "lesion_pixels", "height", "width",
 )
 

@@ -17,8 +17,8 @@ node sees (:func:`ray_jobs.shared_storage.check_shared`, before any work).
 
 The job is Ray Data's map over the patients (:func:`map_on_ray_data`, one task per volume,
 each asking Ray for the memory its volume needs, :mod:`igconda.data.memory`; a volume no node
-could hold is rejected before any task) handed to :func:`igconda.data.build.build_dataset`, which plans the splits, writes the files and
-the summary, and runs the same without Ray.
+could hold is rejected before any task) handed to :func:`igconda.data.build.build_dataset`, which decides the splits once every task has
+reported, files each patient in its split and writes the summary, and runs the same without Ray.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def plan_memory(items: list[dict[str, Any]], config: PreprocessConfig, capacity:
     """Split the items into those to run and those refused for memory, and size the request.
 
     Args:
-        items: manifest rows with their planned split.
+        items: manifest rows.
         config: preprocessing settings (``spacing_mm`` sizes the estimate).
         capacity: the largest node's memory in bytes (:func:`node_memory_capacity`; 0 = unknown).
 
@@ -97,7 +97,7 @@ def map_on_ray_data(items: list[dict[str, Any]], config: PreprocessConfig, root:
     a volume larger than any node's memory is refused (yielded as rejected) without a task.
 
     Args:
-        items: manifest rows with their planned ``split`` (one task, and one block, each).
+        items: manifest rows (one task, and one block, each); no split yet.
         config: preprocessing settings.
         root: the dataset folder being built; every Ray node must see it.
         num_cpus: CPUs Ray reserves per task.

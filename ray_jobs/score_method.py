@@ -205,7 +205,7 @@ def finished_run(output: str | Path, inputs: dict[str, str] | None = None) -> di
 
 def _unhealthy_slices(args: argparse.Namespace, split: str) -> Any:
     """The Ray Dataset of a split's unhealthy slices, with its name in :data:`SPLIT_COLUMN`
-    (the folder says the split: a slice file need not carry the column)."""
+    (the folder is the only record of the split: slice files carry no such column)."""
     import pyarrow as pa
     import ray
 

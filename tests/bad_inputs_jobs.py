@@ -64,7 +64,7 @@ def _healthy_only_data(d: Path) -> None:
 
     for split in ("train", "valid"):
         (d / "slices" / split).mkdir(parents=True)
-        table = volume_table(f"{split}-0", split)
+        table = volume_table(f"{split}-0")
         table = table.filter(pc.equal(table["label"], HEALTHY))  # the lesion's slices dropped
         pq.write_table(table, d / "slices" / split / f"{split}-0.parquet")
 

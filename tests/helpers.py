@@ -81,7 +81,7 @@ def make_dataset(root: Path, config: StudyConfig, patients: dict[str, tuple[str,
         pet_path, mask_path = write_scan(root / "nifti", pid, seed=k)
         vol = preprocess_volume(pet_path, mask_path, config.preprocess)
         table = volume_to_rows(vol.image, vol.mask, patient_id=pid, cohort=cohort, tracer="FDG",
-                               role=role, split=split, suv_max=vol.suv_max,
+                               role=role, suv_max=vol.suv_max,
                                scale_min=vol.scale_min, scale_max=vol.scale_max,
                                pet_path=str(pet_path), geometry=vol.geometry)
         pq.write_table(table, out / f"{pid}.parquet")

@@ -36,7 +36,7 @@ def _geometry(shape: tuple[int, int, int]) -> dict:
             "output_affine": np.eye(4), "output_shape": list(shape)}
 
 
-def volume_table(patient_id: str, split: str, depth: int = 6, seed: int = 0) -> pa.Table:
+def volume_table(patient_id: str, depth: int = 6, seed: int = 0) -> pa.Table:
     """Slices of one random (SIZE, SIZE, depth) volume with a cubic lesion in the middle."""
     rng = np.random.default_rng(seed)
     image = rng.random((SIZE, SIZE, depth)).astype(np.float32)
@@ -44,7 +44,7 @@ def volume_table(patient_id: str, split: str, depth: int = 6, seed: int = 0) -> 
     mask[5:9, 5:9, depth // 3: depth // 3 + 2] = 1
     image[mask > 0] = 1.0
     return schema.volume_to_rows(image, mask, patient_id=patient_id, cohort="lymphoma", tracer="FDG",
-                                 role="internal", split=split, suv_max=10.0, scale_min=0.0,
+                                 role="internal", suv_max=10.0, scale_min=0.0,
                                  scale_max=10.0, pet_path=f"{patient_id}.nii.gz",
                                  geometry=_geometry(image.shape))
 
@@ -58,7 +58,7 @@ def make_slice_dataset(root: Path, patients: dict[str, int] | None = None, depth
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(count):
             pid = f"{split}-{i:03d}"
-            pq.write_table(volume_table(pid, split, depth, seed), folder / f"{pid}.parquet")
+            pq.write_table(volume_table(pid, depth, seed), folder / f"{pid}.parquet")
             seed += 1
     return root
 
@@ -69,8 +69,8 @@ def batches_of(table: pa.Table, batch_size: int) -> list[dict[str, torch.Tensor]
 
 @pytest.fixture(scope="module")
 def tables() -> dict[str, pa.Table]:
-    return {"train": pa.concat_tables([volume_table(f"t{i}", "train", seed=i) for i in range(2)]),
-            "valid": volume_table("v0", "valid", seed=9)}
+    return {"train": pa.concat_tables([volume_table(f"t{i}", seed=i) for i in range(2)]),
+            "valid": volume_table("v0", seed=9)}
 
 
 # ---- decoding ------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, config_dict: dict, out: s
         session = TrainingSession.create(from_dict(config_dict), rank=rank)
         session.model = torch.nn.parallel.DistributedDataParallel(session.model)
         # Each rank trains on different data (its own volume), as with Ray Data shards.
-        table = volume_table(f"rank{rank}", "train", seed=rank)
+        table = volume_table(f"rank{rank}", seed=rank)
         for epoch in (1, 2):
             session.train_epoch(batches_of(table, 3), epoch)
         torch.save({k: v.clone() for k, v in session.module.state_dict().items()},
@@ -248,7 +248,7 @@ def test_dataset_version_tracks_content(tmp_path):
     data = make_slice_dataset(tmp_path / "d", {"train": 1, "valid": 1})
     v1 = dataset_version(str(data))
     assert v1.startswith("files:") and dataset_version(str(data)) == v1
-    pq.write_table(volume_table("extra", "train", depth=4), data / "slices" / "train" / "extra.parquet")
+    pq.write_table(volume_table("extra", depth=4), data / "slices" / "train" / "extra.parquet")
     assert dataset_version(str(data)) != v1
     (data / "dataset.json").write_text('{"counts": 1}')
     assert dataset_version(str(data)).startswith("dataset.json:")

@@ -82,7 +82,7 @@ def _write_patient(folder: Path, pid: str, rng: np.random.Generator, lesion_slic
         mask[5:9, 6:10, z] = 1
         image[5:9, 6:10, z] = 0.9
     table = schema.volume_to_rows(image, mask, patient_id=pid, cohort="lymphoma", tracer="FDG",
-                                  role="internal", split="tune", suv_max=10.0, scale_min=0.0,
+                                  role="internal", suv_max=10.0, scale_min=0.0,
                                   scale_max=10.0, pet_path=f"{pid}.nii.gz", geometry=GEOMETRY)
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, folder / f"{pid}.parquet")

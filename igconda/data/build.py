@@ -1,5 +1,5 @@
-"""Build a preprocessed slice dataset from a manifest: plan splits, preprocess every patient,
-write the files and the summary.
+"""Build a preprocessed slice dataset from a manifest: preprocess every patient, decide the
+splits once on the survivors, file each patient in its split and write the summary.
 
 :func:`build_dataset` is the logic behind ``python -m ray_jobs.preprocess``; it writes the
 layout of ``docs/CONTRACTS.md`` (see :mod:`igconda.data.io`). :func:`process_patient` preprocesses
@@ -9,13 +9,13 @@ that runs one Ray Data task per volume (``ray_jobs/preprocess.py``); the default
 
 Atomicity: everything is built in a hidden sibling folder ``.<name>.tmp-<key>`` and renamed into
 place only at the end, after ``dataset.json`` (written last) exists. The key is a digest of the
-planned patients, their input files and the settings, so a run killed mid-way (SIGKILL: nothing
+manifest rows, their input files and the settings, so a run killed mid-way (SIGKILL: nothing
 cleaned up) is resumed by a re-run with the same inputs, which preprocesses only the patients
 whose files the killed run had not finished (:mod:`igconda.data.build_resume`); a failed build
-(an exception) is deleted. An existing dataset at the
-output path is moved aside only once the new one is complete, and deleted after the swap, so a
-failed or interrupted run never leaves a partial dataset that looks complete and never destroys
-a complete one. Workers write their Parquet files directly into that folder, so the output must
+(an exception) is deleted. An existing dataset at the output path is moved aside only once the
+new one is complete, and deleted after the swap, so a failed or interrupted run never leaves a
+partial dataset that looks complete and never destroys a complete one. Workers write each
+patient's file (no split yet) directly into that folder, so the output must
 be on a filesystem every Ray node sees (local disk for a single machine, NFS on a cluster). The
 driver trusts no task's report: before anything else is written it checks, from its own view,
 that every file a task reported is there with the task's rows and that no PET/mask file a task
@@ -24,14 +24,16 @@ share the folder or the inputs fails the build instead of leaving a dataset shor
 patients (``ray_jobs.shared_storage`` refuses a non-shared output folder before any work starts).
 
 Bad patients (manifest rows or volumes that fail validation) are skipped, logged and listed in
-``rejects.csv``; splits are computed on the patients that survived, so a rejected file does not
-leave a cohort short of tuning patients.
+``rejects.csv``. Splits are decided once, by :func:`igconda.data.splits.assign_splits` on the
+patients that survived (so a rejected file does not leave a cohort short of tuning patients),
+after every task has reported; each file then moves into ``slices/<split>/`` by rename, never
+rewritten. The split folder (and ``splits.csv``) is the only record of a slice's split: the
+files carry no ``split`` column (readers take it from the folder).
 
-Coverage (:mod:`igconda.data.summary`): ``dataset.json`` records, per patient and per cohort, the lesion voxels that fall
-outside the preprocessed field of view (a crop that silently drops a cohort's lesions would
-otherwise only show as a poor score), the number of unhealthy slices per split and cohort, and a
-warning for every lesion cohort left without an unhealthy slice in a split it belongs to; both
-are logged too.
+Coverage (:mod:`igconda.data.summary`): ``dataset.json`` records, per patient and cohort, the
+lesion voxels outside the preprocessed field of view (a crop that silently drops a cohort's
+lesions would otherwise only show as a poor score), the unhealthy slices per split and cohort,
+and a warning for every lesion cohort left without an unhealthy slice in a split it belongs to.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
 import time
 import traceback
@@ -53,11 +56,13 @@ import pyarrow.parquet as pq
 
 from igconda.config import PreprocessConfig, StudyConfig
 from igconda.data.build_resume import (
+    PATIENTS_DIR,
     RESULTS_DIR,
     build_folder,
     build_key,
     drop_stale_builds,
     finished_results,
+    patient_file,
     record_result,
 )
 from igconda.data.compat import SETTINGS_KEY, settings_record
@@ -69,6 +74,7 @@ from igconda.data.splits import assign_splits
 from igconda.data.summary import (
     lesion_coverage_summary,
     lesion_warnings,
+    log_coverage,
     split_counts,
     unhealthy_table,
 )
@@ -83,7 +89,7 @@ SPLIT_COLUMNS = ("patient_id", "subject_id", "cohort", "tracer", "role", "split"
 
 
 #: ``map_patients(items, config, root)``: apply :func:`process_patient` to every item (a manifest
-#: row with its planned split) with ``config`` and ``root``, and yield the results in any order.
+#: row) with ``config`` and ``root``, and yield the results in any order.
 PatientMap = Callable[[list[dict[str, Any]], PreprocessConfig, str], Iterable[dict[str, Any]]]
 
 
@@ -119,18 +125,15 @@ def _entry_dict(e: ManifestEntry) -> dict[str, Any]:
             "tracer": e.tracer, "role": e.role, "pet_path": e.pet_path, "mask_path": e.mask_path or ""}
 
 
-def _slice_file(root: Path, split: str, patient_id: str) -> Path:
-    return Path(split_path(root, split)) / f"{patient_id}.parquet"
-
-
 def process_patient(item: dict[str, Any], config: PreprocessConfig, root: str | Path) -> dict[str, Any]:
     """Preprocess one manifest row and write its slices (what one Ray Data task of the job does).
 
     Args:
         item: a manifest row (keys ``patient_id``, ``cohort``, ``tracer``, ``role``,
-            ``pet_path``, ``mask_path`` (empty = none), ``row``) plus ``split``.
+            ``pet_path``, ``mask_path`` (empty = none), ``row``).
         config: preprocessing settings.
-        root: dataset folder being built; writes ``slices/<split>/<patient_id>.parquet``.
+        root: dataset folder being built; writes :func:`~igconda.data.build_resume.patient_file`
+            (``<root>/.patients/<patient_id>.parquet``; the driver later moves it to its split).
 
     Returns:
         The item plus ``ok`` (bool), and either ``slices``, ``unhealthy``, ``input_slices`` (the
@@ -143,10 +146,10 @@ def process_patient(item: dict[str, Any], config: PreprocessConfig, root: str | 
         vol = preprocess_volume(item["pet_path"], item["mask_path"] or None, config)
         table = volume_to_rows(
             vol.image, vol.mask, patient_id=item["patient_id"], cohort=item["cohort"],
-            tracer=item["tracer"], role=item["role"], split=item["split"], suv_max=vol.suv_max,
+            tracer=item["tracer"], role=item["role"], suv_max=vol.suv_max,
             scale_min=vol.scale_min, scale_max=vol.scale_max, pet_path=item["pet_path"],
             geometry=vol.geometry)
-        path = _slice_file(Path(root), item["split"], item["patient_id"])
+        path = patient_file(Path(root), item["patient_id"])
         path.parent.mkdir(parents=True, exist_ok=True)
         # Whole or not at all: a killed build's re-run keeps the files it finds.
         atomic_write(path, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
@@ -178,17 +181,6 @@ def map_in_process(items: list[dict[str, Any]], config: PreprocessConfig,
     """A :data:`PatientMap` that runs :func:`process_patient` on each item in turn, in this process."""
     for item in items:
         yield process_patient(item, config, root)
-
-
-def _resplit(root: Path, patient_id: str, old: str, new: str) -> None:
-    """Move a patient's file to another split folder, rewriting its ``split`` column."""
-    src, dst = _slice_file(root, old, patient_id), _slice_file(root, new, patient_id)
-    table = pq.read_table(src)
-    idx = table.schema.get_field_index("split")
-    table = table.set_column(idx, table.schema.field(idx), pa.array([new] * table.num_rows, pa.string()))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(dst, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
-    src.unlink()
 
 
 def _versions() -> dict[str, str]:
@@ -227,7 +219,7 @@ def _check_visible(root: Path, results: list[dict[str, Any]]) -> None:
             if r["problem"].startswith(NOT_FOUND) and Path(r["file"]).is_file():
                 problems.append(f"{r['file']}: its task found no such file; the driver sees it")
             continue
-        path = _slice_file(root, r["split"], r["patient_id"])
+        path = patient_file(root, r["patient_id"])
         try:
             rows = pq.read_metadata(path).num_rows
         except (OSError, pa.ArrowException) as err:  # missing, or not a whole Parquet file
@@ -291,17 +283,14 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
                         "problem": err.problem})
         log.warning("rejected: %s", err)
 
-    split_args = dict(train_fraction=pcfg.train_fraction, valid_fraction=pcfg.valid_fraction,
-                      tune_per_cohort=pcfg.tune_per_cohort, seed=pcfg.seed)
-    planned = assign_splits(entries, **split_args) if entries else {}
-    items = [{**_entry_dict(e), "split": planned[e.patient_id]} for e in entries]
+    items = [_entry_dict(e) for e in entries]
 
     output.parent.mkdir(parents=True, exist_ok=True)
     # Built in a folder named by what it computes, so a killed run's patients are kept by a
     # re-run with the same inputs (igconda.data.build_resume).
     tmp = build_folder(output, build_key(items, pcfg))
     drop_stale_builds(output, keep=tmp)
-    done = finished_results(tmp, _slice_file)
+    done = finished_results(tmp)
     if done:
         # On the console (not only in the log file): what a re-run skips is the user's business.
         print(f"resuming the interrupted build in {tmp}: {len(done)} of {len(items)} patients "
@@ -334,30 +323,23 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
             raise PreprocessingError(f"{manifest}: {len(rejects)} patient(s) rejected with --strict, "
                                      f"no dataset written: {_describe(rejects)}")
 
-        # Re-split on the survivors so a rejected scan does not leave a cohort short of tune
-        # patients; move only the files whose split changed.
-        final = assign_splits(good, **split_args)
-        for r in good:
-            if final[r["patient_id"]] != r["split"]:
-                _resplit(tmp, r["patient_id"], r["split"], final[r["patient_id"]])
-                r["split"] = final[r["patient_id"]]
+        # The one split decision, on the survivors (a rejected scan leaves no cohort short of
+        # tune patients); each file then moves to its split's folder by rename, not rewritten.
+        splits = assign_splits(good, train_fraction=pcfg.train_fraction, seed=pcfg.seed,
+                               valid_fraction=pcfg.valid_fraction, tune_per_cohort=pcfg.tune_per_cohort)
         for split in SPLITS:
             Path(split_path(tmp, split)).mkdir(parents=True, exist_ok=True)
+        for r in good:
+            r["split"] = splits[r["patient_id"]]
+            os.replace(patient_file(tmp, r["patient_id"]),
+                       Path(split_path(tmp, r["split"])) / f"{r['patient_id']}.parquet")
 
         _write_csv(tmp / "splits.csv", SPLIT_COLUMNS, good)
         _write_csv(tmp / "rejects.csv", REJECT_COLUMNS, rejects)
         counts = split_counts(good)
         coverage = lesion_coverage_summary(good)
         warnings = lesion_warnings(good)
-        for cohort, c in coverage["cohorts"].items():
-            if c["lesion_voxels_outside"]:
-                log.warning("cohort %s: %d of %d lesion voxels (%.1f %%) lie outside the field of view, "
-                            "in %d patient(s)", cohort, c["lesion_voxels_outside"], c["lesion_voxels"],
-                            100 * c["fraction_outside"], c["patients_with_lesions_outside"])
-            else:
-                log.info("cohort %s: all %d lesion voxels inside the field of view", cohort, c["lesion_voxels"])
-        for line in warnings:
-            log.warning("%s", line)
+        log_coverage(coverage, warnings)
         depths = [r["slices"] for r in good]
         info = {
             "format": "igconda-slices/1",
@@ -378,7 +360,8 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
             SETTINGS_KEY: settings_record(pcfg),
             "versions": _versions(),
         }
-        shutil.rmtree(tmp / RESULTS_DIR, ignore_errors=True)  # the build's own bookkeeping
+        for bookkeeping in (RESULTS_DIR, PATIENTS_DIR):  # the build's own (files of rejects too)
+            shutil.rmtree(tmp / bookkeeping, ignore_errors=True)
         # dataset.json is written last: its presence marks the folder complete.
         (tmp / "dataset.json").write_text(json.dumps(info, indent=2))
         replace_dir(tmp, output)  # never leaves no dataset, even on a crash

@@ -2,17 +2,20 @@
 
 :func:`igconda.data.build.build_dataset` builds in a hidden sibling of the output folder and
 renames it into place at the end. That folder is named by a *build key* (:func:`build_key`, a
-digest of the planned patients with their splits, their input files' sizes and modification
-times, and the preprocessing settings), ``.<name>.tmp-<key>``, so a re-run with the same inputs
+digest of the manifest rows, their input files' sizes and modification times, and the
+preprocessing settings), ``.<name>.tmp-<key>``, so a re-run with the same inputs
 finds the folder a killed run (SIGKILL, a lost head node: nothing cleaned up) left and carries
 on in it, while a run with other inputs or settings never reuses it.
 
 The driver records each patient's result (what its task reported: slices, coverage, or why it was
 rejected) in ``<build>/.results/<patient_id>.json`` once the result reaches it
-(:func:`record_result`); the patient's Parquet file was written before, atomically, by the task.
-On a re-run :func:`finished_results` keeps a recorded patient only if its file is there with the
-recorded rows, removes the temp files of writes a kill cut short, and the build maps only the
-other patients. Builds left under another key are deleted (:func:`drop_stale_builds`): their
+(:func:`record_result`); the patient's Parquet file was written before, atomically, by the task,
+to ``<build>/.patients/<patient_id>.parquet`` (:func:`patient_file`: no split yet; the driver
+decides the splits once every result is in and moves each file into its split folder by rename).
+On a re-run :func:`finished_results` first moves back any file a killed run had already moved
+into a split folder (the splits are decided again, on this run's results), keeps a recorded
+patient only if its file is there with the recorded rows, removes the temp files of writes a
+kill cut short, and the build maps only the other patients. Builds left under another key are deleted (:func:`drop_stale_builds`): their
 inputs or settings are no longer this run's.
 """
 
@@ -37,11 +40,17 @@ log = logging.getLogger(__name__)
 
 #: The folder, inside a build, of the per-patient results the driver has received.
 RESULTS_DIR = ".results"
+#: The folder, inside a build, of the patients' Parquet files before they are moved to their split.
+PATIENTS_DIR = ".patients"
+
+
+def patient_file(build: Path, patient_id: str) -> Path:
+    """Where a task writes a patient's slices in the build, before the split is decided."""
+    return build / PATIENTS_DIR / f"{patient_id}.parquet"
 
 
 def build_key(items: list[dict[str, Any]], config: PreprocessConfig) -> str:
-    """A digest of what a build computes: the planned patients (manifest rows with their
-    split), their PET/mask files' sizes and ``st_mtime_ns`` (a replaced scan is another input;
+    """A digest of what a build computes: the manifest rows, their PET/mask files' sizes and ``st_mtime_ns`` (a replaced scan is another input;
     hashing every volume would cost minutes on a real cohort) and the preprocessing settings."""
     files = []
     for item in items:
@@ -81,28 +90,30 @@ def record_result(build: Path, result: dict[str, Any]) -> None:
                  suffix=".tmp")
 
 
-def finished_results(build: Path, slice_file) -> dict[str, dict[str, Any]]:
+def finished_results(build: Path) -> dict[str, dict[str, Any]]:
     """The results a killed build of the same key recorded, ``{patient_id: result}``.
 
-    A recorded patient whose file is missing or holds other rows than recorded (a split move
-    the kill cut short) is left out, and so runs again; temp files of cut-short writes are
-    removed.
+    Files a killed run had moved into ``<build>/slices/<split>/`` go back to
+    :func:`patient_file` (by rename), since the splits are decided on this run's results. A
+    recorded patient whose file is missing or holds other rows than recorded is left out, and so
+    runs again; temp files of cut-short writes are removed.
 
     Args:
         build: the build folder (may not exist: then nothing is finished).
-        slice_file: ``slice_file(build, split, patient_id)`` → that patient's Parquet path.
     """
     if not build.is_dir():
         return {}
     for tmp in build.rglob("*.tmp"):
         tmp.unlink(missing_ok=True)
+    for moved in build.glob("slices/*/*.parquet"):
+        patient_file(build, moved.stem).parent.mkdir(exist_ok=True)
+        os.replace(moved, patient_file(build, moved.stem))
     done = {}
     for path in sorted((build / RESULTS_DIR).glob("*.json")):
         try:
             result = json.loads(path.read_text())
             if result["ok"]:
-                rows = pq.read_metadata(slice_file(build, result["split"],
-                                                   result["patient_id"])).num_rows
+                rows = pq.read_metadata(patient_file(build, result["patient_id"])).num_rows
                 if rows != result["slices"]:
                     continue
         except (OSError, ValueError, KeyError, pa.ArrowException):

@@ -10,7 +10,6 @@ patient_id         string              unique per study
 cohort             string              e.g. ``lymphoma``, ``sts``
 tracer             string              e.g. ``FDG``, ``PSMA``
 role               string              ``internal`` | ``external`` | ``negative_control``
-split              string              ``train`` | ``valid`` | ``tune`` | ``test``
 slice_index        int32               z index in the preprocessed volume (0 = inferior)
 num_slices         int32               preprocessed volume depth
 label              int8                1 healthy (no mask pixel), 2 unhealthy
@@ -26,6 +25,9 @@ geometry           string (JSON)       see :data:`GEOMETRY_KEYS`; identical for 
 =================  ==================  ==========================================================
 
 ``image * (scale_max - scale_min) + scale_min`` recovers SUV on the preprocessed grid.
+A slice's split is the folder its file is in (``<data>/slices/<split>/``,
+:func:`igconda.data.io.split_path`), decided once by the build: the rows carry no ``split``
+column (files written by earlier versions do, and still read: :func:`validate_table`).
 Axis convention: a preprocessed volume is a (X, Y, Z) array in RAS+ orientation; a slice is
 ``volume[:, :, slice_index]`` of shape (H=X, W=Y).
 """
@@ -60,7 +62,6 @@ SLICE_SCHEMA = pa.schema(
         ("cohort", pa.string()),
         ("tracer", pa.string()),
         ("role", pa.string()),
-        ("split", pa.string()),
         ("slice_index", pa.int32()),
         ("num_slices", pa.int32()),
         ("label", pa.int8()),
@@ -114,7 +115,6 @@ def volume_to_rows(
     cohort: str,
     tracer: str,
     role: str,
-    split: str,
     suv_max: float,
     scale_min: float,
     scale_max: float,
@@ -124,8 +124,6 @@ def volume_to_rows(
     """Slice a preprocessed (X, Y, Z) volume and its mask into a table of :data:`SLICE_SCHEMA`."""
     if image.ndim != 3 or image.shape != mask.shape:
         raise ValueError(f"image {image.shape} and mask {mask.shape} must be the same 3D shape")
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}")
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}")
     h, w, depth = image.shape
@@ -143,7 +141,6 @@ def volume_to_rows(
         "cohort": rep(cohort),
         "tracer": rep(tracer),
         "role": rep(role),
-        "split": rep(split),
         "slice_index": np.arange(n, dtype=np.int32),
         "num_slices": np.full(n, depth, dtype=np.int32),
         "label": np.where(lesion > 0, UNHEALTHY, HEALTHY).astype(np.int8),
@@ -164,11 +161,10 @@ def volume_to_rows(
 def validate_table(table: pa.Table) -> None:
     """Raise ValueError if ``table`` does not follow :data:`SLICE_SCHEMA` (names and types).
 
-    The ``split`` column may be absent when reading one split's partition folder."""
+    Columns beyond the schema are allowed: files written before the split folder became the only
+    record of a slice's split carry a ``split`` column, which readers ignore."""
     for f in SLICE_SCHEMA:
         if f.name not in table.schema.names:
-            if f.name == "split":
-                continue
             raise ValueError(f"slice table is missing column {f.name!r}")
         actual = table.schema.field(f.name).type
         if not actual.equals(f.type) and not (

@@ -1,15 +1,19 @@
 """The per-split and per-cohort summaries that ``dataset.json`` records (see docs/data.md §6).
 
 Each function takes the preprocessing results of the surviving patients (one dict per patient,
-as :func:`igconda.data.build.process_patient` returns them, with their final ``split``) and
-returns plain JSON-ready values; :func:`igconda.data.build.build_dataset` writes them.
+as :func:`igconda.data.build.process_patient` returns them, with the ``split`` the build then
+decided) and returns plain JSON-ready values; :func:`igconda.data.build.build_dataset` writes
+them and :func:`log_coverage` logs them.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from igconda.data.schema import HEALTHY, SPLITS, UNHEALTHY
+
+log = logging.getLogger(__name__)
 
 #: The splits in which a cohort of each role should have unhealthy slices (negative controls
 #: have none by definition).
@@ -71,3 +75,17 @@ def lesion_warnings(results: list[dict[str, Any]]) -> list[str]:
                            if rs else "no patient")
                     warnings.append(f"cohort {cohort!r} ({role}) has no unhealthy slice in {split} ({why})")
     return warnings
+
+
+def log_coverage(coverage: dict[str, Any], warnings: list[str]) -> None:
+    """Log :func:`lesion_coverage_summary`'s cohorts (a warning for lesion voxels outside the
+    field of view) and :func:`lesion_warnings`' lines."""
+    for cohort, c in coverage["cohorts"].items():
+        if c["lesion_voxels_outside"]:
+            log.warning("cohort %s: %d of %d lesion voxels (%.1f %%) lie outside the field of view, "
+                        "in %d patient(s)", cohort, c["lesion_voxels_outside"], c["lesion_voxels"],
+                        100 * c["fraction_outside"], c["patients_with_lesions_outside"])
+        else:
+            log.info("cohort %s: all %d lesion voxels inside the field of view", cohort, c["lesion_voxels"])
+    for line in warnings:
+        log.warning("%s", line)

@@ -186,7 +186,7 @@ def test_epochs_on_decoded_slice_batches_lower_the_loss():
     volume = np.moveaxis(images, 0, 2)  # (N, H, W) slices → (X, Y, Z) volume
     table = volume_to_rows(
         volume, np.moveaxis(regions, 0, 2), patient_id="p0", cohort="toy", tracer="FDG",
-        role="internal", split="train", suv_max=1.0, scale_min=0.0, scale_max=1.0,
+        role="internal", suv_max=1.0, scale_min=0.0, scale_max=1.0,
         pet_path="p0.nii.gz", geometry={"original_shape": [16, 16, 24], "original_affine": np.eye(4),
                                         "output_affine": np.eye(4), "output_shape": [16, 16, 24]})
     batches = [decode_slice_batch(table.slice(s, 6)) for s in range(0, 24, 6)]

@@ -163,7 +163,7 @@ def test_decoded_slice_batches_carry_the_mask_for_training():
     volume = lambda a: np.moveaxis(a, 0, 2)  # noqa: E731  (N, H, W) slices → (X, Y, Z) volume
     table = volume_to_rows(
         volume(images), volume(masks), patient_id="p0", cohort="toy", tracer="FDG",
-        role="internal", split="train", suv_max=1.0, scale_min=0.0, scale_max=1.0, pet_path="p0.nii.gz",
+        role="internal", suv_max=1.0, scale_min=0.0, scale_max=1.0, pet_path="p0.nii.gz",
         geometry={"original_shape": [16, 16, 6], "original_affine": np.eye(4),
                   "output_affine": np.eye(4), "output_shape": [16, 16, 6]})
     batch = decode_slice_batch(table, mask=True)

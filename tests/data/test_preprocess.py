@@ -149,7 +149,7 @@ def test_slice_labels_are_two_iff_any_mask_pixel():
     pet, mask = pet_and_mask(shape=(16, 16, 12), lesion_at=(8, 8, 5), radius=2)
     out = preprocess_arrays(pet, np.eye(4), mask, cfg((1, 1, 1), (16, 16, 12)))
     table = volume_to_rows(out.image, out.mask, patient_id="p", cohort="c", tracer="FDG", role="internal",
-                           split="train", suv_max=out.suv_max, scale_min=out.scale_min,
+                           suv_max=out.suv_max, scale_min=out.scale_min,
                            scale_max=out.scale_max, pet_path="p.nii.gz", geometry=out.geometry)
     labels = table.column("label").to_numpy()
     expected = out.mask.reshape(-1, out.mask.shape[2]).any(axis=0)

@@ -8,15 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from igconda.config import PreprocessConfig
 from igconda.data import build, summary
 from igconda.data.build import PreprocessingError, build_dataset, process_patient
+from igconda.data.build_resume import patient_file
 from igconda.data.compat import PreprocessMismatch, check_dataset_settings
 from igconda.data.io import read_dataset_info, read_split, split_path
-from igconda.data.schema import SPLITS, UNHEALTHY, stack_images, validate_table
+from igconda.data.schema import SLICE_SCHEMA, SPLITS, UNHEALTHY, stack_images, validate_table
 from ray_jobs.preprocess import run_preprocessing
 from tests.data.nifti_fixtures import (
     LPS,
@@ -85,13 +87,14 @@ def no_leftovers(output: Path) -> bool:
 def test_process_patient_writes_one_file_or_reports_the_problem(tmp_path):
     pet, mask = write_patient(tmp_path, "p1")
     item = {"row": 2, "patient_id": "p1", "cohort": "c", "tracer": "FDG", "role": "internal",
-            "pet_path": str(pet), "mask_path": str(mask), "split": "valid"}
+            "pet_path": str(pet), "mask_path": str(mask)}
     r = process_patient(item, CONFIG, tmp_path / "ds")
     assert r["ok"] and r["slices"] == 12 and 0 < r["unhealthy"] < 12
     assert r["input_slices"] == 20 and r["lesion_voxels"] == 33 and r["lesion_voxels_outside"] == 0
-    table = pq.read_table(tmp_path / "ds/slices/valid/p1.parquet")
+    assert "split" not in r  # the task cannot know it: the driver decides once all are in
+    table = pq.read_table(patient_file(tmp_path / "ds", "p1"))
     validate_table(table)
-    assert set(table.column("split").to_pylist()) == {"valid"}
+    assert "split" not in table.schema.names  # the split folder is its only record
     r = process_patient({**item, "pet_path": str(tmp_path / "gone.nii.gz")}, CONFIG, tmp_path / "ds")
     assert not r["ok"] and r["file"].endswith("gone.nii.gz") and "not found" in r["problem"]
 
@@ -99,7 +102,7 @@ def test_process_patient_writes_one_file_or_reports_the_problem(tmp_path):
 def test_a_ct_given_as_pet_is_reported_not_raised(tmp_path):
     ct = write_nifti(tmp_path / "ct.nii.gz", ct_like(), LPS)
     item = {"row": 2, "patient_id": "p1", "cohort": "c", "tracer": "FDG", "role": "internal",
-            "pet_path": str(ct), "mask_path": "", "split": "train"}
+            "pet_path": str(ct), "mask_path": ""}
     r = process_patient(item, CONFIG, tmp_path / "ds")
     assert not r["ok"] and r["file"] == str(ct) and "Hounsfield" in r["problem"]
     assert not r["traceback"]  # a known bad input, not an unexpected error
@@ -152,7 +155,7 @@ def test_build_dataset_in_process_skips_bad_patients_and_files_each_in_its_split
     assert len(splits) == 12 and set(splits[splits.role == "external"].split) == {"test"}
     for row in splits.itertuples():
         table = pq.read_table(out / "slices" / row.split / f"{row.patient_id}.parquet")
-        assert set(table.column("split").to_pylist()) == {row.split}
+        assert "split" not in table.schema.names and table.num_rows == 12
     assert read_dataset_info(out)["patients"] == 12 == sum(summary.patients.values())
     # dataset.json records the settings as the later stages compare them (igconda.data.compat).
     assert check_dataset_settings(out, CONFIG, expected_from="CONFIG", fix="") is None
@@ -214,6 +217,51 @@ def test_split_path_and_unknown_split(tmp_path):
         split_path(tmp_path, "holdout")
 
 
+def test_splits_are_decided_once_and_no_file_is_rewritten_after_its_task(tmp_path, monkeypatch):
+    # One split decision per build, on the survivors, after every task has reported; each
+    # file then moves into its split folder by rename: the inode and mtime its task left.
+    calls, written = [], {}
+    real = build.assign_splits
+
+    def counting(rows, **kwargs):
+        calls.append([r["patient_id"] for r in rows])
+        return real(rows, **kwargs)
+
+    monkeypatch.setattr(build, "assign_splits", counting)
+
+    def recording_map(items, config, root):
+        for item in items:
+            assert not calls  # no split is decided while tasks run
+            r = process_patient(item, config, root)
+            if r["ok"]:
+                st = patient_file(Path(root), item["patient_id"]).stat()
+                written[item["patient_id"]] = (st.st_ino, st.st_mtime_ns)
+            yield r
+
+    out = tmp_path / "data"
+    build_dataset(make_study(tmp_path / "study"), out, CONFIG, map_patients=recording_map,
+                  progress=False)
+    splits = pd.read_csv(out / "splits.csv")
+    assert calls == [sorted(splits.patient_id)]  # once, on the 12 survivors only
+    assert len(written) == 12
+    for row in splits.itertuples():
+        st = (out / "slices" / row.split / f"{row.patient_id}.parquet").stat()
+        assert (st.st_ino, st.st_mtime_ns) == written[row.patient_id]
+
+
+def test_a_dataset_written_with_a_split_column_still_reads(tmp_path):
+    # Datasets written before the split folder became the only record carry the column.
+    out = tmp_path / "data"
+    build_dataset(make_study(tmp_path / "study", bad=False), out, CONFIG, progress=False)
+    for path in (out / "slices").glob("*/*.parquet"):
+        table = pq.read_table(path)
+        pq.write_table(table.append_column("split", pa.array([path.parent.name] * len(table))), path)
+    test = read_split(out, "test")
+    validate_table(pq.read_table(out / "slices" / "test"))
+    n_test = (pd.read_csv(out / "splits.csv").split == "test").sum()
+    assert test.schema.names == SLICE_SCHEMA.names and test.num_rows == 12 * n_test > 0
+
+
 # ---- on Ray Data -------------------------------------------------------------------------------
 
 @pytest.mark.ray
@@ -254,7 +302,7 @@ def test_job_on_synthetic_cohort_with_bad_patients(ray_session, tmp_path):
             assert images.min() >= 0 and images.max() <= 1
             np.testing.assert_array_equal(table.column("label").to_numpy() == UNHEALTHY,
                                           masks.reshape(len(masks), -1).any(1))
-            assert set(df.split) == {split}
+            assert "split" not in df.columns  # the folder says it
     neg = read_split(out, "train", columns=["patient_id", "label"]).to_pandas()
     assert set(neg[neg.patient_id.str.startswith("negative")].label) <= {1}
 
