@@ -78,7 +78,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         raise _damaged(path, err) from None
 
 
-def check_checkpoint(directory: str | Path, *, resume: bool = False) -> None:
+def check_checkpoint(directory: str | Path, *, resume: bool = False,
+                     config: StudyConfig | None = None) -> None:
     """Refuse a checkpoint folder with a damaged file before anything loads it.
 
     Reads only the headers of the ``.safetensors`` files (cheap: no tensor is read), so a job's
@@ -86,12 +87,15 @@ def check_checkpoint(directory: str | Path, *, resume: bool = False) -> None:
     with a remote traceback. safetensors checks that the header's tensors cover the file
     exactly, so a truncated copy is caught; flipped bits inside tensor data are not (the format
     has no checksum). With ``resume``, ``train_state.pt`` must also be present and load.
+    ``config``: the folder's config as the caller loaded it (:func:`load_checkpoint_config`),
+    so that ``config.yaml`` is not parsed again; read here when None.
 
     Raises:
         CheckpointError: naming the missing or damaged file.
     """
     directory = Path(directory)
-    load_checkpoint_config(directory)
+    if config is None:
+        load_checkpoint_config(directory)
     if not (directory / MODEL_FILE).is_file():
         raise CheckpointError(f"{directory}: no {MODEL_FILE} in checkpoint")
     for name in (MODEL_FILE, EMA_FILE):

@@ -304,23 +304,40 @@ def from_dict(data: dict[str, Any] | None, source: str = "<dict>") -> StudyConfi
         raise ConfigError(f"{source}: {err}") from None
 
 
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The raw mappings of a YAML study config file, parsed once (not yet validated: pass them
+    to :func:`from_dict`). Raises ConfigError naming the file when it is missing or not YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+
+
+def _with_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """``data`` with nested ``overrides`` merged in, section by section (a new dict)."""
+    if not overrides:
+        return data  # as read: from_dict names a top level that is not a mapping
+    merged = dict(data)
+    for section, values in (overrides or {}).items():
+        merged[section] = {**(merged.get(section) or {}), **values}
+    return merged
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> StudyConfig:
     """Load a YAML study config (``None`` = paper defaults), then apply nested ``overrides``."""
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        path = Path(path)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({err})") from None
-    for section, values in (overrides or {}).items():
-        data.setdefault(section, {})
-        data[section] = {**(data[section] or {}), **values}
-    return from_dict(data, source)
+    data = read_config_file(path) if path is not None else {}
+    return from_dict(_with_overrides(data, overrides), str(path) if path is not None else "<defaults>")
+
+
+def apply_overrides(config: StudyConfig, overrides: dict[str, Any] | None,
+                    source: str = "<overrides>") -> StudyConfig:
+    """``config`` with nested ``{section: {key: value}}`` overrides applied and validated, as
+    :func:`load_config` applies them to a file (``source`` names it in errors): a config
+    already loaded is not read again."""
+    return from_dict(_with_overrides(config.to_dict(), overrides), source)
 
 
 def save_config(config: StudyConfig, path: str | Path) -> None:

@@ -9,8 +9,9 @@ A counterfactual encodes a slice to noise level D and decodes it back on the exp
 - w is a finite number ≥ 0 (the reference code's form; 0 is the unconditional decode).
 
 Every caller checks through :func:`check_grid` / :func:`check_guidance_scale` /
-:func:`check_counterfactual_params`: the DDIM functions, the inference predictor and job, the
-study config's ``infer``, ``tune`` and ``baselines.dpm_cg_*`` keys, and the tuning search space.
+:func:`check_counterfactual_params`: the DDIM functions, the inference predictor, the
+study config's ``infer``, ``tune`` and ``baselines.dpm_cg_*`` keys (the inference job's resolved
+settings are a validated config), and the tuning search space.
 They differ only in how the message names the values (:class:`Names`: a config's keys or the
 function's arguments), so every one of them refuses the same (D, s, w) with the same words.
 """

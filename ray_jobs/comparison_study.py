@@ -42,6 +42,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
@@ -54,10 +55,16 @@ from ray_jobs.study_steps import (
     StudyPaths,
     discard,
     run_job,
+    run_stage,
     run_training,
     training_argv,
+    training_request,
     write_study_model,
 )
+
+if TYPE_CHECKING:
+    from ray_jobs.train import TrainRequest
+    from ray_jobs.tune import TuneRequest
 
 #: The trained baselines, in the order they run (``dpm_cg`` trains the DPM and the classifier).
 BASELINES = ("hirescam", "fanogan", "dpm_cg", "supervised")
@@ -133,9 +140,26 @@ class Study:
         return self.root / "baselines" / method
 
     def train_argv(self, output: Path, config_file: Path) -> list[str]:
+        """``ray_jobs.train_baseline``'s arguments (a job without a request yet)."""
         return training_argv(self.data, output, str(config_file),
                              num_workers=self.args.num_workers or self.config.train.num_workers,
                              use_gpu=self.args.use_gpu, local=not self.args.address) + self.common
+
+    def train_request(self, output: Path, config: StudyConfig, file: Path) -> TrainRequest:
+        """The ``ray_jobs.train`` request of one network (``config``, saved as ``file``)."""
+        return training_request(self.data, output, config, file,
+                                num_workers=self.args.num_workers or self.config.train.num_workers,
+                                use_gpu=self.args.use_gpu, local=not self.args.address,
+                                tracking_uri=self.tracking_uri, experiment=self.experiment,
+                                address=self.args.address)
+
+    def tune_request(self, checkpoint: Path, out: Path, config: StudyConfig, **more) -> TuneRequest:
+        """A ``ray_jobs.tune`` request on the study's data, the search being ``config``'s."""
+        from ray_jobs.tune import resolve_request
+
+        return resolve_request(checkpoint, self.data, out, config=config,
+                               tracking_uri=self.tracking_uri, experiment=self.experiment,
+                               address=self.args.address, **more)
 
     def fresh(self, step: str, settings: dict, upstream: str, *outputs: Path) -> str:
         """Before ``step`` makes ``outputs``: discard them when the step was recorded with other
@@ -163,7 +187,7 @@ class Study:
         started = time.perf_counter()
         try:
             body()
-        except (Exception, SystemExit) as err:  # run_job raises SystemExit on a job's exit code
+        except (Exception, SystemExit) as err:  # run_job/run_stage: SystemExit on an exit code
             traceback.print_exc()
             self.failed[name] = f"{type(err).__name__}: {err}"
             print(f"    {name}: FAILED ({self.failed[name]}); going on with the other methods",
@@ -189,11 +213,9 @@ def igconda_variant(study: Study, attention: str) -> tuple[str, Path]:
             config, ("model", "train")), study.data_version, paths.train, paths.tune, paths.model)
         study.fresh(f"tune {name}", stage_records.section_settings(config, ("tune", "infer")),
                     trained, paths.tune, paths.model)
-        run_training(paths, study.train_argv(paths.train, config_file))
+        run_training(paths, study.train_request(paths.train, config, config_file))
         if not paths.tuned.is_file():
-            run_job("tune", ["--checkpoint", str(paths.best_checkpoint), "--data", str(study.data),
-                             "--output", str(paths.tune), "--config", str(config_file)]
-                    + study.common)
+            run_stage("tune", lambda: study.tune_request(paths.best_checkpoint, paths.tune, config))
         if not (paths.model / TUNING_FILE).is_file():
             write_study_model(paths, config, str(config_file))
 
@@ -274,7 +296,7 @@ def dpm_classifier_guidance(study: Study) -> None:
     def train_dpm() -> None:
         keys["dpm"] = study.fresh("train dpm", stage_records.section_settings(
             dpm_settings, ("model", "train")), study.data_version, dpm.root)
-        run_training(dpm, study.train_argv(dpm.train, dpm_config))
+        run_training(dpm, study.train_request(dpm.train, dpm_settings, dpm_config))
 
     study.step("train dpm", train_dpm)
     classifier, classifier_best = train_baseline(study, "dpm_classifier", keys)
@@ -290,10 +312,9 @@ def dpm_classifier_guidance(study: Study) -> None:
             if tuned.is_file():
                 print(f"    {tuned} found, skipping", flush=True)
                 return
-            run_job("tune", ["--method", "dpm_cg", "--checkpoint", str(classifier_best),
-                             "--checkpoint2", str(dpm.best_checkpoint), "--data", str(study.data),
-                             "--output", str(tuned.parent), "--config", str(study.config_path)]
-                    + study.common)
+            run_stage("tune", lambda: study.tune_request(
+                classifier_best, tuned.parent, study.config, method="dpm_cg",
+                checkpoint2=dpm.best_checkpoint))
 
         study.step("tune dpm_cg", tune, needs)
         needs = (*needs, "tune dpm_cg")

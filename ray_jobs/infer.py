@@ -69,6 +69,7 @@ import logging
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,12 @@ from igconda.map_kinds import MAP_KINDS
 from igconda.progress import progress
 from igconda.train_loop import dataset_version
 from ray_jobs.console import add_verbose_flag, configure, init_ray
-from ray_jobs.infer_config import resolve_config  # noqa: F401  (re-exported, as below)
+from ray_jobs.infer_config import (  # noqa: F401  (re-exported, as below)
+    InferRequest,
+    infer_request,
+    resolve_config,
+    resolve_request,
+)
 from ray_jobs.infer_outputs import (  # noqa: F401  (re-exported for callers of the job module)
     export_volumes,
     log_infer_run,
@@ -248,13 +254,16 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
 # Driver
 # ---------------------------------------------------------------------------------------------
 
-def run(args: argparse.Namespace) -> InferResult:
-    """The whole job (see the module docstring); Ray is started here if it is not running."""
-    config, settings = resolve_config(args)
+def run(request: InferRequest) -> InferResult:
+    """The whole job (see the module docstring) as ``request`` says (its settings resolved once,
+    :func:`ray_jobs.infer_config.resolve_request`); Ray is started here if it is not running."""
+    args = request  # the job's fields, named as the command line's options
+    config, settings = request.config, request.settings
     data, output = Path(args.data), Path(args.output)
-    # Slices made otherwise than the checkpoint's training data are refused before any work.
+    # Slices made otherwise than the checkpoint's training data are refused before any work
+    # (the request's config carries the checkpoint's preprocess section: not read again).
     try:
-        problem = check_data_for_checkpoint(data, args.checkpoint)
+        problem = check_data_for_checkpoint(data, args.checkpoint, config=config)
     except PreprocessMismatch as err:
         raise InferError(str(err)) from None
     if problem:
@@ -341,15 +350,21 @@ def run(args: argparse.Namespace) -> InferResult:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure(verbose=args.verbose)
+def execute(build: Callable[[], InferRequest]) -> int:
+    """:func:`run` on the request ``build`` resolves, its errors reported as the command line
+    reports them; the job's exit status (the pipeline runs its infer stage through this)."""
     try:
-        run(args)
+        run(build())
     except (InferError, SharedStorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure(verbose=args.verbose)
+    return execute(lambda: infer_request(args))
 
 
 if __name__ == "__main__":

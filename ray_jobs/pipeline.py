@@ -32,6 +32,17 @@ or a stage before it changed) is re-run with every stage after it, saying what c
 ``--force STAGE`` re-runs one stage and everything after it from scratch (``--force train``
 discards the previous training's checkpoints); ``--stop-after STAGE`` stops once STAGE is done.
 
+The study config is read once, here. Each stage runs in this process, on this Ray runtime,
+through its ``run(request)`` (:func:`ray_jobs.study_steps.run_stage`): its typed request
+(:class:`ray_jobs.preprocess.PreprocessRequest`, :class:`ray_jobs.train.TrainRequest`,
+:class:`ray_jobs.tune.TuneRequest`, :class:`ray_jobs.infer_config.InferRequest`) is built from
+the loaded config by the same resolver the stage's command line uses (which reads the
+checkpoint's config and the tuned file once each), never as an argv parsed again. A stage's
+failure is reported as its command line reports it and ends the study with its exit status.
+Inference takes the config's whole ``infer`` and ``tracking`` sections over the checkpoint's
+(the sections the stage records digest), where ``ray_jobs.infer --config`` takes the keys the
+file sets.
+
 The console shows each stage once with its progress; ``--verbose`` adds Ray's own logs, which
 are always in Ray's session logs, and every log record of the driver goes to
 ``<output>/pipeline.log`` (:mod:`ray_jobs.console`).
@@ -55,9 +66,9 @@ from ray_jobs import console, stage_records
 from ray_jobs.study_steps import (
     STAGES,
     StudyPaths,
-    run_job,
+    run_stage,
     run_training,
-    training_argv,
+    training_request,
     write_study_model,
 )
 
@@ -144,9 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     # (Ray's session logs, and every log record in <study>/pipeline.log): ray_jobs.console.
     console.configure(args.verbose, log_file=paths.root / LOG_FILE)
     console.init_ray(args.address)
-    common = ["--tracking-uri", tracking_uri, "--experiment", experiment]
-    if args.address:
-        common += ["--address", args.address]
     timings: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -178,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             tracking.log_params(config.flat())
             tracking.log_params({"pipeline.config_file": args.config,
                                  "pipeline.manifest": args.manifest or "synthetic phantoms"})
-        child = common + (["--parent-run-id", parent_id] if parent_id else [])
+        # What every self-logging stage's request shares: its MLflow run goes under the study's.
+        child = {"tracking_uri": tracking_uri, "experiment": experiment,
+                 "parent_run_id": parent_id, "address": args.address}
 
         def stage(name: str, done: bool, body: Callable[[], None],
                   log: Callable[[], None] | None = None) -> None:
@@ -230,26 +240,32 @@ def main(argv: list[str] | None = None) -> int:
 
             log_dataset(paths.data, "study")
 
-        stage("preprocess", (paths.data / "dataset.json").is_file(), lambda: run_job(
-            "preprocess",
-            ["--manifest", str(manifest), "--output", str(paths.data), "--config", args.config]
-            + (["--address", args.address] if args.address else []),
-        ), log_dataset)
+        def preprocess() -> None:
+            from ray_jobs.preprocess import PreprocessRequest
+
+            run_stage("preprocess", lambda: PreprocessRequest(
+                str(manifest), str(paths.data), config, address=args.address))
+
+        stage("preprocess", (paths.data / "dataset.json").is_file(), preprocess, log_dataset)
 
         # 3. Train.
-        train_argv = training_argv(paths.data, paths.train, args.config,
-                                   num_workers=args.num_workers or config.train.num_workers,
-                                   use_gpu=args.use_gpu, local=not args.address) + child
-        stage("train", (paths.best_checkpoint / "model.safetensors").is_file(),
-              lambda: run_training(paths, train_argv, forced=STAGES.index("train") >= first_forced[0]))
+        def train() -> None:
+            request = training_request(paths.data, paths.train, config, args.config,
+                                       num_workers=args.num_workers or config.train.num_workers,
+                                       use_gpu=args.use_gpu, local=not args.address, **child)
+            run_training(paths, request, forced=STAGES.index("train") >= first_forced[0])
+
+        stage("train", (paths.best_checkpoint / "model.safetensors").is_file(), train)
 
         # 4. Tune (D, w) on the tune split.
         def tune() -> None:
             if args.skip_tune:
                 print("    tuning skipped: using infer.noise_level / guidance_scale from the config")
                 return
-            run_job("tune", ["--checkpoint", str(paths.best_checkpoint), "--data", str(paths.data),
-                              "--output", str(paths.tune), "--config", args.config] + child)
+            from ray_jobs.tune import resolve_request
+
+            run_stage("tune", lambda: resolve_request(paths.best_checkpoint, paths.data,
+                                                      paths.tune, config=config, **child))
 
         stage("tune", args.skip_tune or paths.tuned.is_file(), tune)
 
@@ -267,12 +283,15 @@ def main(argv: list[str] | None = None) -> int:
         stage("model", (paths.model / "tuning.json").is_file(), model, log_model)
 
         # 6. Batch inference on every test cohort, with the baselines scored by the same code.
-        infer_argv = ["--checkpoint", str(paths.best_checkpoint), "--data", str(paths.data),
-                      "--output", str(paths.infer), "--config", args.config] + child
-        if paths.tuned.is_file() and not args.skip_tune:
-            infer_argv += ["--tuned", str(paths.tuned)]
-        stage("infer", (paths.infer / "tables" / "methods.csv").is_file(),
-              lambda: run_job("infer", infer_argv))
+        def infer() -> None:
+            from ray_jobs.infer_config import config_sections, resolve_request
+
+            tuned = paths.tuned if paths.tuned.is_file() and not args.skip_tune else None
+            run_stage("infer", lambda: resolve_request(
+                paths.best_checkpoint, paths.data, paths.infer, sections=config_sections(config),
+                tuned=tuned, **child))
+
+        stage("infer", (paths.infer / "tables" / "methods.csv").is_file(), infer)
 
         # 7. Report.
         def report() -> None:

@@ -19,6 +19,8 @@ The job is Ray Data's map over the patients (:func:`map_on_ray_data`, one task p
 each asking Ray for the memory its volume needs, :mod:`igconda.data.memory`; a volume no node
 could hold is rejected before any task) handed to :func:`igconda.data.build.build_dataset`, which decides the splits once every task has
 reported, files each patient in its split and writes the summary, and runs the same without Ray.
+The command line is parsed into a :class:`PreprocessRequest` (``--config`` read once) that
+:func:`run` runs; the pipeline builds the request from its loaded config.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -147,7 +150,22 @@ def run_preprocessing(manifest: str | Path, output: str | Path, config: StudyCon
                          map_patients=partial(map_on_ray_data, num_cpus=cpus, progress=progress))
 
 
-def main(argv: list[str] | None = None) -> int:
+@dataclass(frozen=True)
+class PreprocessRequest:
+    """What one preprocessing runs with: the command line's options, ``--config`` parsed once
+    (:func:`preprocess_request`; the pipeline passes its loaded config)."""
+
+    manifest: str
+    output: str
+    config: StudyConfig
+    strict: bool = False
+    num_cpus_per_volume: float | None = None
+    progress: bool = True
+    address: str | None = None
+    verbose: bool | None = None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, help="manifest CSV")
@@ -159,33 +177,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-cpus-per-volume", type=non_negative_float, default=None,
                         help="CPUs per Ray task (default: preprocess.num_cpus_per_volume)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def preprocess_request(args: argparse.Namespace) -> PreprocessRequest:
+    """The request of a ``ray_jobs.preprocess`` command line (ConfigError: a bad ``--config``)."""
+    return PreprocessRequest(str(args.manifest), str(args.output), load_config(args.config),
+                             strict=args.strict, num_cpus_per_volume=args.num_cpus_per_volume,
+                             progress=not args.no_progress, address=args.address,
+                             verbose=args.verbose)
+
+
+def run(request: PreprocessRequest) -> PreprocessSummary:
+    """The job as ``request`` says: Ray (started here unless running), the shared-storage
+    check, then :func:`run_preprocessing`.
+
+    Raises:
+        SharedStorageError, ManifestError, PreprocessingError: as the module docstring says.
+    """
+    from ray_jobs.shared_storage import check_shared
+
+    init_ray(request.address, verbose=request.verbose)  # quiet unless --verbose: ray_jobs.console
+    # The tasks write into a hidden sibling of --output, so its parent is what they must see.
+    check_shared(Path(request.output).expanduser().absolute().parent,
+                 f"the folder holding --output {request.output} (every preprocessing task writes "
+                 f"its patient's Parquet file there)")
+    return run_preprocessing(request.manifest, request.output, request.config,
+                             strict=request.strict,
+                             num_cpus_per_volume=request.num_cpus_per_volume,
+                             progress=request.progress)
+
+
+def execute(build: Callable[[], PreprocessRequest]) -> int:
+    """:func:`run` on the request ``build`` resolves, its errors logged as the command line
+    logs them; the job's exit status (the pipeline runs its preprocess stage through this)."""
+    from ray_jobs.shared_storage import SharedStorageError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("ray_jobs.preprocess")
-
     try:
-        config = load_config(args.config)
-    except ConfigError as err:
-        log.error("%s", err)
-        return 2
-
-
-    from ray_jobs.shared_storage import SharedStorageError, check_shared
-
-    init_ray(args.address, verbose=args.verbose)  # quiet unless --verbose: ray_jobs.console
-    try:
-        # The tasks write into a hidden sibling of --output, so its parent is what they must see.
-        check_shared(Path(args.output).expanduser().absolute().parent,
-                     f"the folder holding --output {args.output} (every preprocessing task writes "
-                     f"its patient's Parquet file there)")
-    except SharedStorageError as err:
-        log.error("%s", err)
-        return 2
-    try:
-        summary = run_preprocessing(args.manifest, args.output, config, strict=args.strict,
-                                    num_cpus_per_volume=args.num_cpus_per_volume,
-                                    progress=not args.no_progress)
-    except ManifestError as err:
+        summary = run(build())
+    except (ConfigError, SharedStorageError, ManifestError) as err:
         log.error("%s", err)
         return 2
     except PreprocessingError as err:
@@ -193,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps(summary_to_dict(summary), indent=2))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return execute(lambda: preprocess_request(args))
 
 
 if __name__ == "__main__":

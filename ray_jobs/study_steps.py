@@ -1,19 +1,28 @@
 """The steps a study's stages share, used by the pipeline (:mod:`ray_jobs.pipeline`) and the
 method comparison (:mod:`ray_jobs.comparison_study`): where each stage writes
-(:class:`StudyPaths`), running a job in-process (:func:`run_job`), a training that resumes or
-starts afresh (:func:`run_training`), and the study's model folder (:func:`write_study_model`).
+(:class:`StudyPaths`), running a stage in-process on its request (:func:`run_stage`: the
+stage's typed request, built from the study's loaded config, no argv), a training that resumes
+or starts afresh (:func:`run_training`, on a :func:`training_request`), and the study's model
+folder (:func:`write_study_model`). Jobs without a request yet (the comparison's baselines,
+scoring and tables) still run on an argv (:func:`run_job`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from igconda.config import StudyConfig
+
+if TYPE_CHECKING:
+    from ray_jobs.train import TrainRequest
 
 #: A study's stages, in the order they run; each reads the output of the one before it.
 STAGES = ("cohorts", "preprocess", "train", "tune", "model", "infer", "report")
@@ -86,24 +95,47 @@ def train_plan(paths: StudyPaths, forced: bool) -> str:
     return "resume" if has_run(default_storage_path(paths.train)) else "fresh"
 
 
+def local_torch_threads(num_workers: int, *, use_gpu: bool, local: bool) -> int | None:
+    """Intra-op threads per training worker the study asks for (None: the job's default).
+
+    On a local CPU machine each worker gets every core as intra-op threads: Ray would
+    otherwise cap torch at the worker's CPU reservation (below one CPU on 2 cores).
+    """
+    if local and not use_gpu:
+        return max(1, (os.cpu_count() or 1) // num_workers)
+    return None
+
+
+def training_request(data: Path, output: Path, config: StudyConfig, config_file: str | Path, *,
+                     num_workers: int, use_gpu: bool, local: bool, **job: Any) -> TrainRequest:
+    """The request of a study's training (:func:`ray_jobs.train.resolve_request`) on the study's
+    loaded ``config`` (``config_file`` only names it); ``job``: tracking and Ray fields."""
+    from ray_jobs.train import resolve_request
+
+    return resolve_request(data, output, config, num_workers=num_workers, use_gpu=use_gpu,
+                           config_file=str(config_file),
+                           torch_threads=local_torch_threads(num_workers, use_gpu=use_gpu,
+                                                             local=local), **job)
+
+
 def training_argv(data: Path, output: Path, config_file: str, *, num_workers: int,
                   use_gpu: bool, local: bool) -> list[str]:
-    """The arguments ``ray_jobs.train`` and ``ray_jobs.train_baseline`` share."""
+    """The arguments of ``ray_jobs.train_baseline`` (a job without a request yet) that a
+    study's :func:`training_request` sets for ``ray_jobs.train``."""
     argv = ["--data", str(data), "--output", str(output), "--config", str(config_file),
             "--num-workers", str(num_workers)]
-    if local and not use_gpu:
-        # On a local CPU machine give the workers every core as intra-op threads: Ray would
-        # otherwise cap torch at the worker's CPU reservation (below one CPU on 2 cores).
-        argv += ["--torch-threads", str(max(1, (os.cpu_count() or 1) // num_workers))]
+    threads = local_torch_threads(num_workers, use_gpu=use_gpu, local=local)
+    if threads is not None:
+        argv += ["--torch-threads", str(threads)]
     if use_gpu:
         argv.append("--use-gpu")
     return argv
 
 
-def run_training(paths: StudyPaths, train_argv: list[str], *, forced: bool = False) -> None:
-    """Run ``ray_jobs.train`` into ``paths.train`` as :func:`train_plan` says: nothing when a
-    finished ``best`` is there, ``--resume`` an interrupted run, else train from scratch
-    (discarding what an earlier run left)."""
+def run_training(paths: StudyPaths, request: TrainRequest, *, forced: bool = False) -> None:
+    """Run ``ray_jobs.train`` on ``request`` (into ``paths.train``) as :func:`train_plan` says:
+    nothing when a finished ``best`` is there, ``resume`` an interrupted run, else train from
+    scratch (discarding what an earlier run left)."""
     from ray_jobs.train import default_storage_path, latest_checkpoint
 
     plan = train_plan(paths, forced=forced)
@@ -115,7 +147,7 @@ def run_training(paths: StudyPaths, train_argv: list[str], *, forced: bool = Fal
         print(f"    train: resuming the interrupted training in {paths.train} from its "
               f"latest checkpoint ({latest.name if latest else 'as Ray Train recorded it'})",
               flush=True)
-        run_job("train", train_argv + ["--resume"])
+        run_stage("train", lambda: dataclasses.replace(request, resume=True))
         return
     if paths.train.exists():
         # Forced (or a folder without a run): the old checkpoints, best/ and MLflow
@@ -123,7 +155,7 @@ def run_training(paths: StudyPaths, train_argv: list[str], *, forced: bool = Fal
         print(f"    train: discarding the previous training in {paths.train} and "
               "training from scratch", flush=True)
         discard(paths.train)
-    run_job("train", train_argv)
+    run_stage("train", lambda: request)
 
 
 def write_study_model(paths: StudyPaths, config: StudyConfig, config_file: str, *,
@@ -147,8 +179,24 @@ def write_study_model(paths: StudyPaths, config: StudyConfig, config_file: str, 
     return paths.model
 
 
+def run_stage(name: str, build: Callable[[], Any]) -> None:
+    """Run stage ``ray_jobs.<name>`` in this process (sharing its Ray runtime) on the request
+    ``build`` returns (the stage's resolver on the study's loaded config: no argv, no file
+    parsed again), its errors reported as its command line reports them
+    (``ray_jobs.<name>.execute``).
+
+    Raises:
+        SystemExit: the stage failed (its exit status, as its command line would end).
+    """
+    job = importlib.import_module(f"ray_jobs.{name}")
+    code = job.execute(build)
+    if code:
+        raise SystemExit(f"stage {name!r} failed with exit code {code}")
+
+
 def run_job(module: str, argv: list[str]) -> None:
-    """Run ``ray_jobs.<module>.main(argv)`` in this process (sharing its Ray runtime)."""
+    """Run ``ray_jobs.<module>.main(argv)`` in this process (sharing its Ray runtime): the
+    comparison's jobs that take no request yet."""
     job = importlib.import_module(f"ray_jobs.{module}")
     code = job.main(argv)
     if code:

@@ -57,6 +57,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,18 +129,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@dataclass(frozen=True)
+class TrainRequest:
+    """What one training runs with, every setting resolved (:func:`resolve_request`).
+
+    ``config`` has the command line's overrides applied (``--epochs``, ``--smoke-test``,
+    ``--num-workers``, ``--use-gpu``); ``config_file`` only names where it came from in
+    messages. The other fields keep the command line's option names.
+    """
+
+    data: str
+    output: str
+    config: StudyConfig
+    config_file: str | None = None
+    resume: bool = False
+    storage_path: str | None = None
+    run_name: str = "train"
+    cpus_per_worker: float | None = None
+    torch_threads: int | None = None
+    keep_checkpoints: int = 3
+    smoke_test: bool = False
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    parent_run_id: str | None = None
+    register_model: str | None = None
+    no_tracking: bool = False
+    address: str | None = None
+    verbose: bool | None = None
+
+
+def resolve_request(data: str | Path, output: str | Path, config: StudyConfig, *,
+                    epochs: int | None = None, smoke_test: bool = False,
+                    num_workers: int | None = None, use_gpu: bool = False,
+                    **job: Any) -> TrainRequest:
+    """The one resolver of a training's settings: the loaded study ``config`` with the command
+    line's overrides applied (validated); ``job``: the other :class:`TrainRequest` fields."""
+    train: dict[str, Any] = {}
+    if epochs is not None:
+        train["epochs"] = epochs
+    if smoke_test:
+        train["epochs"] = 1
+    if num_workers is not None:
+        train["num_workers"] = num_workers
+    if use_gpu:
+        train["use_gpu"] = True
+    config = config.replace("train", **train) if train else config
+    return TrainRequest(str(data), str(output), config, smoke_test=smoke_test, **job)
+
+
+def train_request(args: argparse.Namespace) -> TrainRequest:
+    """The request of a ``ray_jobs.train`` command line; its ``--config`` is parsed here, once.
+
+    Raises:
+        ConfigError: an unreadable or invalid config (or override), naming the file.
+    """
+    return resolve_request(
+        args.data, args.output, load_config(args.config), epochs=args.epochs,
+        smoke_test=args.smoke_test, num_workers=args.num_workers, use_gpu=args.use_gpu,
+        config_file=args.config, resume=args.resume, storage_path=args.storage_path,
+        run_name=args.run_name, cpus_per_worker=args.cpus_per_worker,
+        torch_threads=args.torch_threads, keep_checkpoints=args.keep_checkpoints,
+        tracking_uri=args.tracking_uri, experiment=args.experiment,
+        parent_run_id=args.parent_run_id, register_model=args.register_model,
+        no_tracking=args.no_tracking, address=args.address, verbose=args.verbose)
+
+
 def resolve_config(args: argparse.Namespace) -> StudyConfig:
     """The study config with the command line's overrides applied (validated)."""
-    train: dict[str, Any] = {}
-    if args.epochs is not None:
-        train["epochs"] = args.epochs
-    if args.smoke_test:
-        train["epochs"] = 1
-    if args.num_workers is not None:
-        train["num_workers"] = args.num_workers
-    if args.use_gpu:
-        train["use_gpu"] = True
-    return load_config(args.config, overrides={"train": train} if train else None)
+    return train_request(args).config
 
 
 def build_trainer(
@@ -217,16 +275,17 @@ def check_data_settings(data: str, config: StudyConfig, config_file: str | None)
         print(f"warning: {problem}", file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Train as the arguments say; returns the local copy of the best checkpoint."""
-    config = resolve_config(args)
+def run(request: TrainRequest) -> Path:
+    """Train as ``request`` says; returns the local copy of the best checkpoint."""
+    args = request  # the job's fields, named as the command line's options
+    config = request.config
     output = Path(args.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
     storage_path = _storage_path(args, output)
     # The driver's own reads first, so that a refused run never starts Ray.
     check_resume(storage_path, args.run_name, args.resume,
                  lambda latest: ckpt.check_checkpoint(latest, resume=True), data=args.data)
-    check_data_settings(args.data, config, args.config)
+    check_data_settings(args.data, config, args.config_file)
     train_split = split_path(args.data, "train")
     class_counts = label_counts(train_split)
     check_training_classes(class_counts, train_split)
@@ -266,7 +325,7 @@ def run(args: argparse.Namespace) -> Path:
                           mlflow_cfg=mlflow_cfg, outage=outage)
 
 
-def training_failed_message(err: BaseException, args: argparse.Namespace) -> str:
+def training_failed_message(err: BaseException, args: TrainRequest) -> str:
     """What a failed training prints instead of Ray Train's traceback: the cause (the first
     worker's error, or the controller's), where the checkpoints are and how to resume."""
     cause = getattr(err, "controller_failure", None)
@@ -291,24 +350,30 @@ def training_failed_message(err: BaseException, args: argparse.Namespace) -> str
             f"config) were used up; cause: {cause}. {resume}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def execute(build: Callable[[], TrainRequest]) -> int:
+    """:func:`run` on the request ``build`` resolves, its errors reported as the command line
+    reports them; the job's exit status (the pipeline runs its train stage through this)."""
     # Ray Train's failure of a run (v2: WorkerGroupError, ControllerError; v1 too).
     from ray.train import TrainingFailedError
 
-    args = parse_args(argv)
-
     try:
-        best = run(args)
+        request = build()
+        best = run(request)
     except (ConfigError, UsageError, ckpt.CheckpointError, FileNotFoundError, SharedStorageError,
             PreprocessMismatch, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingFailedError as err:
-        print(training_failed_message(err, args), file=sys.stderr, flush=True)
+        print(training_failed_message(err, request), file=sys.stderr, flush=True)
         return 1
     print(f"best checkpoint: {best}")
     print(f"best checkpoint record: {best.parent / ckpt.BEST_POINTER}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return execute(lambda: train_request(args))
 
 
 if __name__ == "__main__":

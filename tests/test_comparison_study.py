@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from igconda import tracking
-from igconda.config import ConfigError, load_config
+from igconda.config import ConfigError, load_config, save_config
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "test.yaml")
 
@@ -68,15 +68,16 @@ def test_a_training_made_with_other_settings_is_made_again(tmp_path, monkeypatch
 
     trained = []
 
-    def fake_training(paths, argv, **_):
+    def fake_training(paths, request, **_):
         best = paths.best_checkpoint / "model.safetensors"
         if not best.is_file():
             trained.append(paths.root.name)
             best.parent.mkdir(parents=True)
             best.write_bytes(b"weights")
+            save_config(request.config, best.parent / "config.yaml")
 
-    def fake_tune(module, argv):
-        out = Path(argv[argv.index("--output") + 1])
+    def fake_tune(name, build):
+        out = Path(build().output)
         out.mkdir(parents=True)
         (out / "best.json").write_text("{}")
 
@@ -85,7 +86,7 @@ def test_a_training_made_with_other_settings_is_made_again(tmp_path, monkeypatch
         (paths.model / "tuning.json").write_text("{}")
 
     monkeypatch.setattr(comparison_study, "run_training", fake_training)
-    monkeypatch.setattr(comparison_study, "run_job", fake_tune)
+    monkeypatch.setattr(comparison_study, "run_stage", fake_tune)
     monkeypatch.setattr(comparison_study, "write_study_model", fake_model)
     args = argparse.Namespace(output=str(tmp_path), tracking_uri=None, experiment=None,
                               address=None, num_workers=None, use_gpu=False)

@@ -136,10 +136,10 @@ def test_losing_a_worker_node_mid_inference_loses_no_slice(cluster, tmp_path, te
     reference, disturbed = tmp_path / "reference", tmp_path / "disturbed"
 
     def job(output: Path) -> infer.InferResult:
-        return infer.run(infer.parse_args([
+        return infer.run(infer.infer_request(infer.parse_args([
             "--checkpoint", str(checkpoint), "--data", str(data), "--output", str(output),
             "--tracking-uri", str(tmp_path / "mlruns.db"), "--batch-size", "4",
-            "--concurrency", "1", "--no-volumes"]))
+            "--concurrency", "1", "--no-volumes"])))
 
     held = tmp_path / "held"
     held.write_text("the undisturbed run: no hold\n")

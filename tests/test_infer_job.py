@@ -154,7 +154,7 @@ def test_outputs_of_patients_no_longer_in_the_split_are_pruned(tmp_path):
 def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
     root, _, data = study
     output = root / "out"
-    result = infer.run(infer.parse_args(_argv(study, output)))
+    result = infer.run(infer.infer_request(infer.parse_args(_argv(study, output))))
     assert sorted(result.computed) == sorted(PATIENTS) and result.skipped == []
 
     # Per-slice files: every slice exactly once, both decodes, the schema's columns.
@@ -226,7 +226,7 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
     before = {pid: (output / "slices" / f"{pid}.parquet").stat().st_mtime_ns for pid in PATIENTS}
     (output / "slices" / "N1.parquet").unlink()
     capsys.readouterr()
-    again = infer.run(infer.parse_args(_argv(study, output)))
+    again = infer.run(infer.infer_request(infer.parse_args(_argv(study, output))))
     assert again.computed == ["N1"] and sorted(again.skipped) == ["L1", "S1"]
     for pid in ("L1", "S1"):
         assert (output / "slices" / f"{pid}.parquet").stat().st_mtime_ns == before[pid]
@@ -248,7 +248,7 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
     frame["image"] = [np.asarray(x) * 0.5 for x in frame["image"]]
     pq.write_table(pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False), n1)
     kept = (output / "slices" / "L1.parquet").stat().st_mtime_ns
-    third = infer.run(infer.parse_args(_argv((root, study[1], data2), output)))
+    third = infer.run(infer.infer_request(infer.parse_args(_argv((root, study[1], data2), output))))
     assert third.computed == ["N1"] and third.skipped == ["L1"]
     assert sorted(third.removed) == ["slices/S1.parquet", "volumes/S1_anomaly.nii.gz"]
     assert (output / "slices" / "L1.parquet").stat().st_mtime_ns == kept
@@ -260,7 +260,7 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
     summary = json.loads((output / "summary.json").read_text())
     assert summary["patients"] == 2 and summary["data_version"].startswith("files:")
     # A fourth run on the same data recomputes nothing.
-    assert infer.run(infer.parse_args(_argv((root, study[1], data2), output))).computed == []
+    assert infer.run(infer.infer_request(infer.parse_args(_argv((root, study[1], data2), output)))).computed == []
 
 
 def test_a_truncated_checkpoint_is_refused_before_any_actor_starts(study, tmp_path, capsys):

@@ -86,7 +86,7 @@ class FakeStages:
     def __init__(self, monkeypatch, root: Path):
         self.ran: list[str] = []
         self.root = root
-        monkeypatch.setattr(pipeline, "run_job", self.run_job)
+        monkeypatch.setattr(pipeline, "run_stage", self.run_stage)
         monkeypatch.setattr(pipeline, "run_training", self.run_training)
         monkeypatch.setattr(pipeline, "write_study_model", self.write_model)
         monkeypatch.setattr("igconda.data.phantoms.generate_study", self.cohorts)
@@ -103,12 +103,12 @@ class FakeStages:
         self.ran.append("cohorts")
         self.write("cohorts/manifest.csv")
 
-    def run_job(self, module, argv):
+    def run_stage(self, module, build):
         self.ran.append(module)
         self.write({"preprocess": "data/dataset.json", "tune": "tune/best.json",
                     "infer": "infer/tables/methods.csv"}[module])
 
-    def run_training(self, paths, argv, *, forced=False):
+    def run_training(self, paths, request, *, forced=False):
         self.ran.append("train (fresh)" if forced else "train")
         self.write("train/best/model.safetensors")
 

@@ -52,7 +52,7 @@ from tuning.results import (  # noqa: F401  (re-exported: the driver's public na
     read_best,
     select_best,
 )
-from tuning.space import build_param_space, grid_size, validate_space
+from tuning.space import build_param_space, grid_size
 from tuning.trial import (  # noqa: F401  (re-exported)
     TuneSlices,
     TuningError,
@@ -145,6 +145,7 @@ def run_tuning(
     output_dir: str | Path,
     *,
     study: StudyConfig | None = None,
+    checkpoint_config: StudyConfig | None = None,
     tracking_uri: str = "",
     experiment: str | None = None,
     parent_run_id: str | None = None,
@@ -167,6 +168,8 @@ def run_tuning(
         output_dir: where the results go (created).
         study: config whose ``tune`` (and ``tracking``, ``infer.batch_size``) sections apply;
             default the checkpoint's own config.
+        checkpoint_config: the checkpoint's own config when the caller has read it (the job's
+            request), so that its ``config.yaml`` is not parsed again; read here when None.
         tracking_uri: MLflow URI; empty = ``study.tracking.tracking_uri``, else
             ``$MLFLOW_TRACKING_URI``, else ``<output_dir>/mlflow.db`` (:func:`igconda.tracking.resolve_tracking_uri`).
         experiment: MLflow experiment; default ``study.tracking.experiment``.
@@ -189,11 +192,11 @@ def run_tuning(
     checkpoint = Path(checkpoint).resolve()
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_config = load_checkpoint_config(checkpoint)
+    ckpt_config = checkpoint_config or load_checkpoint_config(checkpoint)
     study = study or ckpt_config
     tcfg: TuneConfig = study.tune
     num_train_timesteps = ckpt_config.train.num_train_timesteps
-    validate_space(tcfg.noise_levels, tcfg.guidance_scales, tcfg.stride, num_train_timesteps)
+    # build_param_space checks the space against the checkpoint's T (tuning.space.validate_space).
     group = share_encoding and tcfg.search == "grid"
     param_space, num_samples = build_param_space(tcfg, num_train_timesteps, group_by_noise_level=group)
     n_trials, n_pairs = grid_size(tcfg, group_by_noise_level=group)

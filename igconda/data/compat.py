@@ -37,7 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from igconda.config import PreprocessConfig, to_plain
+from igconda.config import PreprocessConfig, StudyConfig, to_plain
 from igconda.data.io import DatasetError, read_dataset_info
 
 #: The ``preprocess`` fields that change what a slice is (see the module docstring for the rest).
@@ -121,10 +121,13 @@ def check_dataset_settings(data: str | Path, expected: PreprocessConfig, *, expe
     return None
 
 
-def check_data_for_checkpoint(data: str | Path, checkpoint: str | Path) -> str | None:
+def check_data_for_checkpoint(data: str | Path, checkpoint: str | Path,
+                              config: StudyConfig | None = None) -> str | None:
     """:func:`check_dataset_settings` against the ``preprocess`` section of an IgCONDA-format
     checkpoint (IgCONDA, or the unconditional DPM of ``dpm_cg``): what inference, tuning and
-    scoring call before loading the model anywhere.
+    scoring call before loading the model anywhere. ``config``: the checkpoint's config as the
+    caller loaded it (its ``preprocess`` section is the one checked), so that ``config.yaml``
+    is not parsed again; read here when None.
 
     Returns:
         None, or a warning line for the job to print (settings that cannot be checked).
@@ -137,7 +140,7 @@ def check_data_for_checkpoint(data: str | Path, checkpoint: str | Path) -> str |
 
     config_file = Path(checkpoint) / CONFIG_FILE
     return check_dataset_settings(
-        data, load_checkpoint_config(checkpoint).preprocess,
+        data, (config or load_checkpoint_config(checkpoint)).preprocess,
         expected_from=f"checkpoint {checkpoint} ({config_file}, section preprocess)",
         fix=(f"A model only knows slices made as its training data were. Preprocess the scans "
              f"again with the checkpoint's settings (python -m ray_jobs.preprocess --config "
