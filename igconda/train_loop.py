@@ -37,6 +37,7 @@ from igconda import checkpoint as ckpt
 from igconda.accel import compile_in_place
 from igconda.config import StudyConfig
 from igconda.data import schema
+from igconda.data.io import filesystem, join_path, slices_root
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.diffusion.training import (
     amp_settings,
@@ -141,15 +142,14 @@ def dataset_version(data_dir: str) -> str:
     """
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(data_dir) if "://" in data_dir else (
-        pafs.LocalFileSystem(), str(Path(data_dir).resolve()))
+    fs, root = filesystem(data_dir)
     digest = hashlib.sha256()
-    summary = f"{root.rstrip('/')}/dataset.json"
+    summary = join_path(root, "dataset.json")
     if fs.get_file_info(summary).type == pafs.FileType.File:
         with fs.open_input_stream(summary) as f:
             digest.update(f.read())
         return "dataset.json:" + digest.hexdigest()[:16]
-    infos = fs.get_file_info(pafs.FileSelector(f"{root.rstrip('/')}/slices", recursive=True))
+    infos = fs.get_file_info(pafs.FileSelector(slices_root(root), recursive=True))
     files = sorted((i.path[len(root):], i.size) for i in infos if i.type == pafs.FileType.File)
     if not files:
         raise FileNotFoundError(f"{data_dir}: no dataset.json and no files under slices/")

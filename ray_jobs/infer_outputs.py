@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from igconda import evaluation as E
 from igconda.anomaly_methods import StoredCounterfactualMethod, baseline_methods
 from igconda.baselines.scoring import SCORES_FILE, SUMMARY_FILE, run_metrics, write_method_scores
+from igconda.data.io import is_local_dataset
 from igconda.data.schema import UNHEALTHY, stack_images, validate_predictions, validate_scores
 from igconda.io_utils import atomic_write
 from igconda.lesion_stats import with_lesion_stats
@@ -168,7 +169,7 @@ def log_infer_run(output: Path, summary: Mapping[str, Any], *, volumes: bool = T
         tracking.log_artifact(output / "volumes", "volumes")
     if slices:
         tracking.log_artifact(output / "slices", "slices")
-    if (Path(summary["data"]) / "slices").is_dir():
+    if is_local_dataset(summary["data"]):
         from igconda.tracking.model import log_dataset
 
         log_dataset(summary["data"], summary["split"])

@@ -44,6 +44,21 @@ def test_only_split_path_spells_the_split_folder():
     assert found == {}
 
 
+def _filesystem_calls(path: Path) -> list[int]:
+    """Lines that build a pyarrow filesystem (``FileSystem.from_uri``, ``LocalFileSystem()``)."""
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name))
+            and getattr(node.func, "attr", getattr(node.func, "id", "")) in ("from_uri", "LocalFileSystem")]
+
+
+def test_only_io_builds_a_filesystem():
+    """Local paths and URIs are told apart once, in ``igconda.data.io.filesystem``."""
+    found = {str(p.relative_to(ROOT)): lines for package in PACKAGES
+             for p in sorted((ROOT / package).rglob("*.py")) if p != OWNER
+             if (lines := _filesystem_calls(p))}
+    assert found == {}
+
+
 def test_the_scan_finds_each_spelling(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text('a = data / "slices" / split\nb = _join(data, "slices", split)\n'

@@ -1,11 +1,14 @@
-"""Reading a preprocessed dataset (the layout of ``docs/CONTRACTS.md``) without Ray.
-
-::
+"""Data on disk: the one owner of where a dataset's files live, and the filesystem helpers
+every stage reads them through (local paths, NFS mounts and pyarrow URIs such as ``s3://``
+alike). No Ray. The layout (``docs/CONTRACTS.md``)::
 
     <data>/slices/<split>/<patient_id>.parquet   rows = igconda.data.schema.SLICE_SCHEMA
     <data>/splits.csv                            patient_id,cohort,tracer,role,split
     <data>/rejects.csv                           rejected manifest rows, file, problem
     <data>/dataset.json                          counts, config, versions (written last)
+
+Nothing else spells ``slices/<split>``: ``tests/test_layout_owner.py`` scans the library, the
+jobs, the tuning and the benchmarks for a second spelling.
 """
 
 from __future__ import annotations
@@ -16,12 +19,56 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
 from igconda.data.schema import HEALTHY, SLICE_SCHEMA, SPLITS, UNHEALTHY
 
 
 class DatasetError(ValueError):
     """A preprocessed dataset folder is missing, incomplete or does not have the split asked."""
+
+
+def join_path(root: str | Path, *parts: str) -> str:
+    """``root/part/...`` with ``/`` for local paths and URIs alike (``s3://b/x`` + ``y`` gives
+    ``s3://b/x/y``; :class:`pathlib.Path` would fold the ``//`` of a URI)."""
+    return "/".join([str(root).rstrip("/"), *parts])
+
+
+def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or a pyarrow-filesystem URI.
+
+    A URI (``s3://bucket/key``, ``gs://``, ``file://``) goes through
+    ``pyarrow.fs.FileSystem.from_uri``; a plain path is resolved to an absolute local one.
+    """
+    uri = str(uri)
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def path_exists(uri: str | Path, want_dir: bool = False) -> bool:
+    """True if ``uri`` (local path or URI) is a file, or with ``want_dir`` a folder."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    return info.type == (pafs.FileType.Directory if want_dir else pafs.FileType.File)
+
+
+def tree_bytes(uri: str | Path) -> int:
+    """Total size in bytes of the files under a folder (local path or URI), recursively."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
+
+
+def slices_root(data_dir: str | Path) -> str:
+    """The folder of every split of a dataset: ``<data_dir>/slices`` (paths and URIs alike)."""
+    return join_path(data_dir, "slices")
+
+
+def is_local_dataset(data_dir: str | Path) -> bool:
+    """True if ``data_dir`` is a local folder with a dataset's ``slices/`` (what MLflow's
+    dataset logging reads); False for a URI, which is not looked up."""
+    return "://" not in str(data_dir) and Path(slices_root(data_dir)).is_dir()
 
 
 def split_path(data_dir: str | Path, split: str) -> str:
@@ -34,7 +81,7 @@ def split_path(data_dir: str | Path, split: str) -> str:
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    return f"{str(data_dir).rstrip('/')}/slices/{split}"
+    return join_path(slices_root(data_dir), split)
 
 
 def read_split(data_dir: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:
@@ -78,12 +125,8 @@ def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
     Raises:
         DatasetError: if it is missing (the dataset is incomplete or was never written).
     """
-    import pyarrow.fs as pafs
-
-    uri = str(data_dir)
-    fs, root = (pafs.FileSystem.from_uri(uri) if "://" in uri
-                else (pafs.LocalFileSystem(), str(Path(uri).resolve())))
-    path = f"{root.rstrip('/')}/dataset.json"
+    fs, root = filesystem(data_dir)
+    path = join_path(root, "dataset.json")
     if fs.get_file_info(path).type != pafs.FileType.File:
         raise DatasetError(f"{data_dir}: not a complete igconda dataset (no dataset.json)")
     with fs.open_input_stream(path) as stream:
