@@ -28,6 +28,7 @@ import torch
 
 from igconda.checkpoint import load_model
 from igconda.config import load_config
+from igconda.data.io import split_path
 from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.diffusion.ddim import ddim_decode, ddim_encode
 from igconda.diffusion.schedule import NoiseSchedule
@@ -39,7 +40,7 @@ from igconda.train_loop import TRAIN_COLUMNS, TrainingSession, decode_slice_batc
 def train(config_path: Path, data: Path, *, balance: bool, steps: int, output: Path, seed: int = 0) -> Path:
     """Train with i.i.d. batches (uniform, or each class with probability 1/2); save to ``output``."""
     config = load_config(config_path)
-    table = pq.read_table(data / "slices" / "train", columns=list(TRAIN_COLUMNS))
+    table = pq.read_table(split_path(data, "train"), columns=list(TRAIN_COLUMNS))
     labels = table.column("label").to_numpy()
     weights = np.ones(len(labels))
     if balance:
@@ -65,7 +66,7 @@ def score(checkpoint: Path, data: Path, split: str, max_slices: int, noise_level
     """One row per (stride, w): mean |x − x̂| in / out of lesions, ⌈DSC⌉ of |x − x̂| and hot map."""
     model, config = load_model(checkpoint, "cpu")
     schedule = NoiseSchedule.from_config(config.train)
-    frame = pq.read_table(data / "slices" / split, columns=["patient_id", "slice_index", "label", "image", "mask"]
+    frame = pq.read_table(split_path(data, split), columns=["patient_id", "slice_index", "label", "image", "mask"]
                           ).to_pandas()
     frame = frame[frame["label"] == UNHEALTHY].sort_values(["patient_id", "slice_index"]).head(max_slices)
     height, width = config.preprocess.output_size[:2]

@@ -43,6 +43,7 @@ import yaml
 
 from igconda.checkpoint import load_model
 from igconda.config import load_config
+from igconda.data.io import split_path
 from igconda.data.schema import HEALTHY, UNHEALTHY
 from igconda.diffusion.ddim import ddim_decode, ddim_encode
 from igconda.diffusion.schedule import NoiseSchedule
@@ -82,7 +83,7 @@ def train_milestones(config_path: Path, overrides: dict, data: Path, milestones:
         Training throughput in samples/s (saving excluded).
     """
     config = load_config(config_path, {**overrides, "train": {**overrides.get("train", {}), "seed": seed}})
-    table = pq.read_table(data / "slices" / "train", columns=list(TRAIN_COLUMNS))
+    table = pq.read_table(split_path(data, "train"), columns=list(TRAIN_COLUMNS))
     labels = table.column("label").to_numpy()
     weights = np.ones(len(labels))
     for label in (HEALTHY, UNHEALTHY):  # each class drawn with probability 1/2
@@ -112,8 +113,8 @@ def train_milestones(config_path: Path, overrides: dict, data: Path, milestones:
 
 def load_slices(data: Path, splits: list[str], max_slices: int, size: int) -> tuple[torch.Tensor, np.ndarray]:
     """Unhealthy slices of ``splits`` (deterministic order): x0 (N, 1, H, W) and masks (N, H, W)."""
-    frames = [pq.read_table(data / "slices" / s, columns=["patient_id", "slice_index", "label", "image", "mask"]
-                            ).to_pandas() for s in splits if (data / "slices" / s).is_dir()]
+    frames = [pq.read_table(split_path(data, s), columns=["patient_id", "slice_index", "label", "image", "mask"]
+                            ).to_pandas() for s in splits if Path(split_path(data, s)).is_dir()]
     if not frames:
         raise SystemExit(f"error: none of the splits {splits} exists in {data}")
     frame = pd.concat(frames)

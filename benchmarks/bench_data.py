@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from igconda.config import PreprocessConfig
+from igconda.data.io import split_path
 from igconda.data.manifest import read_manifest
 from igconda.data.preprocess import preprocess_volume
 from igconda.data.schema import SPLITS, stack_images
@@ -65,7 +66,7 @@ def bench_job(manifest: Path, config: PreprocessConfig, output: Path) -> tuple[f
 
 
 def split_dirs(data: Path) -> list[str]:
-    return [str(data / "slices" / s) for s in SPLITS if any((data / "slices" / s).glob("*.parquet"))]
+    return [split_path(data, s) for s in SPLITS if any(Path(split_path(data, s)).glob("*.parquet"))]
 
 
 def read_plain(data: Path, batch_size: int) -> int:

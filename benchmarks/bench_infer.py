@@ -36,6 +36,7 @@ import torch
 
 from igconda.checkpoint import save_checkpoint
 from igconda.config import load_config
+from igconda.data.io import split_path
 from igconda.data.schema import SLICE_SCHEMA, encode_geometry, volume_to_rows
 from igconda.inference import CounterfactualPredictor
 from igconda.models import build_unet
@@ -55,7 +56,7 @@ def make_inputs(root: Path, config_path: Path, slices: int, patients: int, seed:
     checkpoint = save_checkpoint(root / "ckpt", model=model, config=config)
     h, w, _ = config.preprocess.output_size
     rng = np.random.default_rng(seed)
-    folder = root / "data" / "slices" / "test"
+    folder = Path(split_path(root / "data", "test"))
     folder.mkdir(parents=True)
     per_patient = int(np.ceil(slices / patients))
     geometry = encode_geometry({"original_shape": [h, w, per_patient], "original_affine": np.eye(4),

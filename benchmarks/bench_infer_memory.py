@@ -33,6 +33,8 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from igconda.data.io import split_path  # noqa: E402
+
 #: Runs ray_jobs.infer in this process and prints the process's peak resident memory (KiB).
 DRIVER = """
 import sys
@@ -48,11 +50,11 @@ def replicate(data: Path, out: Path, copies: int, split: str) -> int:
     patient ids (``<id>_c<j>``) and ``dataset.json`` kept; returns the number of slices."""
     if out.exists():
         shutil.rmtree(out)
-    target = out / "slices" / split
+    target = Path(split_path(out, split))
     target.mkdir(parents=True)
     shutil.copy(data / "dataset.json", out / "dataset.json")
     rows = 0
-    for path in sorted((data / "slices" / split).glob("*.parquet")):
+    for path in sorted(Path(split_path(data, split)).glob("*.parquet")):
         table = pq.read_table(path)
         column = table.schema.get_field_index("patient_id")
         for j in range(copies):
