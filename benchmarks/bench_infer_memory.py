@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from igconda.data.io import split_path  # noqa: E402
+from igconda.data.io import InferOutput, split_path  # noqa: E402
 
 #: Runs ray_jobs.infer in this process and prints the process's peak resident memory (KiB).
 DRIVER = """
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
             return 1
         peak_mib = int(line.split()[1]) / 1024
-        written = len(list((output / "slices").glob("*.parquet")))
+        written = len(InferOutput(output).predictions())
         results.append({"copies": copies, "patients": written, "slices": slices,
                         "driver_peak_mib": round(peak_mib, 1), "wall_s": round(wall, 1),
                         "slices_per_s": round(slices / wall, 1)})

@@ -50,6 +50,7 @@ from pathlib import Path
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import ConfigError, load_config
+from igconda.data.io import InferOutput
 from igconda.io_utils import atomic_write
 from ray_jobs import console, stage_records
 from ray_jobs.study_steps import (
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                       "--output", str(paths.infer), "--config", args.config] + child
         if paths.tuned.is_file() and not args.skip_tune:
             infer_argv += ["--tuned", str(paths.tuned)]
-        stage("infer", (paths.infer / "tables" / "methods.csv").is_file(),
+        stage("infer", InferOutput(paths.infer).methods_csv.is_file(),
               lambda: run_job("infer", infer_argv))
 
         # 7. Report.

@@ -1,19 +1,21 @@
-"""Data on disk: the one owner of where a dataset's files live, and the filesystem helpers
-every stage reads them through (local paths, NFS mounts and pyarrow URIs such as ``s3://``
-alike). No Ray. The layout (``docs/CONTRACTS.md``)::
+"""Data on disk: the one owner of where a dataset's and an inference run's files live, and the
+filesystem helpers every stage reads them through (local paths, NFS mounts and pyarrow URIs such
+as ``s3://`` alike). No Ray. A dataset's layout (``docs/CONTRACTS.md``)::
 
     <data>/slices/<split>/<patient_id>.parquet   rows = igconda.data.schema.SLICE_SCHEMA
     <data>/splits.csv                            patient_id,cohort,tracer,role,split
     <data>/rejects.csv                           rejected manifest rows, file, problem
     <data>/dataset.json                          counts, config, versions (written last)
 
-Nothing else spells ``slices/<split>``: ``tests/test_layout_owner.py`` scans the library, the
-jobs, the tuning and the benchmarks for a second spelling.
+The inference output's layout is :class:`InferOutput`. Nothing else spells either:
+``tests/test_layout_owner.py`` scans the library, the jobs, the tuning and the benchmarks for a
+second spelling.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +84,88 @@ def split_path(data_dir: str | Path, split: str) -> str:
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
     return join_path(slices_root(data_dir), split)
+
+
+#: A prediction file's and an anomaly volume's name after the patient id.
+PREDICTION_SUFFIX, VOLUME_SUFFIX = ".parquet", "_anomaly.nii.gz"
+#: The inference summary's file name (:attr:`InferOutput.summary`), the stage's done mark.
+INFER_SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class InferOutput:
+    """The batch-inference output folder (``ray_jobs.infer --output``), a local path::
+
+        slices/<patient_id>.parquet            one file per patient, PREDICTION_SCHEMA rows
+        tables/methods.{csv,md}                every method per cohort; per_slice_metrics.csv,
+                                               per_cohort.*, baselines_per_cohort.* beside it
+        scores/<method>/                       one method run's files per method
+        figures/*.png                          qualitative_<cohort>.png, lesion_size.png
+        volumes/<patient_id>_anomaly.nii.gz    anomaly map on the original scan's grid
+        summary.json                           settings, counts, timings (the stage's done mark)
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def slices(self) -> Path:
+        """Folder of the per-patient prediction files."""
+        return self.root / "slices"
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "tables"
+
+    @property
+    def scores(self) -> Path:
+        """Folder of one method run's files per method (``igconda.baselines.scoring``)."""
+        return self.root / "scores"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def volumes(self) -> Path:
+        return self.root / "volumes"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / INFER_SUMMARY
+
+    @property
+    def methods_csv(self) -> Path:
+        """Every method's per-cohort summary; its presence marks the tables written."""
+        return self.tables / "methods.csv"
+
+    @property
+    def per_slice_metrics_csv(self) -> Path:
+        """Every unhealthy slice's metrics for every method (``SCORE_SCHEMA``)."""
+        return self.tables / "per_slice_metrics.csv"
+
+    def prediction(self, patient_id: str) -> Path:
+        """One patient's prediction file."""
+        return self.slices / f"{patient_id}{PREDICTION_SUFFIX}"
+
+    def volume(self, patient_id: str) -> Path:
+        """One patient's anomaly volume (NIfTI)."""
+        return self.volumes / f"{patient_id}{VOLUME_SUFFIX}"
+
+    def predictions(self) -> dict[str, Path]:
+        """{patient id: prediction file} of every finished file, sorted (a half-written file
+        has a ``.tmp`` suffix and is not listed)."""
+        return _by_patient(self.slices, PREDICTION_SUFFIX)
+
+    def volume_files(self) -> dict[str, Path]:
+        """{patient id: anomaly volume} of every volume written."""
+        return _by_patient(self.volumes, VOLUME_SUFFIX)
+
+
+def _by_patient(folder: Path, suffix: str) -> dict[str, Path]:
+    return {path.name[:-len(suffix)]: path for path in sorted(folder.glob(f"*{suffix}"))}
 
 
 def read_split(data_dir: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:
