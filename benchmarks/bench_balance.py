@@ -29,11 +29,10 @@ import torch
 from igconda.checkpoint import load_model
 from igconda.config import load_config
 from igconda.data.io import split_path
-from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.data.schema import HEALTHY, UNHEALTHY, stack_images
 from igconda.diffusion.ddim import ddim_decode, ddim_encode
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.metrics import optimal_dice
-from igconda.slice_batch import stack_column
 from igconda.train_loop import TRAIN_COLUMNS, TrainingSession, decode_slice_batch
 
 
@@ -70,8 +69,8 @@ def score(checkpoint: Path, data: Path, split: str, max_slices: int, noise_level
                           ).to_pandas()
     frame = frame[frame["label"] == UNHEALTHY].sort_values(["patient_id", "slice_index"]).head(max_slices)
     height, width = config.preprocess.output_size[:2]
-    x0 = torch.from_numpy(stack_column(frame["image"].to_numpy(), height, width)).unsqueeze(1)
-    masks = stack_column(frame["mask"].to_numpy(), height, width, np.uint8)
+    x0 = torch.from_numpy(stack_images(frame["image"].to_numpy(), height, width)).unsqueeze(1)
+    masks = stack_images(frame["mask"].to_numpy(), height, width, np.uint8)
     lesion = masks.astype(bool)
     rows = []
     for stride in strides:

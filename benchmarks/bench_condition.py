@@ -44,11 +44,10 @@ import yaml
 from igconda.checkpoint import load_model
 from igconda.config import load_config
 from igconda.data.io import split_path
-from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.data.schema import HEALTHY, UNHEALTHY, stack_images
 from igconda.diffusion.ddim import ddim_decode, ddim_encode
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.metrics import auprc, optimal_dice
-from igconda.slice_batch import stack_column
 from igconda.train_loop import TRAIN_COLUMNS, TrainingSession, decode_slice_batch
 
 MAPS = ("abs", "hot", "guidance", "control", "raw")
@@ -121,8 +120,8 @@ def load_slices(data: Path, splits: list[str], max_slices: int, size: int) -> tu
     frame = frame[frame["label"] == UNHEALTHY].sort_values(["patient_id", "slice_index"])
     if max_slices:
         frame = frame.head(max_slices)
-    x0 = torch.from_numpy(stack_column(frame["image"].to_numpy(), size, size)).unsqueeze(1)
-    return x0, stack_column(frame["mask"].to_numpy(), size, size, np.uint8)
+    x0 = torch.from_numpy(stack_images(frame["image"].to_numpy(), size, size)).unsqueeze(1)
+    return x0, stack_images(frame["mask"].to_numpy(), size, size, np.uint8)
 
 
 def score(checkpoint: Path, x0: torch.Tensor, masks: np.ndarray, noise_levels: list[int], stride: int,

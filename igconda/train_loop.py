@@ -83,12 +83,7 @@ def decode_slice_batch(table: pa.Table, *, mask: bool = False) -> dict[str, torc
     """
     if table.num_rows == 0:
         raise ValueError("empty batch")
-    heights = np.unique(table["height"].to_numpy())
-    widths = np.unique(table["width"].to_numpy())
-    if len(heights) != 1 or len(widths) != 1:
-        raise ValueError(f"a batch mixes slice sizes: heights {heights.tolist()}, widths {widths.tolist()}; "
-                         "preprocess every volume to the same output_size")
-    h, w = int(heights[0]), int(widths[0])
+    h, w = schema.slice_shape_of(table["height"], table["width"])
     images = schema.stack_images(table["image"], h, w)
     labels = table["label"].to_numpy().astype(np.int64)
     if not np.isin(labels, (schema.HEALTHY, schema.UNHEALTHY)).all():

@@ -22,8 +22,13 @@ import pyarrow.parquet as pq
 from igconda import evaluation as E
 from igconda.anomaly_methods import StoredCounterfactualMethod, baseline_methods
 from igconda.baselines.scoring import SCORES_FILE, SUMMARY_FILE, run_metrics, write_method_scores
-from igconda.data.io import InferOutput, is_local_dataset
-from igconda.data.schema import UNHEALTHY, stack_images, validate_predictions, validate_scores
+from igconda.data.io import InferOutput, is_local_dataset, read_predictions
+from igconda.data.schema import (
+    UNHEALTHY,
+    slice_shape_of,
+    stack_images,
+    validate_scores,
+)
 from igconda.io_utils import atomic_write
 from igconda.lesion_stats import with_lesion_stats
 from igconda.map_kinds import FORMULAS
@@ -44,15 +49,14 @@ def score_patient(slice_file: Path, input_file: Path, taus: Mapping[str, float])
         Rows of :data:`~igconda.data.schema.SCORE_SCHEMA`; empty when the patient has no
         unhealthy slice.
     """
-    table = pq.read_table(slice_file)
-    validate_predictions(table)
+    table = read_predictions(slice_file)
     table = table.filter(pc.equal(table["label"], UNHEALTHY))
     if table.num_rows == 0:
         return pd.DataFrame()
     suv = pq.read_table(input_file, columns=list(_SUV_COLUMNS)).to_pandas().set_index("slice_index")
     batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names
              if name not in ("image", "mask", "counterfactual", "counterfactual_w0", "anomaly_map")}
-    h, w = int(batch["height"][0]), int(batch["width"][0])
+    h, w = slice_shape_of(batch["height"], batch["width"])
     for name, dtype in (("image", np.float32), ("mask", np.uint8), ("counterfactual", np.float32),
                         ("counterfactual_w0", np.float32)):
         batch[name] = stack_images(table[name], h, w, dtype)
@@ -225,10 +229,10 @@ def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
                 src = pq.read_table(input_files[pid], columns=["slice_index", "image", "mask",
                                                                 "height", "width"],
                                     filters=[("slice_index", "=", z)])
-                out = pq.read_table(slice_files[pid], columns=["slice_index", "anomaly_map",
-                                                                "counterfactual", "counterfactual_w0"],
-                                    filters=[("slice_index", "=", z)])
-                h, w = int(src.column("height")[0].as_py()), int(src.column("width")[0].as_py())
+                out = read_predictions(slice_files[pid], columns=["slice_index", "anomaly_map",
+                                                                   "counterfactual", "counterfactual_w0"],
+                                       filters=[("slice_index", "=", z)])
+                h, w = slice_shape_of(src.column("height"), src.column("width"))
                 images.append(stack_images(src.column("image"), h, w)[0])
                 masks.append(stack_images(src.column("mask"), h, w, np.uint8)[0])
                 cfs.append(stack_images(out.column("counterfactual"), h, w)[0])
@@ -276,8 +280,8 @@ def export_volumes(slice_files: dict[str, Path], input_files: dict[str, Path],
         if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
             continue
         geometry = pq.read_table(input_files[pid], columns=["geometry"]).column("geometry")[0].as_py()
-        table = pq.read_table(path, columns=["slice_index", "height", "width", "anomaly_map"])
-        h, w = int(table.column("height")[0].as_py()), int(table.column("width")[0].as_py())
+        table = read_predictions(path, columns=["slice_index", "height", "width", "anomaly_map"])
+        h, w = slice_shape_of(table.column("height"), table.column("width"))
         maps = stack_images(table.column("anomaly_map"), h, w)
         export_volume(maps, geometry, target, slice_index=table.column("slice_index").to_numpy(), order=1)
         written += 1

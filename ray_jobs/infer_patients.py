@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from igconda.data.io import InferOutput, split_path
-from igconda.data.schema import PREDICTION_SCHEMA, validate_predictions
+from igconda.data.schema import PREDICTION_SCHEMA, encode_images, validate_predictions
 from igconda.evaluation import igconda_method
 from igconda.io_utils import atomic_write, file_digest
 
@@ -155,10 +155,7 @@ def write_patient(columns: dict[str, np.ndarray], path: Path, settings: InferSet
     for name, values in columns.items():
         values = np.asarray(values)[order] if not isinstance(values, list) else [values[i] for i in order]
         if name in ("anomaly_map", "counterfactual", "counterfactual_w0", "image", "mask"):
-            dtype = np.uint8 if name == "mask" else np.float32
-            flat = np.ascontiguousarray(np.stack([np.asarray(v, dtype).ravel() for v in values]))
-            arrays[name] = pa.FixedSizeListArray.from_arrays(
-                pa.array(flat.ravel()), flat.shape[1]).cast(pa.list_(pa.from_numpy_dtype(dtype)))
+            arrays[name] = encode_images(values, np.uint8 if name == "mask" else np.float32)
         elif name in PREDICTION_SCHEMA.names:
             arrays[name] = pa.array(values).cast(PREDICTION_SCHEMA.field(name).type)
         else:

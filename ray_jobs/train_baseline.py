@@ -74,6 +74,7 @@ from igconda.data.io import (
     path_exists,
     split_path,
 )
+from igconda.data.schema import slice_shape_of
 from igconda.evaluation import DPM_CG
 from igconda.train_loop import dataset_version
 from ray_jobs.console import add_verbose_flag, init_ray
@@ -156,7 +157,7 @@ def slice_size(data: str) -> tuple[int, int]:
     head = pads.dataset(path, filesystem=fs, format="parquet").head(1, columns=["height", "width"])
     if head.num_rows == 0:
         raise UsageError(f"{split_path(data, 'train')}: the train split has no slices")
-    return int(head["height"][0].as_py()), int(head["width"][0].as_py())
+    return slice_shape_of(head["height"], head["width"])
 
 
 def run(args: argparse.Namespace) -> Path:

@@ -22,8 +22,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from igconda.data.schema import HEALTHY, SLICE_SCHEMA, SPLITS, UNHEALTHY
+from igconda.data.schema import HEALTHY, SLICE_SCHEMA, SPLITS, UNHEALTHY, validate_predictions
 
 
 class DatasetError(ValueError):
@@ -162,6 +163,27 @@ class InferOutput:
     def volume_files(self) -> dict[str, Path]:
         """{patient id: anomaly volume} of every volume written."""
         return _by_patient(self.volumes, VOLUME_SUFFIX)
+
+
+def read_predictions(path: str | Path, columns: list[str] | None = None,
+                     filters: Any = None) -> pa.Table:
+    """One prediction file (:meth:`InferOutput.prediction`), checked against
+    :data:`~igconda.data.schema.PREDICTION_SCHEMA` (the columns read) before use.
+
+    Args:
+        path: the file.
+        columns: a subset of the schema's columns (default: every column in the file).
+        filters: ``pyarrow.parquet.read_table`` row filters, e.g. ``[("slice_index", "=", 3)]``.
+
+    Raises:
+        ValueError: naming the file, when a column is missing or of another type.
+    """
+    table = pq.read_table(path, columns=columns, filters=filters)
+    try:
+        validate_predictions(table, columns)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}; run the inference again into an empty folder") from None
+    return table
 
 
 def _by_patient(folder: Path, suffix: str) -> dict[str, Path]:
