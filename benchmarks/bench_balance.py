@@ -29,7 +29,7 @@ import torch
 from igconda.checkpoint import load_model
 from igconda.config import load_config
 from igconda.data.io import split_path
-from igconda.data.schema import HEALTHY, UNHEALTHY, stack_images
+from igconda.data.schema import UNHEALTHY, class_balanced_weights, stack_images
 from igconda.diffusion.ddim import ddim_decode, ddim_encode
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.metrics import optimal_dice
@@ -41,11 +41,7 @@ def train(config_path: Path, data: Path, *, balance: bool, steps: int, output: P
     config = load_config(config_path)
     table = pq.read_table(split_path(data, "train"), columns=list(TRAIN_COLUMNS))
     labels = table.column("label").to_numpy()
-    weights = np.ones(len(labels))
-    if balance:
-        for label in (HEALTHY, UNHEALTHY):
-            weights[labels == label] = 0.5 / max(1, int((labels == label).sum()))
-    weights /= weights.sum()
+    weights = class_balanced_weights(labels) if balance else np.full(len(labels), 1.0 / len(labels))
     rng = np.random.default_rng(seed)
     session = TrainingSession.create(config)
     batch = config.train.batch_size

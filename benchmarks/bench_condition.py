@@ -44,7 +44,7 @@ import yaml
 from igconda.checkpoint import load_model
 from igconda.config import load_config
 from igconda.data.io import split_path
-from igconda.data.schema import HEALTHY, UNHEALTHY, stack_images
+from igconda.data.schema import UNHEALTHY, class_balanced_weights, stack_images
 from igconda.diffusion.ddim import ddim_decode, ddim_encode
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.metrics import auprc, optimal_dice
@@ -84,10 +84,7 @@ def train_milestones(config_path: Path, overrides: dict, data: Path, milestones:
     config = load_config(config_path, {**overrides, "train": {**overrides.get("train", {}), "seed": seed}})
     table = pq.read_table(split_path(data, "train"), columns=list(TRAIN_COLUMNS))
     labels = table.column("label").to_numpy()
-    weights = np.ones(len(labels))
-    for label in (HEALTHY, UNHEALTHY):  # each class drawn with probability 1/2
-        weights[labels == label] = 0.5 / max(1, int((labels == label).sum()))
-    weights /= weights.sum()
+    weights = class_balanced_weights(labels)  # each class drawn with probability 1/2
     rng = np.random.default_rng(seed)
     session = TrainingSession.create(config)
     batch = config.train.batch_size

@@ -49,7 +49,7 @@ from bench_strides import load_unhealthy
 from igconda.checkpoint import load_checkpoint_config
 from igconda.config import load_config
 from igconda.data.io import split_path
-from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.data.schema import class_balanced_weights
 from igconda.inference import CounterfactualPredictor
 from igconda.map_kinds import MAP_KINDS, matching_control
 from igconda.train_loop import TRAIN_COLUMNS, VALID_COLUMNS, TrainingSession, decode_slice_batch
@@ -59,14 +59,6 @@ ARMS = (("fp32", False), ("bf16", True))
 #: Evaluation columns, in table order (training columns come first).
 METRICS = ("valid_loss", "dsc", "auprc", "dsc_control", "gain")
 TRAINING = ("steps_per_s", "train_loss")
-
-
-def balanced_weights(labels: np.ndarray) -> np.ndarray:
-    """(N,) sampling probabilities that draw each class (healthy, unhealthy) with probability 1/2."""
-    weights = np.zeros(len(labels))
-    for label in (HEALTHY, UNHEALTHY):
-        weights[labels == label] = 0.5 / max(1, int((labels == label).sum()))
-    return weights / weights.sum()
 
 
 def train_pair(config_path: Path, data: Path, *, steps: int, seed: int, output: Path,
@@ -95,7 +87,7 @@ def train_pair(config_path: Path, data: Path, *, steps: int, seed: int, output: 
                          "igconda.precision), so both arms would be fp32; set IGCONDA_CPU_BF16=1 to "
                          "force emulated bf16")
     table = pq.read_table(split_path(data, "train"), columns=list(TRAIN_COLUMNS))
-    weights = balanced_weights(table.column("label").to_numpy())
+    weights = class_balanced_weights(table.column("label").to_numpy())
     rng = np.random.default_rng(seed)
     batch = sessions["fp32"].config.train.batch_size
     seconds = dict.fromkeys(sessions, 0.0)

@@ -50,6 +50,22 @@ def healthy_per_unhealthy(counts: dict[int, int]) -> float | None:
     healthy, unhealthy = counts.get(HEALTHY, 0), counts.get(UNHEALTHY, 0)
     return healthy / unhealthy if healthy and unhealthy else None
 
+
+def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """(N,) probabilities for drawing slices i.i.d. so that each class comes with probability 1/2:
+    an unhealthy slice weighs :func:`healthy_per_unhealthy` healthy ones, the per-draw form of the
+    training job's oversampling (``ray_jobs.train_runs.oversample_unhealthy``). Uniform when a
+    class is absent.
+
+    Args:
+        labels: (N,) schema labels (:data:`HEALTHY`, :data:`UNHEALTHY`).
+    """
+    labels = np.asarray(labels)
+    ratio = healthy_per_unhealthy({HEALTHY: int((labels == HEALTHY).sum()),
+                                   UNHEALTHY: int((labels == UNHEALTHY).sum())})
+    weights = np.where(labels == UNHEALTHY, ratio or 1.0, 1.0)
+    return weights / weights.sum()
+
 #: Keys of the ``geometry`` JSON: enough to map a slice back into the original scan.
 #: ``output_affine`` is the 4×4 voxel→world (RAS, mm) affine of the preprocessed (X, Y, Z)
 #: volume; ``original_affine``/``original_shape`` describe the source NIfTI grid.
