@@ -28,24 +28,20 @@ import torch
 
 from igconda.checkpoint import load_model
 from igconda.config import load_config
-from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.data.io import split_path
+from igconda.data.schema import UNHEALTHY, class_balanced_weights, stack_images
 from igconda.diffusion.ddim import ddim_decode, ddim_encode
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.metrics import optimal_dice
-from igconda.slice_batch import stack_column
 from igconda.train_loop import TRAIN_COLUMNS, TrainingSession, decode_slice_batch
 
 
 def train(config_path: Path, data: Path, *, balance: bool, steps: int, output: Path, seed: int = 0) -> Path:
     """Train with i.i.d. batches (uniform, or each class with probability 1/2); save to ``output``."""
     config = load_config(config_path)
-    table = pq.read_table(data / "slices" / "train", columns=list(TRAIN_COLUMNS))
+    table = pq.read_table(split_path(data, "train"), columns=list(TRAIN_COLUMNS))
     labels = table.column("label").to_numpy()
-    weights = np.ones(len(labels))
-    if balance:
-        for label in (HEALTHY, UNHEALTHY):
-            weights[labels == label] = 0.5 / max(1, int((labels == label).sum()))
-    weights /= weights.sum()
+    weights = class_balanced_weights(labels) if balance else np.full(len(labels), 1.0 / len(labels))
     rng = np.random.default_rng(seed)
     session = TrainingSession.create(config)
     batch = config.train.batch_size
@@ -65,12 +61,12 @@ def score(checkpoint: Path, data: Path, split: str, max_slices: int, noise_level
     """One row per (stride, w): mean |x − x̂| in / out of lesions, ⌈DSC⌉ of |x − x̂| and hot map."""
     model, config = load_model(checkpoint, "cpu")
     schedule = NoiseSchedule.from_config(config.train)
-    frame = pq.read_table(data / "slices" / split, columns=["patient_id", "slice_index", "label", "image", "mask"]
+    frame = pq.read_table(split_path(data, split), columns=["patient_id", "slice_index", "label", "image", "mask"]
                           ).to_pandas()
     frame = frame[frame["label"] == UNHEALTHY].sort_values(["patient_id", "slice_index"]).head(max_slices)
     height, width = config.preprocess.output_size[:2]
-    x0 = torch.from_numpy(stack_column(frame["image"].to_numpy(), height, width)).unsqueeze(1)
-    masks = stack_column(frame["mask"].to_numpy(), height, width, np.uint8)
+    x0 = torch.from_numpy(stack_images(frame["image"].to_numpy(), height, width)).unsqueeze(1)
+    masks = stack_images(frame["mask"].to_numpy(), height, width, np.uint8)
     lesion = masks.astype(bool)
     rows = []
     for stride in strides:

@@ -34,6 +34,7 @@ from bench_seeds import INTERNAL, METRICS, label_chosen
 from igconda import evaluation as E
 from igconda.anomaly_methods import IgCondaMethod, baseline_methods
 from igconda.checkpoint import load_model
+from igconda.data.io import split_path
 from igconda.data.schema import UNHEALTHY
 from igconda.diffusion.schedule import NoiseSchedule
 
@@ -42,7 +43,7 @@ SHOWN = ("chosen", "igconda_abs", "control", "intensity", "threshold_41")
 
 def test_slices(data: Path) -> dict[str, np.ndarray]:
     """The unhealthy test slices as a batch of numpy columns (:mod:`igconda.evaluation`)."""
-    folder = data / "slices" / "test"
+    folder = Path(split_path(data, "test"))
     if not folder.is_dir():
         raise SystemExit(f"error: {folder} does not exist (is {data} a preprocessed data folder?)")
     frame = pq.read_table(folder).to_pandas()

@@ -43,11 +43,11 @@ import yaml
 
 from igconda.checkpoint import load_model
 from igconda.config import load_config
-from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.data.io import split_path
+from igconda.data.schema import UNHEALTHY, class_balanced_weights, stack_images
 from igconda.diffusion.ddim import ddim_decode, ddim_encode
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.metrics import auprc, optimal_dice
-from igconda.slice_batch import stack_column
 from igconda.train_loop import TRAIN_COLUMNS, TrainingSession, decode_slice_batch
 
 MAPS = ("abs", "hot", "guidance", "control", "raw")
@@ -82,12 +82,9 @@ def train_milestones(config_path: Path, overrides: dict, data: Path, milestones:
         Training throughput in samples/s (saving excluded).
     """
     config = load_config(config_path, {**overrides, "train": {**overrides.get("train", {}), "seed": seed}})
-    table = pq.read_table(data / "slices" / "train", columns=list(TRAIN_COLUMNS))
+    table = pq.read_table(split_path(data, "train"), columns=list(TRAIN_COLUMNS))
     labels = table.column("label").to_numpy()
-    weights = np.ones(len(labels))
-    for label in (HEALTHY, UNHEALTHY):  # each class drawn with probability 1/2
-        weights[labels == label] = 0.5 / max(1, int((labels == label).sum()))
-    weights /= weights.sum()
+    weights = class_balanced_weights(labels)  # each class drawn with probability 1/2
     rng = np.random.default_rng(seed)
     session = TrainingSession.create(config)
     batch = config.train.batch_size
@@ -112,16 +109,16 @@ def train_milestones(config_path: Path, overrides: dict, data: Path, milestones:
 
 def load_slices(data: Path, splits: list[str], max_slices: int, size: int) -> tuple[torch.Tensor, np.ndarray]:
     """Unhealthy slices of ``splits`` (deterministic order): x0 (N, 1, H, W) and masks (N, H, W)."""
-    frames = [pq.read_table(data / "slices" / s, columns=["patient_id", "slice_index", "label", "image", "mask"]
-                            ).to_pandas() for s in splits if (data / "slices" / s).is_dir()]
+    frames = [pq.read_table(split_path(data, s), columns=["patient_id", "slice_index", "label", "image", "mask"]
+                            ).to_pandas() for s in splits if Path(split_path(data, s)).is_dir()]
     if not frames:
         raise SystemExit(f"error: none of the splits {splits} exists in {data}")
     frame = pd.concat(frames)
     frame = frame[frame["label"] == UNHEALTHY].sort_values(["patient_id", "slice_index"])
     if max_slices:
         frame = frame.head(max_slices)
-    x0 = torch.from_numpy(stack_column(frame["image"].to_numpy(), size, size)).unsqueeze(1)
-    return x0, stack_column(frame["mask"].to_numpy(), size, size, np.uint8)
+    x0 = torch.from_numpy(stack_images(frame["image"].to_numpy(), size, size)).unsqueeze(1)
+    return x0, stack_images(frame["mask"].to_numpy(), size, size, np.uint8)
 
 
 def score(checkpoint: Path, x0: torch.Tensor, masks: np.ndarray, noise_levels: list[int], stride: int,

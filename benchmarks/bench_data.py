@@ -34,9 +34,10 @@ import pyarrow.parquet as pq
 import torch
 
 from igconda.config import PreprocessConfig
+from igconda.data.io import split_path
 from igconda.data.manifest import read_manifest
 from igconda.data.preprocess import preprocess_volume
-from igconda.data.schema import SPLITS, stack_images
+from igconda.data.schema import SPLITS, slice_shape_of, stack_images
 from ray_jobs.preprocess import run_preprocessing
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def bench_job(manifest: Path, config: PreprocessConfig, output: Path) -> tuple[f
 
 
 def split_dirs(data: Path) -> list[str]:
-    return [str(data / "slices" / s) for s in SPLITS if any((data / "slices" / s).glob("*.parquet"))]
+    return [split_path(data, s) for s in SPLITS if any(Path(split_path(data, s)).glob("*.parquet"))]
 
 
 def read_plain(data: Path, batch_size: int) -> int:
@@ -73,7 +74,7 @@ def read_plain(data: Path, batch_size: int) -> int:
     n = 0
     for folder in split_dirs(data):
         table = pq.read_table(folder, columns=["image", "label", "height", "width"])
-        h, w = table.column("height")[0].as_py(), table.column("width")[0].as_py()
+        h, w = slice_shape_of(table.column("height"), table.column("width"))
         for start in range(0, table.num_rows, batch_size):
             chunk = table.slice(start, batch_size)
             x = torch.from_numpy(stack_images(chunk.column("image"), h, w)).unsqueeze(1)

@@ -36,7 +36,14 @@ import torch
 
 from igconda.checkpoint import save_checkpoint
 from igconda.config import load_config
-from igconda.data.schema import SLICE_SCHEMA, encode_geometry, volume_to_rows
+from igconda.data.io import split_path
+from igconda.data.schema import (
+    SLICE_SCHEMA,
+    encode_geometry,
+    slice_shape_of,
+    stack_images,
+    volume_to_rows,
+)
 from igconda.inference import CounterfactualPredictor
 from igconda.models import build_unet
 
@@ -55,7 +62,7 @@ def make_inputs(root: Path, config_path: Path, slices: int, patients: int, seed:
     checkpoint = save_checkpoint(root / "ckpt", model=model, config=config)
     h, w, _ = config.preprocess.output_size
     rng = np.random.default_rng(seed)
-    folder = root / "data" / "slices" / "test"
+    folder = Path(split_path(root / "data", "test"))
     folder.mkdir(parents=True)
     per_patient = int(np.ceil(slices / patients))
     geometry = encode_geometry({"original_shape": [h, w, per_patient], "original_affine": np.eye(4),
@@ -84,7 +91,7 @@ def plain_loop(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int) ->
         table = pq.read_table(file, columns=["patient_id", "slice_index", "label", "height",
                                              "width", "image", "mask"])
         for batch in table.to_batches(max_chunksize=batch_size):
-            columns = {name: _numpy(batch.column(name)) for name in batch.schema.names}
+            columns = _numpy_batch(batch)
             n += len(predictor(columns)["anomaly_map"])
             first = first or (time.perf_counter() - started, n)
     return _timing(n, time.perf_counter() - started, first)
@@ -97,11 +104,13 @@ def _timing(n: int, seconds: float, first: tuple[float, int]) -> dict[str, float
             "slices_per_s": n / seconds, "steady_slices_per_s": steady}
 
 
-def _numpy(array: pa.Array) -> np.ndarray:
-    if pa.types.is_list(array.type):
-        width = len(array[0].values) if len(array) else 0
-        return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), width)
-    return array.to_numpy(zero_copy_only=False)
+def _numpy_batch(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
+    """A record batch as Ray Data's numpy format hands it to the predictor: list columns as
+    (N, H·W) arrays of their own dtype, the others as 1D arrays."""
+    h, w = slice_shape_of(batch.column("height"), batch.column("width"))
+    return {name: (stack_images(column, h, w, column.type.value_type.to_pandas_dtype()).reshape(len(column), -1)
+                   if pa.types.is_list(column.type) else column.to_numpy(zero_copy_only=False))
+            for name, column in zip(batch.schema.names, batch.columns, strict=True)}
 
 
 def ray_data(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int, concurrency: int,

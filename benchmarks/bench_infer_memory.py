@@ -33,6 +33,8 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from igconda.data.io import InferOutput, split_path  # noqa: E402
+
 #: Runs ray_jobs.infer in this process and prints the process's peak resident memory (KiB).
 DRIVER = """
 import sys
@@ -48,11 +50,11 @@ def replicate(data: Path, out: Path, copies: int, split: str) -> int:
     patient ids (``<id>_c<j>``) and ``dataset.json`` kept; returns the number of slices."""
     if out.exists():
         shutil.rmtree(out)
-    target = out / "slices" / split
+    target = Path(split_path(out, split))
     target.mkdir(parents=True)
     shutil.copy(data / "dataset.json", out / "dataset.json")
     rows = 0
-    for path in sorted((data / "slices" / split).glob("*.parquet")):
+    for path in sorted(Path(split_path(data, split)).glob("*.parquet")):
         table = pq.read_table(path)
         column = table.schema.get_field_index("patient_id")
         for j in range(copies):
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             print(done.stdout[-3000:], done.stderr[-3000:], file=sys.stderr)
             return 1
         peak_mib = int(line.split()[1]) / 1024
-        written = len(list((output / "slices").glob("*.parquet")))
+        written = len(InferOutput(output).predictions())
         results.append({"copies": copies, "patients": written, "slices": slices,
                         "driver_peak_mib": round(peak_mib, 1), "wall_s": round(wall, 1),
                         "slices_per_s": round(slices / wall, 1)})

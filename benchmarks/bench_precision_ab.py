@@ -48,7 +48,8 @@ from bench_strides import load_unhealthy
 
 from igconda.checkpoint import load_checkpoint_config
 from igconda.config import load_config
-from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.data.io import split_path
+from igconda.data.schema import class_balanced_weights
 from igconda.inference import CounterfactualPredictor
 from igconda.map_kinds import MAP_KINDS, matching_control
 from igconda.train_loop import TRAIN_COLUMNS, VALID_COLUMNS, TrainingSession, decode_slice_batch
@@ -58,14 +59,6 @@ ARMS = (("fp32", False), ("bf16", True))
 #: Evaluation columns, in table order (training columns come first).
 METRICS = ("valid_loss", "dsc", "auprc", "dsc_control", "gain")
 TRAINING = ("steps_per_s", "train_loss")
-
-
-def balanced_weights(labels: np.ndarray) -> np.ndarray:
-    """(N,) sampling probabilities that draw each class (healthy, unhealthy) with probability 1/2."""
-    weights = np.zeros(len(labels))
-    for label in (HEALTHY, UNHEALTHY):
-        weights[labels == label] = 0.5 / max(1, int((labels == label).sum()))
-    return weights / weights.sum()
 
 
 def train_pair(config_path: Path, data: Path, *, steps: int, seed: int, output: Path,
@@ -93,8 +86,8 @@ def train_pair(config_path: Path, data: Path, *, steps: int, seed: int, output: 
         raise SystemExit("error: train.amp gives no autocast dtype on this machine (no bf16 units, "
                          "igconda.precision), so both arms would be fp32; set IGCONDA_CPU_BF16=1 to "
                          "force emulated bf16")
-    table = pq.read_table(data / "slices" / "train", columns=list(TRAIN_COLUMNS))
-    weights = balanced_weights(table.column("label").to_numpy())
+    table = pq.read_table(split_path(data, "train"), columns=list(TRAIN_COLUMNS))
+    weights = class_balanced_weights(table.column("label").to_numpy())
     rng = np.random.default_rng(seed)
     batch = sessions["fp32"].config.train.batch_size
     seconds = dict.fromkeys(sessions, 0.0)
@@ -133,7 +126,7 @@ def held_out_loss(checkpoint: Path, data: Path, split: str, eval_seed: int) -> f
     config = dataclasses.replace(stored, train=dataclasses.replace(stored.train, seed=eval_seed, amp=False))
     session = TrainingSession.create(config)
     session.restore(checkpoint)
-    table = pq.read_table(data / "slices" / split, columns=list(VALID_COLUMNS))
+    table = pq.read_table(split_path(data, split), columns=list(VALID_COLUMNS))
     batches = (decode_slice_batch(table.slice(i, 256)) for i in range(0, table.num_rows, 256))
     total, count = session.validation_sums(batches)
     return total / count

@@ -39,7 +39,7 @@ if str(REPO) not in sys.path:
 from igconda.accel import flops_per_evaluation  # noqa: E402
 from igconda.checkpoint import load_model  # noqa: E402
 from igconda.data.io import read_split  # noqa: E402
-from igconda.data.schema import UNHEALTHY, stack_images  # noqa: E402
+from igconda.data.schema import UNHEALTHY, slice_shape_of, stack_images  # noqa: E402
 from igconda.evaluation import calibrate_threshold, dice_at, score_maps  # noqa: E402
 from igconda.inference import CounterfactualPredictor  # noqa: E402
 from igconda.precision import autocast_dtype  # noqa: E402
@@ -55,7 +55,7 @@ def load_slices(data: Path, split: str, limit: int) -> dict[str, np.ndarray]:
     if len(keep) == 0:
         raise SystemExit(f"{data}: no unhealthy slices in split {split!r}")
     table = table.take(keep)
-    h, w = int(table["height"][0].as_py()), int(table["width"][0].as_py())
+    h, w = slice_shape_of(table["height"], table["width"])
     return {"image": np.array(stack_images(table["image"], h, w), dtype=np.float32),
             "mask": np.array(stack_images(table["mask"], h, w), dtype=np.uint8),
             "patient_id": np.asarray(table["patient_id"].to_pylist())}

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from igconda.data.io import InferOutput
 from igconda.map_kinds import matching_control
 from igconda.tuned_model import read_tuning
 
@@ -62,7 +63,7 @@ def label_chosen(table: pd.DataFrame, map_kind: str) -> pd.DataFrame:
 def load_run(folder: Path, seed: int) -> pd.DataFrame:
     """One seed's per-cohort table (:func:`label_chosen`), with the settings its model folder
     carries (``model/tuning.json``: what the study's inference used)."""
-    table = pd.read_csv(folder / "infer" / "tables" / "methods.csv")
+    table = pd.read_csv(InferOutput(folder / "infer").methods_csv)
     best = read_tuning(folder / "model")
     if best is None:
         raise SystemExit(f"error: {folder / 'model'} carries no tuning.json")
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.aggregate_only:
             times[seed] = run_seed(args.config, seed, folder, extra)
             print(f"seed {seed}: {times[seed] / 60:.1f} min", flush=True)
-        if (folder / "infer" / "tables" / "methods.csv").is_file():
+        if InferOutput(folder / "infer").methods_csv.is_file():
             frames.append(load_run(folder, seed))
     if not frames:
         raise SystemExit(f"error: no finished run under {args.output}")

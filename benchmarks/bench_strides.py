@@ -34,6 +34,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from igconda.checkpoint import load_checkpoint_config
+from igconda.data.io import split_path
 from igconda.data.schema import UNHEALTHY
 from igconda.ddim_grid import check_grid
 from igconda.inference import CounterfactualPredictor
@@ -44,7 +45,7 @@ COLUMNS = ("patient_id", "slice_index", "label", "height", "width", "image", "ma
 
 def load_unhealthy(data: Path, split: str, max_slices: int) -> dict[str, np.ndarray]:
     """The split's unhealthy slices as one numpy batch (deterministic order, first N kept)."""
-    folder = data / "slices" / split
+    folder = Path(split_path(data, split))
     if not folder.is_dir():
         raise SystemExit(f"error: {folder}: no '{split}' split in {data}")
     table = pq.read_table(folder, columns=list(COLUMNS))

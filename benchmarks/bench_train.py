@@ -31,6 +31,7 @@ import torch
 
 from igconda.config import StudyConfig, load_config
 from igconda.data import schema
+from igconda.data.io import split_path
 from igconda.train_loop import TRAIN_COLUMNS, TrainingSession, decode_slice_batch
 
 
@@ -50,7 +51,7 @@ def write_slices(root: Path, size: int, slices: int, depth: int = 32) -> Path:
     geometry = {"original_shape": [size, size, depth], "original_affine": np.eye(4),
                 "output_affine": np.eye(4), "output_shape": [size, size, depth]}
     for split, count in (("train", slices), ("valid", 8)):
-        folder = root / "slices" / split
+        folder = Path(split_path(root, split))
         folder.mkdir(parents=True, exist_ok=True)
         for v in range(max(1, count // depth)):
             d = min(depth, count)
@@ -67,7 +68,7 @@ def write_slices(root: Path, size: int, slices: int, depth: int = 32) -> Path:
 
 def plain_loop(config: StudyConfig, data: Path, epochs: int, max_batches: int | None = None) -> float:
     """samples/s of a plain loop over the Parquet train split, in its last epoch."""
-    table = pq.read_table(data / "slices" / "train", columns=list(TRAIN_COLUMNS))
+    table = pq.read_table(split_path(data, "train"), columns=list(TRAIN_COLUMNS))
     session = TrainingSession.create(config)
     b = config.train.batch_size
     rates = []

@@ -22,6 +22,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from igconda.data.io import InferOutput  # noqa: E402
 from igconda.figures import (  # noqa: E402
     heatmap_figure,
     lesion_size_figure,
@@ -44,7 +45,7 @@ def _method_names() -> dict[str, str]:
 
 def _chosen_method(study: Path) -> str | None:
     """The IgCONDA map kind the study chose (infer/summary.json, else tune/best.json)."""
-    summary, best = study / "infer" / "summary.json", study / "tune" / "best.json"
+    summary, best = InferOutput(study / "infer").summary, study / "tune" / "best.json"
     try:
         if summary.is_file():
             return json.loads(summary.read_text()).get("chosen_method")
@@ -96,7 +97,7 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
         The path of the written HTML file.
     """
     study = Path(study_dir)
-    infer = study / "infer"
+    infer = InferOutput(study / "infer")
     notes: list[str] = []
     tables: dict[str, pd.DataFrame] = {}
     figures: dict[str, Any] = {}
@@ -111,7 +112,7 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
         notes.append("No configuration found (config.yaml or train/best/config.yaml).")
 
     per_slice = None
-    metrics_csv = infer / "tables" / "per_slice_metrics.csv"
+    metrics_csv = infer.per_slice_metrics_csv
     if metrics_csv.is_file():
         per_slice = pd.read_csv(metrics_csv)
     if per_slice is not None:
@@ -132,7 +133,7 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
                 tables["Calibrated thresholds τ (tune split)"] = thresholds_table(per_slice)
         except ValueError as err:
             notes.append(f"Per-cohort table not built: {err}")
-    methods_csv = infer / "tables" / "methods.csv"
+    methods_csv = infer.methods_csv
     if per_slice is None and methods_csv.is_file():
         tables["Inference summary (infer/tables/methods.csv)"] = pd.read_csv(methods_csv)
     elif per_slice is None:
@@ -187,7 +188,7 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
         fig = lesion_size_figure(per_slice)
         owned.append(fig)
         figures["⌈DSC⌉ against lesion size (paper Fig. 4/6)"] = fig
-    figure_dir = infer / "figures"
+    figure_dir = infer.figures
     if figure_dir.is_dir():
         for png in sorted(figure_dir.glob("*.png")):
             if png.stem == "lesion_size" and any("lesion size" in k for k in figures):

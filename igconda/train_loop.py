@@ -37,6 +37,7 @@ from igconda import checkpoint as ckpt
 from igconda.accel import compile_in_place
 from igconda.config import StudyConfig
 from igconda.data import schema
+from igconda.data.io import filesystem, join_path, slices_root
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.diffusion.training import (
     amp_settings,
@@ -82,12 +83,7 @@ def decode_slice_batch(table: pa.Table, *, mask: bool = False) -> dict[str, torc
     """
     if table.num_rows == 0:
         raise ValueError("empty batch")
-    heights = np.unique(table["height"].to_numpy())
-    widths = np.unique(table["width"].to_numpy())
-    if len(heights) != 1 or len(widths) != 1:
-        raise ValueError(f"a batch mixes slice sizes: heights {heights.tolist()}, widths {widths.tolist()}; "
-                         "preprocess every volume to the same output_size")
-    h, w = int(heights[0]), int(widths[0])
+    h, w = schema.slice_shape_of(table["height"], table["width"])
     images = schema.stack_images(table["image"], h, w)
     labels = table["label"].to_numpy().astype(np.int64)
     if not np.isin(labels, (schema.HEALTHY, schema.UNHEALTHY)).all():
@@ -141,15 +137,14 @@ def dataset_version(data_dir: str) -> str:
     """
     import pyarrow.fs as pafs
 
-    fs, root = pafs.FileSystem.from_uri(data_dir) if "://" in data_dir else (
-        pafs.LocalFileSystem(), str(Path(data_dir).resolve()))
+    fs, root = filesystem(data_dir)
     digest = hashlib.sha256()
-    summary = f"{root.rstrip('/')}/dataset.json"
+    summary = join_path(root, "dataset.json")
     if fs.get_file_info(summary).type == pafs.FileType.File:
         with fs.open_input_stream(summary) as f:
             digest.update(f.read())
         return "dataset.json:" + digest.hexdigest()[:16]
-    infos = fs.get_file_info(pafs.FileSelector(f"{root.rstrip('/')}/slices", recursive=True))
+    infos = fs.get_file_info(pafs.FileSelector(slices_root(root), recursive=True))
     files = sorted((i.path[len(root):], i.size) for i in infos if i.type == pafs.FileType.File)
     if not files:
         raise FileNotFoundError(f"{data_dir}: no dataset.json and no files under slices/")

@@ -82,6 +82,7 @@ from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, non_negative_float, positive_int
 from igconda.config import StudyConfig
 from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint
+from igconda.data.io import InferOutput
 from igconda.data.schema import SPLITS
 from igconda.map_kinds import MAP_KINDS
 from igconda.progress import progress
@@ -190,7 +191,7 @@ def actor_cpu_warning(concurrency: int, cpus_per_actor: float, cluster_cpus: flo
 
 
 def predict_patients(files: dict[str, Path], expected: dict[str, int], config: StudyConfig,
-                     settings: InferSettings, out_dir: Path, device: str | None,
+                     settings: InferSettings, out_dir: InferOutput, device: str | None,
                      digests: dict[str, str]) -> list[str]:
     """Run the predictor over the given patients with Ray Data; write each patient when complete,
     stamped with ``settings`` and its input's digest (``digests``, :func:`input_digest`).
@@ -239,7 +240,7 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
                     raise InferError(f"patient {pid}: got {counts[pid]} slices, "
                                      f"expected {expected[pid]}")
                 if counts[pid] == expected[pid]:
-                    write_patient(_concat(pending.pop(pid)), out_dir / f"{pid}.parquet", settings,
+                    write_patient(_concat(pending.pop(pid)), out_dir.prediction(pid), settings,
                                   digests[pid])
                     written.append(pid)
                     bar.set_postfix_str(f"{len(written)}/{len(files)} patients written",
@@ -270,11 +271,11 @@ def run(request: InferRequest) -> InferResult:
         logger.warning(problem)  # on the console and in the log file (ray_jobs.console)
     inputs = list_patients(data, args.split)
     check_has_unhealthy(inputs, args.split)
-    slices_dir = output / "slices"
+    layout = InferOutput(output)
     expected = {pid: pq.read_metadata(f).num_rows for pid, f in inputs.items()}
     digests = {pid: input_digest(f) for pid, f in inputs.items()}
     todo = {pid: f for pid, f in inputs.items()
-            if not output_is_complete(slices_dir / f"{pid}.parquet", expected[pid], settings,
+            if not output_is_complete(layout.prediction(pid), expected[pid], settings,
                                       digests[pid])}
     result = InferResult(output, settings, skipped=sorted(set(inputs) - set(todo)))
     # Outputs of patients no longer in the split (data re-preprocessed into the same folder)
@@ -295,10 +296,10 @@ def run(request: InferRequest) -> InferResult:
         # Only the driver writes under --output; the actors load the checkpoint and Ray Data's
         # readers read --data on their own nodes, so those are what every node must see.
         preflight(data=data, checkpoints={"--checkpoint": settings.checkpoint})
-        result.computed = predict_patients(todo, expected, config, settings, slices_dir,
+        result.computed = predict_patients(todo, expected, config, settings, layout,
                                            args.device, digests)
     timings["predict_s"] = time.perf_counter() - started
-    slice_files = {pid: slices_dir / f"{pid}.parquet" for pid in inputs}
+    slice_files = {pid: layout.prediction(pid) for pid in inputs}
 
     # Scoring is cheap next to diffusion, so tables are always rebuilt from all patients' files.
     t0 = time.perf_counter()
@@ -307,12 +308,12 @@ def run(request: InferRequest) -> InferResult:
     if not scored:
         raise InferError(f"split '{args.split}' has no unhealthy slice to score")
     per_slice = pd.concat(scored, ignore_index=True)
-    write_tables(per_slice, output / "tables", settings.method)
+    write_tables(per_slice, layout, settings.method)
     timings["score_s"] = time.perf_counter() - t0
-    print((output / "tables" / "methods.md").read_text(), flush=True)
+    print((layout.tables / "methods.md").read_text(), flush=True)
 
     t0 = time.perf_counter()
-    result.figure_errors = make_figures(slice_files, inputs, per_slice, output / "figures",
+    result.figure_errors = make_figures(slice_files, inputs, per_slice, layout.figures,
                                         settings.method)
     for name, problem in result.figure_errors.items():
         print(f"    warning: figure {name} not made: {problem}", flush=True)
@@ -320,9 +321,9 @@ def run(request: InferRequest) -> InferResult:
     n_volumes = 0
     if not args.no_volumes:
         t0 = time.perf_counter()
-        n_volumes = export_volumes(slice_files, inputs, output / "volumes")
+        n_volumes = export_volumes(slice_files, inputs, layout)
         timings["volumes_s"] = time.perf_counter() - t0
-        print(f"    wrote {n_volumes} anomaly volume(s) to {output / 'volumes'}", flush=True)
+        print(f"    wrote {n_volumes} anomaly volume(s) to {layout.volumes}", flush=True)
 
     data_version = dataset_version(str(data))
     summary = {"settings": settings.as_dict(), "thresholds": settings.thresholds,
@@ -332,7 +333,7 @@ def run(request: InferRequest) -> InferResult:
                "patients": len(inputs), "computed": result.computed, "skipped": result.skipped,
                "slices": int(sum(expected.values())), "figure_errors": result.figure_errors,
                "timings": timings}
-    write_text(output / "summary.json", json.dumps(summary, indent=2))
+    write_text(layout.summary, json.dumps(summary, indent=2))
 
     uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
     # Everything is on disk by now: a tracking outage costs the MLflow run, never the results.

@@ -22,14 +22,16 @@ import pyarrow.parquet as pq
 from igconda import evaluation as E
 from igconda.anomaly_methods import StoredCounterfactualMethod, baseline_methods
 from igconda.baselines.scoring import SCORES_FILE, SUMMARY_FILE, run_metrics, write_method_scores
-from igconda.data.schema import UNHEALTHY, stack_images, validate_predictions, validate_scores
+from igconda.data.io import InferOutput, is_local_dataset, read_predictions
+from igconda.data.schema import (
+    UNHEALTHY,
+    slice_shape_of,
+    stack_images,
+    validate_scores,
+)
 from igconda.io_utils import atomic_write
 from igconda.lesion_stats import with_lesion_stats
 from igconda.map_kinds import FORMULAS
-
-#: Beside ``tables/`` (not inside it: the infer run uploads ``tables/``, each method run its own
-#: files): one folder per scored method with its method-run files.
-METHOD_SCORES = "scores"
 
 #: Slice-schema columns the baselines need beside the stored predictions.
 _SUV_COLUMNS = ("slice_index", "suv_max", "scale_min", "scale_max")
@@ -47,15 +49,14 @@ def score_patient(slice_file: Path, input_file: Path, taus: Mapping[str, float])
         Rows of :data:`~igconda.data.schema.SCORE_SCHEMA`; empty when the patient has no
         unhealthy slice.
     """
-    table = pq.read_table(slice_file)
-    validate_predictions(table)
+    table = read_predictions(slice_file)
     table = table.filter(pc.equal(table["label"], UNHEALTHY))
     if table.num_rows == 0:
         return pd.DataFrame()
     suv = pq.read_table(input_file, columns=list(_SUV_COLUMNS)).to_pandas().set_index("slice_index")
     batch = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names
              if name not in ("image", "mask", "counterfactual", "counterfactual_w0", "anomaly_map")}
-    h, w = int(batch["height"][0]), int(batch["width"][0])
+    h, w = slice_shape_of(batch["height"], batch["width"])
     for name, dtype in (("image", np.float32), ("mask", np.uint8), ("counterfactual", np.float32),
                         ("counterfactual_w0", np.float32)):
         batch[name] = stack_images(table[name], h, w, dtype)
@@ -87,19 +88,22 @@ def save_png(figure: Any, path: Path) -> None:
                  suffix=".tmp")
 
 
-def write_tables(per_slice: pd.DataFrame, tables: Path, chosen: str) -> tuple[pd.DataFrame, dict[str, float]]:
+def write_tables(per_slice: pd.DataFrame, output: InferOutput,
+                 chosen: str) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per-cohort tables of every method; returns the summary and its MLflow metrics.
 
-    Writes ``methods.{csv,md}`` (every method, :func:`igconda.evaluation.summarize` /
+    Writes under ``output.tables``: ``methods.{csv,md}`` (every method, :func:`igconda.evaluation.summarize` /
     :func:`~igconda.evaluation.format_table`), ``per_cohort.{csv,md}`` (the chosen IgCONDA map),
     ``baselines_per_cohort.{csv,md}`` (every other method, the w = 0 control and the paper's map
-    among them), ``per_slice_metrics.csv`` (validated against the score schema) and, beside
-    ``tables``, one method run's files per method (:data:`METHOD_SCORES`).
+    among them), ``per_slice_metrics.csv`` (validated against the score schema); and under
+    ``output.scores`` (beside ``tables/``, not inside it: the infer run uploads ``tables/``, each
+    method run its own files), one method run's files per method.
     """
     validate_scores(per_slice)
+    tables = output.tables
     tables.mkdir(parents=True, exist_ok=True)
     summary = E.summarize(per_slice, by=("cohort",))
-    write_text(tables / "methods.csv", summary.to_csv(index=False))
+    write_text(output.methods_csv, summary.to_csv(index=False))
     write_text(tables / "methods.md", E.format_table(summary))
     ours = summary[summary["method"] == chosen]
     if len(ours):
@@ -109,11 +113,11 @@ def write_tables(per_slice: pd.DataFrame, tables: Path, chosen: str) -> tuple[pd
     if len(others):
         write_text(tables / "baselines_per_cohort.csv", others.to_csv(index=False))
         write_text(tables / "baselines_per_cohort.md", E.format_table(others))
-    write_text(tables / "per_slice_metrics.csv", per_slice.to_csv(index=False))
+    write_text(output.per_slice_metrics_csv, per_slice.to_csv(index=False))
     # One method run's files per method (docs/CONTRACTS.md, "Method runs"): what the comparison
     # stage reads back from MLflow, as it does for the trained baselines' scoring runs.
     for method, rows in per_slice.groupby("method", sort=True):
-        write_method_scores(rows, tables.parent / METHOD_SCORES / str(method))
+        write_method_scores(rows, output.scores / str(method))
     return summary, summary_metrics(summary)
 
 
@@ -139,13 +143,14 @@ def log_infer_run(output: Path, summary: Mapping[str, Any], *, volumes: bool = T
     server loses mid-way can be found and ended by the re-log.
 
     Args:
-        output: the infer job's ``--output`` (``tables/``, ``figures/``, ``volumes/``, ``slices/``).
+        output: the infer job's ``--output`` (:class:`~igconda.data.io.InferOutput`).
         summary: the content of its ``summary.json``.
         volumes: upload ``volumes/``; slices: upload the per-slice Parquet files (large).
     """
     from igconda import tracking
 
     tracking.record_active_run(output)
+    layout = InferOutput(output)
     settings = summary["settings"]
     tracking.log_params({"D": settings["noise_level"], "w": settings["guidance_scale"],
                          "s": settings["stride"], "map_kind": settings["map_kind"],
@@ -156,23 +161,23 @@ def log_infer_run(output: Path, summary: Mapping[str, Any], *, volumes: bool = T
                          "batch_size": summary.get("batch_size"),
                          "concurrency": summary.get("concurrency"),
                          "evaluations_per_slice": 4 * settings["noise_level"] // settings["stride"]})
-    combined = pd.read_csv(output / "tables" / "methods.csv")
+    combined = pd.read_csv(layout.methods_csv)
     tracking.log_metrics({**summary_metrics(combined),
                           **{f"time/{k}": v for k, v in summary.get("timings", {}).items()}})
     tracking.log_table(combined, "tables/methods.json")
-    tracking.log_artifact(output / "tables", "tables")
-    tracking.log_artifact(output / "summary.json")
-    if any((output / "figures").glob("*.png")):
-        tracking.log_artifact(output / "figures", "figures")
-    if volumes and (output / "volumes").is_dir():
-        tracking.log_artifact(output / "volumes", "volumes")
+    tracking.log_artifact(layout.tables, "tables")
+    tracking.log_artifact(layout.summary)
+    if any(layout.figures.glob("*.png")):
+        tracking.log_artifact(layout.figures, "figures")
+    if volumes and layout.volumes.is_dir():
+        tracking.log_artifact(layout.volumes, "volumes")
     if slices:
-        tracking.log_artifact(output / "slices", "slices")
-    if (Path(summary["data"]) / "slices").is_dir():
+        tracking.log_artifact(layout.slices, "slices")
+    if is_local_dataset(summary["data"]):
         from igconda.tracking.model import log_dataset
 
         log_dataset(summary["data"], summary["split"])
-    log_method_runs(output / METHOD_SCORES, summary.get("data_version") or "")
+    log_method_runs(layout.scores, summary.get("data_version") or "")
 
 
 def log_method_runs(folder: Path, data_version: str) -> list[str]:
@@ -224,10 +229,10 @@ def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
                 src = pq.read_table(input_files[pid], columns=["slice_index", "image", "mask",
                                                                 "height", "width"],
                                     filters=[("slice_index", "=", z)])
-                out = pq.read_table(slice_files[pid], columns=["slice_index", "anomaly_map",
-                                                                "counterfactual", "counterfactual_w0"],
-                                    filters=[("slice_index", "=", z)])
-                h, w = int(src.column("height")[0].as_py()), int(src.column("width")[0].as_py())
+                out = read_predictions(slice_files[pid], columns=["slice_index", "anomaly_map",
+                                                                   "counterfactual", "counterfactual_w0"],
+                                       filters=[("slice_index", "=", z)])
+                h, w = slice_shape_of(src.column("height"), src.column("width"))
                 images.append(stack_images(src.column("image"), h, w)[0])
                 masks.append(stack_images(src.column("mask"), h, w, np.uint8)[0])
                 cfs.append(stack_images(out.column("counterfactual"), h, w)[0])
@@ -264,18 +269,19 @@ def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
 
 
 def export_volumes(slice_files: dict[str, Path], input_files: dict[str, Path],
-                   volumes: Path) -> int:
-    """Write each patient's anomaly map on its original grid; skips up-to-date volumes."""
+                   output: InferOutput) -> int:
+    """Write each patient's anomaly map on its original grid (:meth:`InferOutput.volume`);
+    skips up-to-date volumes."""
     from igconda.export import export_volume
 
     written = 0
     for pid, path in slice_files.items():
-        target = volumes / f"{pid}_anomaly.nii.gz"
+        target = output.volume(pid)
         if target.is_file() and target.stat().st_mtime >= path.stat().st_mtime:
             continue
         geometry = pq.read_table(input_files[pid], columns=["geometry"]).column("geometry")[0].as_py()
-        table = pq.read_table(path, columns=["slice_index", "height", "width", "anomaly_map"])
-        h, w = int(table.column("height")[0].as_py()), int(table.column("width")[0].as_py())
+        table = read_predictions(path, columns=["slice_index", "height", "width", "anomaly_map"])
+        h, w = slice_shape_of(table.column("height"), table.column("width"))
         maps = stack_images(table.column("anomaly_map"), h, w)
         export_volume(maps, geometry, target, slice_index=table.column("slice_index").to_numpy(), order=1)
         written += 1

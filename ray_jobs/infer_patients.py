@@ -1,6 +1,6 @@
 """The infer job's per-patient prediction files: what decides them, writing, resuming, pruning.
 
-Each patient's prediction file (``<output>/slices/<patient_id>.parquet``) carries in its Parquet
+Each patient's prediction file (:meth:`igconda.data.io.InferOutput.prediction`) carries in its Parquet
 metadata the settings it was made with (:class:`InferSettings`: checkpoint, weight digest, D, w,
 s, map kind, τ) and a digest of the patient's input slice file. A re-run keeps a file only when
 both match (:func:`output_is_complete`), so new weights, new settings or re-preprocessed data
@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from igconda.data.io import split_path
-from igconda.data.schema import PREDICTION_SCHEMA, validate_predictions
+from igconda.data.io import InferOutput, split_path
+from igconda.data.schema import PREDICTION_SCHEMA, encode_images, validate_predictions
 from igconda.evaluation import igconda_method
 from igconda.io_utils import atomic_write, file_digest
 
@@ -155,10 +155,7 @@ def write_patient(columns: dict[str, np.ndarray], path: Path, settings: InferSet
     for name, values in columns.items():
         values = np.asarray(values)[order] if not isinstance(values, list) else [values[i] for i in order]
         if name in ("anomaly_map", "counterfactual", "counterfactual_w0", "image", "mask"):
-            dtype = np.uint8 if name == "mask" else np.float32
-            flat = np.ascontiguousarray(np.stack([np.asarray(v, dtype).ravel() for v in values]))
-            arrays[name] = pa.FixedSizeListArray.from_arrays(
-                pa.array(flat.ravel()), flat.shape[1]).cast(pa.list_(pa.from_numpy_dtype(dtype)))
+            arrays[name] = encode_images(values, np.uint8 if name == "mask" else np.float32)
         elif name in PREDICTION_SCHEMA.names:
             arrays[name] = pa.array(values).cast(PREDICTION_SCHEMA.field(name).type)
         else:
@@ -194,11 +191,10 @@ def prune_outputs(output: Path, patients: set[str]) -> list[str]:
     the report and ``igconda`` readers glob every file, nor in ``volumes/``. Returns the removed
     paths (relative to ``output``).
     """
-    removed = []
-    for pattern, suffix in (("slices/*.parquet", ".parquet"), ("volumes/*_anomaly.nii.gz",
-                                                                "_anomaly.nii.gz")):
-        for path in sorted(output.glob(pattern)):
-            if path.name[:-len(suffix)] not in patients:
+    layout, removed = InferOutput(output), []
+    for files in (layout.predictions(), layout.volume_files()):
+        for pid, path in files.items():
+            if pid not in patients:
                 path.unlink(missing_ok=True)
-                removed.append(str(path.relative_to(output)))
+                removed.append(str(path.relative_to(layout.root)))
     return removed

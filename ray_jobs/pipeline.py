@@ -61,6 +61,7 @@ from pathlib import Path
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import ConfigError, load_config
+from igconda.data.io import InferOutput
 from igconda.io_utils import atomic_write
 from ray_jobs import console, stage_records
 from ray_jobs.study_steps import (
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                 paths.best_checkpoint, paths.data, paths.infer, sections=config_sections(config),
                 tuned=tuned, **child))
 
-        stage("infer", (paths.infer / "tables" / "methods.csv").is_file(), infer)
+        stage("infer", InferOutput(paths.infer).methods_csv.is_file(), infer)
 
         # 7. Report.
         def report() -> None:

@@ -40,6 +40,7 @@ from typing import Any
 
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP
+from igconda.data.io import INFER_SUMMARY, InferOutput
 
 STAGE_FOLDERS = ("train", "tune", "model", "infer")
 
@@ -74,7 +75,7 @@ def stage_folders(args: argparse.Namespace) -> dict[str, Path]:
 
 #: The file that marks each stage's folder finished (as the pipeline's skip rule).
 _DONE = {"data": "dataset.json", "train": "best/model.safetensors", "tune": "best.json",
-         "model": "tuning.json", "infer": "summary.json"}
+         "model": "tuning.json", "infer": INFER_SUMMARY}
 
 
 def _history(train: Path) -> list[dict[str, Any]]:
@@ -194,10 +195,10 @@ def run(args: argparse.Namespace) -> dict[str, str]:
                 elif stage == "model":
                     log_model_folder(folder, registered_model_name=args.register_model)
                 else:
-                    summary = json.loads((folder / "summary.json").read_text())
+                    summary = json.loads(InferOutput(folder).summary.read_text())
                     # Before log_infer_run, which records this run in the folder instead.
                     _end_interrupted_infer_run(tracking.read_run_record(folder), uri, run_id)
-                    log_infer_run(folder, summary, volumes=(folder / "volumes").is_dir())
+                    log_infer_run(folder, summary, volumes=InferOutput(folder).volumes.is_dir())
             print(f"relog: {stage} from {folder} -> MLflow run {run_id}", flush=True)
     return runs
 

@@ -73,14 +73,14 @@ from igconda.baselines.scoring import (
 from igconda.checkpoint import CheckpointError, load_checkpoint_config
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint
-from igconda.data.io import split_path
+from igconda.data.io import path_exists, split_path
 from igconda.data.schema import SPLITS, UNHEALTHY
 from igconda.evaluation import DPM_CG
 from igconda.io_utils import atomic_write, file_digest, folder_digest
 from igconda.train_loop import dataset_version
 from ray_jobs.console import add_verbose_flag, init_ray
 from ray_jobs.shared_storage import SharedStorageError, preflight
-from ray_jobs.train_runs import UsageError, _fs_exists
+from ray_jobs.train_runs import UsageError
 
 #: Written last into ``--output``: the folder's scores are finished and logged.
 RUN_RECORD = "score_run.json"
@@ -210,7 +210,7 @@ def _unhealthy_slices(args: argparse.Namespace, split: str) -> Any:
     import ray
 
     path = split_path(args.data, split)
-    if not _fs_exists(path, want_dir=True):
+    if not path_exists(path, want_dir=True):
         raise UsageError(f"{path}: no {split} split; run ray_jobs.preprocess first")
     ds = ray.data.read_parquet(path).select_columns(list(SCORE_INPUT_COLUMNS))
     # Only unhealthy slices are scored (and calibrate τ); healthy ones need no network pass.
@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.method not in SCORED_METHODS:
         raise UsageError(f"unknown --method {args.method!r}; known: {', '.join(SCORED_METHODS)}")
     for split in (args.tune_split, args.split):
-        if not _fs_exists(split_path(args.data, split), want_dir=True):
+        if not path_exists(split_path(args.data, split), want_dir=True):
             raise UsageError(f"{split_path(args.data, split)}: no {split} split")
     config = resolve_config(args)
     # Load once here: a wrong or damaged folder fails with its name, not inside every actor.

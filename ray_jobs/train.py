@@ -73,12 +73,8 @@ from ray_jobs.console import add_verbose_flag, init_ray
 from ray_jobs.shared_storage import SharedStorageError, preflight
 from ray_jobs.train_runs import (  # noqa: F401  (the helpers other modules import from here)
     UsageError,
-    _filesystem,
-    _fs_exists,
-    _join,
     _latest_checkpoint,
     _storage_path,
-    _tree_bytes,
     check_resume,
     default_cpus_per_worker,
     default_storage_path,

@@ -67,7 +67,14 @@ from igconda.baselines.trainers import (
     trainer_class,
 )
 from igconda.config import ConfigError, StudyConfig, load_config
-from igconda.data.io import DatasetError, check_training_classes, split_path
+from igconda.data.io import (
+    DatasetError,
+    check_training_classes,
+    filesystem,
+    path_exists,
+    split_path,
+)
+from igconda.data.schema import slice_shape_of
 from igconda.evaluation import DPM_CG
 from igconda.train_loop import dataset_version
 from ray_jobs.console import add_verbose_flag, init_ray
@@ -75,8 +82,6 @@ from ray_jobs.shared_storage import SharedStorageError, preflight
 from ray_jobs.train_baseline_worker import train_baseline_func
 from ray_jobs.train_runs import (
     UsageError,
-    _filesystem,
-    _fs_exists,
     check_resume,
     default_cpus_per_worker,
     default_storage_path,
@@ -148,11 +153,11 @@ def slice_size(data: str) -> tuple[int, int]:
     """(H, W) of the train split's slices, from the first row's ``height``/``width``."""
     import pyarrow.dataset as pads
 
-    fs, path = _filesystem(split_path(data, "train"))
+    fs, path = filesystem(split_path(data, "train"))
     head = pads.dataset(path, filesystem=fs, format="parquet").head(1, columns=["height", "width"])
     if head.num_rows == 0:
         raise UsageError(f"{split_path(data, 'train')}: the train split has no slices")
-    return int(head["height"][0].as_py()), int(head["width"][0].as_py())
+    return slice_shape_of(head["height"], head["width"])
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -160,7 +165,7 @@ def run(args: argparse.Namespace) -> Path:
     trainer_cls = trainer_class(args.method)
     config = resolve_config(args)
     for split in ("train", "valid"):
-        if not _fs_exists(split_path(args.data, split), want_dir=True):
+        if not path_exists(split_path(args.data, split), want_dir=True):
             raise UsageError(f"{split_path(args.data, split)}: no {split} split; "
                              "run ray_jobs.preprocess first")
     size = slice_size(args.data)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from igconda import checkpoint as ckpt
-from igconda.data.io import split_path
+from igconda.data.io import filesystem, join_path, path_exists, split_path, tree_bytes
 from igconda.data.schema import HEALTHY, UNHEALTHY, healthy_per_unhealthy
 from igconda.io_utils import replace_dir
 from igconda.train_loop import DATA_VERSION_KEY, SCORE_METRIC, dataset_version
@@ -42,26 +42,13 @@ def default_cpus_per_worker(num_workers: int, cluster_cpus: float) -> float:
     return max(0.1, round((cluster_cpus - 1.0) / num_workers, 2)) if cluster_cpus > 1 else 0.5 / num_workers
 
 
-def _join(root: str, *parts: str) -> str:
-    return "/".join([root.rstrip("/"), *parts])
-
-
-def _filesystem(uri: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path) for a local path or a pyarrow-filesystem URI (e.g. s3://)."""
-    import pyarrow.fs as pafs
-
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).resolve())
-
-
 def label_counts(uri: str) -> dict[int, int]:
     """Slices per schema label in a Parquet split, from the ``label`` column alone (cheap at any
     size): what class balancing (IgCONDA's oversampling, the classifiers' loss weights) needs."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    fs, path = _filesystem(uri)
+    fs, path = filesystem(uri)
     labels = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["label"])["label"]
     return {int(row["values"]): int(row["counts"]) for row in pc.value_counts(labels).to_pylist()}
 
@@ -87,23 +74,6 @@ def oversample_unhealthy(train: Any, counts: dict[int, int]) -> tuple[Any, int]:
         return train, 1
     minority = train.filter(expr=f"label == {UNHEALTHY}")
     return train.filter(expr=f"label == {HEALTHY}").union(*([minority] * repeats)), repeats
-
-
-def _fs_exists(uri: str, want_dir: bool = False) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = _filesystem(uri)
-    info = fs.get_file_info(path)
-    return info.type == (pafs.FileType.Directory if want_dir else pafs.FileType.File)
-
-
-def _tree_bytes(uri: str) -> int:
-    """Total size of the files under a local folder or a pyarrow-filesystem URI (e.g. s3://)."""
-    import pyarrow.fs as pafs
-
-    fs, path = _filesystem(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
 
 
 def _latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
@@ -136,7 +106,7 @@ def default_storage_path(output: str | Path) -> str:
 
 def has_run(storage_path: str, run_name: str = "train") -> bool:
     """True if ``<storage_path>/<run_name>`` holds a Ray Train run (one to ``--resume``)."""
-    return _fs_exists(_join(storage_path, run_name, _SNAPSHOT))
+    return path_exists(join_path(storage_path, run_name, _SNAPSHOT))
 
 
 def latest_checkpoint(storage_path: str, run_name: str = "train") -> Path | None:
@@ -163,10 +133,10 @@ def check_resume(storage_path: str, run_name: str, resume: bool,
     """
     exists = has_run(storage_path, run_name)
     if exists and not resume:
-        raise UsageError(f"{_join(storage_path, run_name)} already holds a training run; "
+        raise UsageError(f"{join_path(storage_path, run_name)} already holds a training run; "
                          "pass --resume to continue it, or choose another --output/--run-name")
     if resume and not exists:
-        raise UsageError(f"--resume: no checkpoints found under {_join(storage_path, run_name)}")
+        raise UsageError(f"--resume: no checkpoints found under {join_path(storage_path, run_name)}")
     latest = _latest_checkpoint(storage_path, run_name) if resume else None
     if latest is None:
         return
@@ -234,12 +204,12 @@ def _read_splits(data: str, columns: dict[str, tuple[str, ...]], *, materialize_
     splits, parquet_bytes = {}, 0
     for split, names in columns.items():
         path = split_path(data, split)
-        if not _fs_exists(path, want_dir=True):
+        if not path_exists(path, want_dir=True):
             raise UsageError(f"{path}: no {split} split; run ray_jobs.preprocess first")
         splits[split] = ray.data.read_parquet(path).select_columns(list(names))
         if filters and split in filters:
             splits[split] = splits[split].filter(expr=filters[split])
-        parquet_bytes += _tree_bytes(path)
+        parquet_bytes += tree_bytes(path)
     if limit_rows is not None:
         splits = {k: v.limit(limit_rows) for k, v in splits.items()}
     if parquet_bytes <= materialize_max_mb * 2**20:

@@ -9,9 +9,8 @@ import torch
 
 from igconda.checkpoint import CheckpointError
 from igconda.config import save_config
-from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.data.schema import HEALTHY, UNHEALTHY, stack_images
 from igconda.inference import CounterfactualPredictor
-from igconda.slice_batch import stack_column
 from tests.helpers import load_benchmark, make_dataset
 
 # ---- fixtures --------------------------------------------------------------------------------
@@ -71,7 +70,7 @@ def test_predictor_batch_shapes_ranges_and_metrics(checkpoint, batch):
 
 def test_anomaly_map_is_the_abs_difference_to_the_counterfactual(checkpoint, batch):
     out = _predictor(checkpoint, score_other_map=False)(batch)
-    images = stack_column(batch["image"], 16, 16).reshape(len(batch["image"]), -1)
+    images = stack_images(batch["image"], 16, 16).reshape(len(batch["image"]), -1)
     expected = np.clip(np.abs(images - out["counterfactual"]), 0, 1)
     np.testing.assert_allclose(out["anomaly_map"], expected, atol=1e-6)
     assert np.isnan(out["dsc_max_hot"]).all() and np.isnan(out["dsc_max_w0"]).all()
@@ -101,8 +100,8 @@ def test_metric_plumbing_with_an_injected_counterfactual(checkpoint, batch):
     assert calls == [{"noise_level": 4, "stride": 2, "guidance_scale": 3.0, "target_label": HEALTHY,
                      "amp": False}]
     sick = batch["label"] == UNHEALTHY
-    images = stack_column(batch["image"], 16, 16)[sick]
-    masks = stack_column(batch["mask"], 16, 16, np.uint8)[sick]
+    images = stack_images(batch["image"], 16, 16)[sick]
+    masks = stack_images(batch["mask"], 16, 16, np.uint8)[sick]
     expected = score_batch(images, masks)
     np.testing.assert_allclose(out["dsc_max"][sick], expected["dsc_max"])
     np.testing.assert_allclose(out["dsc_max_hot"][sick], expected["dsc_max"])
@@ -139,9 +138,9 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
         _predictor(tmp_path / "nowhere")
 
 
-def test_stack_column_rejects_wrong_sizes():
+def test_stack_images_rejects_wrong_sizes():
     with pytest.raises(ValueError, match="16×16"):
-        stack_column(np.zeros((2, 100), np.float32), 16, 16)
+        stack_images(np.zeros((2, 100), np.float32), 16, 16)
 
 
 def test_stride_benchmark_runs_on_the_tiny_model(checkpoint, tmp_path, test_config, capsys):

@@ -110,10 +110,11 @@ def test_small_splits_are_materialized_large_ones_streamed(ray_session, dataset,
     from ray.data.dataset import MaterializedDataset
 
     from igconda.config import load_config
-    from ray_jobs.train import _tree_bytes, build_trainer
+    from igconda.data.io import slices_root, tree_bytes
+    from ray_jobs.train import build_trainer
 
-    parquet = sum(p.stat().st_size for p in (Path(dataset) / "slices").rglob("*.parquet"))
-    assert _tree_bytes(str(Path(dataset) / "slices")) >= parquet > 0
+    parquet = sum(p.stat().st_size for p in Path(slices_root(dataset)).rglob("*.parquet"))
+    assert tree_bytes(slices_root(dataset)) >= parquet > 0
     config = load_config(Path(__file__).parents[1] / "configs" / "test.yaml")
     for max_mb, materialized in ((config.train.materialize_max_mb, True), (0, False)):
         trainer = build_trainer(config.replace("train", materialize_max_mb=max_mb), data=str(dataset),

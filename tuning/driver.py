@@ -41,6 +41,7 @@ from typing import Any
 import pandas as pd
 
 from igconda.config import StudyConfig, TuneConfig
+from igconda.data.io import is_local_dataset
 from igconda.io_utils import atomic_write
 from igconda.map_kinds import CONTROLS
 from tuning.experiment import KEY_FIELD, make_tuner, tuning_key
@@ -133,7 +134,7 @@ def log_tuning_run(output_dir: Path, best: dict[str, Any], grid: pd.DataFrame, t
     for name in (GRID_FILE, BEST_FILE, HEATMAP_FILE):
         if (output_dir / name).is_file():
             tracking.log_artifact(output_dir / name, "tune")
-    if best.get("data") and (Path(best["data"]) / "slices").is_dir():
+    if best.get("data") and is_local_dataset(best["data"]):
         from igconda.tracking.model import log_dataset
 
         log_dataset(best["data"], "tune")

@@ -31,7 +31,7 @@ import torch
 from igconda import evaluation as E
 from igconda.config import ConfigError
 from igconda.data.io import split_path
-from igconda.data.schema import UNHEALTHY, stack_images
+from igconda.data.schema import UNHEALTHY, slice_shape_of, stack_images
 from igconda.diffusion import counterfactual, ddim
 from igconda.map_kinds import CONTROLS, MAP_KINDS
 from tuning.space import trial_pairs
@@ -111,11 +111,10 @@ def load_tune_slices(data_dir: str | Path, max_slices: int = 0, split: str = "tu
     if max_slices and table.num_rows > max_slices:
         keep = np.unique(np.linspace(0, table.num_rows - 1, max_slices).round().astype(np.int64))
         table = table.take(pa.array(keep))
-    heights = set(table["height"].to_pylist())
-    widths = set(table["width"].to_pylist())
-    if len(heights) != 1 or len(widths) != 1:
-        raise TuningError(f"{folder}: slices of different shapes ({heights} × {widths})")
-    h, w = heights.pop(), widths.pop()
+    try:
+        h, w = slice_shape_of(table["height"], table["width"])
+    except ValueError as err:
+        raise TuningError(f"{folder}: {err}") from None
     return TuneSlices(
         images=stack_images(table["image"], h, w, np.float32),
         masks=stack_images(table["mask"], h, w, np.uint8),

@@ -1,27 +1,77 @@
-"""Reading a preprocessed dataset (the layout of ``docs/CONTRACTS.md``) without Ray.
-
-::
+"""Data on disk: the one owner of where a dataset's and an inference run's files live, and the
+filesystem helpers every stage reads them through (local paths, NFS mounts and pyarrow URIs such
+as ``s3://`` alike). No Ray. A dataset's layout (``docs/CONTRACTS.md``)::
 
     <data>/slices/<split>/<patient_id>.parquet   rows = igconda.data.schema.SLICE_SCHEMA
     <data>/splits.csv                            patient_id,cohort,tracer,role,split
     <data>/rejects.csv                           rejected manifest rows, file, problem
     <data>/dataset.json                          counts, config, versions (written last)
+
+The inference output's layout is :class:`InferOutput`. Nothing else spells either:
+``tests/test_layout_owner.py`` scans the library, the jobs, the tuning and the benchmarks for a
+second spelling.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from igconda.data.schema import HEALTHY, SLICE_SCHEMA, SPLITS, UNHEALTHY
+from igconda.data.schema import HEALTHY, SLICE_SCHEMA, SPLITS, UNHEALTHY, validate_predictions
 
 
 class DatasetError(ValueError):
     """A preprocessed dataset folder is missing, incomplete or does not have the split asked."""
+
+
+def join_path(root: str | Path, *parts: str) -> str:
+    """``root/part/...`` with ``/`` for local paths and URIs alike (``s3://b/x`` + ``y`` gives
+    ``s3://b/x/y``; :class:`pathlib.Path` would fold the ``//`` of a URI)."""
+    return "/".join([str(root).rstrip("/"), *parts])
+
+
+def filesystem(uri: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path or a pyarrow-filesystem URI.
+
+    A URI (``s3://bucket/key``, ``gs://``, ``file://``) goes through
+    ``pyarrow.fs.FileSystem.from_uri``; a plain path is resolved to an absolute local one.
+    """
+    uri = str(uri)
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).resolve())
+
+
+def path_exists(uri: str | Path, want_dir: bool = False) -> bool:
+    """True if ``uri`` (local path or URI) is a file, or with ``want_dir`` a folder."""
+    fs, path = filesystem(uri)
+    info = fs.get_file_info(path)
+    return info.type == (pafs.FileType.Directory if want_dir else pafs.FileType.File)
+
+
+def tree_bytes(uri: str | Path) -> int:
+    """Total size in bytes of the files under a folder (local path or URI), recursively."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sum(info.size or 0 for info in infos if info.type == pafs.FileType.File)
+
+
+def slices_root(data_dir: str | Path) -> str:
+    """The folder of every split of a dataset: ``<data_dir>/slices`` (paths and URIs alike)."""
+    return join_path(data_dir, "slices")
+
+
+def is_local_dataset(data_dir: str | Path) -> bool:
+    """True if ``data_dir`` is a local folder with a dataset's ``slices/`` (what MLflow's
+    dataset logging reads); False for a URI, which is not looked up."""
+    return "://" not in str(data_dir) and Path(slices_root(data_dir)).is_dir()
 
 
 def split_path(data_dir: str | Path, split: str) -> str:
@@ -34,7 +84,110 @@ def split_path(data_dir: str | Path, split: str) -> str:
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r} (expected one of {', '.join(SPLITS)})")
-    return f"{str(data_dir).rstrip('/')}/slices/{split}"
+    return join_path(slices_root(data_dir), split)
+
+
+#: A prediction file's and an anomaly volume's name after the patient id.
+PREDICTION_SUFFIX, VOLUME_SUFFIX = ".parquet", "_anomaly.nii.gz"
+#: The inference summary's file name (:attr:`InferOutput.summary`), the stage's done mark.
+INFER_SUMMARY = "summary.json"
+
+
+@dataclass(frozen=True)
+class InferOutput:
+    """The batch-inference output folder (``ray_jobs.infer --output``), a local path::
+
+        slices/<patient_id>.parquet            one file per patient, PREDICTION_SCHEMA rows
+        tables/methods.{csv,md}                every method per cohort; per_slice_metrics.csv,
+                                               per_cohort.*, baselines_per_cohort.* beside it
+        scores/<method>/                       one method run's files per method
+        figures/*.png                          qualitative_<cohort>.png, lesion_size.png
+        volumes/<patient_id>_anomaly.nii.gz    anomaly map on the original scan's grid
+        summary.json                           settings, counts, timings (the stage's done mark)
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def slices(self) -> Path:
+        """Folder of the per-patient prediction files."""
+        return self.root / "slices"
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "tables"
+
+    @property
+    def scores(self) -> Path:
+        """Folder of one method run's files per method (``igconda.baselines.scoring``)."""
+        return self.root / "scores"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def volumes(self) -> Path:
+        return self.root / "volumes"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / INFER_SUMMARY
+
+    @property
+    def methods_csv(self) -> Path:
+        """Every method's per-cohort summary; its presence marks the tables written."""
+        return self.tables / "methods.csv"
+
+    @property
+    def per_slice_metrics_csv(self) -> Path:
+        """Every unhealthy slice's metrics for every method (``SCORE_SCHEMA``)."""
+        return self.tables / "per_slice_metrics.csv"
+
+    def prediction(self, patient_id: str) -> Path:
+        """One patient's prediction file."""
+        return self.slices / f"{patient_id}{PREDICTION_SUFFIX}"
+
+    def volume(self, patient_id: str) -> Path:
+        """One patient's anomaly volume (NIfTI)."""
+        return self.volumes / f"{patient_id}{VOLUME_SUFFIX}"
+
+    def predictions(self) -> dict[str, Path]:
+        """{patient id: prediction file} of every finished file, sorted (a half-written file
+        has a ``.tmp`` suffix and is not listed)."""
+        return _by_patient(self.slices, PREDICTION_SUFFIX)
+
+    def volume_files(self) -> dict[str, Path]:
+        """{patient id: anomaly volume} of every volume written."""
+        return _by_patient(self.volumes, VOLUME_SUFFIX)
+
+
+def read_predictions(path: str | Path, columns: list[str] | None = None,
+                     filters: Any = None) -> pa.Table:
+    """One prediction file (:meth:`InferOutput.prediction`), checked against
+    :data:`~igconda.data.schema.PREDICTION_SCHEMA` (the columns read) before use.
+
+    Args:
+        path: the file.
+        columns: a subset of the schema's columns (default: every column in the file).
+        filters: ``pyarrow.parquet.read_table`` row filters, e.g. ``[("slice_index", "=", 3)]``.
+
+    Raises:
+        ValueError: naming the file, when a column is missing or of another type.
+    """
+    table = pq.read_table(path, columns=columns, filters=filters)
+    try:
+        validate_predictions(table, columns)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}; run the inference again into an empty folder") from None
+    return table
+
+
+def _by_patient(folder: Path, suffix: str) -> dict[str, Path]:
+    return {path.name[:-len(suffix)]: path for path in sorted(folder.glob(f"*{suffix}"))}
 
 
 def read_split(data_dir: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:
@@ -78,12 +231,8 @@ def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
     Raises:
         DatasetError: if it is missing (the dataset is incomplete or was never written).
     """
-    import pyarrow.fs as pafs
-
-    uri = str(data_dir)
-    fs, root = (pafs.FileSystem.from_uri(uri) if "://" in uri
-                else (pafs.LocalFileSystem(), str(Path(uri).resolve())))
-    path = f"{root.rstrip('/')}/dataset.json"
+    fs, root = filesystem(data_dir)
+    path = join_path(root, "dataset.json")
     if fs.get_file_info(path).type != pafs.FileType.File:
         raise DatasetError(f"{data_dir}: not a complete igconda dataset (no dataset.json)")
     with fs.open_input_stream(path) as stream:

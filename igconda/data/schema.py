@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 SPLITS = ("train", "valid", "tune", "test")
 ROLES = ("internal", "external", "negative_control")
@@ -50,6 +51,22 @@ def healthy_per_unhealthy(counts: dict[int, int]) -> float | None:
     (oversampling and loss weights alike); None when either class is absent."""
     healthy, unhealthy = counts.get(HEALTHY, 0), counts.get(UNHEALTHY, 0)
     return healthy / unhealthy if healthy and unhealthy else None
+
+
+def class_balanced_weights(labels: np.ndarray) -> np.ndarray:
+    """(N,) probabilities for drawing slices i.i.d. so that each class comes with probability 1/2:
+    an unhealthy slice weighs :func:`healthy_per_unhealthy` healthy ones, the per-draw form of the
+    training job's oversampling (``ray_jobs.train_runs.oversample_unhealthy``). Uniform when a
+    class is absent.
+
+    Args:
+        labels: (N,) schema labels (:data:`HEALTHY`, :data:`UNHEALTHY`).
+    """
+    labels = np.asarray(labels)
+    ratio = healthy_per_unhealthy({HEALTHY: int((labels == HEALTHY).sum()),
+                                   UNHEALTHY: int((labels == UNHEALTHY).sum())})
+    weights = np.where(labels == UNHEALTHY, ratio or 1.0, 1.0)
+    return weights / weights.sum()
 
 #: Keys of the ``geometry`` JSON: enough to map a slice back into the original scan.
 #: ``output_affine`` is the 4×4 voxel→world (RAS, mm) affine of the preprocessed (X, Y, Z)
@@ -93,18 +110,81 @@ def decode_geometry(text: str) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float64 if "affine" in k else np.int64) for k, v in raw.items()}
 
 
+def slice_shape_of(heights: Any, widths: Any) -> tuple[int, int]:
+    """The one (H, W) of a set of slices, from their ``height`` and ``width`` columns (pyarrow
+    arrays or numpy/sequence alike): the one place a mix of slice sizes is refused.
+
+    Raises:
+        ValueError: for no slices, or slices of more than one size.
+    """
+    def values(column: Any) -> np.ndarray:
+        if isinstance(column, (pa.ChunkedArray, pa.Array)):
+            column = column.to_numpy(zero_copy_only=False)
+        return np.unique(np.asarray(column))
+
+    hs, ws = values(heights), values(widths)
+    if len(hs) == 0 or len(ws) == 0:
+        raise ValueError("no slices: their height/width columns are empty")
+    if len(hs) != 1 or len(ws) != 1:
+        raise ValueError(f"a set of slices mixes slice sizes: heights {hs.tolist()}, widths {ws.tolist()}; "
+                         "preprocess every volume to the same preprocess.output_size")
+    return int(hs[0]), int(ws[0])
+
+
+def encode_images(images: Any, dtype: Any = np.float32) -> pa.Array:
+    """N images → a ``list<dtype>`` column of N rows of H·W row-major values (the one encoder of
+    the slice and prediction schemas' image-like columns).
+
+    Args:
+        images: an (N, H, W) or (N, H·W) array, or a sequence of N arrays of one size.
+        dtype: numpy dtype of the values (``float32`` for images and maps, ``uint8`` for masks).
+    """
+    list_type = pa.list_(pa.from_numpy_dtype(dtype))
+    if len(images) == 0:
+        return pa.array([], type=list_type)
+    if isinstance(images, np.ndarray) and images.dtype != object:
+        flat = images.reshape(len(images), -1)
+    else:
+        flat = np.stack([np.asarray(v, dtype).ravel() for v in images])
+    flat = np.ascontiguousarray(flat, dtype=dtype)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]).cast(list_type)
+
+
 def stack_images(column: Any, height: int, width: int, dtype: Any = np.float32) -> np.ndarray:
-    """A flattened list column (pyarrow array/chunked array, or a pandas/numpy sequence of
-    arrays) → (N, H, W) array."""
+    """An image-like list column → (N, H, W) (the one decoder, inverse of :func:`encode_images`).
+
+    Takes the column as pyarrow hands it over (``Array``/``ChunkedArray``: a zero-copy view where
+    the types allow, so copy before writing to it) or as a numpy batch does: an object array of
+    1D arrays, a 2D (N, H·W) array when the lists have a fixed size (Ray Data), an (N, H, W)
+    array, or a pandas/list sequence of arrays.
+
+    Raises:
+        ValueError: if a row does not hold H·W values.
+    """
     if isinstance(column, (pa.ChunkedArray, pa.Array)):
         if isinstance(column, pa.ChunkedArray):
             column = column.combine_chunks()
+        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+        if len(lengths) and (lengths.min() != height * width or lengths.max() != height * width):
+            raise ValueError(f"cannot read an image column with rows of {sorted(set(lengths.tolist()))} "
+                             f"values as slices of {height}×{width}")
         flat = column.flatten().to_numpy(zero_copy_only=False)
         return flat.astype(dtype, copy=False).reshape(-1, height, width)
-    arrays = [np.asarray(v, dtype=dtype) for v in column]
-    if not arrays:
+    array = column if isinstance(column, np.ndarray) else np.asarray(list(column), dtype=object)
+    if len(array) == 0:
         return np.zeros((0, height, width), dtype=dtype)
-    return np.stack(arrays).reshape(-1, height, width)
+    if array.dtype == object:
+        rows = [np.asarray(v, dtype=dtype).reshape(-1) for v in array]
+        if any(r.size != height * width for r in rows):
+            raise ValueError(f"cannot read an image column with rows of {sorted({r.size for r in rows})} "
+                             f"values as slices of {height}×{width}")
+        array = np.stack(rows)
+    array = np.asarray(array, dtype=dtype)
+    if array.ndim == 2 and array.shape[1] == height * width:
+        return array.reshape(-1, height, width)
+    if array.ndim == 3 and array.shape[1:] == (height, width):
+        return array
+    raise ValueError(f"cannot read an image column of shape {array.shape} as slices of {height}×{width}")
 
 
 def volume_to_rows(
@@ -146,8 +226,8 @@ def volume_to_rows(
         "label": np.where(lesion > 0, UNHEALTHY, HEALTHY).astype(np.int8),
         "height": np.full(n, h, dtype=np.int32),
         "width": np.full(n, w, dtype=np.int32),
-        "image": pa.FixedSizeListArray.from_arrays(pa.array(slices.ravel()), h * w).cast(pa.list_(pa.float32())),
-        "mask": pa.FixedSizeListArray.from_arrays(pa.array(masks.ravel()), h * w).cast(pa.list_(pa.uint8())),
+        "image": encode_images(slices, np.float32),
+        "mask": encode_images(masks, np.uint8),
         "lesion_pixels": lesion,
         "suv_max": np.full(n, suv_max, dtype=np.float32),
         "scale_min": np.full(n, scale_min, dtype=np.float32),
@@ -233,9 +313,12 @@ SCORE_SCHEMA = pa.schema(
 )
 
 
-def validate_predictions(table: pa.Table) -> None:
-    """Raise ValueError unless ``table`` has every :data:`PREDICTION_SCHEMA` column, typed so."""
-    _validate_against(table, PREDICTION_SCHEMA, "prediction table")
+def validate_predictions(table: pa.Table, columns: list[str] | None = None) -> None:
+    """Raise ValueError unless ``table`` has every :data:`PREDICTION_SCHEMA` column (or every
+    one of ``columns``, a subset read), typed so; other columns are allowed."""
+    schema = PREDICTION_SCHEMA if columns is None else pa.schema(
+        [PREDICTION_SCHEMA.field(c) for c in columns])
+    _validate_against(table, schema, "prediction table")
 
 
 def validate_scores(columns: Any) -> None:

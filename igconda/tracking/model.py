@@ -133,12 +133,13 @@ def log_dataset(data_dir: str | Path, context: str) -> None:
     with the data folder as its source and :func:`igconda.train_loop.dataset_version` as its
     digest; the slices themselves stay where they are. ``context``: ``train``, ``tune``, ``test``.
     """
+    from igconda.data.io import slices_root
     from igconda.train_loop import dataset_version
 
     data_dir = Path(data_dir).resolve()
     splits = data_dir / "splits.csv"
     frame = pd.read_csv(splits) if splits.is_file() else pd.DataFrame(
-        {"patient_id": sorted(p.stem for p in data_dir.glob("slices/*/*.parquet"))})
+        {"patient_id": sorted(p.stem for p in Path(slices_root(data_dir)).glob("*/*.parquet"))})
     with warnings.catch_warnings():
         # MLflow registers its local-file source twice and warns that a path is ambiguous.
         warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways")
