@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from igconda.config import PreprocessConfig
+from igconda.data.io import slices_root
 from igconda.io_utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def finished_results(build: Path) -> dict[str, dict[str, Any]]:
         return {}
     for tmp in build.rglob("*.tmp"):
         tmp.unlink(missing_ok=True)
-    for moved in build.glob("slices/*/*.parquet"):
+    for moved in Path(slices_root(build)).glob("*/*.parquet"):
         patient_file(build, moved.stem).parent.mkdir(exist_ok=True)
         os.replace(moved, patient_file(build, moved.stem))
     done = {}
