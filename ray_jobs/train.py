@@ -273,51 +273,50 @@ def check_data_settings(data: str, config: StudyConfig, config_file: str | None)
 
 def run(request: TrainRequest) -> Path:
     """Train as ``request`` says; returns the local copy of the best checkpoint."""
-    args = request  # the job's fields, named as the command line's options
     config = request.config
-    output = Path(args.output).resolve()
+    output = Path(request.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    storage_path = _storage_path(args, output)
+    storage_path = _storage_path(request, output)
     # The driver's own reads first, so that a refused run never starts Ray.
-    check_resume(storage_path, args.run_name, args.resume,
-                 lambda latest: ckpt.check_checkpoint(latest, resume=True), data=args.data)
-    check_data_settings(args.data, config, args.config_file)
-    train_split = split_path(args.data, "train")
+    check_resume(storage_path, request.run_name, request.resume,
+                 lambda latest: ckpt.check_checkpoint(latest, resume=True), data=request.data)
+    check_data_settings(request.data, config, request.config_file)
+    train_split = split_path(request.data, "train")
     class_counts = label_counts(train_split)
     check_training_classes(class_counts, train_split)
 
     import ray
 
-    init_ray(args.address, verbose=args.verbose)  # quiet unless --verbose: ray_jobs.console
+    init_ray(request.address, verbose=request.verbose)  # quiet unless --verbose: ray_jobs.console
     # Before anything is opened or started: rank 0 writes the checkpoints into the storage path
     # and (default store) logs to <output>/mlflow.db; every worker reads --data.
     own_storage = "://" not in storage_path and not Path(storage_path).is_relative_to(output)
     preflight(outputs={"the training's --output (rank 0 logs to its MLflow store)": output,
                        "--storage-path (rank 0 writes the checkpoints there)":
                            storage_path if own_storage else None},  # else checked with --output
-              data=args.data)
+              data=request.data)
 
-    data_hash = dataset_version(args.data)
+    data_hash = dataset_version(request.data)
     mlflow_cfg = None
     tracking_uri = ""
     outage = {"on_disk": str(output), "relog": f"--train {output}"}
-    if not args.no_tracking:
-        tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
+    if not request.no_tracking:
+        tracking_uri = tracking.resolve_tracking_uri(request.tracking_uri or config.tracking.tracking_uri, output)
         # A tracking server that is down must not stop a training: it runs without MLflow and
         # its history (in every checkpoint) is re-logged later.
         with tracking.outage_tolerant("opening the training run; training goes on without MLflow",
                                       tracking_uri, **outage):
-            mlflow_cfg = open_mlflow_run(args, config, output, tracking_uri, storage_path, data_hash)
+            mlflow_cfg = open_mlflow_run(request, config, output, tracking_uri, storage_path, data_hash)
 
-    cpus = args.cpus_per_worker or default_cpus_per_worker(
+    cpus = request.cpus_per_worker or default_cpus_per_worker(
         config.train.num_workers, ray.cluster_resources().get("CPU", 1.0))
     print(f"{config.train.num_workers} worker(s), {cpus:g} CPU each", flush=True)
-    trainer = build_trainer(config, data=args.data, storage_path=storage_path, run_name=args.run_name,
+    trainer = build_trainer(config, data=request.data, storage_path=storage_path, run_name=request.run_name,
                             mlflow=mlflow_cfg, cpus_per_worker=cpus,
-                            torch_threads=args.torch_threads, keep_checkpoints=args.keep_checkpoints,
-                            smoke_test=args.smoke_test, data_version=data_hash,
+                            torch_threads=request.torch_threads, keep_checkpoints=request.keep_checkpoints,
+                            smoke_test=request.smoke_test, data_version=data_hash,
                             class_counts=class_counts)
-    return fit_and_finish(trainer, args, output, {}, tracking_uri=tracking_uri,
+    return fit_and_finish(trainer, request, output, {}, tracking_uri=tracking_uri,
                           mlflow_cfg=mlflow_cfg, outage=outage)
 
 
