@@ -313,7 +313,7 @@ def run(request: InferRequest) -> InferResult:
     print((layout.tables / "methods.md").read_text(), flush=True)
 
     t0 = time.perf_counter()
-    result.figure_errors = make_figures(slice_files, inputs, per_slice, layout.figures,
+    result.figure_errors = make_figures(slice_files, per_slice, layout.figures,
                                         settings.method)
     for name, problem in result.figure_errors.items():
         print(f"    warning: figure {name} not made: {problem}", flush=True)

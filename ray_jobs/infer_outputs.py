@@ -198,10 +198,12 @@ def log_method_runs(folder: Path, data_version: str) -> list[str]:
     return ids
 
 
-def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
-                 per_slice: pd.DataFrame, figures: Path, chosen: str,
-                 per_figure: int = 4) -> dict[str, str]:
+def make_figures(slice_files: dict[str, Path], per_slice: pd.DataFrame, figures: Path,
+                 chosen: str, per_figure: int = 4) -> dict[str, str]:
     """Qualitative figures per cohort and the lesion-size figure; returns {name: error}.
+
+    Everything a figure shows comes from the prediction files (``slice_files``, which keep the
+    input slice and its mask beside the decodes): the inputs are not read a second time.
 
     A figure that fails (e.g. the figures module is missing, or a cohort has no unhealthy slice)
     is reported and skipped: figures never cost the run its tables and volumes.
@@ -226,15 +228,12 @@ def make_figures(slice_files: dict[str, Path], input_files: dict[str, Path],
             images, masks, cfs, unguided, maps, binar, titles = [], [], [], [], [], [], []
             for _, row in examples.iterrows():
                 pid, z = row["patient_id"], int(row["slice_index"])
-                src = pq.read_table(input_files[pid], columns=["slice_index", "image", "mask",
-                                                                "height", "width"],
-                                    filters=[("slice_index", "=", z)])
-                out = read_predictions(slice_files[pid], columns=["slice_index", "anomaly_map",
-                                                                   "counterfactual", "counterfactual_w0"],
-                                       filters=[("slice_index", "=", z)])
-                h, w = slice_shape_of(src.column("height"), src.column("width"))
-                images.append(stack_images(src.column("image"), h, w)[0])
-                masks.append(stack_images(src.column("mask"), h, w, np.uint8)[0])
+                out = read_predictions(slice_files[pid], columns=[
+                    "slice_index", "height", "width", "image", "mask", "anomaly_map",
+                    "counterfactual", "counterfactual_w0"], filters=[("slice_index", "=", z)])
+                h, w = slice_shape_of(out.column("height"), out.column("width"))
+                images.append(stack_images(out.column("image"), h, w)[0])
+                masks.append(stack_images(out.column("mask"), h, w, np.uint8)[0])
                 cfs.append(stack_images(out.column("counterfactual"), h, w)[0])
                 unguided.append(stack_images(out.column("counterfactual_w0"), h, w)[0])
                 amap = stack_images(out.column("anomaly_map"), h, w)[0]
