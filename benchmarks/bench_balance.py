@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from igconda.checkpoint import load_model
+from igconda.checkpoint import CONFIG_FILE, load_model
 from igconda.config import load_config
 from igconda.data.io import split_path
 from igconda.data.schema import UNHEALTHY, class_balanced_weights, stack_images
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     scales = [float(v) for v in args.guidance_scales.split(",")]
     for name, balance in (("natural", False), ("balanced", True)):
         folder = args.output / name
-        if not (folder / "config.yaml").is_file():
+        if not (folder / CONFIG_FILE).is_file():
             train(args.config, args.data, balance=balance, steps=args.steps, output=folder)
         for row in score(folder, args.data, args.split, args.max_slices, args.noise_level, strides, scales):
             print(f"{name:8s} s={row['stride']:>3} w={row['w']:<4g} |x-x̂| in lesion {row['in_lesion']:.3f} "

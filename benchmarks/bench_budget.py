@@ -33,8 +33,8 @@ from bench_seeds import INTERNAL, METRICS, label_chosen
 
 from igconda import evaluation as E
 from igconda.anomaly_methods import IgCondaMethod, baseline_methods
-from igconda.checkpoint import load_model
-from igconda.data.io import split_path
+from igconda.checkpoint import MODEL_FILE, load_model
+from igconda.data.io import TuneOutput, split_path
 from igconda.data.schema import UNHEALTHY
 from igconda.diffusion.schedule import NoiseSchedule
 
@@ -66,7 +66,7 @@ def with_stride(config: Path, stride: int, folder: Path) -> Path:
 
 def tune(checkpoint: Path, data: Path, config: Path, output: Path) -> dict:
     """The study's tuning job on ``checkpoint``; its ``best.json`` (re-used when present)."""
-    best = output / "best.json"
+    best = TuneOutput(output).best
     if not best.is_file():
         from ray_jobs import tune as tune_job
 
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     strides = ([int(s) for s in args.strides.split(",")] if args.strides
                else [int(yaml.safe_load(args.config.read_text())["tune"]["stride"])])
     folders = {n: args.output / f"steps{n}" for n in budgets}
-    if not all((f / "checkpoint" / "model.safetensors").is_file() for f in folders.values()):
+    if not all((f / "checkpoint" / MODEL_FILE).is_file() for f in folders.values()):
         rate = train_milestones(args.config, {}, args.data, {n: f / "checkpoint" for n, f in folders.items()},
                                 args.seed)
         print(f"trained {budgets[-1]} steps at {rate:.1f} samples/s", flush=True)

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 import torch
 import yaml
 
-from igconda.checkpoint import load_model
+from igconda.checkpoint import CONFIG_FILE, load_model
 from igconda.config import load_config
 from igconda.data.io import split_path
 from igconda.data.schema import UNHEALTHY, class_balanced_weights, stack_images
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, overrides in map(parse_arm, args.arm):
         folder = args.output / f"{name}_seed{args.seed}"
         rate = None
-        if not (folder / "config.yaml").is_file():
+        if not (folder / CONFIG_FILE).is_file():
             rate = train(args.config, overrides, args.data, args.steps, folder, args.seed)
         for row in score(folder, x0, masks, [int(v) for v in args.noise_levels.split(",")], args.stride,
                          [float(v) for v in args.guidance_scales.split(",")]):

@@ -25,12 +25,14 @@ import pandas as pd
 from bench_budget import score, test_slices, tune, with_stride
 from bench_seeds import markdown, summarize, targets
 
+from igconda.checkpoint import MODEL_FILE
+
 
 def rescore_seed(runs: Path, seed: int, config: Path, output: Path) -> pd.DataFrame:
     """One seed's per-cohort table at the settings tuned under ``config``."""
     folder = runs / f"seed{seed}"
     model, data = folder / "model", folder / "data"
-    if not (model / "model.safetensors").is_file():
+    if not (model / MODEL_FILE).is_file():
         raise SystemExit(f"error: {model} holds no trained model (run bench_seeds first)")
     best = tune(model, data, config, output / f"seed{seed}" / "tune")
     summary = score(model, best, test_slices(data))

@@ -37,7 +37,7 @@ from igconda import checkpoint as ckpt
 from igconda.accel import compile_in_place
 from igconda.config import StudyConfig
 from igconda.data import schema
-from igconda.data.io import filesystem, join_path, slices_root
+from igconda.data.io import DATASET_INFO, filesystem, join_path, slices_root
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.diffusion.training import (
     amp_settings,
@@ -139,7 +139,7 @@ def dataset_version(data_dir: str) -> str:
 
     fs, root = filesystem(data_dir)
     digest = hashlib.sha256()
-    summary = join_path(root, "dataset.json")
+    summary = join_path(root, DATASET_INFO)
     if fs.get_file_info(summary).type == pafs.FileType.File:
         with fs.open_input_stream(summary) as f:
             digest.update(f.read())

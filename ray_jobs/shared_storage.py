@@ -33,6 +33,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
+from igconda.data.io import DATASET_INFO, dataset_info_path
+
 #: Probe files are named ``<PROBE_PREFIX><token>`` (hidden, and removed after the check).
 PROBE_PREFIX = ".igconda-shared-probe-"
 #: What to do about it; every error ends with this.
@@ -194,7 +196,7 @@ def preflight(*, outputs: Mapping[str, str | Path | None] | None = None, data: s
         if folder is not None:
             check_shared(folder, what)
     if data is not None and not is_uri(data):
-        check_visible(Path(data) / "dataset.json", f"--data {data} (its dataset.json)")
+        check_visible(dataset_info_path(data), f"--data {data} (its {DATASET_INFO})")
     for what, folder in (checkpoints or {}).items():
         if folder is not None and not is_uri(folder):
             check_visible(Path(folder) / METADATA_FILE, f"{what} (its {METADATA_FILE})")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from igconda.config import ConfigError, StudyConfig
+from igconda.data.io import TuneOutput
 from igconda.evaluation import DPM_CG
 from tuning.results import METRIC, collect_grid
 from tuning.trial import TuneSlices, TuningError, load_tune_slices, score_row
@@ -94,14 +95,7 @@ def run_dpm_cg_tuning(classifier: str | Path, dpm: str | Path, data_dir: str | P
 
     from igconda import tracking
     from igconda.baselines.dpm_classifier_guidance import DPMClassifierGuidanceMethod
-    from tuning.driver import (
-        BEST_FILE,
-        GRID_FILE,
-        HEATMAP_FILE,
-        save_result_figure,
-        write_best,
-        write_result_text,
-    )
+    from tuning.driver import save_result_figure, write_best, write_result_text
     from tuning.experiment import KEY_FIELD, make_tuner, tuning_key
 
     b = study.baselines
@@ -112,6 +106,7 @@ def run_dpm_cg_tuning(classifier: str | Path, dpm: str | Path, data_dir: str | P
     DPMClassifierGuidanceMethod.from_checkpoints(dpm, classifier)  # a wrong pair fails here, named
     output_dir = Path(output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
+    layout = TuneOutput(output_dir)
     slices = load_tune_slices(data_dir, study.tune.max_slices)
     print(f"tune dpm_cg: {len(slices)} unhealthy slices; D {list(b.dpm_cg_noise_levels)} × scale "
           f"{list(b.dpm_cg_scales)} at stride {b.dpm_cg_stride}", flush=True)
@@ -130,7 +125,7 @@ def run_dpm_cg_tuning(classifier: str | Path, dpm: str | Path, data_dir: str | P
         tune.with_resources(trainable, {"cpu": study.tune.cpus_per_trial,
                                         "gpu": study.tune.gpus_per_trial}),
         param_space, tune.TuneConfig(metric=METRIC, mode="max"), {"verbose": verbose},
-        storage=output_dir / "ray_results", key=key, best_path=output_dir / BEST_FILE)
+        storage=layout.ray_results, key=key, best_path=layout.best)
     print(f"tune dpm_cg: {how}", flush=True)
     started = time.perf_counter()
     results = tuner.fit()
@@ -155,11 +150,11 @@ def run_dpm_cg_tuning(classifier: str | Path, dpm: str | Path, data_dir: str | P
             "tuning_seconds": time.perf_counter() - started, KEY_FIELD: key}
     from igconda.figures import heatmap_figure
 
-    write_result_text(output_dir / GRID_FILE, grid.to_csv(index=False))
+    write_result_text(layout.grid, grid.to_csv(index=False))
     figure = heatmap_figure(grid)
     figure.axes[0].set_xlabel("classifier gradient scale")
-    save_result_figure(figure, output_dir / HEATMAP_FILE)
-    write_best(output_dir / BEST_FILE, best)  # on disk before MLflow is asked for anything
+    save_result_figure(figure, layout.heatmap)
+    write_best(layout.best, best)  # on disk before MLflow is asked for anything
     uri = tracking.resolve_tracking_uri(tracking_uri or study.tracking.tracking_uri, output_dir)
     with tracking.outage_tolerant("logging the dpm_cg tuning run", uri, on_disk=str(output_dir)):
         with tracking.start_run(uri, experiment or study.tracking.experiment, "tune-dpm_cg",
@@ -171,9 +166,9 @@ def run_dpm_cg_tuning(classifier: str | Path, dpm: str | Path, data_dir: str | P
             tracking.log_metrics({"best_mean_dsc": best["mean_dsc"],
                                   "best_noise_level": best["noise_level"],
                                   "best_scale": best["scale"], "tau": best["threshold"]})
-            for name in (GRID_FILE, BEST_FILE, HEATMAP_FILE):
-                tracking.log_artifact(output_dir / name, "tune")
+            for path in layout.files:
+                tracking.log_artifact(path, "tune")
     print(f"tune dpm_cg: best D={best['noise_level']} scale={best['scale']:g} mean ⌈DSC⌉="
-          f"{best['mean_dsc']:.3f} ({best['tuning_seconds']:.0f} s); wrote {output_dir / BEST_FILE}",
+          f"{best['mean_dsc']:.3f} ({best['tuning_seconds']:.0f} s); wrote {layout.best}",
           flush=True)
     return best

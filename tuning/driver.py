@@ -41,7 +41,7 @@ from typing import Any
 import pandas as pd
 
 from igconda.config import StudyConfig, TuneConfig
-from igconda.data.io import is_local_dataset
+from igconda.data.io import TuneOutput, is_local_dataset
 from igconda.io_utils import atomic_write
 from igconda.map_kinds import CONTROLS
 from tuning.experiment import KEY_FIELD, make_tuner, tuning_key
@@ -62,10 +62,6 @@ from tuning.trial import (  # noqa: F401  (re-exported)
     score_row,
     tune_trial,
 )
-
-BEST_FILE = "best.json"
-GRID_FILE = "grid.csv"
-HEATMAP_FILE = "heatmap.png"
 
 
 def write_result_text(path: Path, text: str) -> None:
@@ -131,9 +127,9 @@ def log_tuning_run(output_dir: Path, best: dict[str, Any], grid: pd.DataFrame, t
                                   for row in rows.to_dict("records") for k in GRID_COLUMNS[4:]
                                   if k != "num_slices" and row.get(k) is not None
                                   and math.isfinite(float(row[k]))})
-    for name in (GRID_FILE, BEST_FILE, HEATMAP_FILE):
-        if (output_dir / name).is_file():
-            tracking.log_artifact(output_dir / name, "tune")
+    for path in TuneOutput(output_dir).files:
+        if path.is_file():
+            tracking.log_artifact(path, "tune")
     if best.get("data") and is_local_dataset(best["data"]):
         from igconda.tracking.model import log_dataset
 
@@ -224,8 +220,8 @@ def run_tuning(
     tuner, how = make_tuner(
         tune.with_resources(trainable, {"cpu": tcfg.cpus_per_trial, "gpu": tcfg.gpus_per_trial}),
         param_space, tune.TuneConfig(metric=METRIC, mode="max", num_samples=num_samples),
-        {"verbose": verbose, "callbacks": list(callbacks)}, storage=output_dir / "ray_results", key=key,
-        best_path=output_dir / BEST_FILE)
+        {"verbose": verbose, "callbacks": list(callbacks)}, storage=TuneOutput(output_dir).ray_results,
+        key=key, best_path=TuneOutput(output_dir).best)
     print(f"tune: {how}", flush=True)
     t0 = time.perf_counter()
     results = tuner.fit()
@@ -255,8 +251,7 @@ def run_tuning(
         KEY_FIELD: key,
     })
 
-    grid_path, best_path, heatmap_path = (output_dir / GRID_FILE, output_dir / BEST_FILE,
-                                          output_dir / HEATMAP_FILE)
+    grid_path, best_path, heatmap_path = TuneOutput(output_dir).files
     write_result_text(grid_path, grid.to_csv(index=False))
     figure = heatmap_figure(grid[grid["map_kind"] == best["map_kind"]])
     save_result_figure(figure, heatmap_path)

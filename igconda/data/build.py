@@ -66,7 +66,7 @@ from igconda.data.build_resume import (
     record_result,
 )
 from igconda.data.compat import SETTINGS_KEY, settings_record
-from igconda.data.io import split_path
+from igconda.data.io import DATASET_INFO, split_path
 from igconda.data.manifest import ManifestEntry, parse_manifest
 from igconda.data.preprocess import preprocess_volume
 from igconda.data.schema import SPLITS, UNHEALTHY, volume_to_rows
@@ -240,7 +240,7 @@ def _check_visible(root: Path, results: list[dict[str, Any]]) -> None:
 def _check_output(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise PreprocessingError(f"{output}: exists and is not a folder")
-    if output.is_dir() and any(output.iterdir()) and not (output / "dataset.json").is_file():
+    if output.is_dir() and any(output.iterdir()) and not (output / DATASET_INFO).is_file():
         # Refuse to replace a folder that is not one of our datasets (e.g. a typo for $HOME).
         raise PreprocessingError(f"{output}: exists, is not empty and is not an igconda dataset "
                                  f"(no dataset.json); choose another --output or remove it")
@@ -363,7 +363,7 @@ def build_dataset(manifest: str | Path, output: str | Path, config: StudyConfig 
         for bookkeeping in (RESULTS_DIR, PATIENTS_DIR):  # the build's own (files of rejects too)
             shutil.rmtree(tmp / bookkeeping, ignore_errors=True)
         # dataset.json is written last: its presence marks the folder complete.
-        (tmp / "dataset.json").write_text(json.dumps(info, indent=2))
+        (tmp / DATASET_INFO).write_text(json.dumps(info, indent=2))
         replace_dir(tmp, output)  # never leaves no dataset, even on a crash
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

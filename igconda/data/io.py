@@ -7,7 +7,8 @@ as ``s3://`` alike). No Ray. A dataset's layout (``docs/CONTRACTS.md``)::
     <data>/rejects.csv                           rejected manifest rows, file, problem
     <data>/dataset.json                          counts, config, versions (written last)
 
-The inference output's layout is :class:`InferOutput`. Nothing else spells either:
+The inference output's layout is :class:`InferOutput`, the tuning output's :class:`TuneOutput`.
+Nothing else spells them:
 ``tests/test_layout_owner.py`` scans the library, the jobs, the tuning and the benchmarks for a
 second spelling.
 """
@@ -87,6 +88,15 @@ def split_path(data_dir: str | Path, split: str) -> str:
     return join_path(slices_root(data_dir), split)
 
 
+#: A dataset's summary file, written last: its presence marks the dataset complete.
+DATASET_INFO = "dataset.json"
+
+
+def dataset_info_path(data_dir: str | Path) -> str:
+    """``<data_dir>/dataset.json`` (paths and URIs alike)."""
+    return join_path(data_dir, DATASET_INFO)
+
+
 #: A prediction file's and an anomaly volume's name after the patient id.
 PREDICTION_SUFFIX, VOLUME_SUFFIX = ".parquet", "_anomaly.nii.gz"
 #: The inference summary's file name (:attr:`InferOutput.summary`), the stage's done mark.
@@ -164,6 +174,43 @@ class InferOutput:
         """{patient id: anomaly volume} of every volume written."""
         return _by_patient(self.volumes, VOLUME_SUFFIX)
 
+@dataclass(frozen=True)
+class TuneOutput:
+    """The tuning output folder (``ray_jobs.tune --output``, ``<study>/tune``), a local path::
+
+        grid.csv          one row per (D, w, map kind) scored on the tune split
+        best.json         the chosen D, w, map kind and τ (written before any MLflow call)
+        heatmap.png       mean ⌈DSC⌉ over the grid
+        ray_results/      Ray Tune's experiment (``tune-<key>``), what a killed tuning resumes
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def grid(self) -> Path:
+        return self.root / "grid.csv"
+
+    @property
+    def best(self) -> Path:
+        return self.root / "best.json"
+
+    @property
+    def heatmap(self) -> Path:
+        return self.root / "heatmap.png"
+
+    @property
+    def ray_results(self) -> Path:
+        return self.root / "ray_results"
+
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        """The result files (grid, best, heatmap), for logging and clean-up."""
+        return self.grid, self.best, self.heatmap
+
+
 
 def read_predictions(path: str | Path, columns: list[str] | None = None,
                      filters: Any = None) -> pa.Table:
@@ -206,7 +253,7 @@ def read_split(data_dir: str | Path, split: str, columns: list[str] | None = Non
         DatasetError: the folder is not a complete dataset, or a column name is unknown.
     """
     root = Path(str(data_dir))
-    if "://" not in str(data_dir) and not (root / "dataset.json").is_file():
+    if "://" not in str(data_dir) and not (root / DATASET_INFO).is_file():
         raise DatasetError(f"{data_dir}: not a complete igconda dataset (no dataset.json); "
                            f"run `python -m ray_jobs.preprocess` first")
     if columns is not None:
@@ -232,7 +279,7 @@ def read_dataset_info(data_dir: str | Path) -> dict[str, Any]:
         DatasetError: if it is missing (the dataset is incomplete or was never written).
     """
     fs, root = filesystem(data_dir)
-    path = join_path(root, "dataset.json")
+    path = join_path(root, DATASET_INFO)
     if fs.get_file_info(path).type != pafs.FileType.File:
         raise DatasetError(f"{data_dir}: not a complete igconda dataset (no dataset.json)")
     with fs.open_input_stream(path) as stream:

@@ -105,10 +105,12 @@ def log_model_folder(folder: str | Path, *, registered_model_name: str | None = 
     (needs a store with a registry: SQLite or a server), loadable as ``models:/<name>/<version>``.
     """
     import igconda
+    from igconda.checkpoint import CONFIG_FILE
+    from igconda.tuned_model import TUNING_FILE
 
     folder = Path(folder)
-    if not (folder / "config.yaml").is_file():
-        raise FileNotFoundError(f"{folder}: not a checkpoint or model folder (no config.yaml)")
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{folder}: not a checkpoint or model folder (no {CONFIG_FILE})")
     with tempfile.TemporaryDirectory() as tmp:
         # "Models from code": MLflow stores this script, not a pickled object, so loading the
         # model runs no unpickled code and survives changes to the class's module.
@@ -120,8 +122,8 @@ def log_model_folder(folder: str | Path, *, registered_model_name: str | None = 
             code_paths=[str(Path(igconda.__file__).parent)],
             pip_requirements=_requirements(),
             registered_model_name=registered_model_name,
-            metadata={"igconda.tuning": json.loads((folder / "tuning.json").read_text())
-                      if (folder / "tuning.json").is_file() else None},
+            metadata={"igconda.tuning": json.loads((folder / TUNING_FILE).read_text())
+                      if (folder / TUNING_FILE).is_file() else None},
         )
     return info.model_uri
 
