@@ -27,7 +27,9 @@ again, with what changed printed: ``ray_jobs.stage_records``, ``<output>/stages.
                    w = 0 control, 41 % SUVmax, raw intensity, baselines
     5. comparison  ray_jobs.compare: the score runs read back from MLflow  <output>/comparison
 
-Every run goes to one MLflow experiment (``tracking`` section; store ``<output>/mlflow.db`` by
+The study's config is read once, here; every job runs in this process on a typed request built
+from it by that job's own resolver (:func:`ray_jobs.study_steps.run_stage`; the requests:
+:mod:`ray_jobs.comparison_steps`), never on an argv. Every run goes to one MLflow experiment (``tracking`` section; store ``<output>/mlflow.db`` by
 default) with the method-run tags of docs/CONTRACTS.md. A step that fails is reported and the
 others go on; the comparison then covers the methods that were scored, and the exit status is 1.
 Exit status 0 when every step succeeded, 2 on a usage or config error.

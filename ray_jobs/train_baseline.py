@@ -46,6 +46,10 @@ MLflow: one run in the study's experiment, tags ``igconda.stage`` = ``train_base
 ``baselines.*`` and ``settings.*`` (the method's network settings); per-epoch metrics; the best
 checkpoint as artifact ``best_checkpoint/``.
 
+The command line is resolved into a :class:`BaselineRequest` (``--config`` parsed once) by
+:func:`resolve_request`, the resolver the comparison study also builds its baselines with; it
+runs them through :func:`execute` on that request, without an argv.
+
 Exit status: 0 on success, 2 on a usage or config error, 1 if training failed.
 """
 
