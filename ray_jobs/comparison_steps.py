@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 
 class Study:
-    """The folders, shared job arguments and step bookkeeping of one comparison."""
+    """The folders, the jobs' requests and the step bookkeeping of one comparison."""
 
     def __init__(self, args: argparse.Namespace, config: StudyConfig) -> None:
         self.args, self.config = args, config
@@ -44,7 +44,9 @@ class Study:
         self.data_version = ""  # set once the data step is done (the trainings' key)
 
     def config_file(self, name: str, config: StudyConfig) -> Path:
-        """``config`` written as ``<output>/configs/<name>.yaml`` (what that step's jobs read)."""
+        """``config`` written as ``<output>/configs/<name>.yaml``: the file that step's requests
+        name (their jobs get the loaded config; a scoring keys its resume on the file's
+        contents), and what a step's command line would be run with by hand."""
         path = self.root / "configs" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_config(config, path)
