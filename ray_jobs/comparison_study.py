@@ -27,7 +27,9 @@ again, with what changed printed: ``ray_jobs.stage_records``, ``<output>/stages.
                    w = 0 control, 41 % SUVmax, raw intensity, baselines
     5. comparison  ray_jobs.compare: the score runs read back from MLflow  <output>/comparison
 
-Every run goes to one MLflow experiment (``tracking`` section; store ``<output>/mlflow.db`` by
+The study's config is read once, here; every job runs in this process on a typed request built
+from it by that job's own resolver (:func:`ray_jobs.study_steps.run_stage`; the requests:
+:mod:`ray_jobs.comparison_steps`), never on an argv. Every run goes to one MLflow experiment (``tracking`` section; store ``<output>/mlflow.db`` by
 default) with the method-run tags of docs/CONTRACTS.md. A step that fails is reported and the
 others go on; the comparison then covers the methods that were scored, and the exit status is 1.
 Exit status 0 when every step succeeded, 2 on a usage or config error.
@@ -39,32 +41,22 @@ import argparse
 import json
 import sys
 import time
-import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
-from igconda.config import ConfigError, StudyConfig, load_config, save_config
+from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.config_rules import UNCONDITIONED
 from igconda.io_utils import atomic_write
 from ray_jobs import stage_records
+from ray_jobs.comparison_steps import Study
 from ray_jobs.console import add_verbose_flag, init_ray
 from ray_jobs.study_steps import (
     StudyPaths,
     discard,
-    run_job,
     run_stage,
     run_training,
-    training_argv,
-    training_request,
     write_study_model,
 )
-
-if TYPE_CHECKING:
-    from ray_jobs.train import TrainRequest
-    from ray_jobs.tune import TuneRequest
 
 #: The trained baselines, in the order they run (``dpm_cg`` trains the DPM and the classifier).
 BASELINES = ("hirescam", "fanogan", "dpm_cg", "supervised")
@@ -110,94 +102,6 @@ def variant_config(config: StudyConfig, attention: str) -> StudyConfig:
     return config.replace("model", attention=attention)
 
 
-class Study:
-    """The folders, shared job arguments and step bookkeeping of one comparison."""
-
-    def __init__(self, args: argparse.Namespace, config: StudyConfig) -> None:
-        self.args, self.config = args, config
-        self.root = Path(args.output).resolve()
-        self.data = StudyPaths(self.root).data  # the pipeline's data stage writes it
-        self.config_path = self.root / "configs" / "study.yaml"  # written by run()
-        self.tracking_uri = tracking.resolve_tracking_uri(
-            args.tracking_uri or config.tracking.tracking_uri, self.root)
-        self.experiment = args.experiment or config.tracking.experiment
-        self.common = ["--tracking-uri", self.tracking_uri, "--experiment", self.experiment]
-        if args.address:
-            self.common += ["--address", args.address]
-        self.timings: dict[str, float] = {}
-        self.failed: dict[str, str] = {}
-        self.data_version = ""  # set once the data step is done (the trainings' key)
-
-    def config_file(self, name: str, config: StudyConfig) -> Path:
-        """``config`` written as ``<output>/configs/<name>.yaml`` (what that step's jobs read)."""
-        path = self.root / "configs" / f"{name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_config(config, path)
-        return path
-
-    def baseline_dir(self, method: str) -> Path:
-        """Where a baseline's network is trained: ``<output>/baselines/<method>``."""
-        return self.root / "baselines" / method
-
-    def train_argv(self, output: Path, config_file: Path) -> list[str]:
-        """``ray_jobs.train_baseline``'s arguments (a job without a request yet)."""
-        return training_argv(self.data, output, str(config_file),
-                             num_workers=self.args.num_workers or self.config.train.num_workers,
-                             use_gpu=self.args.use_gpu, local=not self.args.address) + self.common
-
-    def train_request(self, output: Path, config: StudyConfig, file: Path) -> TrainRequest:
-        """The ``ray_jobs.train`` request of one network (``config``, saved as ``file``)."""
-        return training_request(self.data, output, config, file,
-                                num_workers=self.args.num_workers or self.config.train.num_workers,
-                                use_gpu=self.args.use_gpu, local=not self.args.address,
-                                tracking_uri=self.tracking_uri, experiment=self.experiment,
-                                address=self.args.address)
-
-    def tune_request(self, checkpoint: Path, out: Path, config: StudyConfig, **more) -> TuneRequest:
-        """A ``ray_jobs.tune`` request on the study's data, the search being ``config``'s."""
-        from ray_jobs.tune import resolve_request
-
-        return resolve_request(checkpoint, self.data, out, config=config,
-                               tracking_uri=self.tracking_uri, experiment=self.experiment,
-                               address=self.args.address, **more)
-
-    def fresh(self, step: str, settings: dict, upstream: str, *outputs: Path) -> str:
-        """Before ``step`` makes ``outputs``: discard them when the step was recorded with other
-        settings or inputs (``upstream``: the data version or the key of the step it reads),
-        then record this run's key, which is returned for the steps that read these outputs."""
-        key = stage_records.key_of(settings, upstream)
-        reason = stage_records.stale_reason(self.root, step, key, settings)
-        if reason:
-            print(f"    {step}: made with other settings ({reason}); discarding "
-                  f"{', '.join(str(o) for o in outputs if o.exists()) or 'nothing yet'}", flush=True)
-            for output in outputs:
-                discard(output)
-        stage_records.record(self.root, step, key, settings, finished=False)
-        return key
-
-    def step(self, name: str, body: Callable[[], None], needs: tuple[str, ...] = ()) -> bool:
-        """Run one step; a failure is recorded (with the error) and the study goes on.
-        Skipped (False) when a step it ``needs`` failed."""
-        lost = [n for n in needs if n in self.failed]
-        if lost:
-            self.failed[name] = f"not run: {', '.join(lost)} failed"
-            print(f"\n==> {name}: not run ({', '.join(lost)} failed)", flush=True)
-            return False
-        print(f"\n==> {name}", flush=True)
-        started = time.perf_counter()
-        try:
-            body()
-        except (Exception, SystemExit) as err:  # run_job/run_stage: SystemExit on an exit code
-            traceback.print_exc()
-            self.failed[name] = f"{type(err).__name__}: {err}"
-            print(f"    {name}: FAILED ({self.failed[name]}); going on with the other methods",
-                  flush=True)
-            return False
-        self.timings[name] = time.perf_counter() - started
-        print(f"    {name}: done in {self.timings[name]:.0f} s", flush=True)
-        return True
-
-
 def igconda_variant(study: Study, attention: str) -> tuple[str, Path]:
     """Train, tune and write the model folder of one attention variant; the step's name and
     the model folder."""
@@ -240,14 +144,12 @@ def train_baseline(study: Study, method: str, keys: dict[str, str] | None = None
         if (output / ckpt.BEST_POINTER).is_file():
             print(f"    {output / ckpt.BEST_POINTER} found, skipping", flush=True)
             return
-        argv = ["--method", method] + study.train_argv(output, study.config_path)
-        if has_run(default_storage_path(output), method):
+        resume = has_run(default_storage_path(output), method)
+        if resume:
             print(f"    resuming the interrupted training in {output}", flush=True)
-            run_job("train_baseline", argv + ["--resume"])
-            return
-        if output.exists():
+        elif output.exists():
             discard(output)
-        run_job("train_baseline", argv)
+        run_stage("train_baseline", lambda: study.baseline_request(method, output, resume=resume))
 
     study.step(name, body)
     return name, output / ckpt.BEST_DIR
@@ -259,24 +161,17 @@ def score(study: Study, method: str, *, checkpoint: Path | None = None,
     """Score one method into ``scores/<method>[-<variant>]`` unless finished there (the study
     config's ``baselines`` section sets the scoring batch and the DPM + CG decoding)."""
     from ray_jobs.score_method import finished_run, score_inputs
-    from ray_jobs.score_method import parse_args as parse_score_args
 
     folder = study.root / "scores" / (f"{method}-{variant}" if variant else method)
 
     def body() -> None:
-        argv = ["--method", method, "--data", str(study.data), "--output", str(folder),
-                "--variant", variant, "--config", str(study.config_path)]
-        argv += study.common
-        argv += ["--checkpoint", str(checkpoint)] if checkpoint else []
-        argv += ["--checkpoint2", str(checkpoint2)] if checkpoint2 else []
-        argv += ["--tuned", str(tuned)] if tuned else []
-        if study.args.use_gpu:
-            argv += ["--num-gpus", "1"]
-        done = finished_run(folder, score_inputs(parse_score_args(argv)))
+        request = study.score_request(method, folder, checkpoint=checkpoint,
+                                      checkpoint2=checkpoint2, variant=variant, tuned=tuned)
+        done = finished_run(folder, score_inputs(request))
         if done and done.get("tracking_uri") == study.tracking_uri:
             print(f"    scored already (MLflow run {done['run_id']}), skipping", flush=True)
             return
-        run_job("score_method", argv)
+        run_stage("score_method", lambda: request)
 
     study.step(f"score {folder.name}", body, needs)
 
@@ -330,9 +225,12 @@ def run(study: Study, variants: list[str], baselines: list[str]) -> None:
     base_config = study.config_file("study", study.config)  # = study.config_path
 
     def data() -> None:
-        run_job("pipeline", ["--config", str(base_config), "--output", str(study.root),
-                             "--stop-after", "preprocess"] + study.common
-                + (["--manifest", str(Path(args.manifest).resolve())] if args.manifest else []))
+        from ray_jobs.pipeline import PipelineRequest
+
+        run_stage("pipeline", lambda: PipelineRequest(
+            study.config, str(study.root), str(base_config), stop_after="preprocess",
+            manifest=str(Path(args.manifest).resolve()) if args.manifest else None,
+            **study.common))
 
     if not study.step("data", data):
         return
@@ -351,10 +249,14 @@ def run(study: Study, variants: list[str], baselines: list[str]) -> None:
         step, best = train_baseline(study, method)
         score(study, method, checkpoint=best, needs=(step,))
 
-    study.step("comparison", lambda: run_job(
-        "compare", ["--tracking-uri", study.tracking_uri, "--experiment", study.experiment,
-                    "--output", str(study.root / "comparison"),
-                    "--data-version", study.data_version]))
+    def compare() -> None:
+        from ray_jobs.compare import resolve_request
+
+        run_stage("compare", lambda: resolve_request(
+            study.root / "comparison", study.experiment, tracking_uri=study.tracking_uri,
+            data_version=study.data_version))
+
+    study.step("comparison", compare)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,8 @@ or a stage before it changed) is re-run with every stage after it, saying what c
 ``--force STAGE`` re-runs one stage and everything after it from scratch (``--force train``
 discards the previous training's checkpoints); ``--stop-after STAGE`` stops once STAGE is done.
 
-The study config is read once, here. Each stage runs in this process, on this Ray runtime,
+The study config is read once, here (:func:`pipeline_request`; the comparison study hands its
+own loaded config to :func:`run` in a :class:`PipelineRequest` instead). Each stage runs in this process, on this Ray runtime,
 through its ``run(request)`` (:func:`ray_jobs.study_steps.run_stage`): its typed request
 (:class:`ray_jobs.preprocess.PreprocessRequest`, :class:`ray_jobs.train.TrainRequest`,
 :class:`ray_jobs.tune.TuneRequest`, :class:`ray_jobs.infer_config.InferRequest`) is built from
@@ -56,11 +57,12 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
-from igconda.config import ConfigError, load_config
+from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.data.io import InferOutput
 from igconda.io_utils import atomic_write
 from ray_jobs import console, stage_records
@@ -109,13 +111,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+@dataclass(frozen=True)
+class PipelineRequest:
+    """What one study runs with: the loaded study ``config`` (``config_file`` names it in
+    records and messages) and the command line's other options by their names."""
+
+    config: StudyConfig
+    output: str
+    config_file: str
+    manifest: str | None = None
+    address: str | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    num_workers: int | None = None
+    use_gpu: bool = False
+    force: str | None = None
+    stop_after: str | None = None
+    register_model: str | None = None
+    skip_tune: bool = False
+    verbose: bool | None = None
+
+
+def pipeline_request(args: argparse.Namespace) -> PipelineRequest:
+    """The request of a ``ray_jobs.pipeline`` command line; its ``--config`` parsed once here.
+
+    Raises:
+        ConfigError: an unreadable or invalid config, naming the file.
+    """
+    options = {f.name: getattr(args, f.name) for f in fields(PipelineRequest)
+               if f.name not in ("config", "config_file")}
+    return PipelineRequest(config=load_config(args.config), config_file=args.config, **options)
+
+
+def execute(build: Callable[[], PipelineRequest]) -> int:
+    """:func:`run` on the request ``build`` resolves; the study's exit status (2: a config
+    error; a stage's failure ends it as that stage's command line ends). The comparison study
+    runs its data step through this."""
     try:
-        config = load_config(args.config)
+        request = build()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    return run(request)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return execute(lambda: pipeline_request(args))
+
+
+def run(request: PipelineRequest) -> int:
+    """The study as ``request`` says (the module docstring's stages); its exit status.
+
+    Raises:
+        SystemExit: a stage failed (:func:`ray_jobs.study_steps.run_stage`).
+    """
+    args, config = request, request.config  # the study's fields, named as the options
     paths = StudyPaths(Path(args.output).resolve())
     paths.root.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking.resolve_tracking_uri(
@@ -185,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
 
             study_run.push(end_parent)
             tracking.log_params(config.flat())
-            tracking.log_params({"pipeline.config_file": args.config,
+            tracking.log_params({"pipeline.config_file": args.config_file,
                                  "pipeline.manifest": args.manifest or "synthetic phantoms"})
         # What every self-logging stage's request shares: its MLflow run goes under the study's.
         child = {"tracking_uri": tracking_uri, "experiment": experiment,
@@ -251,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. Train.
         def train() -> None:
-            request = training_request(paths.data, paths.train, config, args.config,
+            request = training_request(paths.data, paths.train, config, args.config_file,
                                        num_workers=args.num_workers or config.train.num_workers,
                                        use_gpu=args.use_gpu, local=not args.address, **child)
             run_training(paths, request, forced=STAGES.index("train") >= first_forced[0])
@@ -272,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 5. The model folder: the best checkpoint and the settings tuning chose for it.
         def model() -> None:
-            write_study_model(paths, config, args.config, tuned=not args.skip_tune)
+            write_study_model(paths, config, args.config_file, tuned=not args.skip_tune)
 
         def log_model() -> None:
             from igconda.tracking.model import log_model_folder

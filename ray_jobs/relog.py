@@ -142,8 +142,7 @@ def _complete_interrupted_train_run(train: Path, uri: str, history: list[dict[st
         if missing:
             logger.log_metrics(missing, step=step)
     if "best_checkpoint.uri" not in run["tags"] and (train / ckpt.BEST_POINTER).is_file():
-        finish_mlflow_run(argparse.Namespace(register_model=None), uri, run_id, train,
-                          train / ckpt.BEST_DIR)
+        finish_mlflow_run(uri, run_id, train, train / ckpt.BEST_DIR)
     tracking.end_run(uri, run_id, "FINISHED")
     print(f"relog: completed the training run {run_id} an outage left RUNNING", flush=True)
 

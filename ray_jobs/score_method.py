@@ -38,8 +38,10 @@ w = 0 control); ``threshold_41`` and ``intensity`` take no checkpoint
 
 Settings (``score_batch_size``; for ``dpm_cg`` D, s and the gradient scale) come from the
 ``baselines`` section of ``--config``, else, for ``dpm_cg``, of the study stored in the
-classifier's checkpoint, else the defaults. Exit status 0, 2 on a usage, config or checkpoint
-error; a tracking outage only warns (the files are on disk).
+classifier's checkpoint, else the defaults. The command line is resolved into a
+:class:`ray_jobs.score_config.ScoreRequest` (``--config`` parsed once) by the resolver the
+comparison study also builds its scorings with; :func:`run` takes the request. Exit status 0,
+2 on a usage, config or checkpoint error; a tracking outage only warns (the files are on disk).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +73,8 @@ from igconda.baselines.scoring import (
     score_slices_all_taus,
     write_method_scores,
 )
-from igconda.checkpoint import CheckpointError, load_checkpoint_config
-from igconda.config import ConfigError, StudyConfig, load_config
+from igconda.checkpoint import CheckpointError
+from igconda.config import ConfigError
 from igconda.data.compat import PreprocessMismatch, check_data_for_checkpoint
 from igconda.data.io import path_exists, split_path
 from igconda.data.schema import SPLITS, UNHEALTHY
@@ -79,6 +82,7 @@ from igconda.evaluation import DPM_CG
 from igconda.io_utils import atomic_write, file_digest, folder_digest
 from igconda.train_loop import dataset_version
 from ray_jobs.console import add_verbose_flag, init_ray
+from ray_jobs.score_config import ScoreRequest, score_request
 from ray_jobs.shared_storage import SharedStorageError, preflight
 from ray_jobs.train_runs import UsageError
 
@@ -139,32 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace) -> StudyConfig:
-    """``--config``, else the checkpoint's study (``dpm_cg``: the classifier's; ``igconda``:
-    the model folder's), else the defaults; for ``dpm_cg`` with ``--tuned``, the tuned D and
-    scale in place of the config's."""
-    if args.config:
-        config = load_config(args.config)
-    elif args.method in (DPM_CG, IGCONDA, IGCONDA_CONTROL):
-        config = load_checkpoint_config(args.checkpoint)
-    else:
-        config = load_config(None)
-    if args.tuned is None:
-        return config
-    if args.method != DPM_CG:
-        raise UsageError(f"--tuned is for {DPM_CG}; {args.method!r} reads its own settings")
-    from tuning.dpm_cg import read_dpm_cg_best
-
-    try:
-        return config.replace("baselines", **read_dpm_cg_best(args.tuned))
-    except ValueError as err:
-        raise UsageError(f"--tuned: {err}") from None
-
-
-def score_inputs(args: argparse.Namespace) -> dict[str, str]:
+def score_inputs(request: ScoreRequest) -> dict[str, str]:
     """What a scoring's result depends on: the method, the splits, the variant, and the paths
-    *and contents* of the checkpoints, the tuning file, the config and the data (a checkpoint
-    retrained, or data re-preprocessed, into the same folder is another input)."""
+    *and contents* of the checkpoints, the tuning file, the config file and the data, keyed by
+    the data's version (a checkpoint retrained, or data re-preprocessed, into the same folder
+    is another input). What :func:`finished_run` compares a finished folder's record with."""
+    args = request
 
     def resolved(path: str | None) -> str:
         return str(Path(path).resolve()) if path else ""
@@ -184,7 +168,7 @@ def score_inputs(args: argparse.Namespace) -> dict[str, str]:
             "tuned": resolved(args.tuned), "tuned_sha256": content(args.tuned),
             "data": str(args.data), "data_version": data_version,
             "split": args.split, "tune_split": args.tune_split,
-            "variant": args.variant, "config_sha256": content(args.config)}
+            "variant": args.variant, "config_sha256": content(args.config_file)}
 
 
 def finished_run(output: str | Path, inputs: dict[str, str] | None = None) -> dict[str, Any] | None:
@@ -203,7 +187,7 @@ def finished_run(output: str | Path, inputs: dict[str, str] | None = None) -> di
     return record if inputs is None or record.get("inputs") == inputs else None
 
 
-def _unhealthy_slices(args: argparse.Namespace, split: str) -> Any:
+def _unhealthy_slices(args: ScoreRequest, split: str) -> Any:
     """The Ray Dataset of a split's unhealthy slices, with its name in :data:`SPLIT_COLUMN`
     (the folder is the only record of the split: slice files carry no such column)."""
     import pyarrow as pa
@@ -219,7 +203,7 @@ def _unhealthy_slices(args: argparse.Namespace, split: str) -> Any:
         batch_format="pyarrow")
 
 
-def _run_actors(args: argparse.Namespace, config: StudyConfig) -> Any:
+def _run_actors(args: ScoreRequest) -> Any:
     """The Ray Dataset of :class:`MethodActor` rows over the unhealthy slices of ``--tune-split``
     and ``--split``: one dataset, one actor pool, each map computed once."""
     import ray
@@ -233,17 +217,17 @@ def _run_actors(args: argparse.Namespace, config: StudyConfig) -> Any:
         MethodActor,
         fn_constructor_kwargs={"method": args.method, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
                                "checkpoint2": str(args.checkpoint2) if args.checkpoint2 else None,
-                               "baselines": config.to_dict()["baselines"], "device": device,
+                               "baselines": args.config.to_dict()["baselines"], "device": device,
                                "scored_split": args.split},
-        batch_size=config.baselines.score_batch_size, batch_format="numpy",
+        batch_size=args.config.baselines.score_batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=args.concurrency),
         num_cpus=args.num_cpus, num_gpus=args.num_gpus)
 
 
-def score_and_calibrate(args: argparse.Namespace, config: StudyConfig) -> tuple[float, float, pd.DataFrame]:
+def score_and_calibrate(args: ScoreRequest) -> tuple[float, float, pd.DataFrame]:
     """The one pass: ``(τ, mean tune Dice at τ, the --split slices' score rows)``."""
     frames, counts = [], dict.fromkeys((args.tune_split, args.split), 0)
-    for frame in _run_actors(args, config).iter_batches(batch_size=None, batch_format="pandas"):
+    for frame in _run_actors(args).iter_batches(batch_size=None, batch_format="pandas"):
         frames.append(frame)
         for split, n in frame[SPLIT_COLUMN].value_counts().items():
             counts[split] += int(n)
@@ -260,15 +244,17 @@ def score_and_calibrate(args: argparse.Namespace, config: StudyConfig) -> tuple[
     return tau, dice, per_slice
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole job; returns ``{"tau", "summary", "run_id", "output"}``."""
+def run(request: ScoreRequest) -> dict[str, Any]:
+    """The whole job; returns ``{"tau", "summary", "run_id", "output"}``.
 
-    if args.method not in SCORED_METHODS:
-        raise UsageError(f"unknown --method {args.method!r}; known: {', '.join(SCORED_METHODS)}")
+    Raises:
+        UsageError, ConfigError, CheckpointError, FileNotFoundError, PreprocessMismatch,
+        SharedStorageError: refused (the command line's exit status 2).
+    """
+    args, config = request, request.config  # the job's fields, named as the options
     for split in (args.tune_split, args.split):
         if not path_exists(split_path(args.data, split), want_dir=True):
             raise UsageError(f"{split_path(args.data, split)}: no {split} split")
-    config = resolve_config(args)
     # Load once here: a wrong or damaged folder fails with its name, not inside every actor.
     (name,) = load_method(args.method, args.checkpoint, args.checkpoint2,
                           settings=config.baselines).names
@@ -291,7 +277,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # retraining might have left in the same folders by the time the run is logged.
     inputs = score_inputs(args)
     started = time.perf_counter()
-    tau, tune_dice, per_slice = score_and_calibrate(args, config)
+    tau, tune_dice, per_slice = score_and_calibrate(args)
     summary = write_method_scores(per_slice, output)
     print(f"{args.method}: {len(per_slice)} slices scored in {time.perf_counter() - started:.1f} s; "
           f"wrote {output / SCORES_FILE} and {output / SUMMARY_FILE}", flush=True)
@@ -326,15 +312,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"tau": tau, "summary": summary, "run_id": run_id, "output": output}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def execute(build: Callable[[], ScoreRequest]) -> int:
+    """:func:`run` on the request ``build`` resolves, its errors reported as the command line
+    reports them; the job's exit status (the comparison study scores through this)."""
     try:
-        run(args)
+        run(build())
     except (ConfigError, UsageError, CheckpointError, FileNotFoundError, PreprocessMismatch,
             SharedStorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return execute(lambda: score_request(args))
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@ method comparison (:mod:`ray_jobs.comparison_study`): where each stage writes
 (:class:`StudyPaths`), running a stage in-process on its request (:func:`run_stage`: the
 stage's typed request, built from the study's loaded config, no argv), a training that resumes
 or starts afresh (:func:`run_training`, on a :func:`training_request`), and the study's model
-folder (:func:`write_study_model`). Jobs without a request yet (the comparison's baselines,
-scoring and tables) still run on an argv (:func:`run_job`).
+folder (:func:`write_study_model`). The comparison study runs its baselines, scorings, tables
+and data step (the pipeline itself) through :func:`run_stage` as well.
 """
 
 from __future__ import annotations
@@ -118,20 +118,6 @@ def training_request(data: Path, output: Path, config: StudyConfig, config_file:
                                                              local=local), **job)
 
 
-def training_argv(data: Path, output: Path, config_file: str, *, num_workers: int,
-                  use_gpu: bool, local: bool) -> list[str]:
-    """The arguments of ``ray_jobs.train_baseline`` (a job without a request yet) that a
-    study's :func:`training_request` sets for ``ray_jobs.train``."""
-    argv = ["--data", str(data), "--output", str(output), "--config", str(config_file),
-            "--num-workers", str(num_workers)]
-    threads = local_torch_threads(num_workers, use_gpu=use_gpu, local=local)
-    if threads is not None:
-        argv += ["--torch-threads", str(threads)]
-    if use_gpu:
-        argv.append("--use-gpu")
-    return argv
-
-
 def run_training(paths: StudyPaths, request: TrainRequest, *, forced: bool = False) -> None:
     """Run ``ray_jobs.train`` on ``request`` (into ``paths.train``) as :func:`train_plan` says:
     nothing when a finished ``best`` is there, ``resume`` an interrupted run, else train from
@@ -180,7 +166,7 @@ def write_study_model(paths: StudyPaths, config: StudyConfig, config_file: str, 
 
 
 def run_stage(name: str, build: Callable[[], Any]) -> None:
-    """Run stage ``ray_jobs.<name>`` in this process (sharing its Ray runtime) on the request
+    """Run job ``ray_jobs.<name>`` in this process (sharing its Ray runtime) on the request
     ``build`` returns (the stage's resolver on the study's loaded config: no argv, no file
     parsed again), its errors reported as its command line reports them
     (``ray_jobs.<name>.execute``).
@@ -193,11 +179,3 @@ def run_stage(name: str, build: Callable[[], Any]) -> None:
     if code:
         raise SystemExit(f"stage {name!r} failed with exit code {code}")
 
-
-def run_job(module: str, argv: list[str]) -> None:
-    """Run ``ray_jobs.<module>.main(argv)`` in this process (sharing its Ray runtime): the
-    comparison's jobs that take no request yet."""
-    job = importlib.import_module(f"ray_jobs.{module}")
-    code = job.main(argv)
-    if code:
-        raise SystemExit(f"stage {module!r} failed with exit code {code}")

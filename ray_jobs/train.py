@@ -276,7 +276,7 @@ def run(request: TrainRequest) -> Path:
     config = request.config
     output = Path(request.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    storage_path = _storage_path(request, output)
+    storage_path = _storage_path(request.storage_path, output)
     # The driver's own reads first, so that a refused run never starts Ray.
     check_resume(storage_path, request.run_name, request.resume,
                  lambda latest: ckpt.check_checkpoint(latest, resume=True), data=request.data)
@@ -316,8 +316,8 @@ def run(request: TrainRequest) -> Path:
                             torch_threads=request.torch_threads, keep_checkpoints=request.keep_checkpoints,
                             smoke_test=request.smoke_test, data_version=data_hash,
                             class_counts=class_counts)
-    return fit_and_finish(trainer, request, output, {}, tracking_uri=tracking_uri,
-                          mlflow_cfg=mlflow_cfg, outage=outage)
+    return fit_and_finish(trainer, output, {}, tracking_uri=tracking_uri, mlflow_cfg=mlflow_cfg,
+                          outage=outage, register_model=request.register_model)
 
 
 def training_failed_message(err: BaseException, args: TrainRequest) -> str:
@@ -334,7 +334,7 @@ def training_failed_message(err: BaseException, args: TrainRequest) -> str:
         cause = f"{type(err).__name__}: {err}"
     cause = cause.strip().splitlines()[0] if cause.strip() else type(err).__name__
     output = Path(args.output).resolve()
-    storage_path = _storage_path(args, output)
+    storage_path = _storage_path(args.storage_path, output)
     if has_run(storage_path, args.run_name):
         where = latest_checkpoint(storage_path, args.run_name) or f"{storage_path}/{args.run_name}"
         resume = (f"its latest checkpoint is {where}; fix the cause and resume it with the same "

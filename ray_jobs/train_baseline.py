@@ -46,6 +46,10 @@ MLflow: one run in the study's experiment, tags ``igconda.stage`` = ``train_base
 ``baselines.*`` and ``settings.*`` (the method's network settings); per-epoch metrics; the best
 checkpoint as artifact ``best_checkpoint/``.
 
+The command line is resolved into a :class:`BaselineRequest` (``--config`` parsed once) by
+:func:`resolve_request`, the resolver the comparison study also builds its baselines with; it
+runs them through :func:`execute` on that request, without an argv.
+
 Exit status: 0 on success, 2 on a usage or config error, 1 if training failed.
 """
 
@@ -54,6 +58,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -126,19 +132,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace) -> StudyConfig:
-    """The study config with the command line's overrides (validated)."""
-    overrides: dict[str, Any] = {}
-    if args.epochs is not None:
-        overrides["baselines"] = {"epochs": args.epochs}
+@dataclass(frozen=True)
+class BaselineRequest:
+    """What one baseline training runs with, every setting resolved (:func:`resolve_request`).
+
+    ``config`` has the command line's overrides applied (``--epochs``, ``--num-workers``,
+    ``--use-gpu``); ``config_file`` only names where it came from. The other fields keep the
+    command line's option names.
+    """
+
+    method: str
+    data: str
+    output: str
+    config: StudyConfig
+    config_file: str | None = None
+    resume: bool = False
+    cpus_per_worker: float | None = None
+    torch_threads: int | None = None
+    keep_checkpoints: int = 3
+    variant: str = ""
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    parent_run_id: str | None = None
+    no_tracking: bool = False
+    address: str | None = None
+    verbose: bool | None = None
+
+
+def resolve_request(method: str, data: str | Path, output: str | Path, config: StudyConfig, *,
+                    epochs: int | None = None, num_workers: int | None = None,
+                    use_gpu: bool = False, **job: Any) -> BaselineRequest:
+    """The one resolver of a baseline training's settings (the command line's and the
+    comparison study's): the loaded study ``config`` with the overrides applied (validated);
+    ``job``: the other :class:`BaselineRequest` fields.
+
+    Raises:
+        ConfigError: an unknown ``method`` or an invalid override.
+    """
+    trainer_class(method)  # an unknown --method fails first, naming the known ones
+    if epochs is not None:
+        config = config.replace("baselines", epochs=epochs)
     train: dict[str, Any] = {}
-    if args.num_workers is not None:
-        train["num_workers"] = args.num_workers
-    if args.use_gpu:
+    if num_workers is not None:
+        train["num_workers"] = num_workers
+    if use_gpu:
         train["use_gpu"] = True
-    if train:
-        overrides["train"] = train
-    return load_config(args.config, overrides=overrides or None)
+    config = config.replace("train", **train) if train else config
+    return BaselineRequest(method, str(data), str(output), config, **job)
+
+
+def baseline_request(args: argparse.Namespace) -> BaselineRequest:
+    """The request of a ``ray_jobs.train_baseline`` command line; its ``--config`` parsed once.
+
+    Raises:
+        ConfigError: an unknown ``--method``, or an unreadable or invalid config (naming it).
+    """
+    trainer_class(args.method)  # before the config is read, as the job always refused it
+    return resolve_request(
+        args.method, args.data, args.output, load_config(args.config), epochs=args.epochs,
+        num_workers=args.num_workers, use_gpu=args.use_gpu, config_file=args.config,
+        resume=args.resume, cpus_per_worker=args.cpus_per_worker,
+        torch_threads=args.torch_threads, keep_checkpoints=args.keep_checkpoints,
+        variant=args.variant, tracking_uri=args.tracking_uri, experiment=args.experiment,
+        parent_run_id=args.parent_run_id, no_tracking=args.no_tracking, address=args.address,
+        verbose=args.verbose)
 
 
 def initial_weights(config: StudyConfig, method: str) -> str:
@@ -160,10 +217,16 @@ def slice_size(data: str) -> tuple[int, int]:
     return slice_shape_of(head["height"], head["width"])
 
 
-def run(args: argparse.Namespace) -> Path:
-    """Train as the arguments say; returns ``<output>/best``."""
+def run(request: BaselineRequest) -> Path:
+    """Train as ``request`` says; returns ``<output>/best``.
+
+    Raises:
+        ConfigError, UsageError, CheckpointError, DatasetError, FileNotFoundError,
+        SharedStorageError: refused before training (the command line's exit status 2).
+    """
+    args = request  # the job's fields, named as the command line's options
     trainer_cls = trainer_class(args.method)
-    config = resolve_config(args)
+    config = request.config
     for split in ("train", "valid"):
         if not path_exists(split_path(args.data, split), want_dir=True):
             raise UsageError(f"{split_path(args.data, split)}: no {split} split; "
@@ -224,20 +287,26 @@ def run(args: argparse.Namespace) -> Path:
                             storage_path=storage_path, run_name=run_name,
                             max_failures=config.train.max_failures,
                             keep_checkpoints=args.keep_checkpoints)
-    return fit_and_finish(trainer, args, output, {"method": args.method}, tracking_uri=tracking_uri,
+    return fit_and_finish(trainer, output, {"method": args.method}, tracking_uri=tracking_uri,
                           mlflow_cfg=mlflow_cfg, outage=outage)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def execute(build: Callable[[], BaselineRequest]) -> int:
+    """:func:`run` on the request ``build`` resolves, its errors reported as the command line
+    reports them; the job's exit status (the comparison study runs its baselines through this)."""
     try:
-        best = run(args)
+        best = run(build())
     except (ConfigError, UsageError, ckpt.CheckpointError, DatasetError, FileNotFoundError,
             SharedStorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"best checkpoint: {best}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return execute(lambda: baseline_request(args))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ functions that need it, so that importing a job for its plain helpers stays chea
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from collections.abc import Callable
@@ -93,9 +92,11 @@ def _latest_checkpoint(storage_path: str, run_name: str) -> Path | None:
     return Path(storage_path, run_name, name) if isinstance(name, str) and name else None
 
 
-def _storage_path(args: argparse.Namespace, output: Path) -> str:
-    if args.storage_path:
-        return args.storage_path if "://" in args.storage_path else str(Path(args.storage_path).resolve())
+def _storage_path(storage_path: str | None, output: Path) -> str:
+    """Where a training's checkpoints go: its ``--storage-path`` (a local one resolved), else
+    :func:`default_storage_path` of its ``output``."""
+    if storage_path:
+        return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
     return default_storage_path(output)
 
 

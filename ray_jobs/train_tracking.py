@@ -8,22 +8,26 @@ a tracking server that is down costs the run, never the training.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from igconda import checkpoint as ckpt
 from igconda import tracking
 from igconda.config import StudyConfig
 from igconda.config_rules import UNCONDITIONED
 
+if TYPE_CHECKING:
+    from ray_jobs.train import TrainRequest
+
 RUN_RECORD = tracking.RUN_RECORD
 
 
-def open_mlflow_run(args: argparse.Namespace, config: StudyConfig, output: Path, tracking_uri: str,
+def open_mlflow_run(args: TrainRequest, config: StudyConfig, output: Path, tracking_uri: str,
                     storage_path: str, data_hash: str) -> dict[str, str]:
-    """Create the training's MLflow run (or reopen it on --resume) and log params and tags."""
+    """Create the training's MLflow run (or reopen it on --resume) and log params and tags
+    (``args``: the ``ray_jobs.train`` request; its data, run_name, cpus_per_worker, smoke_test,
+    resume, experiment and parent_run_id are read)."""
     # The method-run tags of docs/CONTRACTS.md (variant = model.attention): an unconditional
     # network (model.conditioning none) is the DPM of DPM + classifier guidance, not IgCONDA.
     method = "dpm" if config.model.conditioning == UNCONDITIONED else "igconda"
@@ -59,28 +63,31 @@ def create_or_reopen_run(record: Path, *, resume: bool, tracking_uri: str, exper
     return {"tracking_uri": tracking_uri, "run_id": run_id}
 
 
-def finish_mlflow_run(args: argparse.Namespace, tracking_uri: str, run_id: str, output: Path,
-                       best: Path) -> None:
+def finish_mlflow_run(tracking_uri: str, run_id: str, output: Path, best: Path, *,
+                      register_model: str | None = None) -> None:
+    """Log the best checkpoint (folder, pointer file, its epoch and validation loss) to the
+    training's run; ``register_model``: also register it as a version of that MLflow model."""
     logger = tracking.RunLogger(tracking_uri, run_id)
     pointer = ckpt.read_best_pointer(output)
     logger.log_artifact(best, "best_checkpoint")
     logger.log_artifact(output / ckpt.BEST_POINTER)
     logger.set_tags({"best_checkpoint.uri": pointer["uri"], "best_checkpoint.epoch": str(pointer["epoch"])})
     logger.log_metrics({"best/valid_loss": float(pointer["valid_loss"])}, step=int(pointer["epoch"]))
-    if getattr(args, "register_model", None):
+    if register_model:
         # An MLflow pyfunc model (not the raw folder), so mlflow.pyfunc.load_model can run it.
         from igconda.tracking.model import log_model_folder
 
         with tracking.start_run(tracking_uri, "", "", run_id=run_id):
-            log_model_folder(best, registered_model_name=args.register_model)
+            log_model_folder(best, registered_model_name=register_model)
 
 
-def fit_and_finish(trainer: Any, args: argparse.Namespace, output: Path, record: dict[str, Any], *,
-                   tracking_uri: str, mlflow_cfg: dict[str, Any] | None,
-                   outage: dict[str, str]) -> Path:
+def fit_and_finish(trainer: Any, output: Path, record: dict[str, Any], *, tracking_uri: str,
+                   mlflow_cfg: dict[str, Any] | None, outage: dict[str, str],
+                   register_model: str | None = None) -> Path:
     """Fit ``trainer`` (with the driver's epoch bar, :mod:`ray_jobs.train_progress`), copy its
     best checkpoint to ``output/best`` (``record`` goes into its pointer file) and end the
-    training's MLflow run; returns the local best checkpoint.
+    training's MLflow run (``register_model``: :func:`finish_mlflow_run`); returns the local
+    best checkpoint.
 
     The run always ends, FINISHED once the best checkpoint is saved (and logged), else FAILED;
     an outage while logging costs the MLflow run, never the saved model.
@@ -100,6 +107,7 @@ def fit_and_finish(trainer: Any, args: argparse.Namespace, output: Path, record:
         if mlflow_cfg:
             if status == "FINISHED":
                 with tracking.outage_tolerant("logging the best checkpoint", tracking_uri, **outage):
-                    finish_mlflow_run(args, tracking_uri, mlflow_cfg["run_id"], output, best)
+                    finish_mlflow_run(tracking_uri, mlflow_cfg["run_id"], output, best,
+                                      register_model=register_model)
             tracking.end_run_quietly(tracking_uri, mlflow_cfg["run_id"], status, **outage)
     return best

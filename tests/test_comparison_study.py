@@ -158,15 +158,21 @@ def test_one_command_scores_every_method_and_resumes(tmp_path, ray_session, caps
 
 
 def test_a_score_record_is_finished_only_for_the_inputs_it_was_scored_from(tmp_path):
-    from ray_jobs.score_method import RUN_RECORD, finished_run, parse_args, score_inputs
+    from ray_jobs.score_method import (
+        RUN_RECORD,
+        finished_run,
+        parse_args,
+        score_inputs,
+        score_request,
+    )
 
     argv = ["--method", "intensity", "--data", str(tmp_path / "data"), "--output", str(tmp_path)]
-    inputs = score_inputs(parse_args(argv))
+    inputs = score_inputs(score_request(parse_args(argv)))
     assert finished_run(tmp_path, inputs) is None  # nothing scored
     (tmp_path / "per_slice_scores.parquet").write_bytes(b"PAR1")
     (tmp_path / RUN_RECORD).write_text(json.dumps({"run_id": "r1", "inputs": inputs}))
     assert finished_run(tmp_path, inputs)["run_id"] == "r1"
-    other = score_inputs(parse_args([*argv, "--variant", "011"]))
+    other = score_inputs(score_request(parse_args([*argv, "--variant", "011"])))
     assert finished_run(tmp_path, other) is None  # stale: scored from other inputs
     (tmp_path / RUN_RECORD).write_text("{half")
     assert finished_run(tmp_path, inputs) is None
@@ -175,7 +181,13 @@ def test_a_score_record_is_finished_only_for_the_inputs_it_was_scored_from(tmp_p
 def test_a_score_is_stale_when_its_checkpoint_or_data_changed_in_place(tmp_path):
     """A baseline retrained, or the data re-preprocessed, into the same folder is another
     input: the record keys on contents, not only on paths."""
-    from ray_jobs.score_method import RUN_RECORD, finished_run, parse_args, score_inputs
+    from ray_jobs.score_method import (
+        RUN_RECORD,
+        finished_run,
+        parse_args,
+        score_inputs,
+        score_request,
+    )
 
     data, checkpoint, out = tmp_path / "data", tmp_path / "ckpt", tmp_path / "out"
     data.mkdir()
@@ -187,11 +199,11 @@ def test_a_score_is_stale_when_its_checkpoint_or_data_changed_in_place(tmp_path)
     out.mkdir()
     (out / "per_slice_scores.parquet").write_bytes(b"PAR1")
     (out / RUN_RECORD).write_text(json.dumps({"run_id": "r1",
-                                               "inputs": score_inputs(parse_args(argv))}))
-    assert finished_run(out, score_inputs(parse_args(argv)))["run_id"] == "r1"
+                                               "inputs": score_inputs(score_request(parse_args(argv)))}))
+    assert finished_run(out, score_inputs(score_request(parse_args(argv))))["run_id"] == "r1"
     (checkpoint / "model.safetensors").write_bytes(b"weights 2")  # retrained in place
-    assert finished_run(out, score_inputs(parse_args(argv))) is None
+    assert finished_run(out, score_inputs(score_request(parse_args(argv)))) is None
     (checkpoint / "model.safetensors").write_bytes(b"weights 1")
-    assert finished_run(out, score_inputs(parse_args(argv)))["run_id"] == "r1"
+    assert finished_run(out, score_inputs(score_request(parse_args(argv))))["run_id"] == "r1"
     (data / "dataset.json").write_text('{"created": 2}')  # re-preprocessed in place
-    assert finished_run(out, score_inputs(parse_args(argv))) is None
+    assert finished_run(out, score_inputs(score_request(parse_args(argv)))) is None

@@ -14,7 +14,7 @@ import pytest
 
 import igconda.config
 from igconda.config import load_config
-from ray_jobs import infer, pipeline, preprocess, study_steps, train, tune
+from ray_jobs import infer, pipeline, preprocess, train, tune
 from tests.helpers import make_checkpoint
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "test.yaml"
@@ -69,7 +69,6 @@ def study(tmp_path_factory):
                           (infer, fake_infer)):
             mp.setattr(job, "run", fake)
             mp.setattr(job, "parse_args", no_argv)  # no stage parses a command line
-        mp.setattr(study_steps, "run_job", no_argv)
         mp.setattr(preprocess, "summary_to_dict", lambda summary: {})
         mp.setattr(igconda.config, "read_config_file", counted)
         mp.setattr(pipeline.console, "init_ray", lambda *a, **k: None)  # the fakes need no Ray
