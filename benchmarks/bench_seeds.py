@@ -43,7 +43,7 @@ def run_seed(config: Path, seed: int, output: Path, extra: list[str]) -> float:
     output.mkdir(parents=True, exist_ok=True)
     data = yaml.safe_load(config.read_text()) or {}
     data.setdefault("train", {})["seed"] = seed
-    seed_config = output / "config.yaml"
+    seed_config = output / "seed_config.yaml"  # the study YAML this seed runs (not a checkpoint's)
     seed_config.write_text(yaml.safe_dump(data, sort_keys=False))
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "ray_jobs.pipeline", "--config", str(seed_config),

@@ -22,7 +22,8 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from igconda.data.io import InferOutput  # noqa: E402
+from igconda.checkpoint import CONFIG_FILE  # noqa: E402
+from igconda.data.io import InferOutput, StudyLayout, TuneOutput  # noqa: E402
 from igconda.figures import (  # noqa: E402
     heatmap_figure,
     lesion_size_figure,
@@ -45,7 +46,8 @@ def _method_names() -> dict[str, str]:
 
 def _chosen_method(study: Path) -> str | None:
     """The IgCONDA map kind the study chose (infer/summary.json, else tune/best.json)."""
-    summary, best = InferOutput(study / "infer").summary, study / "tune" / "best.json"
+    layout = StudyLayout(study)
+    summary, best = InferOutput(layout.infer).summary, layout.tuned
     try:
         if summary.is_file():
             return json.loads(summary.read_text()).get("chosen_method")
@@ -56,12 +58,12 @@ def _chosen_method(study: Path) -> str | None:
     return None
 
 
-def _training_history(train_dir: Path) -> tuple[pd.DataFrame | None, str | None]:
+def _training_history(best: Path) -> tuple[pd.DataFrame | None, str | None]:
     """The per-epoch history stored in the best checkpoint's train state (``train/best``)."""
     from igconda.checkpoint import load_train_state
 
     try:
-        state = load_train_state(train_dir / "best") if (train_dir / "best").is_dir() else None
+        state = load_train_state(best) if best.is_dir() else None
     except (OSError, RuntimeError, ValueError) as err:
         return None, f"Training history not readable from train/best/train_state.pt: {err}"
     history = (state or {}).get("history")
@@ -76,7 +78,7 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
 
     Reads, when present (a missing part becomes a visible note, never an error):
 
-    - ``config.yaml`` (or the best checkpoint's ``train/best/config.yaml``);
+    - the best checkpoint's ``train/best/config.yaml``;
     - the history stored in ``train/best/train_state.pt`` → training curves;
     - ``tune/grid.csv`` and ``tune/best.json`` → the D × w heatmap and tables;
     - ``infer/tables/per_slice_metrics.csv`` (every method's per-slice metrics) → the per-cohort
@@ -97,19 +99,19 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
         The path of the written HTML file.
     """
     study = Path(study_dir)
-    infer = InferOutput(study / "infer")
+    layout = StudyLayout(study)
+    infer = InferOutput(layout.infer)
     notes: list[str] = []
     tables: dict[str, pd.DataFrame] = {}
     figures: dict[str, Any] = {}
     owned: list[Figure] = []
 
     config: dict[str, Any] = {}
-    for candidate in (study / "config.yaml", study / "train" / "best" / "config.yaml"):
-        if candidate.is_file():
-            config = yaml.safe_load(candidate.read_text()) or {}
-            break
+    config_file = layout.best_checkpoint / CONFIG_FILE
+    if config_file.is_file():
+        config = yaml.safe_load(config_file.read_text()) or {}
     else:
-        notes.append("No configuration found (config.yaml or train/best/config.yaml).")
+        notes.append(f"No configuration found (train/best/{CONFIG_FILE}).")
 
     per_slice = None
     metrics_csv = infer.per_slice_metrics_csv
@@ -140,7 +142,7 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
         notes.append("No inference results (infer/tables/per_slice_metrics.csv or methods.csv): "
                      "the per-cohort tables and lesion-size analysis are missing.")
 
-    grid_csv, best_json = study / "tune" / "grid.csv", study / "tune" / "best.json"
+    grid_csv, best_json = TuneOutput(layout.tune).grid, layout.tuned
     if grid_csv.is_file():
         grid = pd.read_csv(grid_csv)
         kind = None
@@ -165,7 +167,7 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
             index=pd.Index(list(best), name="key"))
         tables["Chosen (D, w, map kind, τ) (tune/best.json)"] = chosen_settings
 
-    dataset_json = study / "data" / "dataset.json"
+    dataset_json = layout.done_mark("data")  # dataset.json
     if dataset_json.is_file():
         summary = json.loads(dataset_json.read_text())
         tables.update(data_coverage_tables(summary))
@@ -173,7 +175,7 @@ def build_study_report(study_dir: str | Path, output_html: str | Path) -> Path:
     else:
         notes.append("No data/dataset.json: slice counts and field-of-view coverage unknown.")
 
-    history, history_note = _training_history(study / "train")
+    history, history_note = _training_history(layout.best_checkpoint)
     if history_note:
         notes.append(history_note)
     if history is not None:

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 from igconda import tracking
 from igconda.config import StudyConfig, save_config
+from igconda.data.io import StudyLayout
 from ray_jobs import stage_records
-from ray_jobs.study_steps import StudyPaths, discard, local_torch_threads, training_request
+from ray_jobs.study_steps import discard, local_torch_threads, training_request
 
 if TYPE_CHECKING:
     from ray_jobs.score_config import ScoreRequest
@@ -31,7 +32,7 @@ class Study:
     def __init__(self, args: argparse.Namespace, config: StudyConfig) -> None:
         self.args, self.config = args, config
         self.root = Path(args.output).resolve()
-        self.data = StudyPaths(self.root).data  # the pipeline's data stage writes it
+        self.data = StudyLayout(self.root).data  # the pipeline's data stage writes it
         self.config_path = self.root / "configs" / "study.yaml"  # written by run()
         self.tracking_uri = tracking.resolve_tracking_uri(
             args.tracking_uri or config.tracking.tracking_uri, self.root)

@@ -46,12 +46,12 @@ from pathlib import Path
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.config_rules import UNCONDITIONED
+from igconda.data.io import StudyLayout, TuneOutput
 from igconda.io_utils import atomic_write
 from ray_jobs import stage_records
 from ray_jobs.comparison_steps import Study
 from ray_jobs.console import add_verbose_flag, init_ray
 from ray_jobs.study_steps import (
-    StudyPaths,
     discard,
     run_stage,
     run_training,
@@ -105,11 +105,9 @@ def variant_config(config: StudyConfig, attention: str) -> StudyConfig:
 def igconda_variant(study: Study, attention: str) -> tuple[str, Path]:
     """Train, tune and write the model folder of one attention variant; the step's name and
     the model folder."""
-    from igconda.tuned_model import TUNING_FILE
-
     config = variant_config(study.config, attention)
     config_file = study.config_file(f"igconda_{attention}", config)
-    paths = StudyPaths(study.root / f"igconda_{attention}")
+    paths = StudyLayout(study.root / f"igconda_{attention}")
     name = f"igconda_{attention}"
 
     def body() -> None:
@@ -120,7 +118,7 @@ def igconda_variant(study: Study, attention: str) -> tuple[str, Path]:
         run_training(paths, study.train_request(paths.train, config, config_file))
         if not paths.tuned.is_file():
             run_stage("tune", lambda: study.tune_request(paths.best_checkpoint, paths.tune, config))
-        if not (paths.model / TUNING_FILE).is_file():
+        if not paths.done_mark("model").is_file():
             write_study_model(paths, config, str(config_file))
 
     study.step(name, body)
@@ -181,9 +179,7 @@ def dpm_classifier_guidance(study: Study) -> None:
     without any class input, ``ray_jobs.train``), its noisy classifier, the (D, scale) search
     on the tune split (``ray_jobs.tune --method dpm_cg``, when the config has a grid), then the
     scoring at the chosen pair."""
-    from tuning.driver import BEST_FILE
-
-    dpm = StudyPaths(study.baseline_dir("dpm"))
+    dpm = StudyLayout(study.baseline_dir("dpm"))
     dpm_settings = study.config.replace("model", conditioning=UNCONDITIONED)
     dpm_config = study.config_file("dpm", dpm_settings)
     keys: dict[str, str] = {}
@@ -198,7 +194,7 @@ def dpm_classifier_guidance(study: Study) -> None:
     needs = ("train dpm", classifier)
     tuned = None
     if study.config.baselines.dpm_cg_noise_levels:
-        tuned = study.baseline_dir("tune_dpm_cg") / BEST_FILE
+        tuned = TuneOutput(study.baseline_dir("tune_dpm_cg")).best
 
         def tune() -> None:
             study.fresh("tune dpm_cg", stage_records.section_settings(

@@ -63,12 +63,11 @@ from pathlib import Path
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
-from igconda.data.io import InferOutput
+from igconda.data.io import StudyLayout
 from igconda.io_utils import atomic_write
 from ray_jobs import console, stage_records
 from ray_jobs.study_steps import (
     STAGES,
-    StudyPaths,
     run_stage,
     run_training,
     training_request,
@@ -167,7 +166,7 @@ def run(request: PipelineRequest) -> int:
         SystemExit: a stage failed (:func:`ray_jobs.study_steps.run_stage`).
     """
     args, config = request, request.config  # the study's fields, named as the options
-    paths = StudyPaths(Path(args.output).resolve())
+    paths = StudyLayout(Path(args.output).resolve())
     paths.root.mkdir(parents=True, exist_ok=True)
     tracking_uri = tracking.resolve_tracking_uri(
         args.tracking_uri or config.tracking.tracking_uri, paths.root
@@ -298,7 +297,7 @@ def run(request: PipelineRequest) -> int:
             run_stage("preprocess", lambda: PreprocessRequest(
                 str(manifest), str(paths.data), config, address=args.address))
 
-        stage("preprocess", (paths.data / "dataset.json").is_file(), preprocess, log_dataset)
+        stage("preprocess", paths.done_mark("data").is_file(), preprocess, log_dataset)
 
         # 3. Train.
         def train() -> None:
@@ -307,7 +306,7 @@ def run(request: PipelineRequest) -> int:
                                        use_gpu=args.use_gpu, local=not args.address, **child)
             run_training(paths, request, forced=STAGES.index("train") >= first_forced[0])
 
-        stage("train", (paths.best_checkpoint / "model.safetensors").is_file(), train)
+        stage("train", paths.done_mark("train").is_file(), train)
 
         # 4. Tune (D, w) on the tune split.
         def tune() -> None:
@@ -330,9 +329,9 @@ def run(request: PipelineRequest) -> int:
 
             # An MLflow pyfunc model: mlflow.pyfunc.load_model(...).predict(slices) runs it.
             log_model_folder(paths.model, registered_model_name=args.register_model)
-            tracking.log_artifact(paths.model / "tuning.json", "model_settings")
+            tracking.log_artifact(paths.done_mark("model"), "model_settings")  # tuning.json
 
-        stage("model", (paths.model / "tuning.json").is_file(), model, log_model)
+        stage("model", paths.done_mark("model").is_file(), model, log_model)
 
         # 6. Batch inference on every test cohort, with the baselines scored by the same code.
         def infer() -> None:
@@ -343,7 +342,7 @@ def run(request: PipelineRequest) -> int:
                 paths.best_checkpoint, paths.data, paths.infer, sections=config_sections(config),
                 tuned=tuned, **child))
 
-        stage("infer", InferOutput(paths.infer).methods_csv.is_file(), infer)
+        stage("infer", paths.done_mark("infer").is_file(), infer)
 
         # 7. Report.
         def report() -> None:

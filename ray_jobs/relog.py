@@ -40,7 +40,7 @@ from typing import Any
 
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP
-from igconda.data.io import INFER_SUMMARY, InferOutput
+from igconda.data.io import InferOutput, StudyLayout, TuneOutput
 
 STAGE_FOLDERS = ("train", "tune", "model", "infer")
 
@@ -65,17 +65,13 @@ def stage_folders(args: argparse.Namespace) -> dict[str, Path]:
     found = {}
     for stage in (*STAGE_FOLDERS, "data"):
         given = getattr(args, stage)
-        folder = Path(given) if given else (root / stage if root else None)
-        if folder is not None and (folder / _DONE[stage]).exists():
+        folder = Path(given) if given else (getattr(StudyLayout(root), stage) if root else None)
+        done = StudyLayout(folder.parent).done_mark(stage, folder) if folder is not None else None
+        if done is not None and done.exists():
             found[stage] = folder
         elif given:
-            raise FileNotFoundError(f"--{stage} {folder}: no {_DONE[stage]} there")
+            raise FileNotFoundError(f"--{stage} {folder}: no {done.name} there")
     return found
-
-
-#: The file that marks each stage's folder finished (as the pipeline's skip rule).
-_DONE = {"data": "dataset.json", "train": "best/model.safetensors", "tune": "best.json",
-         "model": "tuning.json", "infer": INFER_SUMMARY}
 
 
 def _history(train: Path) -> list[dict[str, Any]]:
@@ -85,7 +81,7 @@ def _history(train: Path) -> list[dict[str, Any]]:
     from ray_jobs.train import default_storage_path, latest_checkpoint
 
     for folder in (latest_checkpoint(default_storage_path(train)), train / ckpt.BEST_DIR):
-        if folder is not None and (folder / "train_state.pt").is_file():
+        if folder is not None and (folder / ckpt.STATE_FILE).is_file():
             return list((ckpt.load_train_state(folder) or {}).get("history", []))
     return []
 
@@ -164,7 +160,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
 
     from igconda.tracking.model import log_dataset, log_model_folder
     from ray_jobs.infer_outputs import log_infer_run
-    from tuning.driver import GRID_FILE, log_tuning_run
+    from tuning.driver import log_tuning_run
     from tuning.results import read_best
 
     folders = stage_folders(args)
@@ -189,8 +185,9 @@ def run(args: argparse.Namespace) -> dict[str, str]:
                 if stage == "train":
                     log_train(folder, uri)
                 elif stage == "tune":
-                    log_tuning_run(folder, read_best(folder / "best.json"),
-                                   pd.read_csv(folder / GRID_FILE), uri, args.experiment)
+                    tuned = TuneOutput(folder)
+                    log_tuning_run(folder, read_best(tuned.best), pd.read_csv(tuned.grid), uri,
+                                   args.experiment)
                 elif stage == "model":
                     log_model_folder(folder, registered_model_name=args.register_model)
                 else:

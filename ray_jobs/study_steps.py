@@ -1,6 +1,6 @@
 """The steps a study's stages share, used by the pipeline (:mod:`ray_jobs.pipeline`) and the
 method comparison (:mod:`ray_jobs.comparison_study`): where each stage writes
-(:class:`StudyPaths`), running a stage in-process on its request (:func:`run_stage`: the
+(:class:`igconda.data.io.StudyLayout`), running a stage in-process on its request (:func:`run_stage`: the
 stage's typed request, built from the study's loaded config, no argv), a training that resumes
 or starts afresh (:func:`run_training`, on a :func:`training_request`), and the study's model
 folder (:func:`write_study_model`). The comparison study runs its baselines, scorings, tables
@@ -15,61 +15,17 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from igconda.config import StudyConfig
+from igconda.data.io import StudyLayout
 
 if TYPE_CHECKING:
     from ray_jobs.train import TrainRequest
 
 #: A study's stages, in the order they run; each reads the output of the one before it.
 STAGES = ("cohorts", "preprocess", "train", "tune", "model", "infer", "report")
-
-
-@dataclass(frozen=True)
-class StudyPaths:
-    """Where each stage of a study writes; one folder per stage under the study folder."""
-
-    root: Path
-
-    @property
-    def cohorts(self) -> Path:
-        return self.root / "cohorts"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def train(self) -> Path:
-        return self.root / "train"
-
-    @property
-    def tune(self) -> Path:
-        return self.root / "tune"
-
-    @property
-    def infer(self) -> Path:
-        return self.root / "infer"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.html"
-
-    @property
-    def model(self) -> Path:
-        """The study's model folder: the best checkpoint with its tuned settings."""
-        return self.root / "model"
-
-    @property
-    def best_checkpoint(self) -> Path:
-        return self.train / "best"
-
-    @property
-    def tuned(self) -> Path:
-        return self.tune / "best.json"
 
 
 def discard(folder: Path) -> None:
@@ -82,7 +38,7 @@ def discard(folder: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def train_plan(paths: StudyPaths, forced: bool) -> str:
+def train_plan(paths: StudyLayout, forced: bool) -> str:
     """How the pipeline runs its train stage: ``"skip"`` (a finished ``train/best`` exists and
     the stage is not forced), ``"fresh"`` (forced, or nothing there yet) or ``"resume"`` (a
     Ray Train run with checkpoints but no finished best: an interrupted training)."""
@@ -90,7 +46,7 @@ def train_plan(paths: StudyPaths, forced: bool) -> str:
 
     if forced:
         return "fresh"
-    if (paths.best_checkpoint / "model.safetensors").is_file():
+    if paths.done_mark("train").is_file():
         return "skip"
     return "resume" if has_run(default_storage_path(paths.train)) else "fresh"
 
@@ -118,7 +74,7 @@ def training_request(data: Path, output: Path, config: StudyConfig, config_file:
                                                              local=local), **job)
 
 
-def run_training(paths: StudyPaths, request: TrainRequest, *, forced: bool = False) -> None:
+def run_training(paths: StudyLayout, request: TrainRequest, *, forced: bool = False) -> None:
     """Run ``ray_jobs.train`` on ``request`` (into ``paths.train``) as :func:`train_plan` says:
     nothing when a finished ``best`` is there, ``resume`` an interrupted run, else train from
     scratch (discarding what an earlier run left)."""
@@ -144,7 +100,7 @@ def run_training(paths: StudyPaths, request: TrainRequest, *, forced: bool = Fal
     run_stage("train", lambda: request)
 
 
-def write_study_model(paths: StudyPaths, config: StudyConfig, config_file: str, *,
+def write_study_model(paths: StudyLayout, config: StudyConfig, config_file: str, *,
                       tuned: bool = True) -> Path:
     """The study's model folder: ``train/best`` and the settings tuning chose for it
     (``tune/best.json``), or the config's untuned ``infer`` defaults (``tuned`` False or no

@@ -106,3 +106,41 @@ def test_infer_output_layout(tmp_path):
         (out.slices / name).write_bytes(b"")
     assert out.predictions() == {"A": out.prediction("A"), "B": out.prediction("B")}
     assert out.volume_files() == {}
+
+
+#: File names with one owner each: a checkpoint's files (igconda.checkpoint), a dataset's,
+#: a tuning's and a study's files (igconda.data.io), the model folder's tuned settings
+#: (igconda.tuned_model). Another module takes the owner's name, never the literal.
+FILE_OWNERS = {
+    ROOT / "igconda" / "checkpoint.py": {"config.yaml", "model.safetensors", "ema.safetensors",
+                                         "train_state.pt", "metadata.json", "best_checkpoint.json"},
+    OWNER: {"dataset.json", "grid.csv", "best.json", "heatmap.png", "report.html"},
+    ROOT / "igconda" / "tuned_model.py": {"tuning.json"},
+}
+
+
+def _file_name_literals(path: Path, names: set[str]) -> list[int]:
+    """Lines with a string constant that is exactly one of ``names`` (docstrings and messages
+    that mention a name are longer texts, so prose is not caught)."""
+    tree = ast.parse(path.read_text())
+    return sorted({node.lineno for node in ast.walk(tree)
+                   if isinstance(node, ast.Constant) and node.value in names})
+
+
+def test_checkpoint_tuning_and_dataset_file_names_have_one_owner():
+    found = {}
+    for owner, names in FILE_OWNERS.items():
+        for path in _scanned():
+            if path == owner:
+                continue
+            lines = _file_name_literals(path, names)
+            if lines:
+                found[f"{path.relative_to(ROOT)} ({owner.name}'s names)"] = lines
+    assert found == {}, "spell these through their owner's constant or layout class"
+
+
+def test_the_file_name_scan_catches_a_literal(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text('from pathlib import Path\nbest = Path("x") / "model.safetensors"\n'
+                     'note = "copy model.safetensors again"\n')
+    assert _file_name_literals(probe, FILE_OWNERS[ROOT / "igconda" / "checkpoint.py"]) == [2]

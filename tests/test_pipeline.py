@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from igconda import tracking
+from igconda.data.io import StudyLayout
 from ray_jobs import pipeline, study_steps
 from tests.ray_head import local_head
 
@@ -25,7 +26,7 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
 
 
 def test_study_paths_follow_the_stage_layout(tmp_path):
-    paths = study_steps.StudyPaths(tmp_path)
+    paths = StudyLayout(tmp_path)
     assert paths.best_checkpoint == tmp_path / "train" / "best"
     assert paths.tuned == tmp_path / "tune" / "best.json"
     assert paths.report.name == "report.html"
@@ -68,7 +69,7 @@ def test_tiny_study_through_ray_job_submit(tmp_path, repo_root):
 
 
 def test_train_plan_resumes_an_interrupted_run_and_force_starts_afresh(tmp_path):
-    paths = study_steps.StudyPaths(tmp_path)
+    paths = StudyLayout(tmp_path)
     assert study_steps.train_plan(paths, forced=False) == "fresh"  # nothing there yet
     run = paths.train / "ray_results" / "train"
     run.mkdir(parents=True)

@@ -54,7 +54,7 @@ def study(tmp_path_factory):
 
     def fake_infer(request):
         requests["infer"] = request
-        write("infer/tables/methods.csv", "method\n")
+        write("infer/summary.json", "{}")
 
     def no_argv(*args, **kwargs):
         raise AssertionError("a stage was run on an argv list")

@@ -7,7 +7,8 @@ as ``s3://`` alike). No Ray. A dataset's layout (``docs/CONTRACTS.md``)::
     <data>/rejects.csv                           rejected manifest rows, file, problem
     <data>/dataset.json                          counts, config, versions (written last)
 
-The inference output's layout is :class:`InferOutput`, the tuning output's :class:`TuneOutput`.
+A study folder's layout is :class:`StudyLayout`; the inference output's :class:`InferOutput`,
+the tuning output's :class:`TuneOutput`.
 Nothing else spells them:
 ``tests/test_layout_owner.py`` scans the library, the jobs, the tuning and the benchmarks for a
 second spelling.
@@ -210,6 +211,80 @@ class TuneOutput:
         """The result files (grid, best, heatmap), for logging and clean-up."""
         return self.grid, self.best, self.heatmap
 
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """A study folder (``ray_jobs.pipeline --output``): one folder per stage::
+
+        cohorts/        the synthetic cohorts' NIfTI files and manifest (demo studies)
+        data/           the slice dataset (``dataset.json`` marks it complete)
+        train/          Ray Train's checkpoints; ``train/best`` the best one (``model.safetensors``)
+        tune/           :class:`TuneOutput` (``best.json`` marks it complete)
+        model/          the best checkpoint with its tuned settings (``tuning.json``)
+        infer/          :class:`InferOutput` (``summary.json``, written last, marks it complete)
+        report.html     the study report
+    """
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def cohorts(self) -> Path:
+        return self.root / "cohorts"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def infer(self) -> Path:
+        return self.root / "infer"
+
+    @property
+    def model(self) -> Path:
+        """The study's model folder: the best checkpoint with its tuned settings."""
+        return self.root / "model"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        # Imported here: igconda.checkpoint imports torch, which reading a dataset must not.
+        from igconda.checkpoint import BEST_DIR
+
+        return self.train / BEST_DIR
+
+    @property
+    def tuned(self) -> Path:
+        return TuneOutput(self.tune).best
+
+    def done_mark(self, stage: str, folder: Path | None = None) -> Path:
+        """The file whose presence marks ``stage``'s output finished (``data``/``preprocess``,
+        ``train``, ``tune``, ``model``, ``infer``), in ``folder`` when given (a stage folder
+        named on its own), else in this study's folder for the stage."""
+        from igconda.checkpoint import BEST_DIR, MODEL_FILE
+        from igconda.tuned_model import TUNING_FILE
+
+        stage = "data" if stage == "preprocess" else stage
+        marks = {"data": lambda f: f / DATASET_INFO, "train": lambda f: f / BEST_DIR / MODEL_FILE,
+                 "tune": lambda f: TuneOutput(f).best, "model": lambda f: f / TUNING_FILE,
+                 "infer": lambda f: InferOutput(f).summary}
+        if stage not in marks:
+            raise ValueError(f"no done mark for stage {stage!r} (one of {', '.join(marks)})")
+        return marks[stage](folder if folder is not None else getattr(self, stage))
 
 
 def read_predictions(path: str | Path, columns: list[str] | None = None,
