@@ -323,7 +323,8 @@ def run(args: argparse.Namespace) -> InferResult:
         # The actors write their parts under --output (the driver's merge tasks read them
         # anywhere), load the checkpoint, and Ray Data's readers read --data, each on its own
         # node: those are what every node must see.
-        preflight(outputs={"--output": output}, data=data,
+        preflight(outputs={"the inference's --output (the actors write slices/ there)": output},
+                  data=data,
                   checkpoints={"--checkpoint": settings.checkpoint})
         result.computed = predict_patients(todo, expected, config, settings, slices_dir,
                                            args.device, digests)
