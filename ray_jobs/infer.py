@@ -51,13 +51,10 @@ Data preprocessed with other slice settings than the checkpoint's training data 
 ``dataset.json`` against the checkpoint's ``config.yaml``, :mod:`igconda.data.compat`) are
 refused before any work (exit status 2); data without ``dataset.json`` are run with a warning.
 
-The predictions never travel to the driver: each predictor actor writes its batch's rows as one
-part file per patient (``slices/.parts/``, removed once merged), the driver counts the slices
-from small records and has a Ray task merge a complete patient's parts into its file, so its
-memory does not grow with the cohort. The driver writes the scores, tables, figures and volumes.
-What every node must see is therefore ``--output`` as well as what the workers read, ``--data``
-and ``--checkpoint``; on a multi-node cluster the job checks all three before predicting
-(:func:`ray_jobs.shared_storage.preflight`, exit status 2).
+The predictions never reach the driver (:func:`predict_patients`: the actors write per-patient
+parts, Ray tasks merge them), so its memory does not grow with the cohort; it writes the rest.
+Every node must therefore see ``--output``, ``--data`` and ``--checkpoint``; on a multi-node
+cluster the job checks all three before predicting (:mod:`ray_jobs.shared_storage`, exit 2).
 
 Everything is also logged to MLflow (params D, w, s, map kind, τ's; metrics
 ``<method>/<cohort>/<metric>_mean``, ``dice_tau`` included; tables, figures and volumes as
@@ -212,6 +209,9 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
                                 float(ray.cluster_resources().get("CPU", 0.0)))
     if problem:
         logger.warning(problem)
+    # Absolute: the actors and merge tasks resolve paths in their own working directory (with
+    # `ray job submit --working-dir`, a copy of the code, not the driver's).
+    out_dir = out_dir.absolute()
     parts = out_dir / PARTS
     shutil.rmtree(parts, ignore_errors=True)  # a killed run's parts of unfinished patients
     ds = ray.data.read_parquet([str(f) for f in files.values()]).select_columns(list(PREDICTOR_INPUT))
