@@ -1,9 +1,10 @@
 """The batch-inference driver's peak memory and throughput against cohort size.
 
-Every prediction (anomaly map, both decodes) and its input slice flow back from the Ray Data
-actors to the driver, which groups them per patient and writes each patient's file as soon as
-its slices are in (``ray_jobs.infer``). If the driver held the whole cohort, its memory would
-grow with the cohort; if it writes and drops each patient, it should stay flat. This measures it:
+The predictor actors write every prediction (anomaly map, both decodes, input slice) as
+per-patient parts and return only small records to the driver, which has a patient's parts
+merged into its file once its slices are in (``ray_jobs.infer``). The driver's memory should
+therefore not grow with the cohort (before that change, every prediction came back to the
+driver, in blocks as large as the cohort, and it grew). This measures it:
 the test split of a preprocessed dataset replicated ``k`` times (each copy a new patient id),
 ``ray_jobs.infer`` run on each in a fresh process, the driver's own peak resident memory
 (``VmHWM`` of ``/proc/self/status``, which excludes the Ray worker processes) and its wall time.

@@ -2,8 +2,8 @@
 
 Ray Data reads the split's Parquet slices and runs
 :class:`igconda.inference.CounterfactualPredictor` with ``map_batches`` (one actor per GPU or CPU
-slot; the model is loaded once per actor). The driver collects the results per patient and writes
-each patient's file atomically as soon as all its slices are in, so a crashed or interrupted run
+slot; the model is loaded once per actor). Each patient's file is written atomically as soon as
+all its slices are in (:func:`predict_patients`), so a crashed or interrupted run
 loses at most the patients in flight: re-running the same command skips every patient whose
 output is complete *and* was made with the same checkpoint, D, w, s, map kind and τ from the same
 input slice file (its digest), and computes only the rest; outputs of patients no longer in the
@@ -51,9 +51,10 @@ Data preprocessed with other slice settings than the checkpoint's training data 
 ``dataset.json`` against the checkpoint's ``config.yaml``, :mod:`igconda.data.compat`) are
 refused before any work (exit status 2); data without ``dataset.json`` are run with a warning.
 
-The actors only compute: the driver writes every output above. What every node must see is what
-the workers read, ``--data`` and ``--checkpoint``; on a multi-node cluster the job checks both
-before predicting (:func:`ray_jobs.shared_storage.preflight`, exit status 2).
+The predictions never reach the driver (:func:`predict_patients`: the actors write per-patient
+parts, Ray tasks merge them), so its memory does not grow with the cohort; it writes the rest.
+Every node must therefore see ``--output``, ``--data`` and ``--checkpoint``; on a multi-node
+cluster the job checks all three before predicting (:mod:`ray_jobs.shared_storage`, exit 2).
 
 Everything is also logged to MLflow (params D, w, s, map kind, τ's; metrics
 ``<method>/<cohort>/<metric>_mean``, ``dice_tau`` included; tables, figures and volumes as
@@ -64,8 +65,10 @@ artifacts), after every output is on disk: if the tracking server is down the jo
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import shutil
 import sys
 import time
 from collections import defaultdict
@@ -74,7 +77,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
@@ -106,11 +108,11 @@ from ray_jobs.infer_patients import (  # noqa: F401  (re-exported for callers of
     SETTINGS_KEY,
     InferError,
     InferSettings,
-    _concat,
-    _slice_rows,
+    PartWriter,
     check_has_unhealthy,
     input_digest,
     list_patients,
+    merge_parts,
     output_is_complete,
     prune_outputs,
     weights_digest,
@@ -196,22 +198,38 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
     """Run the predictor over the given patients with Ray Data; write each patient when complete,
     stamped with ``settings`` and its input's digest (``digests``, :func:`input_digest`).
 
+    The predictions stay in the workers: each predictor actor writes its batch's rows as one part
+    file per patient under ``out_dir/.parts`` (:class:`~ray_jobs.infer_patients.PartWriter`)
+    and returns only a small record per part (patient id, slice count, path). The driver counts
+    each patient's slices from those records and, once all are in, has a Ray task merge the
+    parts into the patient's file (:func:`finish_patient`). So the driver's memory does not grow
+    with the cohort, and a killed run loses at most the patients in flight (their parts are
+    removed by the next run).
+
     Returns:
         Patient ids written, in completion order.
     """
     import ray
-
-    from igconda.inference import CounterfactualPredictor
 
     i = config.infer
     problem = actor_cpu_warning(i.concurrency, i.num_cpus_per_actor,
                                 float(ray.cluster_resources().get("CPU", 0.0)))
     if problem:
         logger.warning(problem)
+    # Absolute: the actors and merge tasks resolve paths in their own working directory (with
+    # `ray job submit --working-dir`, a copy of the code, not the driver's).
+    out_dir = InferOutput(out_dir.root.absolute())
+    parts = out_dir.parts
+    shutil.rmtree(parts, ignore_errors=True)  # a killed run's parts of unfinished patients
     ds = ray.data.read_parquet([str(f) for f in files.values()]).select_columns(list(PREDICTOR_INPUT))
+    # Ray Data's Parquet reader puts many small patient files into one block (the whole demo
+    # cohort in one): cut it into blocks of a batch, so that each actor task is one batch and
+    # its records, hence finished patients, reach the driver as they are made, not at the end.
+    ds = ds.repartition(target_num_rows_per_block=i.batch_size)
     ds = ds.map_batches(
-        CounterfactualPredictor,
-        fn_constructor_kwargs={"checkpoint": settings.checkpoint, "noise_level": settings.noise_level,
+        PartWriter,
+        fn_constructor_kwargs={"parts": str(parts),
+                               "checkpoint": settings.checkpoint, "noise_level": settings.noise_level,
                                "guidance_scale": settings.guidance_scale, "stride": settings.stride,
                                "map_kind": settings.map_kind, "threshold": settings.threshold,
                                "device": device, "amp": i.use_amp, "keep_inputs": True,
@@ -225,30 +243,49 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
         compute=ray.data.ActorPoolStrategy(size=i.concurrency),
         num_gpus=i.num_gpus_per_actor, num_cpus=i.num_cpus_per_actor,
     )
-    pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    pending: dict[str, list[str]] = defaultdict(list)  # patient -> its parts so far
     counts: dict[str, int] = defaultdict(int)
     written: list[str] = []
     bar = progress(sum(expected[p] for p in files), "infer", "slice")
     with bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            ids = np.asarray(batch["patient_id"]).astype(str)
-            for pid in np.unique(ids):
-                rows = np.flatnonzero(ids == pid)
-                pending[pid].append(_slice_rows(batch, rows))
-                counts[pid] += len(rows)
+        for records in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for pid, n, part in zip(records["patient_id"], records["slices"], records["part"],
+                                    strict=True):
+                pid = str(pid)
+                pending[pid].append(str(part))
+                counts[pid] += int(n)
                 if counts[pid] > expected[pid]:
                     raise InferError(f"patient {pid}: got {counts[pid]} slices, "
                                      f"expected {expected[pid]}")
                 if counts[pid] == expected[pid]:
-                    write_patient(_concat(pending.pop(pid)), out_dir.prediction(pid), settings,
-                                  digests[pid])
+                    finish_patient(pending.pop(pid), out_dir.prediction(pid), expected[pid],
+                                   settings, digests[pid])
                     written.append(pid)
                     bar.set_postfix_str(f"{len(written)}/{len(files)} patients written",
                                         refresh=False)
-                bar.update(len(rows))
+                bar.update(int(n))
     if pending:
         raise InferError(f"incomplete results for patients {sorted(pending)}")
+    shutil.rmtree(parts, ignore_errors=True)
     return written
+
+
+def finish_patient(parts: list[str], path: Path, expected_rows: int, settings: InferSettings,
+                   data_digest: str) -> None:
+    """Merge a complete patient's parts into its prediction file in a Ray task
+    (:func:`~ray_jobs.infer_patients.merge_parts`), and wait for it: the patient is written when
+    this returns. Zero CPUs: the task only reads and writes files, and must not wait behind the
+    predictor actors and Parquet readers that hold every CPU."""
+    import ray
+
+    ray.get(_merge_task().remote(parts, path, expected_rows, settings, data_digest))
+
+
+@functools.cache
+def _merge_task() -> Any:
+    import ray
+
+    return ray.remote(merge_parts).options(num_cpus=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,9 +330,12 @@ def run(request: InferRequest) -> InferResult:
     started = time.perf_counter()
     if todo:
         init_ray(args.address)
-        # Only the driver writes under --output; the actors load the checkpoint and Ray Data's
-        # readers read --data on their own nodes, so those are what every node must see.
-        preflight(data=data, checkpoints={"--checkpoint": settings.checkpoint})
+        # The actors write their parts under --output (the driver's merge tasks read them
+        # anywhere), load the checkpoint, and Ray Data's readers read --data, each on its own
+        # node: those are what every node must see.
+        preflight(outputs={"the inference's --output (the actors write slices/ there)": output},
+                  data=data,
+                  checkpoints={"--checkpoint": settings.checkpoint})
         result.computed = predict_patients(todo, expected, config, settings, layout,
                                            args.device, digests)
     timings["predict_s"] = time.perf_counter() - started

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,13 +143,17 @@ def output_is_complete(path: Path, expected_rows: int, settings: InferSettings,
     return meta.num_rows == expected_rows and stored == _stamp(settings, data_digest)
 
 
-def write_patient(columns: dict[str, np.ndarray], path: Path, settings: InferSettings,
-                  data_digest: str = "") -> None:
-    """Write one patient's predicted rows (sorted by slice) atomically (temp file + rename),
-    stamped with ``settings`` and the :func:`input_digest` of the patient's input.
+def prediction_table(columns: dict[str, Any]) -> pa.Table:
+    """Predicted rows (one patient's, or a batch's rows of one patient) as a table sorted by slice.
 
-    Columns of :data:`~igconda.data.schema.PREDICTION_SCHEMA` are cast to it; any others are
-    kept as they come.
+    Args:
+        columns: ``{name: values}`` of N rows as the predictor returns them; image-like columns
+            (``anomaly_map``, ``counterfactual``, ``counterfactual_w0``, ``image``, ``mask``)
+            hold N flattened H*W arrays.
+
+    Returns:
+        N rows; columns of :data:`~igconda.data.schema.PREDICTION_SCHEMA` cast to it (images
+        as lists of float32, the mask of uint8), any others kept as they come.
     """
     order = np.argsort(columns["slice_index"], kind="stable")
     arrays = {}
@@ -160,7 +165,16 @@ def write_patient(columns: dict[str, np.ndarray], path: Path, settings: InferSet
             arrays[name] = pa.array(values).cast(PREDICTION_SCHEMA.field(name).type)
         else:
             arrays[name] = pa.array(values)
-    table = pa.table(arrays).replace_schema_metadata(
+    return pa.table(arrays)
+
+
+def write_prediction_file(tables: list[pa.Table], path: Path, settings: InferSettings,
+                          data_digest: str = "") -> None:
+    """Write one patient's rows, given as one or more :func:`prediction_table` s, as its
+    prediction file: sorted by slice, validated, stamped with ``settings`` and the
+    :func:`input_digest` of the patient's input, atomically (temp file + rename)."""
+    table = pa.concat_tables(tables, promote_options="default").sort_by("slice_index")
+    table = table.combine_chunks().replace_schema_metadata(
         {SETTINGS_KEY: json.dumps(_stamp(settings, data_digest))})
     validate_predictions(table)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,19 +182,92 @@ def write_patient(columns: dict[str, np.ndarray], path: Path, settings: InferSet
     atomic_write(path, lambda tmp: pq.write_table(table, tmp), suffix=".tmp")
 
 
-def _slice_rows(batch: dict[str, np.ndarray], index: np.ndarray) -> dict[str, Any]:
+def write_patient(columns: dict[str, np.ndarray], path: Path, settings: InferSettings,
+                  data_digest: str = "") -> None:
+    """Write one patient's predicted rows (:func:`prediction_table`) as its prediction file
+    (:func:`write_prediction_file`)."""
+    write_prediction_file([prediction_table(columns)], path, settings, data_digest)
+
+
+def _slice_rows(batch: dict[str, Any], index: np.ndarray) -> dict[str, Any]:
     return {k: (v[index] if isinstance(v, np.ndarray) else [v[i] for i in index]) for k, v in batch.items()}
 
 
-def _concat(parts: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    out = {}
-    for key in parts[0]:
-        values = [p[key] for p in parts]
-        if all(isinstance(v, np.ndarray) and v.dtype != object for v in values):
-            out[key] = np.concatenate(values)
-        else:
-            out[key] = [x for v in values for x in v]
-    return out
+def write_parts(batch: dict[str, np.ndarray], parts: Path) -> dict[str, np.ndarray]:
+    """Write a predicted batch as one part file per patient; return one small record per part.
+
+    Runs where the batch was predicted (:class:`PartWriter`), so that predictions never travel
+    to the driver: it gets the records, counts each patient's slices and has the parts merged
+    (:func:`merge_parts`) once they are all in. A part is ``<parts>/<patient_id>/<first>-<last>.parquet``
+    (its first and last slice index): a batch that Ray Data retries (its actor or node lost)
+    writes the same rows under the same name again, atomically, so a patient's parts never
+    hold a slice twice.
+
+    Args:
+        batch: the predictor's output, N rows of one or more patients.
+        parts: the folder of parts (:attr:`igconda.data.io.InferOutput.parts`).
+
+    Returns:
+        Columns ``patient_id`` (str), ``slices`` (int64, rows in the part) and ``part`` (str,
+        its path), one row per patient in the batch.
+    """
+    ids = np.asarray(batch["patient_id"]).astype(str)
+    records: dict[str, list] = {"patient_id": [], "slices": [], "part": []}
+    for pid in np.unique(ids):
+        table = prediction_table(_slice_rows(batch, np.flatnonzero(ids == pid)))
+        first, last = table["slice_index"][0].as_py(), table["slice_index"][-1].as_py()
+        path = parts / pid / f"{first}-{last}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp, t=table: pq.write_table(t, tmp), suffix=".tmp")
+        records["patient_id"].append(pid)
+        records["slices"].append(table.num_rows)
+        records["part"].append(str(path))
+    return {"patient_id": np.array(records["patient_id"], dtype=object),
+            "slices": np.array(records["slices"], dtype=np.int64),
+            "part": np.array(records["part"], dtype=object)}
+
+
+class PartWriter:
+    """Ray Data callable class: :class:`~igconda.inference.CounterfactualPredictor` on a batch,
+    then :func:`write_parts` in the same actor; returns only the parts' small records."""
+
+    def __init__(self, parts: str, **predictor: Any) -> None:
+        from igconda.inference import CounterfactualPredictor
+
+        self.parts = Path(parts)
+        self.predict = CounterfactualPredictor(**predictor)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return write_parts(self.predict(batch), self.parts)
+
+
+def merge_parts(parts: list[str], path: Path, expected_rows: int, settings: InferSettings,
+                data_digest: str = "") -> int:
+    """Write a patient's prediction file from its parts (:func:`write_prediction_file`), then
+    remove the parts; returns the rows written.
+
+    Idempotent, so a retried call (the task's node lost after it wrote the file) succeeds: with
+    the parts gone and the file complete (:func:`output_is_complete`), it writes nothing.
+
+    Raises:
+        InferError: the parts hold another number of rows than ``expected_rows``, or some are
+            gone without a complete file.
+    """
+    files = [Path(p) for p in parts]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        if output_is_complete(path, expected_rows, settings, data_digest):
+            return expected_rows
+        raise InferError(f"{path.stem}: part file(s) {missing} are gone and {path} is not "
+                         f"complete; is the output folder shared by every node? Re-run the job")
+    tables = [pq.read_table(f) for f in files]
+    rows = sum(t.num_rows for t in tables)
+    if rows != expected_rows:
+        raise InferError(f"{path.stem}: its parts under {files[0].parent} hold {rows} slices, "
+                         f"expected {expected_rows}")
+    write_prediction_file(tables, path, settings, data_digest)
+    shutil.rmtree(files[0].parent, ignore_errors=True)
+    return rows
 
 
 def prune_outputs(output: Path, patients: set[str]) -> list[str]:

@@ -47,8 +47,8 @@ sys.exit(job.main(sys.argv[1:]))
 """
 
 
-# ray_jobs.infer's driver, paused after every patient it writes.
-SLOW_WRITES_DRIVER = paused_after_each("ray_jobs.infer", "write_patient", "ray_jobs.infer")
+# ray_jobs.infer's driver, paused after every patient it has written (its parts merged).
+SLOW_WRITES_DRIVER = paused_after_each("ray_jobs.infer", "finish_patient", "ray_jobs.infer")
 # The pipeline's driver, paused after each patient result the preprocessing records.
 SLOW_PREPROCESS_PIPELINE = paused_after_each("igconda.data.build", "record_result",
                                              "ray_jobs.pipeline")
@@ -141,6 +141,7 @@ def test_a_killed_inference_driver_reruns_only_the_missing_patients(tmp_path, te
     assert written(killed) == sorted(PATIENTS)
     leftovers = [p.name for p in killed.rglob("*") if p.is_file() and ".tmp" in p.name]
     assert leftovers == []
+    assert not (killed / "slices" / ".parts").exists()  # the killed run's parts: merged or removed
     for pid in PATIENTS:
         ours = pq.read_table(killed / "slices" / f"{pid}.parquet").to_pandas()
         theirs = pq.read_table(reference / "slices" / f"{pid}.parquet").to_pandas()

@@ -123,7 +123,8 @@ def worker_disk(two_nodes, tmp_path, monkeypatch):
 
 @pytest.mark.ray
 def test_the_jobs_refuse_what_a_node_does_not_see_before_any_work(worker_disk, tmp_path, test_config,
-                                                                     checkpoint, capsys, caplog):
+                                                                     checkpoint, capsys, caplog,
+                                                                     monkeypatch):
     from ray_jobs import infer, preprocess, train, tune
     from tests.helpers import make_checkpoint, make_dataset
 
@@ -145,9 +146,14 @@ def test_the_jobs_refuse_what_a_node_does_not_see_before_any_work(worker_disk, t
                       "--output", str(tmp_path / "tune")]) == 2
     assert "the tuning's --output (Tune's trial results" in capsys.readouterr().err
 
-    # Inference writes only from the driver: its inputs are what is checked.
+    # Inference's actors write the prediction files' parts under --output: it is checked first.
     data = make_dataset(tmp_path / "data", test_config, {"L1": ("lymphoma", "internal")})
     ckpt = make_checkpoint(tmp_path / "ckpt", test_config)
+    assert infer.main(["--checkpoint", str(ckpt), "--data", str(data), "--output",
+                       str(tmp_path / "infer"), "--no-volumes"]) == 2
+    assert "the inference's --output (the actors write slices/ there)" in capsys.readouterr().err
+    # With --output seen by every node, what the workers read is checked next.
+    monkeypatch.setattr(shared_storage, "check_shared", lambda *args, **kwargs: None)
     assert infer.main(["--checkpoint", str(ckpt), "--data", str(data), "--output",
                        str(tmp_path / "infer"), "--no-volumes"]) == 2
     assert f"--checkpoint (its metadata.json) ({ckpt / 'metadata.json'})" in capsys.readouterr().err

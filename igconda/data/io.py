@@ -109,6 +109,7 @@ class InferOutput:
     """The batch-inference output folder (``ray_jobs.infer --output``), a local path::
 
         slices/<patient_id>.parquet            one file per patient, PREDICTION_SCHEMA rows
+        slices/.parts/<patient_id>/            parts of the patients in flight (removed when merged)
         tables/methods.{csv,md}                every method per cohort; per_slice_metrics.csv,
                                                per_cohort.*, baselines_per_cohort.* beside it
         scores/<method>/                       one method run's files per method
@@ -126,6 +127,12 @@ class InferOutput:
     def slices(self) -> Path:
         """Folder of the per-patient prediction files."""
         return self.root / "slices"
+
+    @property
+    def parts(self) -> Path:
+        """Hidden folder (below the ``*.parquet`` glob) where the predictor actors write the parts
+        of the patients in flight, merged into each patient's file once all are in."""
+        return self.slices / ".parts"
 
     @property
     def tables(self) -> Path:
