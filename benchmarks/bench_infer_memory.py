@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from igconda.data.io import InferOutput, split_path  # noqa: E402
+from igconda.data.io import InferOutput, dataset_info_path, split_path  # noqa: E402
 
 #: Runs ray_jobs.infer in this process and prints the process's peak resident memory (KiB).
 DRIVER = """
@@ -53,7 +53,7 @@ def replicate(data: Path, out: Path, copies: int, split: str) -> int:
         shutil.rmtree(out)
     target = Path(split_path(out, split))
     target.mkdir(parents=True)
-    shutil.copy(data / "dataset.json", out / "dataset.json")
+    shutil.copy(dataset_info_path(data), dataset_info_path(out))
     rows = 0
     for path in sorted(Path(split_path(data, split)).glob("*.parquet")):
         table = pq.read_table(path)
@@ -76,7 +76,7 @@ def tiny_checkpoint(data: Path, folder: Path) -> Path:
     from igconda.models import build_unet
 
     # dataset.json's "config" is the preprocessing section the slices were made with.
-    preprocess = json.loads((data / "dataset.json").read_text()).get("config") or {}
+    preprocess = json.loads(Path(dataset_info_path(data)).read_text()).get("config") or {}
     config = load_config(None)
     known = {k: v for k, v in preprocess.items() if k in config.preprocess.__dataclass_fields__}
     config = config.replace("preprocess", **known)
