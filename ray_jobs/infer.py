@@ -92,6 +92,7 @@ from igconda.train_loop import dataset_version
 from ray_jobs.console import add_verbose_flag, configure, init_ray
 from ray_jobs.infer_config import (  # noqa: F401  (re-exported, as below)
     InferRequest,
+    actor_cpu_warning,
     infer_request,
     resolve_config,
     resolve_request,
@@ -174,22 +175,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also upload the per-slice Parquet files to MLflow (large on real data)")
     add_verbose_flag(p)
     return p.parse_args(argv)
-
-
-def actor_cpu_warning(concurrency: int, cpus_per_actor: float, cluster_cpus: float) -> str | None:
-    """Why the predictor actors may starve the Parquet readers of CPUs, or None if they cannot.
-
-    Ray Data starts the actor pool first; if the actors reserve every CPU, the read tasks that
-    feed them are never scheduled and the job waits forever (seen on a 2-CPU machine with two
-    1-CPU actors). Only a warning: an autoscaling cluster may add the CPUs once asked.
-    """
-    reserved = concurrency * cpus_per_actor
-    if cluster_cpus - reserved >= 1.0:  # a Ray Data read task asks for one whole CPU
-        return None
-    return (f"{concurrency} predictor actor(s) x {cpus_per_actor:g} CPU reserve {reserved:g} of the "
-            f"cluster's {cluster_cpus:g} CPUs, leaving none for Ray Data's Parquet readers: unless "
-            f"the cluster adds CPUs the job will wait forever. Lower infer.concurrency or "
-            f"infer.num_cpus_per_actor (fractions such as 0.5 are fine) so one CPU stays free")
 
 
 def predict_patients(files: dict[str, Path], expected: dict[str, int], config: StudyConfig,

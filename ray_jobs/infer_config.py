@@ -172,3 +172,19 @@ def resolve_request(checkpoint: str | Path, data: str | Path, output: str | Path
                              i.stride, i.map_kind, weights_digest(checkpoint),
                              float(i.threshold), thresholds)
     return InferRequest(str(checkpoint), str(data), str(output), config, settings, **job)
+
+
+def actor_cpu_warning(concurrency: int, cpus_per_actor: float, cluster_cpus: float) -> str | None:
+    """Why the predictor actors may starve the Parquet readers of CPUs, or None if they cannot.
+
+    Ray Data starts the actor pool first; if the actors reserve every CPU, the read tasks that
+    feed them are never scheduled and the job waits forever (seen on a 2-CPU machine with two
+    1-CPU actors). Only a warning: an autoscaling cluster may add the CPUs once asked.
+    """
+    reserved = concurrency * cpus_per_actor
+    if cluster_cpus - reserved >= 1.0:  # a Ray Data read task asks for one whole CPU
+        return None
+    return (f"{concurrency} predictor actor(s) x {cpus_per_actor:g} CPU reserve {reserved:g} of the "
+            f"cluster's {cluster_cpus:g} CPUs, leaving none for Ray Data's Parquet readers: unless "
+            f"the cluster adds CPUs the job will wait forever. Lower infer.concurrency or "
+            f"infer.num_cpus_per_actor (fractions such as 0.5 are fine) so one CPU stays free")

@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from ray_jobs import infer
+from ray_jobs import infer, infer_config
 from tests.helpers import make_checkpoint, make_dataset
 
 PATIENTS = {"L1": ("lymphoma", "internal"), "N1": ("lung", "internal"), "S1": ("sts_ext", "external")}
@@ -88,7 +88,7 @@ def test_missing_checkpoint_and_split_exit_2(study, tmp_path, capsys):
     (4, 2.0, 8.0, True),
 ])
 def test_actors_that_reserve_every_cpu_are_warned_about(concurrency, cpus, cluster, starves):
-    problem = infer.actor_cpu_warning(concurrency, cpus, cluster)
+    problem = infer_config.actor_cpu_warning(concurrency, cpus, cluster)
     assert (problem is not None) is starves
     if starves:
         assert "infer.concurrency" in problem and f"{cluster:g} CPUs" in problem
