@@ -34,8 +34,9 @@ from bench_seeds import INTERNAL, METRICS, label_chosen
 from igconda import evaluation as E
 from igconda.anomaly_methods import IgCondaMethod, baseline_methods
 from igconda.checkpoint import MODEL_FILE, load_model
-from igconda.data.io import TuneOutput, split_path
+from igconda.data.io import split_path
 from igconda.data.schema import UNHEALTHY
+from igconda.data.study_layout import TuneOutput
 from igconda.diffusion.schedule import NoiseSchedule
 
 SHOWN = ("chosen", "igconda_abs", "control", "intensity", "threshold_41")

@@ -23,7 +23,8 @@ import yaml  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from igconda.checkpoint import CONFIG_FILE  # noqa: E402
-from igconda.data.io import InferOutput, StudyLayout, TuneOutput  # noqa: E402
+from igconda.data.io import InferOutput  # noqa: E402
+from igconda.data.study_layout import StudyLayout, TuneOutput  # noqa: E402
 from igconda.figures import (  # noqa: E402
     heatmap_figure,
     lesion_size_figure,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from igconda import tracking
 from igconda.config import StudyConfig, save_config
-from igconda.data.io import StudyLayout
+from igconda.data.study_layout import StudyLayout
 from ray_jobs import stage_records
 from ray_jobs.study_steps import discard, local_torch_threads, training_request
 

@@ -46,7 +46,7 @@ from pathlib import Path
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
 from igconda.config_rules import UNCONDITIONED
-from igconda.data.io import StudyLayout, TuneOutput
+from igconda.data.study_layout import StudyLayout, TuneOutput
 from igconda.io_utils import atomic_write
 from ray_jobs import stage_records
 from ray_jobs.comparison_steps import Study

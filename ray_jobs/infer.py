@@ -101,7 +101,6 @@ from ray_jobs.infer_outputs import (  # noqa: F401  (re-exported for callers of 
     export_volumes,
     log_infer_run,
     make_figures,
-    score_patient,
     write_tables,
     write_text,
 )
@@ -119,6 +118,7 @@ from ray_jobs.infer_patients import (  # noqa: F401  (re-exported for callers of
     weights_digest,
     write_patient,
 )
+from ray_jobs.infer_scores import score_patients
 from ray_jobs.shared_storage import SharedStorageError, preflight
 
 logger = logging.getLogger("ray_jobs.infer")
@@ -138,6 +138,7 @@ class InferResult:
     skipped: list[str] = field(default_factory=list)   # complete outputs found and kept
     figure_errors: dict[str, str] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)   # outputs of patients no longer in the split
+    rescored: list[str] = field(default_factory=list)  # patients scored (not reused) in this run
     run_id: str | None = None
 
 
@@ -326,10 +327,10 @@ def run(request: InferRequest) -> InferResult:
     timings["predict_s"] = time.perf_counter() - started
     slice_files = {pid: layout.prediction(pid) for pid in inputs}
 
-    # Scoring is cheap next to diffusion, so tables are always rebuilt from all patients' files.
+    # Each patient is scored once per prediction, τ's and scoring code (ray_jobs.infer_scores);
+    # the tables are rebuilt from every patient's scores.
     t0 = time.perf_counter()
-    scored = [score_patient(slice_files[pid], inputs[pid], settings.thresholds) for pid in inputs]
-    scored = [frame for frame in scored if len(frame)]
+    scored, result.rescored = score_patients(slice_files, inputs, settings.thresholds, layout)
     if not scored:
         raise InferError(f"split '{args.split}' has no unhealthy slice to score")
     per_slice = pd.concat(scored, ignore_index=True)
@@ -356,6 +357,7 @@ def run(request: InferRequest) -> InferResult:
                "data_version": data_version, "removed": result.removed,
                "batch_size": config.infer.batch_size, "concurrency": config.infer.concurrency,
                "patients": len(inputs), "computed": result.computed, "skipped": result.skipped,
+               "rescored": result.rescored,
                "slices": int(sum(expected.values())), "figure_errors": result.figure_errors,
                "timings": timings}
     write_text(layout.summary, json.dumps(summary, indent=2))

@@ -275,11 +275,11 @@ def prune_outputs(output: Path, patients: set[str]) -> list[str]:
 
     The output folder holds one split's results: a patient dropped from the split (by
     re-preprocessing, or a cohort removed from the manifest) must not stay in ``slices/``, where
-    the report and ``igconda`` readers glob every file, nor in ``volumes/``. Returns the removed
+    the report and ``igconda`` readers glob every file, nor in ``volumes/`` or ``scored/``. Returns the removed
     paths (relative to ``output``).
     """
     layout, removed = InferOutput(output), []
-    for files in (layout.predictions(), layout.volume_files()):
+    for files in (layout.predictions(), layout.volume_files(), layout.scored_files()):
         for pid, path in files.items():
             if pid not in patients:
                 path.unlink(missing_ok=True)

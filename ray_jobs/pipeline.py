@@ -63,7 +63,7 @@ from pathlib import Path
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP, positive_int
 from igconda.config import ConfigError, StudyConfig, load_config
-from igconda.data.io import StudyLayout
+from igconda.data.study_layout import StudyLayout
 from igconda.io_utils import atomic_write
 from ray_jobs import console, stage_records
 from ray_jobs.study_steps import (

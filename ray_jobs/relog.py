@@ -40,7 +40,8 @@ from typing import Any
 
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP
-from igconda.data.io import InferOutput, StudyLayout, TuneOutput
+from igconda.data.io import InferOutput
+from igconda.data.study_layout import StudyLayout, TuneOutput
 
 STAGE_FOLDERS = ("train", "tune", "model", "infer")
 

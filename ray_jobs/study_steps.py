@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from igconda.config import StudyConfig
-from igconda.data.io import StudyLayout
+from igconda.data.study_layout import StudyLayout
 
 if TYPE_CHECKING:
     from ray_jobs.train import TrainRequest

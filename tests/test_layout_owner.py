@@ -17,8 +17,10 @@ from igconda.data.io import InferOutput, split_path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("igconda", "ray_jobs", "tuning", "benchmarks")
 OWNER = ROOT / "igconda" / "data" / "io.py"
+#: The study folder's and the tuning output's layouts (igconda.data.study_layout).
+STUDY_OWNER = ROOT / "igconda" / "data" / "study_layout.py"
 #: Folder and file names of the two layouts ``igconda.data.io`` owns.
-LAYOUT_NAMES = {"slices", "tables", "figures", "volumes", "summary.json"}
+LAYOUT_NAMES = {"slices", "tables", "figures", "volumes", "scored", "summary.json"}
 #: The compare stage writes its own ``<comparison>/tables`` and ``figures`` (docs/report.md):
 #: another stage's output, with names of its own that the inference layout does not own.
 OTHER_LAYOUTS = {ROOT / "igconda" / "comparison_report.py": {"tables", "figures"}}
@@ -54,7 +56,8 @@ def _spellings(path: Path, names: set[str] = LAYOUT_NAMES) -> list[int]:
 
 
 def _scanned() -> list[Path]:
-    return [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py")) if p != OWNER]
+    return [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))
+            if p not in (OWNER, STUDY_OWNER)]
 
 
 def test_only_io_spells_the_data_and_inference_layouts():
@@ -108,13 +111,14 @@ def test_infer_output_layout(tmp_path):
     assert out.volume_files() == {}
 
 
-#: File names with one owner each: a checkpoint's files (igconda.checkpoint), a dataset's,
-#: a tuning's and a study's files (igconda.data.io), the model folder's tuned settings
+#: File names with one owner each: a checkpoint's files (igconda.checkpoint), a dataset's
+#: (igconda.data.io), a tuning's and a study's (igconda.data.study_layout), the model folder's tuned settings
 #: (igconda.tuned_model). Another module takes the owner's name, never the literal.
 FILE_OWNERS = {
     ROOT / "igconda" / "checkpoint.py": {"config.yaml", "model.safetensors", "ema.safetensors",
                                          "train_state.pt", "metadata.json", "best_checkpoint.json"},
-    OWNER: {"dataset.json", "grid.csv", "best.json", "heatmap.png", "report.html"},
+    OWNER: {"dataset.json", "summary.json"},
+    STUDY_OWNER: {"grid.csv", "best.json", "heatmap.png", "report.html"},
     ROOT / "igconda" / "tuned_model.py": {"tuning.json"},
 }
 

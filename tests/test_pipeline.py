@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from igconda import tracking
-from igconda.data.io import StudyLayout
+from igconda.data.study_layout import StudyLayout
 from ray_jobs import pipeline, study_steps
 from tests.ray_head import local_head
 

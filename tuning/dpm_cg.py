@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from igconda.config import ConfigError, StudyConfig
-from igconda.data.io import TuneOutput
+from igconda.data.study_layout import TuneOutput
 from igconda.evaluation import DPM_CG
 from tuning.results import METRIC, collect_grid
 from tuning.trial import TuneSlices, TuningError, load_tune_slices, score_row

@@ -41,7 +41,8 @@ from typing import Any
 import pandas as pd
 
 from igconda.config import StudyConfig, TuneConfig
-from igconda.data.io import TuneOutput, is_local_dataset
+from igconda.data.io import is_local_dataset
+from igconda.data.study_layout import TuneOutput
 from igconda.io_utils import atomic_write
 from igconda.map_kinds import CONTROLS
 from tuning.experiment import KEY_FIELD, make_tuner, tuning_key

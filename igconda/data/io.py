@@ -7,9 +7,8 @@ as ``s3://`` alike). No Ray. A dataset's layout (``docs/CONTRACTS.md``)::
     <data>/rejects.csv                           rejected manifest rows, file, problem
     <data>/dataset.json                          counts, config, versions (written last)
 
-A study folder's layout is :class:`StudyLayout`; the inference output's :class:`InferOutput`,
-the tuning output's :class:`TuneOutput`.
-Nothing else spells them:
+The inference output's layout is :class:`InferOutput`; a study folder's and the tuning
+output's are :mod:`igconda.data.study_layout`'s. Nothing else spells them:
 ``tests/test_layout_owner.py`` scans the library, the jobs, the tuning and the benchmarks for a
 second spelling.
 """
@@ -115,6 +114,7 @@ class InferOutput:
         scores/<method>/                       one method run's files per method
         figures/*.png                          qualitative_<cohort>.png, lesion_size.png
         volumes/<patient_id>_anomaly.nii.gz    anomaly map on the original scan's grid
+        scored/<patient_id>.parquet            every method's scores of the patient, kept for re-runs
         summary.json                           settings, counts, timings (the stage's done mark)
     """
 
@@ -173,6 +173,15 @@ class InferOutput:
         """One patient's anomaly volume (NIfTI)."""
         return self.volumes / f"{patient_id}{VOLUME_SUFFIX}"
 
+    @property
+    def scored(self) -> Path:
+        """Folder of the per-patient scores a re-run reuses (``ray_jobs.infer_scores``)."""
+        return self.root / "scored"
+
+    def patient_scores(self, patient_id: str) -> Path:
+        """One patient's scores of every method (``SCORE_SCHEMA`` rows)."""
+        return self.scored / f"{patient_id}{PREDICTION_SUFFIX}"
+
     def predictions(self) -> dict[str, Path]:
         """{patient id: prediction file} of every finished file, sorted (a half-written file
         has a ``.tmp`` suffix and is not listed)."""
@@ -182,117 +191,9 @@ class InferOutput:
         """{patient id: anomaly volume} of every volume written."""
         return _by_patient(self.volumes, VOLUME_SUFFIX)
 
-@dataclass(frozen=True)
-class TuneOutput:
-    """The tuning output folder (``ray_jobs.tune --output``, ``<study>/tune``), a local path::
-
-        grid.csv          one row per (D, w, map kind) scored on the tune split
-        best.json         the chosen D, w, map kind and τ (written before any MLflow call)
-        heatmap.png       mean ⌈DSC⌉ over the grid
-        ray_results/      Ray Tune's experiment (``tune-<key>``), what a killed tuning resumes
-    """
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def grid(self) -> Path:
-        return self.root / "grid.csv"
-
-    @property
-    def best(self) -> Path:
-        return self.root / "best.json"
-
-    @property
-    def heatmap(self) -> Path:
-        return self.root / "heatmap.png"
-
-    @property
-    def ray_results(self) -> Path:
-        return self.root / "ray_results"
-
-    @property
-    def files(self) -> tuple[Path, Path, Path]:
-        """The result files (grid, best, heatmap), for logging and clean-up."""
-        return self.grid, self.best, self.heatmap
-
-
-
-@dataclass(frozen=True)
-class StudyLayout:
-    """A study folder (``ray_jobs.pipeline --output``): one folder per stage::
-
-        cohorts/        the synthetic cohorts' NIfTI files and manifest (demo studies)
-        data/           the slice dataset (``dataset.json`` marks it complete)
-        train/          Ray Train's checkpoints; ``train/best`` the best one (``model.safetensors``)
-        tune/           :class:`TuneOutput` (``best.json`` marks it complete)
-        model/          the best checkpoint with its tuned settings (``tuning.json``)
-        infer/          :class:`InferOutput` (``summary.json``, written last, marks it complete)
-        report.html     the study report
-    """
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
-
-    @property
-    def cohorts(self) -> Path:
-        return self.root / "cohorts"
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
-
-    @property
-    def train(self) -> Path:
-        return self.root / "train"
-
-    @property
-    def tune(self) -> Path:
-        return self.root / "tune"
-
-    @property
-    def infer(self) -> Path:
-        return self.root / "infer"
-
-    @property
-    def model(self) -> Path:
-        """The study's model folder: the best checkpoint with its tuned settings."""
-        return self.root / "model"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.html"
-
-    @property
-    def best_checkpoint(self) -> Path:
-        # Imported here: igconda.checkpoint imports torch, which reading a dataset must not.
-        from igconda.checkpoint import BEST_DIR
-
-        return self.train / BEST_DIR
-
-    @property
-    def tuned(self) -> Path:
-        return TuneOutput(self.tune).best
-
-    def done_mark(self, stage: str, folder: Path | None = None) -> Path:
-        """The file whose presence marks ``stage``'s output finished (``data``/``preprocess``,
-        ``train``, ``tune``, ``model``, ``infer``), in ``folder`` when given (a stage folder
-        named on its own), else in this study's folder for the stage."""
-        from igconda.checkpoint import BEST_DIR, MODEL_FILE
-        from igconda.tuned_model import TUNING_FILE
-
-        stage = "data" if stage == "preprocess" else stage
-        marks = {"data": lambda f: f / DATASET_INFO, "train": lambda f: f / BEST_DIR / MODEL_FILE,
-                 "tune": lambda f: TuneOutput(f).best, "model": lambda f: f / TUNING_FILE,
-                 "infer": lambda f: InferOutput(f).summary}
-        if stage not in marks:
-            raise ValueError(f"no done mark for stage {stage!r} (one of {', '.join(marks)})")
-        return marks[stage](folder if folder is not None else getattr(self, stage))
-
+    def scored_files(self) -> dict[str, Path]:
+        """{patient id: scores file} of every patient scored."""
+        return _by_patient(self.scored, PREDICTION_SUFFIX)
 
 def read_predictions(path: str | Path, columns: list[str] | None = None,
                      filters: Any = None) -> pa.Table:
