@@ -281,19 +281,18 @@ def _merge_task() -> Any:
 def run(request: InferRequest) -> InferResult:
     """The whole job (see the module docstring) as ``request`` says (its settings resolved once,
     :func:`ray_jobs.infer_config.resolve_request`); Ray is started here if it is not running."""
-    args = request  # the job's fields, named as the command line's options
     config, settings = request.config, request.settings
-    data, output = Path(args.data), Path(args.output)
+    data, output = Path(request.data), Path(request.output)
     # Slices made otherwise than the checkpoint's training data are refused before any work
     # (the request's config carries the checkpoint's preprocess section: not read again).
     try:
-        problem = check_data_for_checkpoint(data, args.checkpoint, config=config)
+        problem = check_data_for_checkpoint(data, request.checkpoint, config=config)
     except PreprocessMismatch as err:
         raise InferError(str(err)) from None
     if problem:
         logger.warning(problem)  # on the console and in the log file (ray_jobs.console)
-    inputs = list_patients(data, args.split)
-    check_has_unhealthy(inputs, args.split)
+    inputs = list_patients(data, request.split)
+    check_has_unhealthy(inputs, request.split)
     layout = InferOutput(output)
     expected = {pid: pq.read_metadata(f).num_rows for pid, f in inputs.items()}
     digests = {pid: input_digest(f) for pid, f in inputs.items()}
@@ -306,8 +305,8 @@ def run(request: InferRequest) -> InferResult:
     result.removed = prune_outputs(output, set(inputs))
     if result.removed:
         print(f"infer: removed {len(result.removed)} output(s) of patients no longer in split "
-              f"'{args.split}': {', '.join(result.removed)}", flush=True)
-    print(f"infer: {len(inputs)} patients in split '{args.split}' ({sum(expected.values())} slices); "
+              f"'{request.split}': {', '.join(result.removed)}", flush=True)
+    print(f"infer: {len(inputs)} patients in split '{request.split}' ({sum(expected.values())} slices); "
           f"D={settings.noise_level} w={settings.guidance_scale:g} s={settings.stride} "
           f"map={settings.map_kind} τ={settings.threshold:g}; {len(result.skipped)} already "
           f"complete, {len(todo)} to run",
@@ -315,7 +314,7 @@ def run(request: InferRequest) -> InferResult:
     timings = {}
     started = time.perf_counter()
     if todo:
-        init_ray(args.address)
+        init_ray(request.address)
         # The actors write their parts under --output (the driver's merge tasks read them
         # anywhere), load the checkpoint, and Ray Data's readers read --data, each on its own
         # node: those are what every node must see.
@@ -323,7 +322,7 @@ def run(request: InferRequest) -> InferResult:
                   data=data,
                   checkpoints={"--checkpoint": settings.checkpoint})
         result.computed = predict_patients(todo, expected, config, settings, layout,
-                                           args.device, digests)
+                                           request.device, digests)
     timings["predict_s"] = time.perf_counter() - started
     slice_files = {pid: layout.prediction(pid) for pid in inputs}
 
@@ -332,7 +331,7 @@ def run(request: InferRequest) -> InferResult:
     t0 = time.perf_counter()
     scored, result.rescored = score_patients(slice_files, inputs, settings.thresholds, layout)
     if not scored:
-        raise InferError(f"split '{args.split}' has no unhealthy slice to score")
+        raise InferError(f"split '{request.split}' has no unhealthy slice to score")
     per_slice = pd.concat(scored, ignore_index=True)
     write_tables(per_slice, layout, settings.method)
     timings["score_s"] = time.perf_counter() - t0
@@ -345,7 +344,7 @@ def run(request: InferRequest) -> InferResult:
         print(f"    warning: figure {name} not made: {problem}", flush=True)
     timings["figures_s"] = time.perf_counter() - t0
     n_volumes = 0
-    if not args.no_volumes:
+    if not request.no_volumes:
         t0 = time.perf_counter()
         n_volumes = export_volumes(slice_files, inputs, layout)
         timings["volumes_s"] = time.perf_counter() - t0
@@ -353,7 +352,7 @@ def run(request: InferRequest) -> InferResult:
 
     data_version = dataset_version(str(data))
     summary = {"settings": settings.as_dict(), "thresholds": settings.thresholds,
-               "chosen_method": settings.method, "split": args.split, "data": str(data.resolve()),
+               "chosen_method": settings.method, "split": request.split, "data": str(data.resolve()),
                "data_version": data_version, "removed": result.removed,
                "batch_size": config.infer.batch_size, "concurrency": config.infer.concurrency,
                "patients": len(inputs), "computed": result.computed, "skipped": result.skipped,
@@ -362,15 +361,15 @@ def run(request: InferRequest) -> InferResult:
                "timings": timings}
     write_text(layout.summary, json.dumps(summary, indent=2))
 
-    uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
+    uri = tracking.resolve_tracking_uri(request.tracking_uri or config.tracking.tracking_uri, output)
     # Everything is on disk by now: a tracking outage costs the MLflow run, never the results.
     with tracking.outage_tolerant("logging the inference run", uri, on_disk=str(output),
                                   relog=f"--infer {output}") as logged:
-        with tracking.start_run(uri, args.experiment or config.tracking.experiment, "infer",
+        with tracking.start_run(uri, request.experiment or config.tracking.experiment, "infer",
                                 tags={"igconda.stage": "infer"},
-                                parent_run_id=args.parent_run_id) as run_id:
+                                parent_run_id=request.parent_run_id) as run_id:
             result.run_id = run_id
-            log_infer_run(output, summary, volumes=not args.no_volumes, slices=args.log_slices)
+            log_infer_run(output, summary, volumes=not request.no_volumes, slices=request.log_slices)
     # A run the server lost mid-way is named by the warning and in mlflow_run.json, not here.
     print(f"infer: done; outputs in {output} "
           f"(MLflow run {result.run_id if logged['ok'] else 'not logged'})",

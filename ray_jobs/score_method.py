@@ -148,7 +148,6 @@ def score_inputs(request: ScoreRequest) -> dict[str, str]:
     *and contents* of the checkpoints, the tuning file, the config file and the data, keyed by
     the data's version (a checkpoint retrained, or data re-preprocessed, into the same folder
     is another input). What :func:`finished_run` compares a finished folder's record with."""
-    args = request
 
     def resolved(path: str | None) -> str:
         return str(Path(path).resolve()) if path else ""
@@ -159,16 +158,16 @@ def score_inputs(request: ScoreRequest) -> dict[str, str]:
         return folder_digest(path) if Path(path).is_dir() else file_digest(path)
 
     try:
-        data_version = dataset_version(str(args.data))
+        data_version = dataset_version(str(request.data))
     except FileNotFoundError:
         data_version = ""  # no data (yet): the job itself names what is missing
-    return {"method": args.method, "checkpoint": resolved(args.checkpoint),
-            "checkpoint_sha256": content(args.checkpoint),
-            "checkpoint2": resolved(args.checkpoint2), "checkpoint2_sha256": content(args.checkpoint2),
-            "tuned": resolved(args.tuned), "tuned_sha256": content(args.tuned),
-            "data": str(args.data), "data_version": data_version,
-            "split": args.split, "tune_split": args.tune_split,
-            "variant": args.variant, "config_sha256": content(args.config_file)}
+    return {"method": request.method, "checkpoint": resolved(request.checkpoint),
+            "checkpoint_sha256": content(request.checkpoint),
+            "checkpoint2": resolved(request.checkpoint2), "checkpoint2_sha256": content(request.checkpoint2),
+            "tuned": resolved(request.tuned), "tuned_sha256": content(request.tuned),
+            "data": str(request.data), "data_version": data_version,
+            "split": request.split, "tune_split": request.tune_split,
+            "variant": request.variant, "config_sha256": content(request.config_file)}
 
 
 def finished_run(output: str | Path, inputs: dict[str, str] | None = None) -> dict[str, Any] | None:

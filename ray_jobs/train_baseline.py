@@ -224,70 +224,69 @@ def run(request: BaselineRequest) -> Path:
         ConfigError, UsageError, CheckpointError, DatasetError, FileNotFoundError,
         SharedStorageError: refused before training (the command line's exit status 2).
     """
-    args = request  # the job's fields, named as the command line's options
-    trainer_cls = trainer_class(args.method)
+    trainer_cls = trainer_class(request.method)
     config = request.config
     for split in ("train", "valid"):
-        if not path_exists(split_path(args.data, split), want_dir=True):
-            raise UsageError(f"{split_path(args.data, split)}: no {split} split; "
+        if not path_exists(split_path(request.data, split), want_dir=True):
+            raise UsageError(f"{split_path(request.data, split)}: no {split} split; "
                              "run ray_jobs.preprocess first")
-    size = slice_size(args.data)
-    class_counts = label_counts(split_path(args.data, "train"))
-    check_training_classes(class_counts, split_path(args.data, "train"))
+    size = slice_size(request.data)
+    class_counts = label_counts(split_path(request.data, "train"))
+    check_training_classes(class_counts, split_path(request.data, "train"))
     # A bad setting fails before Ray starts.
-    settings = method_settings(config, args.method, size, class_counts)
-    output = Path(args.output).resolve()
+    settings = method_settings(config, request.method, size, class_counts)
+    output = Path(request.output).resolve()
     output.mkdir(parents=True, exist_ok=True)
-    storage_path, run_name = default_storage_path(output), args.method
+    storage_path, run_name = default_storage_path(output), request.method
     # The driver's own reads first, so that a refused run never starts Ray.
-    check_resume(storage_path, run_name, args.resume, check_resumable, data=args.data)
+    check_resume(storage_path, run_name, request.resume, check_resumable, data=request.data)
 
     import ray
 
-    init_ray(args.address, verbose=args.verbose)  # quiet unless --verbose: ray_jobs.console
+    init_ray(request.address, verbose=request.verbose)  # quiet unless --verbose: ray_jobs.console
     # Before anything is opened or started: rank 0 writes the checkpoints under --output
     # (ray_results/) and (default store) logs to <output>/mlflow.db; every worker reads --data.
     preflight(outputs={"the baseline's --output (rank 0 writes its checkpoints and MLflow "
-                       "store there)": output}, data=args.data)
+                       "store there)": output}, data=request.data)
 
-    data_hash = dataset_version(args.data)
+    data_hash = dataset_version(request.data)
     mlflow_cfg, tracking_uri = None, ""
     outage = {"on_disk": str(output)}
-    if not args.no_tracking:
-        tracking_uri = tracking.resolve_tracking_uri(args.tracking_uri or config.tracking.tracking_uri, output)
+    if not request.no_tracking:
+        tracking_uri = tracking.resolve_tracking_uri(request.tracking_uri or config.tracking.tracking_uri, output)
         params = {**{k: v for k, v in config.flat().items() if k.startswith(("baselines.", "train."))},
                   **{f"settings.{k}": v for k, v in dataclasses.asdict(settings).items()},
-                  "job.method": args.method, "job.data": args.data, "job.slice_size": list(size)}
-        tags = {**tracking.method_run_tags("train_baseline", SCORED_AS[args.method], args.variant, data_hash),
-                "igconda.train_method": args.method, "igconda.init": initial_weights(config, args.method)}
+                  "job.method": request.method, "job.data": request.data, "job.slice_size": list(size)}
+        tags = {**tracking.method_run_tags("train_baseline", SCORED_AS[request.method], request.variant, data_hash),
+                "igconda.train_method": request.method, "igconda.init": initial_weights(config, request.method)}
         with tracking.outage_tolerant("opening the training run; training goes on without MLflow",
                                       tracking_uri, **outage):
             mlflow_cfg = create_or_reopen_run(
-                output / RUN_RECORD, resume=args.resume, tracking_uri=tracking_uri,
-                experiment=args.experiment or config.tracking.experiment,
-                run_name=f"train_baseline-{args.method}", tags=tags, params=params,
-                parent_run_id=args.parent_run_id)
+                output / RUN_RECORD, resume=request.resume, tracking_uri=tracking_uri,
+                experiment=request.experiment or config.tracking.experiment,
+                run_name=f"train_baseline-{request.method}", tags=tags, params=params,
+                parent_run_id=request.parent_run_id)
 
     workers = config.train.num_workers
-    cpus = args.cpus_per_worker or default_cpus_per_worker(workers, ray.cluster_resources().get("CPU", 1.0))
-    print(f"{args.method}: {workers} worker(s), {cpus:g} CPU each, slices {size[0]}x{size[1]}", flush=True)
-    splits = read_splits(args.data, {"train": trainer_cls.train_columns, "valid": trainer_cls.valid_columns},
+    cpus = request.cpus_per_worker or default_cpus_per_worker(workers, ray.cluster_resources().get("CPU", 1.0))
+    print(f"{request.method}: {workers} worker(s), {cpus:g} CPU each, slices {size[0]}x{size[1]}", flush=True)
+    splits = read_splits(request.data, {"train": trainer_cls.train_columns, "valid": trainer_cls.valid_columns},
                          materialize_max_mb=config.train.materialize_max_mb,
                          filters={"train": trainer_cls.train_filter} if trainer_cls.train_filter else None)
     if trainer_cls.oversample and config.train.balance_classes:
         splits["train"], repeats = oversample_unhealthy(splits["train"], class_counts)
         print(f"class balance: each unhealthy train slice shown {repeats}x per epoch", flush=True)
     splits["train"] = splits["train"].randomize_block_order()
-    loop_config = {"method": args.method, "study": config.to_dict(), "slice_size": list(size),
+    loop_config = {"method": request.method, "study": config.to_dict(), "slice_size": list(size),
                    "class_counts": class_counts,
                    "mlflow": mlflow_cfg, "data_version": data_hash,
-                   "torch_threads": args.torch_threads or max(1, int(cpus))}
+                   "torch_threads": request.torch_threads or max(1, int(cpus))}
     trainer = torch_trainer(train_baseline_func, loop_config, splits, num_workers=workers,
                             use_gpu=config.train.use_gpu, cpus_per_worker=cpus,
                             storage_path=storage_path, run_name=run_name,
                             max_failures=config.train.max_failures,
-                            keep_checkpoints=args.keep_checkpoints)
-    return fit_and_finish(trainer, output, {"method": args.method}, tracking_uri=tracking_uri,
+                            keep_checkpoints=request.keep_checkpoints)
+    return fit_and_finish(trainer, output, {"method": request.method}, tracking_uri=tracking_uri,
                           mlflow_cfg=mlflow_cfg, outage=outage)
 
 
