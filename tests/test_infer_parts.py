@@ -94,9 +94,9 @@ def test_the_driver_receives_only_small_records(tmp_path, test_config, ray_sessi
 
     monkeypatch.setattr(ray.data.Dataset, "iter_batches", recorded)
     output = tmp_path / "out"
-    result = infer.run(infer.parse_args([
+    result = infer.run(infer.infer_request(infer.parse_args([
         "--checkpoint", str(checkpoint), "--data", str(data), "--output", str(output),
-        "--tracking-uri", str(tmp_path / "mlruns"), "--batch-size", "4", "--no-volumes"]))
+        "--tracking-uri", str(tmp_path / "mlruns"), "--batch-size", "4", "--no-volumes"])))
     assert sorted(result.computed) == sorted(patients)
 
     assert received, "the driver iterated over nothing"
