@@ -57,6 +57,20 @@ class Study:
         """Where a baseline's network is trained: ``<output>/baselines/<method>``."""
         return self.root / "baselines" / method
 
+    def scores_dir(self, name: str) -> Path:
+        """Where one method's (or variant's) scoring writes: ``<output>/scores/<name>``."""
+        return self.root / "scores" / name
+
+    @property
+    def comparison_dir(self) -> Path:
+        """The comparison's tables and figures (``ray_jobs.compare``): ``<output>/comparison``."""
+        return self.root / "comparison"
+
+    @property
+    def record_file(self) -> Path:
+        """The study's own record (timings, failed steps, what ran): ``comparison_study.json``."""
+        return self.root / "comparison_study.json"
+
     @property
     def num_workers(self) -> int:
         """Training workers of every network: ``--num-workers``, else ``train.num_workers``."""

@@ -160,7 +160,7 @@ def score(study: Study, method: str, *, checkpoint: Path | None = None,
     config's ``baselines`` section sets the scoring batch and the DPM + CG decoding)."""
     from ray_jobs.score_method import finished_run, score_inputs
 
-    folder = study.root / "scores" / (f"{method}-{variant}" if variant else method)
+    folder = study.scores_dir(f"{method}-{variant}" if variant else method)
 
     def body() -> None:
         request = study.score_request(method, folder, checkpoint=checkpoint,
@@ -249,7 +249,7 @@ def run(study: Study, variants: list[str], baselines: list[str]) -> None:
         from ray_jobs.compare import resolve_request
 
         run_stage("compare", lambda: resolve_request(
-            study.root / "comparison", study.experiment, tracking_uri=study.tracking_uri,
+            study.comparison_dir, study.experiment, tracking_uri=study.tracking_uri,
             data_version=study.data_version))
 
     study.step("comparison", compare)
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
     record = {"timings_s": {**study.timings, "total": total}, "failed": study.failed,
               "variants": variants, "baselines": baselines, "config": str(args.config)}
-    atomic_write(study.root / "comparison_study.json",
+    atomic_write(study.record_file,
                  lambda tmp: tmp.write_text(json.dumps(record, indent=2)), suffix=".tmp")
     print(f"\n==> comparison study finished in {total / 60:.1f} min", flush=True)
     print(f"    tables and figures: {study.root / 'comparison' / 'comparison.html'}")

@@ -37,7 +37,8 @@ from ray_jobs.infer_patients import SETTINGS_KEY
 #: Where each stored score file keeps the key it was made with.
 SCORES_KEY = b"igconda.scores"
 #: Modules whose source decides a patient's scores: the maps of every method, the metrics, the
-#: lesion statistics and the per-patient scoring itself.
+#: lesion statistics and the per-patient scoring itself. A module that starts to decide scores
+#: must be added here, or its changes would leave stored scores stale.
 SCORING_MODULES = ("igconda.anomaly_methods", "igconda.evaluation", "igconda.metrics",
                    "igconda.lesion_stats", "igconda.map_kinds", "ray_jobs.infer_outputs")
 

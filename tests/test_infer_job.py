@@ -250,7 +250,9 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
     kept = (output / "slices" / "L1.parquet").stat().st_mtime_ns
     third = infer.run(infer.infer_request(infer.parse_args(_argv((root, study[1], data2), output))))
     assert third.computed == ["N1"] and third.skipped == ["L1"]
-    assert sorted(third.removed) == ["slices/S1.parquet", "volumes/S1_anomaly.nii.gz"]
+    assert sorted(third.removed) == ["scored/S1.parquet", "slices/S1.parquet",
+                                     "volumes/S1_anomaly.nii.gz"]
+    assert third.rescored == ["N1"]  # re-predicted, so scored again; L1's scores reused
     assert (output / "slices" / "L1.parquet").stat().st_mtime_ns == kept
     assert sorted(p.name for p in (output / "slices").glob("*.parquet")) == ["L1.parquet", "N1.parquet"]
     assert sorted(p.name for p in (output / "volumes").iterdir()) == ["L1_anomaly.nii.gz",
@@ -259,8 +261,9 @@ def test_job_end_to_end_then_resume_after_crash(study, ray_session, capsys):
     assert "sts_ext" not in set(pd.read_csv(output / "tables" / "methods.csv")["group"])
     summary = json.loads((output / "summary.json").read_text())
     assert summary["patients"] == 2 and summary["data_version"].startswith("files:")
-    # A fourth run on the same data recomputes nothing.
-    assert infer.run(infer.infer_request(infer.parse_args(_argv((root, study[1], data2), output)))).computed == []
+    # A fourth run on the same data recomputes nothing and scores nothing again.
+    fourth = infer.run(infer.infer_request(infer.parse_args(_argv((root, study[1], data2), output))))
+    assert fourth.computed == [] and fourth.rescored == []
 
 
 def test_a_truncated_checkpoint_is_refused_before_any_actor_starts(study, tmp_path, capsys):

@@ -8,6 +8,7 @@ every patient complete and only scores, writes and logs.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -124,7 +125,13 @@ def test_relog_restores_a_study_into_a_local_store(study, tmp_path, capsys):
 
     # The model folder is a registered pyfunc model that MLflow loads by itself.
     mlflow.set_tracking_uri(uri)
-    loaded = mlflow.pyfunc.load_model("models:/igconda-relogged/1")
+    try:
+        loaded = mlflow.pyfunc.load_model("models:/igconda-relogged/1")
+    finally:
+        # set_tracking_uri exports MLFLOW_TRACKING_URI, which every job honours: left set, it
+        # sends later tests' jobs (told no store) to this one.
+        mlflow.set_tracking_uri(None)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
     source = pq.read_table(study / "data" / "slices" / "test" / "N1.parquet").to_pandas()
     out = loaded.predict(source[["slice_index", "height", "width", "image"]].head(2))
     stored = pq.read_table(study / "infer" / "slices" / "N1.parquet").to_pandas().head(2)
