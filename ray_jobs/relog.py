@@ -41,7 +41,7 @@ from typing import Any
 from igconda import tracking
 from igconda.argtypes import TRACKING_URI_HELP
 from igconda.data.io import InferOutput
-from igconda.data.study_layout import StudyLayout, TuneOutput
+from igconda.data.study_layout import StudyLayout, TuneOutput, done_mark
 
 STAGE_FOLDERS = ("train", "tune", "model", "infer")
 
@@ -67,7 +67,7 @@ def stage_folders(args: argparse.Namespace) -> dict[str, Path]:
     for stage in (*STAGE_FOLDERS, "data"):
         given = getattr(args, stage)
         folder = Path(given) if given else (getattr(StudyLayout(root), stage) if root else None)
-        done = StudyLayout(folder.parent).done_mark(stage, folder) if folder is not None else None
+        done = done_mark(stage, folder) if folder is not None else None
         if done is not None and done.exists():
             found[stage] = folder
         elif given:

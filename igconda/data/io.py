@@ -104,7 +104,18 @@ INFER_SUMMARY = "summary.json"
 
 
 @dataclass(frozen=True)
-class InferOutput:
+class FolderLayout:
+    """A layout rooted at one folder (``root``: any path-like, kept as a :class:`~pathlib.Path`);
+    the stages' layouts below and in :mod:`igconda.data.study_layout` add its files."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+
+@dataclass(frozen=True)
+class InferOutput(FolderLayout):
     """The batch-inference output folder (``ray_jobs.infer --output``), a local path::
 
         slices/<patient_id>.parquet            one file per patient, PREDICTION_SCHEMA rows
@@ -117,11 +128,6 @@ class InferOutput:
         scored/<patient_id>.parquet            every method's scores of the patient, kept for re-runs
         summary.json                           settings, counts, timings (the stage's done mark)
     """
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def slices(self) -> Path:

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from igconda.data.io import DATASET_INFO, InferOutput
+from igconda.data.io import DATASET_INFO, FolderLayout, InferOutput
 
 
 @dataclass(frozen=True)
-class TuneOutput:
+class TuneOutput(FolderLayout):
     """The tuning output folder (``ray_jobs.tune --output``, ``<study>/tune``), a local path::
 
         grid.csv          one row per (D, w, map kind) scored on the tune split
@@ -21,11 +21,6 @@ class TuneOutput:
         heatmap.png       mean ⌈DSC⌉ over the grid
         ray_results/      Ray Tune's experiment (``tune-<key>``), what a killed tuning resumes
     """
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def grid(self) -> Path:
@@ -51,7 +46,7 @@ class TuneOutput:
 
 
 @dataclass(frozen=True)
-class StudyLayout:
+class StudyLayout(FolderLayout):
     """A study folder (``ray_jobs.pipeline --output``): one folder per stage::
 
         cohorts/        the synthetic cohorts' NIfTI files and manifest (demo studies)
@@ -62,11 +57,6 @@ class StudyLayout:
         infer/          :class:`InferOutput` (``summary.json``, written last, marks it complete)
         report.html     the study report
     """
-
-    root: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "root", Path(self.root))
 
     @property
     def cohorts(self) -> Path:
@@ -108,17 +98,24 @@ class StudyLayout:
     def tuned(self) -> Path:
         return TuneOutput(self.tune).best
 
-    def done_mark(self, stage: str, folder: Path | None = None) -> Path:
-        """The file whose presence marks ``stage``'s output finished (``data``/``preprocess``,
-        ``train``, ``tune``, ``model``, ``infer``), in ``folder`` when given (a stage folder
-        named on its own), else in this study's folder for the stage."""
-        from igconda.checkpoint import BEST_DIR, MODEL_FILE
-        from igconda.tuned_model import TUNING_FILE
+    def done_mark(self, stage: str) -> Path:
+        """The file whose presence marks ``stage``'s output in this study finished
+        (:func:`done_mark`)."""
+        return done_mark(stage, getattr(self, "data" if stage == "preprocess" else stage))
 
-        stage = "data" if stage == "preprocess" else stage
-        marks = {"data": lambda f: f / DATASET_INFO, "train": lambda f: f / BEST_DIR / MODEL_FILE,
-                 "tune": lambda f: TuneOutput(f).best, "model": lambda f: f / TUNING_FILE,
-                 "infer": lambda f: InferOutput(f).summary}
-        if stage not in marks:
-            raise ValueError(f"no done mark for stage {stage!r} (one of {', '.join(marks)})")
-        return marks[stage](folder if folder is not None else getattr(self, stage))
+
+def done_mark(stage: str, folder: Path) -> Path:
+    """The file whose presence marks the output of ``stage`` (``data``/``preprocess``,
+    ``train``, ``tune``, ``model``, ``infer``) in its ``folder`` finished: the pipeline's skip
+    rule and what ``ray_jobs.relog`` re-logs."""
+    from igconda.checkpoint import BEST_DIR, MODEL_FILE
+    from igconda.tuned_model import TUNING_FILE
+
+    folder = Path(folder)
+    marks = {"data": lambda: folder / DATASET_INFO, "train": lambda: folder / BEST_DIR / MODEL_FILE,
+             "tune": lambda: TuneOutput(folder).best, "model": lambda: folder / TUNING_FILE,
+             "infer": lambda: InferOutput(folder).summary}
+    stage = "data" if stage == "preprocess" else stage
+    if stage not in marks:
+        raise ValueError(f"no done mark for stage {stage!r} (one of {', '.join(marks)})")
+    return marks[stage]()
