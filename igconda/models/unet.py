@@ -25,6 +25,7 @@ from monai.networks.nets import DiffusionModelUNet
 from torch import nn
 
 from igconda.config import ModelConfig
+from igconda.models.attention_precision import use_float32_attention_in_cpu_training
 
 UNCONDITIONAL, HEALTHY, UNHEALTHY = 0, 1, 2
 
@@ -55,6 +56,8 @@ class ConditionalUNet(nn.Module):
             num_class_embeds=3 if self.class_embeds else None,
             use_flash_attention=config.use_flash_attention,
         )
+        # bf16 attention's backward is slow on CPUs; see igconda.models.attention_precision.
+        use_float32_attention_in_cpu_training(self.unet)
         # The cross-attention token; the class-embedding path's table lives inside the UNet.
         self.class_embedding = (nn.Embedding(3, config.embedding_dim, padding_idx=UNCONDITIONAL)
                                 if self.cross_attention else None)
