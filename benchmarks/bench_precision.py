@@ -1,17 +1,21 @@
 """fp32 against bf16 autocast for the study's UNet on this machine: forward and training step.
 
 ``igconda.precision`` turns bf16 autocast on by default only where the hardware has bf16 matrix
-units (GPUs; CPUs with AMX or AVX-512 BF16). This measures, in one process and interleaved (so
-machine noise hits both paths alike), what autocast does here, and prints whether the default
-rule chose right: bf16 should be faster where the units exist and is expected to be much slower
-where oneDNN has to emulate it.
+units (GPUs; CPUs with AMX or AVX-512 BF16), and ``igconda.models.attention_precision`` keeps the
+attention blocks in float32 while a CPU trains (their bf16 backward kernel is slow there). This
+measures, in one process and interleaved round by round (so machine noise hits every path alike):
 
-    python benchmarks/bench_precision.py --config configs/demo.yaml --batch-size 64 --repeats 5
+- forward (inference mode): fp32 against bf16 autocast;
+- training step: fp32, bf16 as igconda runs it (float32 attention on a CPU), and bf16 with MONAI's
+  own attention blocks (bf16 attention too: what the swap replaced).
+
+    python benchmarks/bench_precision.py --config configs/demo.yaml --batch-size 32 --rounds 8
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 
@@ -21,22 +25,23 @@ from igconda.config import load_config
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.diffusion.training import train_step
 from igconda.models import build_unet
+from igconda.models.attention_precision import restore_monai_attention, use_float32_attention_in_cpu_training
 from igconda.precision import autocast, autocast_dtype, cpu_has_bf16_units
 
 
-def _timed(fn, repeats: int) -> float:
-    fn()  # warm-up: oneDNN picks and caches its kernels on the first call
+def _once(fn) -> float:
     start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
+    fn()
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="configs/demo.yaml")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=8, help="interleaved rounds; each path's time is the "
+                   "median over rounds of the best of --repeats calls")
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     config = load_config(args.config)
@@ -49,27 +54,58 @@ def main(argv: list[str] | None = None) -> int:
     t = torch.randint(0, 1000, (args.batch_size,), device=device)
     labels = torch.randint(0, 3, (args.batch_size,), device=device)
     half = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+    low = str(half).split(".")[-1]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def forward(dtype):
         def run():
+            model.eval()
             with torch.inference_mode(), autocast(device, dtype):
                 model(x, t, labels)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
         return run
 
-    def step(dtype):
+    def step(dtype, monai_attention=False):
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-        return lambda: train_step(model, optimizer, schedule, x, labels.clamp(min=1), cond_drop_prob=0.15,
-                                  amp_dtype=dtype, scaler=scaler)
 
+        def run():
+            model.train()
+            if monai_attention:
+                restore_monai_attention(model)
+            try:
+                train_step(model, optimizer, schedule, x, labels.clamp(min=1), cond_drop_prob=0.15,
+                           amp_dtype=dtype, scaler=scaler)
+                sync()
+            finally:
+                use_float32_attention_in_cpu_training(model)
+        return run
+
+    paths = {
+        "forward fp32": forward(None),
+        f"forward {low}": forward(half),
+        "train step fp32": step(None),
+        f"train step {low} (igconda)": step(half),
+        f"train step {low}, MONAI attention": step(half, monai_attention=True),
+    }
     print(f"device {device}, batch {args.batch_size} x {size}x{size}, channels {config.model.channels}; "
-          f"CPU bf16 units: {cpu_has_bf16_units()}; default autocast dtype: {autocast_dtype(device)}")
-    for name, make in (("forward", forward), ("train step", step)):
-        fp32 = _timed(make(None), args.repeats)
-        low = _timed(make(half), args.repeats)
-        print(f"{name:10s} fp32 {fp32 * 1e3:8.1f} ms   {str(half).split('.')[-1]} {low * 1e3:8.1f} ms   "
-              f"speed-up {fp32 / low:.2f}x", flush=True)
+          f"CPU bf16 units: {cpu_has_bf16_units()}; default autocast dtype: {autocast_dtype(device)}; "
+          f"{torch.get_num_threads()} torch threads")
+    for fn in paths.values():  # warm-up: oneDNN picks and caches its kernels on the first calls
+        fn()
+        fn()
+    times = {name: [] for name in paths}
+    for _ in range(args.rounds):
+        for name, fn in paths.items():
+            times[name].append(min(_once(fn) for _ in range(args.repeats)))
+    medians = {name: statistics.median(v) for name, v in times.items()}
+    for name, median in medians.items():
+        fp32 = medians["forward fp32" if name.startswith("forward") else "train step fp32"]
+        spread = f"{min(times[name]) * 1e3:.0f}-{max(times[name]) * 1e3:.0f}"
+        print(f"{name:36s} {median * 1e3:8.1f} ms (rounds {spread} ms)   fp32 / this {fp32 / median:.2f}x",
+              flush=True)
     return 0
 
 

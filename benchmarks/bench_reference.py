@@ -14,8 +14,8 @@ For both: slices/s (and seconds, start-up apart), evaluations per slice and per 
 AUPRC, and Dice at a calibrated τ: two-fold cross-fitting over patients (each half is scored at
 the τ calibrated on the other half, :func:`igconda.evaluation.calibrate_threshold`), so no slice
 is scored at a τ chosen on itself. Then the ratios igconda / reference, the FLOPs per evaluation
-(``torch.utils.flop_counter``), and the achieved GFLOP/s against this CPU's measured fp32 matmul
-rate (one large ``torch.matmul``).
+(``torch.utils.flop_counter``), and the achieved GFLOP/s against this CPU's measured matmul rate
+(one large ``torch.matmul``) in the precision each path ran in (fp32, or bf16 under autocast).
 
     python benchmarks/bench_reference.py --checkpoint runs/demo/train/best --data runs/demo/data \\
         --split test --slices 24 --output runs/bench_reference.json
@@ -123,9 +123,9 @@ def cross_fitted_dice(maps: np.ndarray, masks: np.ndarray, patients: np.ndarray)
     return float(np.nanmean(dice)), taus, how
 
 
-def matmul_gflops(n: int, repeats: int = 3) -> float:
-    """This CPU's measured fp32 matmul rate (2 n³ FLOPs per n × n product), best of ``repeats``."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int, repeats: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """This CPU's measured matmul rate in ``dtype`` (2 n³ FLOPs per n × n product), best of ``repeats``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = min(_timed(lambda: a @ b) for _ in range(repeats))
     return 2 * n**3 / best / 1e9
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> dict:
     model, config = load_model(args.checkpoint, "cpu")
     flops = flops_per_evaluation(model, images.shape[-1], batch=2)
     peak = matmul_gflops(args.matmul_size)
+    peak_bf16 = matmul_gflops(args.matmul_size, dtype=torch.bfloat16)
 
     start = time.perf_counter()
     ours, startup, settings = igconda_maps(Path(args.checkpoint), images, args.batch, noise_level=args.noise_level,
@@ -170,12 +171,14 @@ def run(args: argparse.Namespace) -> dict:
                    slices_per_s=n / row["seconds"], evals_per_s=n * row["evals_per_slice"] / row["seconds"])
         row["steady_slices_per_s"] = n / (row["seconds"] - row["startup_s"])
         row["gflops"] = row["evals_per_s"] * flops / 1e9
-        row["fraction_of_matmul_peak"] = row["gflops"] / peak
+        # Against the rate of the precision the path ran in: what its network evaluations could reach.
+        row["matmul_peak_gflops"] = peak_bf16 if row["autocast"] == str(torch.bfloat16) else peak
+        row["fraction_of_matmul_peak"] = row["gflops"] / row["matmul_peak_gflops"]
     ref, ours = paths["reference"], paths["igconda"]
     ratios = {key: ours[key] / ref[key] for key in ("slices_per_s", "evals_per_s", "evals_per_slice")}
     ratios.update({f"{key}_difference": ours[key] - ref[key] for key in ("dsc_max", "auprc", "dice_tau")})
     return {"slices": n, "threads": args.threads, "flops_per_evaluation": flops,
-            "fp32_matmul_gflops": peak, "matmul_size": args.matmul_size, **paths, "igconda_over_reference": ratios}
+            "fp32_matmul_gflops": peak, "bf16_matmul_gflops": peak_bf16, "matmul_size": args.matmul_size, **paths, "igconda_over_reference": ratios}
 
 
 def _table(result: dict) -> str:
@@ -192,7 +195,8 @@ def _table(result: dict) -> str:
                 f"{q['evals_per_s']:.2f}x, evaluations per slice {q['evals_per_slice']:.3g}x; AUPRC "
                 f"{q['auprc_difference']:+.3f}, Dice@τ {q['dice_tau_difference']:+.3f}, ⌈DSC⌉ "
                 f"{q['dsc_max_difference']:+.3f}. {result['flops_per_evaluation'] / 1e9:.3f} GFLOP per "
-                f"evaluation; fp32 matmul peak {result['fp32_matmul_gflops']:.1f} GFLOP/s "
+                f"evaluation; matmul peak fp32 {result['fp32_matmul_gflops']:.1f}, bf16 "
+                f"{result['bf16_matmul_gflops']:.1f} GFLOP/s "
                 f"({result['threads']} threads); {result['slices']} slices; igconda start-up "
                 f"{result['igconda']['startup_s']:.2f} s of {result['igconda']['seconds']:.1f} s")
     return "\n".join(rows)

@@ -12,6 +12,7 @@ from igconda.models import build_unet
 from igconda.models.attention_precision import (
     Float32TrainingCrossAttentionBlock,
     Float32TrainingSABlock,
+    restore_monai_attention,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -96,11 +97,9 @@ def test_training_under_autocast_is_closer_to_fp32_with_float32_attention():
     reference = model(x, t, labels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         swapped = model(x, t, labels).float()
-    for module in model.modules():  # back to MONAI's own classes: all-bf16 attention
-        if isinstance(module, Float32TrainingSABlock):
-            module.__class__ = selfattention.SABlock
-        elif isinstance(module, Float32TrainingCrossAttentionBlock):
-            module.__class__ = crossattention.CrossAttentionBlock
+    assert restore_monai_attention(model) == 14  # back to MONAI's classes: all-bf16 attention
+    assert not any(isinstance(m, (Float32TrainingSABlock, Float32TrainingCrossAttentionBlock))
+                   for m in model.modules())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         all_bf16 = model(x, t, labels).float()
     scale = reference.abs().mean()

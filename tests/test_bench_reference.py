@@ -41,7 +41,9 @@ def test_reference_benchmark_compares_both_paths_on_the_same_slices(tmp_path, te
     assert ratios["slices_per_s"] == pytest.approx(ours["slices_per_s"] / ref["slices_per_s"])
     assert ratios["evals_per_slice"] == pytest.approx(8 / 12)
     assert ratios["auprc_difference"] == pytest.approx(ours["auprc"] - ref["auprc"])
-    assert result["flops_per_evaluation"] > 0 and result["fp32_matmul_gflops"] > 0
+    assert result["flops_per_evaluation"] > 0 and result["fp32_matmul_gflops"] > 0 and result["bf16_matmul_gflops"] > 0
+    assert ref["matmul_peak_gflops"] == result["fp32_matmul_gflops"]  # the reference runs fp32
+    assert ours["matmul_peak_gflops"] in (result["fp32_matmul_gflops"], result["bf16_matmul_gflops"])
     assert "igconda / reference" in capsys.readouterr().out
 
 

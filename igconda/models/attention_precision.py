@@ -23,7 +23,7 @@ from monai.networks.blocks.crossattention import CrossAttentionBlock
 from monai.networks.blocks.selfattention import SABlock
 from torch import nn
 
-__all__ = ["float32_attention_applies", "use_float32_attention_in_cpu_training"]
+__all__ = ["float32_attention_applies", "restore_monai_attention", "use_float32_attention_in_cpu_training"]
 
 
 def float32_attention_applies(module: nn.Module, x: torch.Tensor) -> bool:
@@ -73,3 +73,21 @@ def use_float32_attention_in_cpu_training(network: nn.Module) -> int:
             module.__class__ = replacement
             swapped += 1
     return swapped
+
+
+def restore_monai_attention(network: nn.Module) -> int:
+    """Undo :func:`use_float32_attention_in_cpu_training` (bf16 attention everywhere, as MONAI's).
+
+    For the A/B that measures what the swap buys (``benchmarks/bench_precision.py``).
+
+    Returns:
+        How many blocks were restored.
+    """
+    originals = {swapped: original for original, swapped in _SWAPS.items()}
+    restored = 0
+    for module in network.modules():
+        original = originals.get(type(module))
+        if original is not None:
+            module.__class__ = original
+            restored += 1
+    return restored
