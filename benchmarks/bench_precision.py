@@ -25,7 +25,10 @@ from igconda.config import load_config
 from igconda.diffusion.schedule import NoiseSchedule
 from igconda.diffusion.training import train_step
 from igconda.models import build_unet
-from igconda.models.attention_precision import restore_monai_attention, use_float32_attention_in_cpu_training
+from igconda.models.attention_precision import (
+    restore_monai_attention,
+    use_float32_attention_in_cpu_training,
+)
 from igconda.precision import autocast, autocast_dtype, cpu_has_bf16_units
 
 
