@@ -40,6 +40,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
 
 from igconda.accel import accelerate_for_inference, compile_in_place, flops_per_evaluation  # noqa: E402
 from igconda.config import load_config  # noqa: E402
+from igconda.ddim_grid import network_evaluations  # noqa: E402
 from igconda.diffusion.counterfactual import counterfactual_pair  # noqa: E402
 from igconda.diffusion.schedule import NoiseSchedule  # noqa: E402
 from igconda.diffusion.training import train_step  # noqa: E402
@@ -110,7 +111,7 @@ def time_inference(config, device, precision: str, mode: str, batch: int, steps:
         run()
     seconds = (time.perf_counter() - start) / repeats
     evals = 4 * batch * steps  # D/s encode at B + D/s decode-pair passes at 3B
-    per_slice = 4 * config.infer.noise_level // config.infer.stride
+    per_slice = network_evaluations(config.infer.noise_level, config.infer.stride, unguided_decode=True)
     rate = evals / seconds
     return {"first_call_s": first, "evals_per_s": rate, "slices_per_s": rate / per_slice,
             "evals_per_slice": per_slice, "tflops": rate * flops / 1e12,

@@ -44,6 +44,7 @@ from igconda.data.schema import (
     stack_images,
     volume_to_rows,
 )
+from igconda.ddim_grid import network_evaluations
 from igconda.inference import CounterfactualPredictor
 from igconda.models import build_unet
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
               "stride": args.stride, "device": "cpu"}
     results: dict[str, object] = {"config": str(args.config), "slices": args.slices,
                                   "noise_level": args.noise_level, "stride": args.stride,
-                                  "evaluations_per_slice": 3 * args.noise_level // args.stride,
+                                  "evaluations_per_slice": network_evaluations(args.noise_level, args.stride, unguided_decode=True),
                                   "batch_size": args.batch_size, "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         checkpoint, folder = make_inputs(Path(tmp), args.config, args.slices, args.patients)

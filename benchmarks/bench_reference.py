@@ -40,6 +40,7 @@ from igconda.accel import flops_per_evaluation  # noqa: E402
 from igconda.checkpoint import load_model  # noqa: E402
 from igconda.data.io import read_split  # noqa: E402
 from igconda.data.schema import UNHEALTHY, slice_shape_of, stack_images  # noqa: E402
+from igconda.ddim_grid import network_evaluations  # noqa: E402
 from igconda.evaluation import calibrate_threshold, dice_at, score_maps  # noqa: E402
 from igconda.inference import CounterfactualPredictor  # noqa: E402
 from igconda.precision import autocast_dtype  # noqa: E402
@@ -157,11 +158,12 @@ def run(args: argparse.Namespace) -> dict:
 
     paths = {
         "reference": {"noise_level": args.ref_noise_level, "stride": 1, "guidance_scale": args.ref_guidance,
-                      "map_kind": "abs", "autocast": "None", "evals_per_slice": 3 * args.ref_noise_level,
+                      "map_kind": "abs", "autocast": "None", "evals_per_slice": network_evaluations(args.ref_noise_level, 1),
                       "seconds": ref_s, "startup_s": 0.0, "maps": ref},
         "igconda": {**settings, "seconds": ours_s, "startup_s": startup, "maps": ours,
-                    "evals_per_slice": (4 if settings["guidance_scale"] > 0 else 2)
-                    * settings["noise_level"] // settings["stride"]},
+                    "evals_per_slice": network_evaluations(settings["noise_level"], settings["stride"],
+                                                          unguided_decode=True)
+                    // (2 if settings["guidance_scale"] == 0 else 1)},
     }
     for row in paths.values():
         maps = row.pop("maps")

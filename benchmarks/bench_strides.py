@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from igconda.checkpoint import load_checkpoint_config
 from igconda.data.io import split_path
 from igconda.data.schema import UNHEALTHY
-from igconda.ddim_grid import check_grid
+from igconda.ddim_grid import check_grid, network_evaluations
 from igconda.inference import CounterfactualPredictor
 
 DEFAULT_STRIDES = (1, 2, 5, 10, 20, 40)
@@ -79,7 +79,7 @@ def run(checkpoint: Path, batch: dict[str, np.ndarray], *, noise_level: int, gui
         seconds = time.perf_counter() - started
         dsc = np.concatenate([o["dsc_max"] for o in outputs])
         rows.append({
-            "stride": stride, "evaluations_per_slice": 3 * noise_level // stride,
+            "stride": stride, "evaluations_per_slice": network_evaluations(noise_level, stride, unguided_decode=True),
             "slices": n, "seconds": seconds, "slices_per_s": n / seconds,
             "dsc_max_mean": float(np.nanmean(dsc)), "dsc_max_std": float(np.nanstd(dsc)),
             "auprc_mean": float(np.nanmean(np.concatenate([o["auprc"] for o in outputs]))),

@@ -33,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from igconda.config import load_config
 from igconda.data.schema import HEALTHY, UNHEALTHY
+from igconda.ddim_grid import network_evaluations
 from igconda.inference import CounterfactualPredictor
 from igconda.train_loop import TrainingSession
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, total = top_ops(prof, args.top)
     sections.append(markdown(f"one counterfactual batch of {batch_size} slices, D = {infer.noise_level}, "
                              f"s = {infer.stride}, w = {infer.guidance_scale:g} "
-                             f"({3 * infer.noise_level // infer.stride} network evaluations per slice)",
+                             f"({network_evaluations(infer.noise_level, infer.stride, unguided_decode=True)} network evaluations per slice)",
                              rows, total, wall))
     text = "\n\n".join([header, *sections]) + "\n"
     print(text)

@@ -90,10 +90,14 @@ def check_counterfactual_params(noise_level: object, stride: object, guidance_sc
     return steps
 
 
-def network_evaluations(noise_level: int, stride: int) -> int:
-    """Network evaluations per slice for one counterfactual: 3 · D / s.
+def network_evaluations(noise_level: int, stride: int, *, unguided_decode: bool = False) -> int:
+    """Network evaluations per slice for one counterfactual: 3 · D / s, or 4 · D / s with the
+    unguided decode.
 
     D / s unconditional evaluations to encode plus D / s guided pairs (two evaluations each, run
-    as one batched forward pass) to decode. The reference (s = 1, D = 400) costs 1200.
+    as one batched forward pass) to decode: 3 · D / s, the reference's procedure (s = 1, D = 400:
+    1200). igconda's predictor and tuning also decode the same encoding at w = 0 (the control and
+    the guidance maps), one more evaluation per step batched with the pair: 4 · D / s
+    (``unguided_decode=True``).
     """
-    return 3 * check_grid(noise_level, stride)
+    return (4 if unguided_decode else 3) * check_grid(noise_level, stride)

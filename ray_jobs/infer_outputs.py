@@ -29,6 +29,7 @@ from igconda.data.schema import (
     stack_images,
     validate_scores,
 )
+from igconda.ddim_grid import network_evaluations
 from igconda.io_utils import atomic_write
 from igconda.lesion_stats import with_lesion_stats
 from igconda.map_kinds import FORMULAS
@@ -160,7 +161,8 @@ def log_infer_run(output: Path, summary: Mapping[str, Any], *, volumes: bool = T
                          "data": summary["data"], "data_version": summary.get("data_version"),
                          "batch_size": summary.get("batch_size"),
                          "concurrency": summary.get("concurrency"),
-                         "evaluations_per_slice": 4 * settings["noise_level"] // settings["stride"]})
+                         "evaluations_per_slice": network_evaluations(settings["noise_level"], settings["stride"],
+                                                                       unguided_decode=True)})
     combined = pd.read_csv(layout.methods_csv)
     tracking.log_metrics({**summary_metrics(combined),
                           **{f"time/{k}": v for k, v in summary.get("timings", {}).items()}})

@@ -32,6 +32,7 @@ from igconda import evaluation as E
 from igconda.config import ConfigError
 from igconda.data.io import split_path
 from igconda.data.schema import UNHEALTHY, slice_shape_of, stack_images
+from igconda.ddim_grid import network_evaluations
 from igconda.diffusion import counterfactual, ddim
 from igconda.map_kinds import CONTROLS, MAP_KINDS
 from tuning.space import trial_pairs
@@ -223,7 +224,7 @@ def evaluate_noise_level(
                 seconds[g] += time.perf_counter() - t0
     rows = []
     base = {"noise_level": int(noise_level), "stride": int(stride),
-            "evaluations_per_slice": 4 * noise_level // stride}
+            "evaluations_per_slice": network_evaluations(noise_level, stride, unguided_decode=True)}
     for g in scales:
         for kind in kinds:
             rows.append({**base, "guidance_scale": g, "map_kind": kind,

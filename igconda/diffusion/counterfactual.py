@@ -46,7 +46,8 @@ def counterfactual_pair(
     """Encode once, decode guided and unguided: ``(x̂_w, x̂_∅)`` of each slice.
 
     4 · D / s network evaluations per slice (D / s to encode, 3 · D / s for the pair; 2 · D / s
-    at w = 0), against 6 · D / s for two separate counterfactuals.
+    at w = 0), against 6 · D / s for two separate counterfactuals
+    (:func:`igconda.ddim_grid.network_evaluations` with ``unguided_decode=True``).
 
     Args:
         model: the noise-prediction network, in eval mode.

@@ -11,7 +11,7 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 
 from igconda.ddim_grid import network_evaluations
-from igconda.diffusion.counterfactual import anomaly_map, counterfactual
+from igconda.diffusion.counterfactual import anomaly_map, counterfactual, counterfactual_pair
 from igconda.diffusion.ddim import ddim_decode, ddim_encode, ddim_step, timestep_grid
 from igconda.diffusion.schedule import NoiseSchedule
 from tests.diffusion import tiny_model
@@ -313,7 +313,7 @@ def test_pair_at_w0_is_one_trajectory_and_costs_one_pass_per_step(model, schedul
 
 
 def test_map_kinds_shapes_ranges_and_w0_identities(model, schedule):
-    from igconda.diffusion.counterfactual import anomaly_maps, counterfactual_pair
+    from igconda.diffusion.counterfactual import anomaly_maps
     from igconda.map_kinds import CONTROL, CONTROL_HOT, MAP_KINDS
 
     x0 = _slices(batch=3, seed=4)
@@ -353,3 +353,12 @@ def test_one_sided_control_matches_the_hot_map_at_w0(model, schedule):
     torch.testing.assert_close(maps["hot"], maps["w0_hot"])
     torch.testing.assert_close(maps["abs"], maps["w0"])
     assert bool((maps["w0_hot"] <= maps["w0"] + 1e-7).all())
+
+
+def test_guided_and_unguided_pair_costs_four_evaluations_per_step(model, schedule):
+    """The predictor's and tuning's decode pair: D/s encode + 3 per decode step (the count the
+    jobs and benchmarks report as evaluations per slice)."""
+    B, D, s = 2, 12, 4
+    rec = Recorder(model)
+    counterfactual_pair(rec, _slices(batch=B), schedule, noise_level=D, stride=s, guidance_scale=3.0)
+    assert sum(n for n, _, _ in rec.calls) == network_evaluations(D, s, unguided_decode=True) * B == 12 * B
