@@ -150,6 +150,11 @@ class InferConfig:
     concurrency: int = 1
     num_gpus_per_actor: float = 0.0
     num_cpus_per_actor: float = 1.0
+    # Intra-op threads of each actor's network on a CPU; 0 = Ray's default, one per reserved CPU
+    # (OMP_NUM_THREADS). More than reserved is for a lone actor: Ray Data's Parquet readers need
+    # a whole free CPU to be scheduled at all (see ray_jobs.infer_config.actor_cpu_warning), but
+    # they are busy only briefly, so the network may use that CPU's core too.
+    torch_threads: int = 0
     use_amp: bool = True  # as train.amp (igconda.precision)
     # The anomaly map kind (igconda.map_kinds) and the threshold τ of its binary lesion mask.
     # Both are untuned defaults: a study replaces them (and D, w) by what tuning chose on the tune

@@ -104,6 +104,8 @@ def validate(cfg: StudyConfig) -> None:
     for key in ("num_gpus_per_actor", "num_cpus_per_actor"):
         _check(getattr(i, key) >= 0, f"infer.{key} {getattr(i, key)} must be >= 0 (Ray resources "
                                      f"per inference actor)")
+    _check(i.torch_threads >= 0, f"infer.torch_threads {i.torch_threads} must be >= 0 (0 = one per CPU "
+                                 f"the actor reserves)")
     _check(0 <= i.memory_fraction < 1, f"infer.memory_fraction {i.memory_fraction} must be in [0, 1) (0 = off)")
     _check(i.map_kind in MAP_KINDS, f"infer.map_kind {i.map_kind!r} must be one of {list(MAP_KINDS)}")
     _check(0 < i.threshold <= 1, f"infer.threshold τ={i.threshold} must be in (0, 1] (maps are in [0, 1])")

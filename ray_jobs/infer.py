@@ -214,7 +214,7 @@ def predict_patients(files: dict[str, Path], expected: dict[str, int], config: S
     ds = ds.repartition(target_num_rows_per_block=i.batch_size)
     ds = ds.map_batches(
         PartWriter,
-        fn_constructor_kwargs={"parts": str(parts),
+        fn_constructor_kwargs={"parts": str(parts), "torch_threads": i.torch_threads,
                                "checkpoint": settings.checkpoint, "noise_level": settings.noise_level,
                                "guidance_scale": settings.guidance_scale, "stride": settings.stride,
                                "map_kind": settings.map_kind, "threshold": settings.threshold,

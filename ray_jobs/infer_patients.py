@@ -231,9 +231,13 @@ class PartWriter:
     """Ray Data callable class: :class:`~igconda.inference.CounterfactualPredictor` on a batch,
     then :func:`write_parts` in the same actor; returns only the parts' small records."""
 
-    def __init__(self, parts: str, **predictor: Any) -> None:
+    def __init__(self, parts: str, torch_threads: int = 0, **predictor: Any) -> None:
+        import torch
+
         from igconda.inference import CounterfactualPredictor
 
+        if torch_threads > 0:  # infer.torch_threads; 0 keeps Ray's one thread per reserved CPU
+            torch.set_num_threads(torch_threads)
         self.parts = Path(parts)
         self.predict = CounterfactualPredictor(**predictor)
 

@@ -194,6 +194,8 @@ BAD_CONFIGS = [
      r"infer\.num_gpus_per_actor -1\.0 must be >= 0"),
     ("negative infer CPUs", _with("infer", "num_cpus_per_actor", -0.5),
      r"num_cpus_per_actor -0\.5 must be >= 0"),
+    ("negative infer threads", _with("infer", "torch_threads", -1),
+     r"infer\.torch_threads -1 must be >= 0 \(0 = one per CPU"),
     ("negative tune GPUs", _with("tune", "gpus_per_trial", -0.25), r"tune\.gpus_per_trial -0\.25 must be >= 0"),
     ("negative tune CPUs", _with("tune", "cpus_per_trial", -1), r"cpus_per_trial -1\.0 must be >= 0"),
     ("negative preprocess CPUs", _with("preprocess", "num_cpus_per_volume", -1),

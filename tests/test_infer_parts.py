@@ -116,3 +116,19 @@ def test_the_driver_receives_only_small_records(tmp_path, test_config, ray_sessi
         assert infer.output_is_complete(output / "slices" / f"{pid}.parquet", slices[pid],
                                         result.settings,
                                         infer.input_digest(data / "slices" / "test" / f"{pid}.parquet"))
+
+
+@pytest.mark.parametrize("threads", [0, 1, 3])
+def test_the_actor_sets_its_torch_threads(tmp_path, test_config, threads):
+    """infer.torch_threads > 0 sets the actor's intra-op threads; 0 keeps what Ray set."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        infer_patients.PartWriter(str(tmp_path / "parts"), torch_threads=threads,
+                                  checkpoint=str(make_checkpoint(tmp_path / "ckpt", test_config)),
+                                  noise_level=4, guidance_scale=3.0, stride=2, device="cpu")
+        assert torch.get_num_threads() == (threads or 2)
+    finally:
+        torch.set_num_threads(before)
