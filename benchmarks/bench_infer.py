@@ -1,23 +1,26 @@
 """Ray Data batch inference against a plain PyTorch loop: same slices, same model, one run.
 
-Both paths run :class:`igconda.inference.CounterfactualPredictor` (counterfactual, maps and
-metrics) over the same Parquet slices:
+Both paths run the batch-inference job's own actor class, :class:`ray_jobs.infer_patients.PartWriter`
+(:class:`igconda.inference.CounterfactualPredictor`, then each batch written as per-patient parts),
+on the same Parquet slices with the same settings:
 
-* **plain**: pyarrow reads the files, a Python loop feeds batches to one predictor in this process;
-* **ray**: ``ray.data.read_parquet`` → ``map_batches(CounterfactualPredictor, concurrency=k)``,
-  consumed with ``iter_batches`` as ``ray_jobs.infer`` does.
+* **plain**: pyarrow reads the files, a Python loop feeds batches to one ``PartWriter`` in this
+  process;
+* **ray**: what ``ray_jobs.infer`` runs: ``ray.data.read_parquet`` → ``repartition`` into blocks
+  of a batch → ``map_batches(PartWriter, concurrency=k)``, the records consumed with
+  ``iter_batches``.
 
-The ratio ray / plain at concurrency 1 measures Ray Data's overhead (goal: close to 1); at
-concurrency 2 it shows what a second actor buys on this machine. Torch threads are pinned to
-``--threads`` in both paths (a Ray actor with ``num_cpus=t`` gets ``OMP_NUM_THREADS=t``), so that
-the comparison is not a threading difference. The model has random weights (its output layer
-made non-zero): speed does not depend on training. Ray's own start-up is excluded; the actors'
-model loading is included (it is part of what a job pays).
+The ratio ray / plain at concurrency 1 measures Ray Data's overhead (goal: ≥ 0.9 at steady state,
+i.e. after the first batch: start-up is reported apart). Both paths compute with ``--threads``
+torch threads; the Ray actor reserves at most (CPUs − 1) / k of Ray's CPUs, because the Parquet
+readers need one whole free CPU to be scheduled, and sets its threads as ``infer.torch_threads``
+does. The model has random weights (its output layer made non-zero): speed does not depend on
+training. Ray's own start-up is excluded; the actors' model loading is included.
 
 Run::
 
-    python benchmarks/bench_infer.py --config configs/demo.yaml --slices 128 --noise-level 400 \\
-        --stride 40
+    python benchmarks/bench_infer.py --config configs/demo.yaml --slices 1024 --patients 16 \\
+        --noise-level 400 --stride 50 --batch-size 64 --threads 2 --concurrency 1
 """
 
 from __future__ import annotations
@@ -45,8 +48,9 @@ from igconda.data.schema import (
     volume_to_rows,
 )
 from igconda.ddim_grid import network_evaluations
-from igconda.inference import CounterfactualPredictor
 from igconda.models import build_unet
+from ray_jobs.infer import PREDICTOR_INPUT
+from ray_jobs.infer_patients import PartWriter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -83,17 +87,16 @@ def make_inputs(root: Path, config_path: Path, slices: int, patients: int, seed:
     return checkpoint, folder
 
 
-def plain_loop(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int) -> dict[str, float]:
+def plain_loop(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int, threads: int,
+               parts: Path) -> dict[str, float]:
     """Slices, total seconds, and seconds until the first batch came back (model load + 1 batch)."""
     started = time.perf_counter()
-    predictor = CounterfactualPredictor(checkpoint, **kwargs)
+    writer = PartWriter(str(parts), torch_threads=threads, checkpoint=str(checkpoint), **kwargs)
     n, first = 0, None
     for file in sorted(folder.glob("*.parquet")):
-        table = pq.read_table(file, columns=["patient_id", "slice_index", "label", "height",
-                                             "width", "image", "mask"])
+        table = pq.read_table(file, columns=list(PREDICTOR_INPUT))
         for batch in table.to_batches(max_chunksize=batch_size):
-            columns = _numpy_batch(batch)
-            n += len(predictor(columns)["anomaly_map"])
+            n += int(writer(_numpy_batch(batch))["slices"].sum())
             first = first or (time.perf_counter() - started, n)
     return _timing(n, time.perf_counter() - started, first)
 
@@ -115,23 +118,23 @@ def _numpy_batch(batch: pa.RecordBatch) -> dict[str, np.ndarray]:
 
 
 def ray_data(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int, concurrency: int,
-             threads: int) -> dict[str, float]:
+             threads: int, parts: Path) -> dict[str, float]:
     import ray
 
     # Actors that reserve every CPU leave none for the Parquet readers, which ask for one whole
     # CPU each, and the run never starts (two 1-CPU actors, and two 0.75-CPU actors, on this
-    # 2-CPU VM both hung): keep one CPU free for them.
+    # 2-CPU VM both hung): keep one CPU free for them, as ray_jobs.infer warns.
     cpus = min(float(threads), (ray.cluster_resources()["CPU"] - 1.0) / concurrency)
     started = time.perf_counter()
-    ds = ray.data.read_parquet(str(folder)).select_columns(
-        ["patient_id", "slice_index", "label", "height", "width", "image", "mask"])
-    ds = ds.map_batches(CounterfactualPredictor, fn_constructor_kwargs={"checkpoint": str(checkpoint), **kwargs},
+    ds = ray.data.read_parquet(str(folder)).select_columns(list(PREDICTOR_INPUT))
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    ds = ds.map_batches(PartWriter, fn_constructor_kwargs={"parts": str(parts), "torch_threads": threads,
+                                                           "checkpoint": str(checkpoint), **kwargs},
                         batch_size=batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=concurrency),
-                        num_cpus=cpus)
+                        compute=ray.data.ActorPoolStrategy(size=concurrency), num_cpus=cpus)
     n, first = 0, None
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        n += len(batch["anomaly_map"])
+    for records in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        n += int(records["slices"].sum())
         first = first or (time.perf_counter() - started, n)
     return _timing(n, time.perf_counter() - started, first)
 
@@ -139,29 +142,30 @@ def ray_data(checkpoint: Path, folder: Path, kwargs: dict, batch_size: int, conc
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
-    p.add_argument("--slices", type=int, default=128)
-    p.add_argument("--patients", type=int, default=4)
+    p.add_argument("--slices", type=int, default=1024)
+    p.add_argument("--patients", type=int, default=16)
     p.add_argument("--noise-level", type=int, default=400)
-    p.add_argument("--stride", type=int, default=40)
-    p.add_argument("--guidance-scale", type=float, default=3.0)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--stride", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch threads per predictor")
-    p.add_argument("--concurrency", default="1,2", help="Ray actor counts to measure")
+    p.add_argument("--concurrency", default="1", help="Ray actor counts to measure")
     p.add_argument("--output", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
 
     import ray
 
     torch.set_num_threads(args.threads)
+    # As ray_jobs.infer runs its actors: inputs kept beside the predictions, scoring left to the driver.
     kwargs = {"noise_level": args.noise_level, "guidance_scale": args.guidance_scale,
-              "stride": args.stride, "device": "cpu"}
+              "stride": args.stride, "device": "cpu", "keep_inputs": True, "score": False}
     results: dict[str, object] = {"config": str(args.config), "slices": args.slices,
                                   "noise_level": args.noise_level, "stride": args.stride,
                                   "evaluations_per_slice": network_evaluations(args.noise_level, args.stride, unguided_decode=True),
                                   "batch_size": args.batch_size, "threads": args.threads}
     with tempfile.TemporaryDirectory(prefix="bench_infer_") as tmp:
         checkpoint, folder = make_inputs(Path(tmp), args.config, args.slices, args.patients)
-        plain = plain_loop(checkpoint, folder, kwargs, args.batch_size)
+        plain = plain_loop(checkpoint, folder, kwargs, args.batch_size, args.threads, Path(tmp) / "parts_plain")
         results["plain"] = plain
         print(f"plain loop: {plain['slices']} slices in {plain['seconds']:.1f} s = "
               f"{plain['slices_per_s']:.2f} slices/s (steady {plain['steady_slices_per_s']:.2f}; "
@@ -170,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
         try:
             for k in (int(c) for c in args.concurrency.split(",")):
-                timing = ray_data(checkpoint, folder, kwargs, args.batch_size, k, args.threads)
+                timing = ray_data(checkpoint, folder, kwargs, args.batch_size, k, args.threads,
+                                  Path(tmp) / f"parts_ray{k}")
                 if timing["slices"] != plain["slices"]:
                     raise SystemExit(f"Ray Data produced {timing['slices']} slices, expected {plain['slices']}")
                 timing["ratio"] = timing["slices_per_s"] / plain["slices_per_s"]
