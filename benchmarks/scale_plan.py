@@ -20,6 +20,7 @@ if str(REPO) not in sys.path:
 
 from igconda.accel import flops_per_evaluation  # noqa: E402
 from igconda.config import load_config  # noqa: E402
+from igconda.ddim_grid import network_evaluations  # noqa: E402
 from igconda.models import build_unet  # noqa: E402
 
 #: Public dense peak rates (no sparsity) of the precision each GPU trains and infers in, and an
@@ -46,13 +47,15 @@ GRID_D, GRID_W = (100, 200, 300, 400, 500, 600), 6
 def workloads(forward: float, train: float) -> list[tuple[str, float]]:
     """(name, total FLOPs) of the paper's jobs for one model."""
     tune_shared = sum(d * (2 + 2 * GRID_W) for d in GRID_D)  # encode + unguided once per D, guided per w
+    reference = network_evaluations(400, 1)  # the reference's procedure: D = 400, s = 1
+    igconda = network_evaluations(400, 10, unguided_decode=True)  # the pair at s = 10
     return [
         (f"training, {EPOCHS} epochs x {TRAIN_SLICES:,} slices", EPOCHS * TRAIN_SLICES * train),
         (f"tuning grid 6 D x 6 w, s = 1, {TUNE_SLICES} slices (shared encodings, {tune_shared:,} evals/slice)",
          TUNE_SLICES * tune_shared * forward),
-        (f"test set {TEST_SLICES:,} slices, reference 3·D = 1200 evals/slice", TEST_SLICES * 1200 * forward),
-        ("test set, igconda pair 4·D/s at s = 10 (160 evals/slice)", TEST_SLICES * 160 * forward),
-        (f"AutoPET {AUTOPET_SLICES:,} slices, 4·D/s at s = 10", AUTOPET_SLICES * 160 * forward),
+        (f"test set {TEST_SLICES:,} slices, reference 3·D = {reference} evals/slice", TEST_SLICES * reference * forward),
+        (f"test set, igconda pair 4·D/s at s = 10 ({igconda} evals/slice)", TEST_SLICES * igconda * forward),
+        (f"AutoPET {AUTOPET_SLICES:,} slices, 4·D/s at s = 10", AUTOPET_SLICES * igconda * forward),
     ]
 
 
