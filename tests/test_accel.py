@@ -13,6 +13,8 @@ batch arithmetic, the CPU fall-backs) are tested here on CPU.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -107,7 +109,12 @@ def test_compiled_training_step_matches_eager_and_saves_plain_checkpoints(test_c
                         lambda model: accel.compile_in_place(model, backend="aot_eager"))
     x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     batch = [{"image": x, "label": torch.tensor([1, 2, 1, 2])}]
-    sessions = _training_sessions(test_config)
+    # In float32: on a CPU with bf16 units a bf16 training step runs its attention in float32
+    # (igconda.models.attention_precision), and the compiled graph places autocast's casts around
+    # it differently from eager (gradients differ by bf16 rounding, ~6e-4); this test is about
+    # what compiling changes, and bf16 against fp32 is tested on its own (test_training_step).
+    config = dataclasses.replace(test_config, train=dataclasses.replace(test_config.train, amp=False))
+    sessions = _training_sessions(config)
     stats = {c: s.train_epoch(batch, epoch=1) for c, s in sessions.items()}
     assert stats[True].loss_sum == pytest.approx(stats[False].loss_sum, rel=1e-5)
     # Gradients, not the weights after Adam: its first step moves each weight by ±lr whatever the

@@ -156,7 +156,7 @@ def test_stride_benchmark_runs_on_the_tiny_model(checkpoint, tmp_path, test_conf
 
     table = pd.read_csv(out)
     assert table["stride"].tolist() == [1, 2, 4]  # s = 3 does not divide D = 4
-    assert table["evaluations_per_slice"].tolist() == [12, 6, 3]
+    assert table["evaluations_per_slice"].tolist() == [16, 8, 4]  # the predictor decodes guided + unguided: 4·D/s
     assert table["dsc_max_mean"].between(0, 1).all() and (table["slices_per_s"] > 0).all()
     # --control: the unguided (w = 0) score and what guidance adds on top of it.
     assert table["dsc_max_w0_mean"].between(0, 1).all()
