@@ -5,9 +5,9 @@ convolutions about 3x faster, but PyTorch's CPU flash-attention *backward* kerne
 slower in bf16 than in float32 (torch profiler, ``benchmarks/profile_demo.py``): at the demo's
 size it was the largest single cost of a bf16 training step, and the step came out no faster than
 float32's. Running only the attention blocks in float32 during CPU training made the demo step
-1.21-1.26x faster than float32 and ~1.17x faster than all-bf16 (``benchmarks/RESULTS.md``). The
-forward-only paths (the DDIM loop, validation) keep bf16 attention, whose forward kernel *is*
-faster (1.60x against 1.36x for the whole forward pass), and GPUs keep it everywhere.
+1.36x float32's, against 1.03x with bf16 attention (``benchmarks/bench_precision.py``; figures
+in ``benchmarks/RESULTS.md``). The forward-only paths (the DDIM loop, validation) keep bf16
+attention, whose forward kernel *is* faster, and GPUs keep it everywhere.
 
 MONAI's attention blocks call ``F.scaled_dot_product_attention`` inside their own ``forward`` and
 offer no dtype switch that escapes autocast (``upcast_attention`` casts q and k, which autocast
@@ -35,8 +35,15 @@ def float32_attention_applies(module: nn.Module, x: torch.Tensor) -> bool:
     return module.training and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
 
 
-def _as_float32(value):
-    return value.float() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+def _forward_float32_when_cpu_training(block: nn.Module, forward, x: torch.Tensor, **tensors):
+    """``forward(x, **tensors)`` as MONAI runs it, or with autocast off and every floating-point
+    input in float32 when ``block`` trains on the CPU under autocast."""
+    if not float32_attention_applies(block, x):
+        return forward(x, **tensors)
+    with torch.autocast("cpu", enabled=False):
+        return forward(x.float(), **{name: value.float() if isinstance(value, torch.Tensor)
+                                     and value.is_floating_point() else value
+                                     for name, value in tensors.items()})
 
 
 class Float32TrainingSABlock(SABlock):
@@ -44,10 +51,7 @@ class Float32TrainingSABlock(SABlock):
 
     def forward(self, x, attn_mask=None):
         """x: (B, tokens, C) -> (B, tokens, C); float32 in the CPU-training case, else as MONAI."""
-        if not float32_attention_applies(self, x):
-            return super().forward(x, attn_mask=attn_mask)
-        with torch.autocast("cpu", enabled=False):
-            return super().forward(x.float(), attn_mask=_as_float32(attn_mask))
+        return _forward_float32_when_cpu_training(self, super().forward, x, attn_mask=attn_mask)
 
 
 class Float32TrainingCrossAttentionBlock(CrossAttentionBlock):
@@ -55,13 +59,21 @@ class Float32TrainingCrossAttentionBlock(CrossAttentionBlock):
 
     def forward(self, x, context=None):
         """x: (B, tokens, C), context: (B, tokens', C') or None -> (B, tokens, C)."""
-        if not float32_attention_applies(self, x):
-            return super().forward(x, context=context)
-        with torch.autocast("cpu", enabled=False):
-            return super().forward(x.float(), context=_as_float32(context))
+        return _forward_float32_when_cpu_training(self, super().forward, x, context=context)
 
 
 _SWAPS = {SABlock: Float32TrainingSABlock, CrossAttentionBlock: Float32TrainingCrossAttentionBlock}
+
+
+def _swap_classes(network: nn.Module, classes: dict[type, type]) -> int:
+    """Give every module of ``network`` whose class is a key of ``classes`` its value; how many."""
+    swapped = 0
+    for module in network.modules():
+        replacement = classes.get(type(module))
+        if replacement is not None:
+            module.__class__ = replacement
+            swapped += 1
+    return swapped
 
 
 def use_float32_attention_in_cpu_training(network: nn.Module) -> int:
@@ -70,13 +82,7 @@ def use_float32_attention_in_cpu_training(network: nn.Module) -> int:
     Returns:
         How many blocks were swapped (0 for a network without attention).
     """
-    swapped = 0
-    for module in network.modules():
-        replacement = _SWAPS.get(type(module))
-        if replacement is not None:
-            module.__class__ = replacement
-            swapped += 1
-    return swapped
+    return _swap_classes(network, _SWAPS)
 
 
 def restore_monai_attention(network: nn.Module) -> int:
@@ -87,11 +93,4 @@ def restore_monai_attention(network: nn.Module) -> int:
     Returns:
         How many blocks were restored.
     """
-    originals = {swapped: original for original, swapped in _SWAPS.items()}
-    restored = 0
-    for module in network.modules():
-        original = originals.get(type(module))
-        if original is not None:
-            module.__class__ = original
-            restored += 1
-    return restored
+    return _swap_classes(network, {swapped: original for original, swapped in _SWAPS.items()})
